@@ -1,0 +1,37 @@
+# Set-up contract: `make demo` and `make test` bootstrap .venv from Python >= 3.12 when missing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+# The first interpreter on PATH that is Python >= 3.12 (pyenv picks 3.12 from .python-version).
+PYTHON ?= $(shell for p in python3.12 python3.13 python3.14 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+
+.PHONY: venv demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	@if [ -z "$(PYTHON)" ]; then echo "error: Python >= 3.12 not found on PATH" >&2; exit 1; fi
+	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[fem,dev]"
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m vcnn.demo
+
+test: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_pipeline.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_vcnn.py
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Geometry families (gmsh) and mesh import (meshio, .msh) into dolfinx meshes."""

@@ -1,0 +1,1 @@
+"""FEniCSx solvers: laminar flow, closure transport, derived fields, periodicity, coupled runs."""
