@@ -1,0 +1,140 @@
+"""TOML configuration: reading, merging with command-line flags, writing the resolved config.
+
+Every verb of the command line reads an optional TOML file, lets flags override it, and writes
+the resolved configuration into its output folder so that a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is missing or malformed."""
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a TOML file.
+
+    Raises:
+        ConfigError: when the file is missing or not valid TOML (the parser's message, with
+            line and column, is kept).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        with path.open("rb") as stream:
+            return tomllib.load(stream)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from error
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``override`` into a copy of ``base``; ``None`` values do not override."""
+    merged = dict(base)
+    for key, value in override.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    """Reject unknown keys so that a typo in a config never passes silently.
+
+    Raises:
+        ConfigError: naming the unknown keys and the allowed ones.
+    """
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+
+
+def dumps_toml(config: Mapping[str, Any]) -> str:
+    """Serialise a nested mapping of TOML-compatible values (tables, arrays of tables)."""
+    lines: list[str] = []
+    _write_table(lines, config, ())
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def write_resolved_config(folder: str | os.PathLike, config: Mapping[str, Any]) -> Path:
+    """Write ``config.toml`` into ``folder`` atomically and return its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = dumps_toml(config)
+    tomllib.loads(text)  # a resolved config that cannot be read back is a bug: fail loudly
+    return atomic_write_text(folder / "config.toml", text)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write text to ``path`` through a temporary file in the same folder and a rename."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_table(lines: list[str], table: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
+    scalars = {k: v for k, v in table.items() if not _is_table(v) and not _is_table_array(v)}
+    if prefix and (scalars or not table):
+        lines.append(f"\n[{'.'.join(_key(p) for p in prefix)}]")
+    for key, value in scalars.items():
+        if value is None:
+            continue
+        lines.append(f"{_key(key)} = {_value(value)}")
+    for key, value in table.items():
+        if _is_table(value):
+            _write_table(lines, value, (*prefix, key))
+        elif _is_table_array(value):
+            for item in value:
+                lines.append(f"\n[[{'.'.join(_key(p) for p in (*prefix, key))}]]")
+                for sub_key, sub_value in item.items():
+                    lines.append(f"{_key(sub_key)} = {_value(sub_value)}")
+
+
+def _is_table(value: Any) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list | tuple) and bool(value) and all(_is_table(v) for v in value)
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _value(str(key))
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str | Path):
+        escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if hasattr(value, "item"):  # numpy scalars
+        return _value(value.item())
+    raise ConfigError(f"cannot write a value of type {type(value).__name__} to TOML")
