@@ -1,0 +1,118 @@
+"""Figures of case files: triangulations of the closure points and field plots (matplotlib Agg)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.tri import LinearTriInterpolator, Triangulation
+from scipy.spatial import Delaunay, cKDTree
+
+from vcnn.casefile import Case
+
+logger = logging.getLogger(__name__)
+
+#: Delaunay triangles with an edge longer than this many local point spacings are dropped:
+#: they bridge concave parts of the domain (the hill) or holes (a cylinder).
+_EDGE_FACTOR = 4.0
+
+
+def case_triangulation(case: Case) -> Triangulation:
+    """A triangulation of a 2-D case's points for contour plots.
+
+    Uses the mesh cells stored under the extra key ``cells`` ((M, 3) triangles or (M, 4) quads
+    of point indices) when present, else a Delaunay triangulation with the triangles that leave
+    the domain masked. Triangles that wrap around a periodic direction (spanning more than half
+    a period) are masked too.
+
+    Args:
+        case: a 2-D case.
+
+    Returns:
+        A matplotlib Triangulation over ``case.points``.
+    """
+    if case.dim != 2:
+        raise ValueError(f"field plots need a 2-D case, got dimension {case.dim}")
+    points = case.points
+    cells = case.extra.get("cells")
+    if cells is not None:
+        cells = np.asarray(cells, dtype=np.int64)
+        if cells.shape[1] == 4:  # quadrilaterals in dolfinx's tensor-product vertex order
+            cells = np.concatenate([cells[:, [0, 1, 3]], cells[:, [0, 3, 2]]])
+        triangles = cells
+        mask = np.zeros(len(triangles), dtype=bool)
+    else:
+        triangles = Delaunay(points).simplices
+        spacing = cKDTree(points).query(points, k=2)[0][:, 1]
+        edges = _edge_lengths(points, triangles)
+        mask = edges.max(axis=1) > _EDGE_FACTOR * spacing[triangles].max(axis=1)
+    for axis, length in enumerate(case.period):
+        if length > 0:
+            span = np.ptp(points[triangles, axis], axis=1)
+            mask |= span > 0.5 * length
+    return Triangulation(points[:, 0], points[:, 1], triangles, mask=mask)
+
+
+def _edge_lengths(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    corners = points[triangles]
+    return np.linalg.norm(corners - np.roll(corners, 1, axis=1), axis=2)
+
+
+def plot_case(case: Case, path: str | os.PathLike, *, streamlines: bool = True) -> Path:
+    """Two panels: speed with streamlines, and tau.
+
+    Args:
+        case: a 2-D case.
+        path: PNG file to write.
+        streamlines: draw streamlines of the velocity over the speed.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    triangulation = case_triangulation(case)
+    speed = np.linalg.norm(case.velocity, axis=1)
+    extent = np.ptp(case.points, axis=0)
+    aspect = extent[1] / max(extent[0], 1e-12)
+    figure, axes = plt.subplots(2, 1, figsize=(9, 2 * 9 * aspect + 1.2), constrained_layout=True)
+    image = axes[0].tricontourf(triangulation, speed, levels=40, cmap="viridis")
+    figure.colorbar(image, ax=axes[0], label="|u|")
+    if streamlines:
+        _streamlines(axes[0], triangulation, case.velocity)
+    image = axes[1].tricontourf(triangulation, case.tau, levels=40, cmap="magma")
+    figure.colorbar(image, ax=axes[1], label="tau")
+    title = case.name
+    if "alpha" in case.meta:
+        title += f"  (alpha = {case.meta['alpha']:g})"
+    axes[0].set_title(f"{title}: speed and streamlines")
+    axes[1].set_title(f"tau, integral {case.tau_integral():.4g}")
+    for axis in axes:
+        axis.set_aspect("equal")
+        axis.set_xlabel("x")
+        axis.set_ylabel("y")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+def _streamlines(axis, triangulation: Triangulation, velocity: np.ndarray) -> None:
+    lower = np.array([triangulation.x.min(), triangulation.y.min()])
+    upper = np.array([triangulation.x.max(), triangulation.y.max()])
+    nx = 160
+    ny = max(int(nx * (upper[1] - lower[1]) / (upper[0] - lower[0])), 20)
+    x = np.linspace(lower[0], upper[0], nx)
+    y = np.linspace(lower[1], upper[1], ny)
+    grid_x, grid_y = np.meshgrid(x, y)
+    u = LinearTriInterpolator(triangulation, velocity[:, 0])(grid_x, grid_y)
+    v = LinearTriInterpolator(triangulation, velocity[:, 1])(grid_x, grid_y)
+    axis.streamplot(x, y, u, v, color="white", linewidth=0.5, density=1.0, arrowsize=0.6)
