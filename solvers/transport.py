@@ -1,0 +1,588 @@
+"""Steady closure-transport (tau) equation, DESIGN section 3.3.
+
+    u . grad(tau) - div(D grad tau) + zeta sqrt(|tau|) tau = P,   P = gamma l_m sqrt(tau_P) |S|^2
+
+on P1 elements with SUPG stabilisation, solved directly by Newton's method with the exact
+Jacobian (``ufl.derivative``) and MUMPS LU. tau = 0 on walls and inlets
+(``spec.dirichlet_tags``), zero flux on outlets (the natural condition), periodic on
+``spec.periodic`` (through :class:`solvers.periodic.PeriodicConstraint`).
+
+Numerical choices, all explicit:
+
+- ``sqrt(|t|)`` is regularised as ``(t^2 + eps^2)^(1/4)`` (:func:`regularized_sqrt`), smooth
+  with a bounded derivative of the reaction ``t sqrt(|t|)`` at 0; it differs from
+  ``sqrt(|t|)`` by at most ``sqrt(eps)`` and only where ``|t| <~ eps``; the reaction term
+  ``t sqrt(|t|)`` changes by at most ``eps^1.5``. ``eps`` is the ``regularization`` argument,
+  1e-8 by default. The same regularisation is used for ``sqrt(tau_P)`` in the coupled mode.
+- The SUPG parameter is ``tau_s = ((2|u|/h)^2 + 9 (4 D / h^2)^2)^(-1/2)`` with h the cell
+  diameter: the standard smooth interpolation of the Peclet-number formula
+  ``h/(2|u|) (coth Pe - 1/Pe)`` between its limits ``h/(2|u|)`` (Pe -> oo) and ``h^2/(12 D)``
+  (Pe -> 0). It never divides by zero for D > 0, so a zero velocity is a plain
+  diffusion-reaction problem. The stabilisation is residual based (the full strong residual,
+  source included), so the method stays consistent; tau_s does not depend on tau.
+- Newton's method has a backtracking line search on the residual norm, checks the PETSc
+  converged reason of each linear solve and raises :class:`SolverDivergedError` when it
+  cannot converge.
+"""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dolfinx
+import dolfinx.fem.petsc
+import numpy as np
+import ufl
+from dolfinx import fem
+from petsc4py import PETSc
+
+from solvers.boundaries import BoundarySpec
+from solvers.fields import mixing_length
+
+try:  # The shared error class of the solvers, once solvers.linalg provides it.
+    from solvers.linalg import SolverDivergedError
+except ImportError:  # pragma: no cover - depends on the other modules present
+
+    class SolverDivergedError(RuntimeError):
+        """A nonlinear or linear solve did not converge."""
+
+
+logger = logging.getLogger(__name__)
+
+#: Production modes of DESIGN 3.3.
+PRODUCTION_MODES = ("frozen", "coupled")
+
+__all__ = [
+    "PRODUCTION_MODES",
+    "NewtonResult",
+    "SolverDivergedError",
+    "TauSolution",
+    "dirichlet_dofs",
+    "regularized_sqrt",
+    "solve_nonlinear",
+    "solve_tau",
+    "supg_parameter",
+    "tau_residual_form",
+    "transport_residual_form",
+]
+
+
+def _log(comm: MPI.Comm, level: int, message: str, *args) -> None:
+    if comm.rank == 0:
+        logger.log(level, message, *args)
+
+
+def regularized_sqrt(value: ufl.core.expr.Expr, eps: float) -> ufl.core.expr.Expr:
+    """Smooth ``sqrt(|value|)``: ``(value^2 + eps^2)^(1/4)`` (UFL)."""
+    return (value * value + eps * eps) ** 0.25
+
+
+def supg_parameter(
+    velocity: ufl.core.expr.Expr,
+    diffusivity: float | ufl.core.expr.Expr,
+    cell_size: ufl.core.expr.Expr,
+) -> ufl.core.expr.Expr:
+    """SUPG parameter ``((2|u|/h)^2 + 9 (4 D/h^2)^2)^(-1/2)`` (UFL, cell-wise).
+
+    Args:
+        velocity: (d,) UFL vector.
+        diffusivity: D > 0.
+        cell_size: h, e.g. ``ufl.CellDiameter(mesh)``.
+
+    Returns:
+        Scalar UFL expression, finite for u = 0.
+    """
+    advective = 2.0 * ufl.sqrt(ufl.dot(velocity, velocity)) / cell_size
+    diffusive = 4.0 * diffusivity / cell_size**2
+    return 1.0 / ufl.sqrt(advective**2 + 9.0 * diffusive**2)
+
+
+def transport_residual_form(
+    tau: fem.Function,
+    velocity: ufl.core.expr.Expr,
+    *,
+    diffusivity: float,
+    reaction: ufl.core.expr.Expr | float = 0.0,
+    source: ufl.core.expr.Expr | float = 0.0,
+    supg: bool = True,
+    quadrature_degree: int = 4,
+) -> ufl.Form:
+    """Residual of ``u . grad(tau) - div(D grad tau) + r(tau) = f`` with SUPG (UFL form).
+
+    ``F(tau; v) = int (u.grad tau) v + D grad tau . grad v + (r - f) v dx
+    + sum_K int_K tau_s (u . grad v) (u . grad tau - div(D grad tau) + r - f) dx``.
+    Boundary terms are left out: Dirichlet rows are handled by the solver, the rest of the
+    boundary carries zero diffusive flux.
+
+    Args:
+        tau: unknown scalar Function (any Lagrange space; P1 in this package).
+        velocity: (d,) advecting velocity, a Function or UFL expression.
+        diffusivity: constant D > 0.
+        reaction: reaction term r(tau), a UFL expression of ``tau`` (e.g. nonlinear).
+        source: source term f (a UFL expression, e.g. a manufactured one).
+        supg: add the SUPG term.
+        quadrature_degree: degree of the cell quadrature. UFL's estimate explodes for the
+            fractional powers of the reaction (degree ~40); 4 integrates the P1 x P2 products
+            of the tau equation exactly and the rest to well below the discretisation error.
+
+    Returns:
+        The residual form, linear in the test function.
+    """
+    if not diffusivity > 0:
+        raise ValueError(f"diffusivity must be positive, got {diffusivity}")
+    mesh = tau.function_space.mesh
+    test = ufl.TestFunction(tau.function_space)
+    dx = ufl.dx(metadata={"quadrature_degree": quadrature_degree})
+    diffusivity_constant = fem.Constant(mesh, PETSc.ScalarType(diffusivity))
+    residual = (
+        ufl.dot(velocity, ufl.grad(tau)) * test
+        + diffusivity_constant * ufl.dot(ufl.grad(tau), ufl.grad(test))
+        + (reaction - source) * test
+    ) * dx
+    if supg:
+        strong = (
+            ufl.dot(velocity, ufl.grad(tau))
+            - ufl.div(diffusivity_constant * ufl.grad(tau))
+            + reaction
+            - source
+        )
+        stabilisation = supg_parameter(velocity, diffusivity_constant, ufl.CellDiameter(mesh))
+        residual += stabilisation * ufl.dot(velocity, ufl.grad(test)) * strong * dx
+    return residual
+
+
+@dataclass
+class NewtonResult:
+    """Outcome of :func:`solve_nonlinear`.
+
+    Attributes:
+        iterations: Newton steps taken.
+        residual_history: l2 norms of the (reduced) residual, one per iterate, the initial
+            guess first.
+        converged: always True on return (failures raise).
+    """
+
+    iterations: int
+    residual_history: list[float] = field(default_factory=list)
+    converged: bool = True
+
+
+def dirichlet_dofs(
+    V: fem.FunctionSpace, facet_tags: dolfinx.mesh.MeshTags, tags: Sequence[int]
+) -> np.ndarray:
+    """Local dofs of V (owned and ghost) on the facets carrying any of ``tags``.
+
+    Returns:
+        (K,) int32 sorted local dof indices.
+    """
+    mesh = V.mesh
+    fdim = mesh.topology.dim - 1
+    mesh.topology.create_connectivity(fdim, mesh.topology.dim)
+    facets = [facet_tags.find(int(tag)) for tag in tags]
+    facets = np.unique(np.concatenate(facets)).astype(np.int32) if facets else np.empty(0, np.int32)
+    return fem.locate_dofs_topological(V, fdim, facets)
+
+
+def _average_periodic_copies(function: fem.Function, constraint) -> None:
+    """Make a Function exactly periodic: every master/slave group gets its mean value."""
+    space = function.function_space
+    ones = fem.Function(space)
+    ones.x.array[:] = 1.0
+    counts = constraint.restrict_vector(ones.x.petsc_vec)
+    sums = constraint.restrict_vector(function.x.petsc_vec)
+    sums.pointwiseDivide(sums, counts)
+    constraint.prolong(sums, function.x.petsc_vec)
+    function.x.scatter_forward()
+    counts.destroy()
+    sums.destroy()
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, fem.Function):
+        if not np.all(np.isfinite(value.x.array)):
+            raise ValueError(f"{name} contains NaN or inf values: fix the input field")
+    elif isinstance(value, (float, int, np.ndarray)):
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{name} is not finite: {value}")
+
+
+class _NewtonSolver:
+    """Newton's method on ``F(x) = 0`` with Dirichlet rows and an optional periodic constraint."""
+
+    def __init__(
+        self,
+        residual: ufl.Form,
+        unknown: fem.Function,
+        bcs: Sequence[fem.DirichletBC],
+        *,
+        constraint=None,
+        options_prefix: str = "tau_",
+    ) -> None:
+        self.unknown = unknown
+        self.bcs = list(bcs)
+        self.constraint = constraint
+        increment = ufl.TrialFunction(unknown.function_space)
+        self.residual_form = fem.form(residual)
+        self.jacobian_form = fem.form(ufl.derivative(residual, unknown, increment))
+        self.matrix = dolfinx.fem.petsc.create_matrix(self.jacobian_form)
+        self.vector = dolfinx.fem.petsc.create_vector(unknown.function_space)
+        self.step = fem.Function(unknown.function_space)
+        self.ksp = PETSc.KSP().create(unknown.function_space.mesh.comm)
+        self.ksp.setOptionsPrefix(options_prefix)
+        self.ksp.setType("preonly")
+        self.ksp.getPC().setType("lu")
+        self.ksp.getPC().setFactorSolverType("mumps")
+        self.ksp.setFromOptions()
+
+    def destroy(self) -> None:
+        self.ksp.destroy()
+        self.matrix.destroy()
+        self.vector.destroy()
+
+    def _residual(self) -> tuple[PETSc.Vec, float]:
+        """Assemble F(x) with zero Dirichlet rows; return (reduced residual, its norm)."""
+        with self.vector.localForm() as local:
+            local.set(0.0)
+        dolfinx.fem.petsc.assemble_vector(self.vector, self.residual_form)
+        self.vector.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        # x already equals g on the Dirichlet dofs, so the residual there is x - g = 0.
+        dolfinx.fem.petsc.set_bc(self.vector, self.bcs, self.unknown.x.petsc_vec, -1.0)
+        if self.constraint is None:
+            reduced = self.vector
+        else:
+            reduced = self.constraint.restrict_vector(self.vector)
+        norm = reduced.norm()
+        return reduced, float(norm)
+
+    def _solve_linear(self, rhs: PETSc.Vec) -> None:
+        """Solve J dx = rhs into self.step (full space)."""
+        self.matrix.zeroEntries()
+        dolfinx.fem.petsc.assemble_matrix(self.matrix, self.jacobian_form, bcs=self.bcs)
+        self.matrix.assemble()
+        operator = self.matrix
+        if self.constraint is not None:
+            operator = self.constraint.restrict_matrix(self.matrix)
+        solution = rhs.duplicate()
+        self.ksp.setOperators(operator)
+        try:
+            self.ksp.solve(rhs, solution)
+        except PETSc.Error as error:
+            raise SolverDivergedError(f"tau Newton: the LU solve failed ({error})") from error
+        reason = self.ksp.getConvergedReason()
+        if reason < 0:
+            raise SolverDivergedError(
+                f"tau Newton: the linear solve diverged (PETSc KSP reason {reason}); "
+                "the Jacobian may be singular"
+            )
+        if self.constraint is None:
+            solution.copy(self.step.x.petsc_vec)
+        else:
+            self.constraint.prolong(solution, self.step.x.petsc_vec)
+            operator.destroy()
+        self.step.x.scatter_forward()
+        solution.destroy()
+
+    def solve(self, *, rtol: float, atol: float, max_iterations: int) -> NewtonResult:
+        comm = self.unknown.function_space.mesh.comm
+        for bc in self.bcs:
+            bc.set(self.unknown.x.array)
+        self.unknown.x.scatter_forward()
+        reduced, norm = self._residual()
+        history = [norm]
+        target = max(rtol * norm, atol)
+        iterations = 0
+        while not norm <= target:
+            if not np.isfinite(norm):
+                raise SolverDivergedError("tau Newton: the residual is NaN or inf")
+            if iterations >= max_iterations:
+                raise SolverDivergedError(
+                    f"tau Newton did not converge in {max_iterations} iterations: residual "
+                    f"{norm:.3e} > target {target:.3e} (history {history}); raise "
+                    "max_iterations, loosen rtol or give a better initial_guess"
+                )
+            rhs = reduced.copy() if reduced is self.vector else reduced
+            self._solve_linear(rhs)
+            rhs.destroy()
+            previous = self.unknown.x.array.copy()
+            step_length = 1.0
+            # Backtracking: halve the step until the residual norm decreases (Armijo-like).
+            for _ in range(12):
+                self.unknown.x.array[:] = previous - step_length * self.step.x.array
+                reduced, trial_norm = self._residual()
+                if np.isfinite(trial_norm) and trial_norm <= (1.0 - 1e-4 * step_length) * norm:
+                    break
+                if reduced is not self.vector:
+                    reduced.destroy()
+                step_length *= 0.5
+            else:
+                # No decrease found: keep the full step and let the iteration count decide.
+                self.unknown.x.array[:] = previous - self.step.x.array
+                reduced, trial_norm = self._residual()
+            norm = trial_norm
+            iterations += 1
+            history.append(norm)
+            _log(
+                comm,
+                logging.DEBUG,
+                "Newton %d: residual %.3e (step %.3g)",
+                iterations,
+                norm,
+                step_length,
+            )
+        if reduced is not self.vector:
+            reduced.destroy()
+        return NewtonResult(iterations=iterations, residual_history=history)
+
+
+def solve_nonlinear(
+    residual: ufl.Form,
+    unknown: fem.Function,
+    bcs: Sequence[fem.DirichletBC] = (),
+    *,
+    constraint=None,
+    rtol: float = 1e-10,
+    atol: float = 1e-13,
+    max_iterations: int = 30,
+) -> NewtonResult:
+    """Solve ``F(unknown) = 0`` by Newton's method (exact Jacobian, MUMPS LU).
+
+    Args:
+        residual: UFL residual form, linear in a test function of ``unknown``'s space.
+        unknown: the unknown Function; holds the initial guess and, on return, the solution.
+        bcs: Dirichlet conditions (their values are imposed on the initial guess).
+        constraint: optional :class:`solvers.periodic.PeriodicConstraint` on the space; the
+            initial guess should be periodic (the increments are).
+        rtol: stop when the residual norm is below rtol times the initial one...
+        atol: ...or below atol.
+        max_iterations: at most this many Newton steps.
+
+    Returns:
+        NewtonResult with the iteration count and residual history.
+
+    Raises:
+        SolverDivergedError: no convergence, a failed linear solve, or a NaN residual.
+    """
+    solver = _NewtonSolver(residual, unknown, bcs, constraint=constraint)
+    try:
+        return solver.solve(rtol=rtol, atol=atol, max_iterations=max_iterations)
+    finally:
+        solver.destroy()
+
+
+@dataclass
+class TauSolution:
+    """Solution of the tau equation.
+
+    Attributes:
+        tau: P1 Function of tau.
+        newton_iterations: Newton steps (for production="coupled" without an initial guess,
+            including those of the frozen solve that provides the initial guess).
+        residual_history: residual norms of the final Newton solve.
+        integral: int tau dx over the domain.
+        wall_time: seconds spent in :func:`solve_tau`.
+    """
+
+    tau: fem.Function
+    newton_iterations: int
+    residual_history: list[float]
+    integral: float
+    wall_time: float
+
+
+def tau_residual_form(
+    tau: fem.Function,
+    velocity: ufl.core.expr.Expr,
+    strain_rate: ufl.core.expr.Expr,
+    wall_distance: ufl.core.expr.Expr,
+    *,
+    production: str = "frozen",
+    diffusivity: float = 0.1,
+    zeta: float = 3.0,
+    gamma: float = 200.0,
+    tau_p: float = 0.001,
+    regularization: float = 1e-8,
+) -> ufl.Form:
+    """Residual form of the tau equation of DESIGN 3.3 (see :func:`solve_tau`)."""
+    if production not in PRODUCTION_MODES:
+        raise ValueError(f"unknown production mode {production!r}: use one of {PRODUCTION_MODES}")
+    if not regularization > 0:
+        raise ValueError(f"regularization must be positive, got {regularization}")
+    length = mixing_length(wall_distance)
+    if production == "frozen":
+        production_sqrt = float(np.sqrt(tau_p))
+    else:
+        production_sqrt = regularized_sqrt(tau, regularization)
+    source = gamma * length * production_sqrt * strain_rate**2
+    reaction = zeta * regularized_sqrt(tau, regularization) * tau
+    return transport_residual_form(
+        tau, velocity, diffusivity=diffusivity, reaction=reaction, source=source
+    )
+
+
+def solve_tau(
+    V: fem.FunctionSpace,
+    u: fem.Function | ufl.core.expr.Expr,
+    strain_rate: fem.Function | ufl.core.expr.Expr,
+    wall_distance: fem.Function | ufl.core.expr.Expr,
+    facet_tags: dolfinx.mesh.MeshTags,
+    spec: BoundarySpec,
+    *,
+    production: str = "frozen",
+    diffusivity: float = 0.1,
+    zeta: float = 3.0,
+    gamma: float = 200.0,
+    tau_p: float = 0.001,
+    initial_guess: fem.Function | None = None,
+    rtol: float = 1e-10,
+    atol: float = 1e-13,
+    max_iterations: int = 30,
+    regularization: float = 1e-8,
+    constraint=None,
+) -> TauSolution:
+    """Solve the steady tau equation of DESIGN 3.3 on a scalar P1 space.
+
+    ``u . grad(tau) - div(D grad tau) + zeta sqrt(|tau|) tau = gamma l_m sqrt(tau_P) |S|^2``,
+    ``l_m = min(0.41 d, 0.135)``; tau = 0 on ``spec.dirichlet_tags``, zero flux on outlets,
+    periodic on ``spec.periodic``.
+
+    Args:
+        V: scalar P1 space of tau.
+        u: velocity, a (d,) vector Function (any space on V.mesh, e.g. P2) or UFL expression.
+        strain_rate: |S|, a scalar Function (e.g. from
+            :func:`solvers.fields.strain_rate_magnitude`) or UFL expression.
+        wall_distance: d, a scalar Function (e.g. from
+            :func:`solvers.fields.wall_distance_function`) or UFL expression.
+        facet_tags: facet markers of V.mesh.
+        spec: boundary roles of the tags.
+        production: ``"frozen"`` (tau_P = tau_p) or ``"coupled"`` (tau_P = tau).
+        diffusivity: D > 0.
+        zeta: destruction coefficient.
+        gamma: production coefficient.
+        tau_p: frozen production level.
+        initial_guess: starting tau (P1 Function on V). Default: zero for "frozen"; for
+            "coupled", the frozen solution (tau = 0 solves the coupled problem too, and Newton
+            started there would stay on that trivial branch).
+        rtol: relative tolerance on the residual norm.
+        atol: absolute tolerance on the residual norm.
+        max_iterations: Newton iterations at most (per Newton solve).
+        regularization: eps of :func:`regularized_sqrt`.
+        constraint: a prebuilt PeriodicConstraint on V (built from spec when None and the spec
+            is periodic); pass it when solving repeatedly on the same space.
+
+    Returns:
+        TauSolution.
+
+    Raises:
+        ValueError: NaN/inf inputs, unknown production mode, bad coefficients.
+        SolverDivergedError: Newton failed.
+    """
+    start = time.perf_counter()
+    if production not in PRODUCTION_MODES:
+        raise ValueError(f"unknown production mode {production!r}: use one of {PRODUCTION_MODES}")
+    if V.dofmap.index_map_bs != 1 or V.element.basix_element.degree != 1:
+        raise ValueError("tau lives in a scalar P1 space: functionspace(mesh, ('Lagrange', 1))")
+    for name, value in (
+        ("diffusivity", diffusivity),
+        ("zeta", zeta),
+        ("gamma", gamma),
+        ("tau_p", tau_p),
+    ):
+        _check_finite(name, value)
+        if value < 0 or (name == "diffusivity" and value == 0):
+            raise ValueError(
+                f"{name} must be {'positive' if name == 'diffusivity' else 'non-negative'}, got {value}"
+            )
+    for name, value in (
+        ("velocity", u),
+        ("strain_rate", strain_rate),
+        ("wall_distance", wall_distance),
+        ("initial_guess", initial_guess),
+    ):
+        _check_finite(name, value)
+    comm = V.mesh.comm
+
+    boundary_dofs = dirichlet_dofs(V, facet_tags, spec.dirichlet_tags)
+    zero = fem.Constant(V.mesh, PETSc.ScalarType(0.0))
+    bcs = [fem.dirichletbc(zero, boundary_dofs, V)]
+    if constraint is None and spec.periodic:
+        from solvers.periodic import PeriodicConstraint
+
+        constraint = PeriodicConstraint(V, facet_tags, spec.periodic, excluded_dofs=boundary_dofs)
+
+    tau = fem.Function(V, name="tau")
+    iterations = 0
+    if initial_guess is not None:
+        if initial_guess.function_space is not V:
+            tau.interpolate(initial_guess)
+        else:
+            tau.x.array[:] = initial_guess.x.array
+        tau.x.scatter_forward()
+        if constraint is not None:
+            _average_periodic_copies(tau, constraint)
+    elif production == "coupled":
+        frozen = solve_tau(
+            V,
+            u,
+            strain_rate,
+            wall_distance,
+            facet_tags,
+            spec,
+            production="frozen",
+            diffusivity=diffusivity,
+            zeta=zeta,
+            gamma=gamma,
+            tau_p=tau_p,
+            rtol=rtol,
+            atol=atol,
+            max_iterations=max_iterations,
+            regularization=regularization,
+            constraint=constraint,
+        )
+        tau.x.array[:] = frozen.tau.x.array
+        iterations += frozen.newton_iterations
+
+    residual = tau_residual_form(
+        tau,
+        u,
+        strain_rate,
+        wall_distance,
+        production=production,
+        diffusivity=diffusivity,
+        zeta=zeta,
+        gamma=gamma,
+        tau_p=tau_p,
+        regularization=regularization,
+    )
+    result = solve_nonlinear(
+        residual,
+        tau,
+        bcs,
+        constraint=constraint,
+        rtol=rtol,
+        atol=atol,
+        max_iterations=max_iterations,
+    )
+    iterations += result.iterations
+    integral = comm.allreduce(fem.assemble_scalar(fem.form(tau * ufl.dx)), op=MPI.SUM)
+    wall_time = time.perf_counter() - start
+    _log(
+        comm,
+        logging.INFO,
+        "tau (%s): %d Newton iterations, integral %.6g, %.2f s",
+        production,
+        iterations,
+        integral,
+        wall_time,
+    )
+    return TauSolution(
+        tau=tau,
+        newton_iterations=iterations,
+        residual_history=result.residual_history,
+        integral=float(integral),
+        wall_time=wall_time,
+    )
