@@ -579,7 +579,8 @@ class VectorCloudNet(nn.Module):
             first = vec[:, :, 0]
             first_squared = (first * first).sum(dim=-1, keepdim=True) + _SOFTENING_SQUARED
             dot = (pos * first).sum(dim=-1, keepdim=True)
-            out.append(dot * torch.rsqrt(squared * first_squared))
+            # Two rsqrt factors: their product underflows to 0 in float32 at the query point.
+            out.append(dot * torch.rsqrt(squared) * torch.rsqrt(first_squared))
         return out
 
     def _embed(
