@@ -428,6 +428,24 @@ class PeriodicConstraint:
         self.K.mult(x_reduced, x_full)
         x_full.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
 
+    def make_periodic(self, x_full: PETSc.Vec) -> None:
+        """Replace every master value and its slaves' values by their mean, in place.
+
+        Useful to make an arbitrary initial guess periodic before an iteration whose updates
+        are prolonged (and hence periodic).
+
+        Args:
+            x_full: ghosted full vector of ``V``; ghosts are refreshed.
+        """
+        ones = self.K.createVecLeft()
+        ones.set(1.0)
+        multiplicity = self.restrict_vector(ones)
+        reduced = self.restrict_vector(x_full)
+        reduced.pointwiseDivide(reduced, multiplicity)
+        self.prolong(reduced, x_full)
+        for vec in (ones, multiplicity, reduced):
+            vec.destroy()
+
     def create_reduced_vector(self) -> PETSc.Vec:
         """A zero vector of the reduced numbering (distributed like the columns of ``K``)."""
         vec = self.K.createVecRight()

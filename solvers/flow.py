@@ -1,0 +1,381 @@
+"""Steady incompressible Navier-Stokes flow with Taylor-Hood elements and Newton's method.
+
+The momentum equation is ``(u . grad) u - div(nu grad u + nu_t (grad u + grad u^T)) + grad p
+= f e`` with ``div u = 0``: the molecular part in Laplacian form (so an outlet gets the usual
+do-nothing condition) and the optional eddy viscosity ``nu_t`` in the symmetric form that a
+variable viscosity needs. Walls carry no slip, inlets a prescribed profile, periodic pairs are
+imposed with :class:`solvers.periodic.PeriodicConstraint` on the whole mixed space.
+
+A periodic flow without inlet is driven by a uniform body force ``f e`` (``e`` along the first
+pair's flow direction) whose magnitude is an extra unknown fixed by the constraint
+``integral(u . e) = U_b |Omega|``. Newton's method solves the bordered system
+
+    [ J   -b ] [du]   [ -R                          ]
+    [ c^T  0 ] [df] = [ U_b |Omega| - c^T u          ]
+
+with two solves that share one LU factorisation (``J y1 = -R``, ``J y2 = b``), so the bulk
+velocity holds to round-off after every step.
+"""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import basix.ufl
+import dolfinx
+import dolfinx.fem
+import dolfinx.fem.petsc
+import numpy as np
+import ufl
+from petsc4py import PETSc
+
+from solvers.boundaries import BoundarySpec
+from solvers.linalg import (
+    SolverDivergedError,
+    check_linear_solve,
+    create_direct_solver,
+    format_history,
+)
+from solvers.periodic import PeriodicConstraint
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FlowSolution", "solve_flow"]
+
+
+@dataclass
+class FlowSolution:
+    """A converged steady flow.
+
+    Attributes:
+        u: velocity, a vector Lagrange Function of degree ``degree`` (float64 dofs).
+        p: pressure, a scalar Lagrange Function of degree ``degree - 1``; for a problem
+            without outlet its level is fixed by one pinned dof (p = 0 there, or the initial
+            guess's value).
+        body_force: magnitude of the driving body force (0 when not body-force driven).
+        bulk_velocity: measured area average of the velocity along the driving direction
+            (of ``u_x`` when not body-force driven).
+        newton_iterations: Newton steps taken.
+        residual_history: residual norm before each step and after the last one.
+        wall_time: seconds spent in :func:`solve_flow`.
+        num_dofs: global number of velocity + pressure dofs.
+    """
+
+    u: dolfinx.fem.Function
+    p: dolfinx.fem.Function
+    body_force: float
+    bulk_velocity: float
+    newton_iterations: int
+    residual_history: list[float] = field(default_factory=list)
+    wall_time: float = 0.0
+    num_dofs: int = 0
+
+
+def _log(comm: MPI.Comm, message: str, *args: object) -> None:
+    if comm.rank == 0:
+        logger.info(message, *args)
+
+
+def _check_inputs(
+    mesh: dolfinx.mesh.Mesh,
+    *,
+    nu: float,
+    bulk_velocity: float,
+    nu_t: dolfinx.fem.Function | ufl.core.expr.Expr | None,
+    degree: int,
+    rtol: float,
+    max_iterations: int,
+) -> None:
+    """Raise ValueError on unusable parameters (NaN, negative viscosity, bad degree)."""
+    for name, value in (("nu", nu), ("bulk_velocity", bulk_velocity), ("rtol", rtol)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if nu <= 0:
+        raise ValueError(f"nu must be positive, got {nu}")
+    if rtol <= 0:
+        raise ValueError(f"rtol must be positive, got {rtol}")
+    if degree < 2:
+        raise ValueError(f"Taylor-Hood needs a velocity degree >= 2, got degree={degree}")
+    if max_iterations < 1:
+        raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
+    if nu_t is None:
+        return
+    comm = mesh.comm
+    if isinstance(nu_t, dolfinx.fem.Function):
+        values = nu_t.x.array
+        bad = comm.allreduce(int(np.count_nonzero(~np.isfinite(values))), op=MPI.SUM)
+        if bad:
+            raise ValueError(f"nu_t has {bad} NaN/inf dofs; fix the closure that produced it")
+        minimum = comm.allreduce(float(values.min()) if values.size else 0.0, op=MPI.MIN)
+        if minimum < 0:
+            raise ValueError(f"nu_t must be non-negative, its minimum dof value is {minimum}")
+        return
+    # A UFL expression cannot be inspected pointwise cheaply; its integrals reveal NaN/inf.
+    integral = dolfinx.fem.assemble_scalar(dolfinx.fem.form(ufl.as_ufl(nu_t) ** 2 * ufl.dx(mesh)))
+    if not math.isfinite(comm.allreduce(integral, op=MPI.SUM)):
+        raise ValueError("nu_t evaluates to NaN/inf on the mesh; fix the closure that produced it")
+
+
+def _velocity_bcs(
+    W: dolfinx.fem.FunctionSpace,
+    facet_tags: dolfinx.mesh.MeshTags,
+    spec: BoundarySpec,
+) -> tuple[list[dolfinx.fem.DirichletBC], np.ndarray]:
+    """Velocity Dirichlet conditions (walls and inlets) and their local dofs in ``W``."""
+    mesh = W.mesh
+    fdim = mesh.topology.dim - 1
+    velocity_space, _ = W.sub(0).collapse()
+    bcs: list[dolfinx.fem.DirichletBC] = []
+    dofs_in_w: list[np.ndarray] = []
+    zero = dolfinx.fem.Function(velocity_space)
+    for tag, profile in [*((tag, None) for tag in spec.walls), *spec.inlets.items()]:
+        dofs = dolfinx.fem.locate_dofs_topological(
+            (W.sub(0), velocity_space), fdim, facet_tags.find(tag)
+        )
+        if profile is None:
+            value = zero
+        else:
+            value = dolfinx.fem.Function(velocity_space)
+            value.interpolate(profile)
+            if not np.all(np.isfinite(value.x.array)):
+                raise ValueError(f"inlet profile of tag {tag} gives NaN/inf values")
+        bcs.append(dolfinx.fem.dirichletbc(value, dofs, W.sub(0)))
+        dofs_in_w.append(np.asarray(dofs[0]))
+    excluded = np.unique(np.concatenate(dofs_in_w)) if dofs_in_w else np.empty(0, np.int32)
+    return bcs, excluded.astype(np.int32)
+
+
+def _pressure_pin(W: dolfinx.fem.FunctionSpace, constraint: PeriodicConstraint) -> list[int]:
+    """Reduced global index of one pressure dof, on the rank that owns it (else empty)."""
+    comm = W.mesh.comm
+    _, maps = W.sub(1).collapse()
+    pressure_dofs = np.asarray(maps[0])
+    num_owned = W.dofmap.index_map.size_local * W.dofmap.index_map_bs
+    owned = pressure_dofs[pressure_dofs < num_owned]
+    candidates = constraint.reduced_index[owned]
+    local_min = int(candidates.min()) if candidates.size else np.iinfo(np.int64).max
+    pinned = comm.allreduce(local_min, op=MPI.MIN)
+    start, end = constraint.K.getOwnershipRangeColumn()
+    return [pinned] if start <= pinned < end else []
+
+
+def solve_flow(
+    mesh: dolfinx.mesh.Mesh,
+    facet_tags: dolfinx.mesh.MeshTags,
+    spec: BoundarySpec,
+    *,
+    nu: float = 0.01,
+    bulk_velocity: float = 0.721039,
+    nu_t: dolfinx.fem.Function | ufl.core.expr.Expr | None = None,
+    degree: int = 2,
+    initial_guess: FlowSolution | None = None,
+    rtol: float = 1e-10,
+    max_iterations: int = 30,
+    petsc_options: Mapping[str, object] | None = None,
+) -> FlowSolution:
+    """Solve the steady incompressible Navier-Stokes equations with Newton's method.
+
+    Args:
+        mesh: the dolfinx mesh (triangles or quadrilaterals, any dimension).
+        facet_tags: facet markers used by ``spec``.
+        spec: walls (no slip), inlets (velocity profile), outlets (do-nothing) and periodic
+            pairs. Body-force driven when periodic without inlet.
+        nu: kinematic viscosity.
+        bulk_velocity: target area average of the streamwise velocity (body-force driven
+            flows only).
+        nu_t: optional non-negative eddy viscosity, a Function or UFL expression on ``mesh``.
+        degree: velocity degree; the pressure gets ``degree - 1`` (Taylor-Hood).
+        initial_guess: a previous solution on the same mesh (e.g. before a closure update);
+            by default Newton starts from rest, so its first step is a Stokes solve.
+        rtol: convergence when the residual norm (momentum, continuity and bulk constraint)
+            falls below ``rtol`` times its initial value.
+        max_iterations: maximum number of Newton steps.
+        petsc_options: overrides of the MUMPS LU options, see
+            :func:`solvers.linalg.create_direct_solver`.
+
+    Returns:
+        The converged :class:`FlowSolution`.
+
+    Raises:
+        ValueError: on NaN/inf or otherwise invalid inputs.
+        SolverDivergedError: when Newton does not converge within ``max_iterations``, the
+            residual becomes NaN/inf, or a linear solve fails.
+    """
+    start_time = time.perf_counter()
+    comm = mesh.comm
+    _check_inputs(
+        mesh,
+        nu=nu,
+        bulk_velocity=bulk_velocity,
+        nu_t=nu_t,
+        degree=degree,
+        rtol=rtol,
+        max_iterations=max_iterations,
+    )
+    gdim = mesh.geometry.dim
+    velocity_element = basix.ufl.element("Lagrange", mesh.basix_cell(), degree, shape=(gdim,))
+    pressure_element = basix.ufl.element("Lagrange", mesh.basix_cell(), degree - 1)
+    W = dolfinx.fem.functionspace(
+        mesh, basix.ufl.mixed_element([velocity_element, pressure_element])
+    )
+    num_dofs = W.dofmap.index_map.size_global * W.dofmap.index_map_bs
+
+    # Driving direction: along the first pair, from the slave side towards the master side
+    # reversed, i.e. the flow leaves through the slave boundary (hill: right -> left is -L).
+    driven = spec.body_force_driven
+    direction = np.zeros(gdim)
+    if driven:
+        translation = np.asarray(spec.periodic[0].translation, dtype=float)
+        direction = -translation / np.linalg.norm(translation)
+    else:
+        direction[0] = 1.0
+
+    w = dolfinx.fem.Function(W)
+    u, p = ufl.split(w)
+    v, q = ufl.TestFunctions(W)
+    viscous = nu * ufl.inner(ufl.grad(u), ufl.grad(v))
+    if nu_t is not None:
+        viscous += nu_t * ufl.inner(ufl.grad(u) + ufl.grad(u).T, ufl.grad(v))
+    residual_ufl = (
+        viscous + ufl.inner(ufl.dot(ufl.grad(u), u), v) - p * ufl.div(v) - q * ufl.div(u)
+    ) * ufl.dx
+    e = dolfinx.fem.Constant(mesh, direction)
+    residual_form = dolfinx.fem.form(residual_ufl)
+    jacobian_form = dolfinx.fem.form(ufl.derivative(residual_ufl, w))
+    forcing_form = dolfinx.fem.form(ufl.inner(e, v) * ufl.dx)
+    flux_form = dolfinx.fem.form(ufl.inner(e, u) * ufl.dx)
+    area = comm.allreduce(
+        dolfinx.fem.assemble_scalar(dolfinx.fem.form(1.0 * ufl.dx(mesh))), op=MPI.SUM
+    )
+
+    bcs, bc_dofs = _velocity_bcs(W, facet_tags, spec)
+    constraint = PeriodicConstraint(W, facet_tags, spec.periodic, excluded_dofs=bc_dofs)
+    pin_pressure = not spec.outlets
+    pinned = _pressure_pin(W, constraint) if pin_pressure else []
+
+    body_force = 0.0
+    x = w.x.petsc_vec
+    if initial_guess is not None:
+        w.sub(0).interpolate(initial_guess.u)
+        w.sub(1).interpolate(initial_guess.p)
+        body_force = float(initial_guess.body_force) if driven else 0.0
+    dolfinx.fem.petsc.set_bc(x, bcs)
+    x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
+    constraint.make_periodic(x)
+
+    # Forcing vector b = integral(e . v); c = b is also the constraint's functional. The
+    # copy used as right-hand side vanishes on Dirichlet rows so the increment stays zero there.
+    forcing = dolfinx.fem.petsc.assemble_vector(forcing_form)
+    forcing.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+    forcing_rhs = forcing.copy()
+    with forcing_rhs.localForm() as local:
+        local.array[bc_dofs] = 0.0
+    forcing_reduced = constraint.restrict_vector(forcing_rhs)
+    constraint_reduced = constraint.restrict_vector(forcing)
+    for vec in (forcing_reduced, constraint_reduced):
+        if pinned:
+            vec.setValues(pinned, [0.0])
+        vec.assemble()
+    target_flux = bulk_velocity * area
+
+    jacobian = dolfinx.fem.petsc.create_matrix(jacobian_form)
+    jacobian_reduced: PETSc.Mat | None = None
+    residual = dolfinx.fem.petsc.create_vector(W)
+    residual_reduced = constraint.create_reduced_vector()
+    rhs = constraint.create_reduced_vector()
+    step_residual = constraint.create_reduced_vector()
+    step_forcing = constraint.create_reduced_vector()
+    increment = dolfinx.fem.petsc.create_vector(W)
+    ksp = create_direct_solver(comm, petsc_options=petsc_options, name="flow")
+
+    history: list[float] = []
+    iterations = 0
+    try:
+        while True:
+            with residual.localForm() as local:
+                local.set(0.0)
+            dolfinx.fem.petsc.assemble_vector(residual, residual_form)
+            residual.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+            if driven:
+                residual.axpy(-body_force, forcing)
+            # Dirichlet rows carry x - g, so the step restores the boundary values.
+            dolfinx.fem.petsc.set_bc(residual, bcs, x, -1.0)
+            constraint.restrict_vector(residual, out=residual_reduced)
+            if pinned:
+                residual_reduced.setValues(pinned, [0.0])
+            residual_reduced.assemble()
+            flux_defect = target_flux - forcing.dot(x) if driven else 0.0
+            norm = math.hypot(residual_reduced.norm(), flux_defect)
+            history.append(norm)
+            _log(comm, "Newton %d: residual %.3e, body force %.6e", iterations, norm, body_force)
+            if not math.isfinite(norm):
+                raise SolverDivergedError(
+                    f"Newton diverged: residual is {norm} (history {format_history(history)})",
+                    history,
+                )
+            if norm <= rtol * history[0] or norm == 0.0:
+                break
+            if iterations == max_iterations:
+                raise SolverDivergedError(
+                    f"Newton did not reach rtol={rtol} in {max_iterations} iterations "
+                    f"(residual history {format_history(history)})",
+                    history,
+                )
+
+            jacobian.zeroEntries()
+            dolfinx.fem.petsc.assemble_matrix(jacobian, jacobian_form, bcs=bcs)
+            jacobian.assemble()
+            jacobian_reduced = constraint.restrict_matrix(jacobian, out=jacobian_reduced)
+            if pin_pressure:
+                # Collective: every rank calls it, only the owner names the row.
+                jacobian_reduced.zeroRowsColumns(pinned, diag=1.0)
+            ksp.setOperators(jacobian_reduced)
+
+            residual_reduced.copy(rhs)
+            rhs.scale(-1.0)
+            ksp.solve(rhs, step_residual)
+            check_linear_solve(ksp, context=f"the Newton step {iterations}")
+            if driven:
+                ksp.solve(forcing_reduced, step_forcing)
+                check_linear_solve(ksp, context=f"the body-force response {iterations}")
+                force_step = (
+                    flux_defect - constraint_reduced.dot(step_residual)
+                ) / constraint_reduced.dot(step_forcing)
+                step_residual.axpy(force_step, step_forcing)
+                body_force += force_step
+            constraint.prolong(step_residual, increment)
+            x.axpy(1.0, increment)
+            x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
+            iterations += 1
+    finally:
+        ksp.destroy()
+
+    velocity = w.sub(0).collapse()
+    pressure = w.sub(1).collapse()
+    flux = comm.allreduce(dolfinx.fem.assemble_scalar(flux_form), op=MPI.SUM)
+    wall_time = time.perf_counter() - start_time
+    _log(
+        comm,
+        "flow converged in %d Newton steps, %.2f s, %d dofs, body force %.8e, bulk %.8e",
+        iterations,
+        wall_time,
+        num_dofs,
+        body_force,
+        flux / area,
+    )
+    return FlowSolution(
+        u=velocity,
+        p=pressure,
+        body_force=body_force,
+        bulk_velocity=flux / area,
+        newton_iterations=iterations,
+        residual_history=history,
+        wall_time=wall_time,
+        num_dofs=num_dofs,
+    )
