@@ -648,14 +648,17 @@ class VectorCloudNet(nn.Module):
     @staticmethod
     def _check_not_empty(total_weight: torch.Tensor, point_weight: torch.Tensor) -> None:
         empty = total_weight <= 0
-        if bool(empty.any()):
-            clouds = torch.nonzero(empty).flatten()[:10].tolist()
-            raise CloudInputError(
-                f"empty cloud: clouds {clouds} of the batch have no unmasked point with a "
-                f"positive weight; drop them or widen the cloud"
-            )
-        if bool((point_weight < 0).any()):
+        negative = point_weight < 0
+        # One host synchronisation for both checks; details only on the error path.
+        if not bool(empty.any() | negative.any()):
+            return
+        if bool(negative.any()):
             raise CloudInputError("weight must be >= 0 at unmasked points (a cutoff in [0, 1])")
+        clouds = torch.nonzero(empty).flatten()[:10].tolist()
+        raise CloudInputError(
+            f"empty cloud: clouds {clouds} of the batch have no unmasked point with a "
+            f"positive weight; drop them or widen the cloud"
+        )
 
 
 def _check_cloud_shapes(
