@@ -43,14 +43,12 @@ from petsc4py import PETSc
 
 from solvers.boundaries import BoundarySpec
 from solvers.fields import mixing_length
-
-try:  # The shared error class of the solvers, once solvers.linalg provides it.
-    from solvers.linalg import SolverDivergedError
-except ImportError:  # pragma: no cover - depends on the other modules present
-
-    class SolverDivergedError(RuntimeError):
-        """A nonlinear or linear solve did not converge."""
-
+from solvers.linalg import (
+    SolverDivergedError,
+    check_linear_solve,
+    create_direct_solver,
+    format_history,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +219,7 @@ class _NewtonSolver:
         bcs: Sequence[fem.DirichletBC],
         *,
         constraint=None,
-        options_prefix: str = "tau_",
+        options_prefix: str = "tau",
     ) -> None:
         self.unknown = unknown
         self.bcs = list(bcs)
@@ -232,15 +230,14 @@ class _NewtonSolver:
         self.matrix = dolfinx.fem.petsc.create_matrix(self.jacobian_form)
         self.vector = dolfinx.fem.petsc.create_vector(unknown.function_space)
         self.step = fem.Function(unknown.function_space)
-        self.ksp = PETSc.KSP().create(unknown.function_space.mesh.comm)
-        self.ksp.setOptionsPrefix(options_prefix)
-        self.ksp.setType("preonly")
-        self.ksp.getPC().setType("lu")
-        self.ksp.getPC().setFactorSolverType("mumps")
-        self.ksp.setFromOptions()
+        self.ksp = create_direct_solver(unknown.function_space.mesh.comm, name=options_prefix)
+        self.reduced_matrix: PETSc.Mat | None = None
+        self.history: list[float] = []
 
     def destroy(self) -> None:
         self.ksp.destroy()
+        if self.reduced_matrix is not None:
+            self.reduced_matrix.destroy()
         self.matrix.destroy()
         self.vector.destroy()
 
@@ -266,24 +263,24 @@ class _NewtonSolver:
         self.matrix.assemble()
         operator = self.matrix
         if self.constraint is not None:
-            operator = self.constraint.restrict_matrix(self.matrix)
+            # Same sparsity every iteration: refill the reduced matrix in place.
+            self.reduced_matrix = self.constraint.restrict_matrix(
+                self.matrix, out=self.reduced_matrix
+            )
+            operator = self.reduced_matrix
         solution = rhs.duplicate()
         self.ksp.setOperators(operator)
         try:
             self.ksp.solve(rhs, solution)
         except PETSc.Error as error:
-            raise SolverDivergedError(f"tau Newton: the LU solve failed ({error})") from error
-        reason = self.ksp.getConvergedReason()
-        if reason < 0:
             raise SolverDivergedError(
-                f"tau Newton: the linear solve diverged (PETSc KSP reason {reason}); "
-                "the Jacobian may be singular"
-            )
+                f"tau Newton: the LU solve of the Jacobian failed ({error})", self.history
+            ) from error
+        check_linear_solve(self.ksp, context="the tau Newton Jacobian")
         if self.constraint is None:
             solution.copy(self.step.x.petsc_vec)
         else:
             self.constraint.prolong(solution, self.step.x.petsc_vec)
-            operator.destroy()
         self.step.x.scatter_forward()
         solution.destroy()
 
@@ -293,17 +290,19 @@ class _NewtonSolver:
             bc.set(self.unknown.x.array)
         self.unknown.x.scatter_forward()
         reduced, norm = self._residual()
-        history = [norm]
+        history = self.history
+        history.append(norm)
         target = max(rtol * norm, atol)
         iterations = 0
         while not norm <= target:
             if not np.isfinite(norm):
-                raise SolverDivergedError("tau Newton: the residual is NaN or inf")
+                raise SolverDivergedError("tau Newton: the residual is NaN or inf", history)
             if iterations >= max_iterations:
                 raise SolverDivergedError(
                     f"tau Newton did not converge in {max_iterations} iterations: residual "
-                    f"{norm:.3e} > target {target:.3e} (history {history}); raise "
-                    "max_iterations, loosen rtol or give a better initial_guess"
+                    f"{norm:.3e} > target {target:.3e} (history {format_history(history)}); "
+                    "raise max_iterations, loosen rtol or give a better initial_guess",
+                    history,
                 )
             rhs = reduced.copy() if reduced is self.vector else reduced
             self._solve_linear(rhs)
@@ -320,9 +319,12 @@ class _NewtonSolver:
                     reduced.destroy()
                 step_length *= 0.5
             else:
-                # No decrease found: keep the full step and let the iteration count decide.
-                self.unknown.x.array[:] = previous - self.step.x.array
-                reduced, trial_norm = self._residual()
+                raise SolverDivergedError(
+                    f"tau Newton: the line search found no decrease of the residual "
+                    f"{norm:.3e} at iteration {iterations + 1} (history "
+                    f"{format_history(history)}); give a better initial_guess",
+                    history,
+                )
             norm = trial_norm
             iterations += 1
             history.append(norm)
@@ -336,7 +338,7 @@ class _NewtonSolver:
             )
         if reduced is not self.vector:
             reduced.destroy()
-        return NewtonResult(iterations=iterations, residual_history=history)
+        return NewtonResult(iterations=iterations, residual_history=list(history))
 
 
 def solve_nonlinear(
@@ -464,9 +466,11 @@ def solve_tau(
         zeta: destruction coefficient.
         gamma: production coefficient.
         tau_p: frozen production level.
-        initial_guess: starting tau (P1 Function on V). Default: zero for "frozen"; for
-            "coupled", the frozen solution (tau = 0 solves the coupled problem too, and Newton
-            started there would stay on that trivial branch).
+        initial_guess: starting tau (a Function; interpolated when not on V; periodic copies
+            are averaged). Default: zero for "frozen". For "coupled" the default is built from
+            the frozen solution tau_f as ``tau_f^1.5 / sqrt(tau_p)`` (the local-equilibrium
+            scaling between the two modes): tau = 0 solves the coupled problem too, and
+            Newton started near it stalls or lands on that trivial branch.
         rtol: relative tolerance on the residual norm.
         atol: absolute tolerance on the residual norm.
         max_iterations: Newton iterations at most (per Newton solve).
@@ -525,6 +529,9 @@ def solve_tau(
         if constraint is not None:
             _average_periodic_copies(tau, constraint)
     elif production == "coupled":
+        # tau_p plays no role in the coupled equation; it only sets the level of the frozen
+        # solve that provides the initial guess.
+        guess_level = tau_p if tau_p > 0 else 0.001
         frozen = solve_tau(
             V,
             u,
@@ -536,14 +543,16 @@ def solve_tau(
             diffusivity=diffusivity,
             zeta=zeta,
             gamma=gamma,
-            tau_p=tau_p,
+            tau_p=guess_level,
             rtol=rtol,
             atol=atol,
             max_iterations=max_iterations,
             regularization=regularization,
             constraint=constraint,
         )
-        tau.x.array[:] = frozen.tau.x.array
+        # Where production balances destruction locally, frozen gives
+        # tau_f^1.5 ~ c sqrt(tau_p) and coupled tau_c ~ c, hence tau_c ~ tau_f^1.5 / sqrt(tau_p).
+        tau.x.array[:] = np.maximum(frozen.tau.x.array, 0.0) ** 1.5 / np.sqrt(guess_level)
         iterations += frozen.newton_iterations
 
     residual = tau_residual_form(
