@@ -138,6 +138,7 @@ class PeriodicConstraint:
         num_slaves: global number of eliminated (slave) dofs.
         num_reduced_dofs: global size of the reduced numbering.
         reduced_index: (num_owned,) int64 reduced global column of each owned full dof.
+        slave_mask: (num_owned,) bool, True for the owned dofs that are eliminated slaves.
     """
 
     def __init__(
@@ -369,6 +370,7 @@ class PeriodicConstraint:
             raise RuntimeError("internal error: a periodic master was itself eliminated")
 
         self.reduced_index = reduced_index
+        self.slave_mask = is_slave
         self.num_slaves = self.comm.allreduce(int(np.count_nonzero(is_slave)), op=MPI.SUM)
         self.num_reduced_dofs = reduced.size
         int_type = PETSc.IntType
