@@ -1,0 +1,218 @@
+"""Inference throughput of the vector-cloud network on the CPU (float32), as a Markdown table.
+
+For the published preset, the toolkit's default and the default with a factorised embedding
+(the five query-independent scalars |S|, wall distance, volume, speed and wall flag
+embedded once per mesh point), it measures clouds per second for
+
+* ``n = 150``: the published training clouds,
+* ``n = 666``: the median full cloud at alpha = 1 (all points real),
+* ragged full clouds, 348-1632 points (log-normal around the median 666, clipped), either
+  padded to the maximum of each random batch or bucketed (sorted by size, each batch padded
+  to its own maximum only).
+
+FLOPs per cloud come from the layer sizes (:func:`vcnn.network.flops_per_cloud`, real points
+only, so padding shows up as a lower fraction of peak) and are compared with the measured
+rate of a large float32 ``torch.matmul`` at the same thread count.
+
+Usage: ``python experiments/bench_inference.py [--quick] [--batch 1024] [--threads N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vcnn.network import VectorCloudNet, flops_per_cloud
+
+DIM = 2
+NUM_SCALARS = 7
+NUM_VECTORS = 1
+# Columns of the 7 scalars that do not depend on the query point, in the order DESIGN section 5
+# lists them (|S|, wall distance, nodal volume, speed, proximity, upstream weight, wall flag):
+# all but the proximity and upstream features. Only the layout matters for timing.
+POINT_COLUMNS = (0, 1, 2, 3, 6)
+# Points of the alpha = 1 reference mesh (201 x 201 P1 nodes): one cloud per mesh point.
+MESH_POINTS = 201 * 201
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the result table."""
+
+    model: str
+    clouds: str
+    layout: str
+    batch: int
+    clouds_per_second: float
+    mflop_per_cloud: float
+    gflops: float
+    peak_fraction: float
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def best_time(function: Callable[[], object], *, repeats: int) -> float:
+    function()  # warm-up: allocator and thread pool
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_gflops(size: int, *, repeats: int) -> float:
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    seconds = best_time(lambda: torch.matmul(a, b), repeats=repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def ragged_sizes(count: int, rng: np.random.Generator) -> np.ndarray:
+    sizes = np.exp(rng.normal(np.log(666.0), 0.33, size=count))
+    return np.clip(np.rint(sizes), 348, 1632).astype(int)
+
+
+def make_batch(sizes: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    batch, width = len(sizes), int(sizes.max())
+    pos = torch.randn(batch, width, DIM, generator=generator)
+    vec = torch.randn(batch, width, NUM_VECTORS, DIM, generator=generator)
+    scal = torch.randn(batch, width, NUM_SCALARS, generator=generator)
+    mask = torch.arange(width)[None, :] < torch.as_tensor(sizes)[:, None]
+    index = torch.randint(0, MESH_POINTS, (batch, width), generator=generator)
+    return pos, vec, scal, mask, index
+
+
+def build_models() -> dict[str, VectorCloudNet]:
+    kwargs = dict(dim=DIM, num_scalars=NUM_SCALARS, num_vectors=NUM_VECTORS)
+    return {
+        "published": VectorCloudNet.from_preset("published", **kwargs),
+        "default": VectorCloudNet.from_preset("default", **kwargs),
+        "default, factorised": VectorCloudNet.from_preset(
+            "default", point_scalar_columns=POINT_COLUMNS, **kwargs
+        ),
+    }
+
+
+def run_batches(
+    model: VectorCloudNet, batches: list[tuple[torch.Tensor, ...]], table: torch.Tensor | None
+) -> None:
+    for pos, vec, scal, mask, index in batches:
+        if table is None:
+            model(pos, vec, scal, mask)
+        else:
+            # The gather of the cached point embeddings is part of the measured cost.
+            model(pos, vec, scal, mask, point_embedding=table[index])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small batches, one repeat")
+    parser.add_argument("--batch", type=int, default=None, help="clouds per batch")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    batch = args.batch or (256 if args.quick else 1024)
+    repeats = 1 if args.quick else 3
+    ragged_batches = 2 if args.quick else 4
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+
+    peak = matmul_gflops(1024 if args.quick else 2048, repeats=repeats)
+    models = build_models()
+    mesh_scalars = torch.randn(MESH_POINTS, len(POINT_COLUMNS), generator=generator)
+
+    workloads: dict[str, tuple[str, list[np.ndarray]]] = {
+        "150": ("fixed", [np.full(batch, 150)]),
+        "666": ("fixed", [np.full(batch, 666)]),
+    }
+    sizes = ragged_sizes(batch * ragged_batches, rng)
+    workloads["348-1632 ragged"] = ("padded to batch max", np.split(sizes, ragged_batches))
+    workloads["348-1632 ragged "] = (
+        "bucketed by size",
+        np.split(np.sort(sizes), ragged_batches),
+    )
+
+    rows: list[Row] = []
+    with torch.inference_mode():
+        for model_name, model in models.items():
+            model.eval()
+            table_seconds = 0.0
+            table = None
+            if model.is_factorised:
+                table_seconds = best_time(
+                    lambda m=model: m.embed_points(mesh_scalars), repeats=repeats
+                )
+                table = model.embed_points(mesh_scalars)
+            for cloud_name, (layout, groups) in workloads.items():
+                batches = [make_batch(group, generator) for group in groups]
+                seconds = best_time(
+                    lambda m=model, b=batches, t=table: run_batches(m, b, t), repeats=repeats
+                )
+                count = sum(len(group) for group in groups)
+                # Amortise the once-per-mesh point embedding over one cloud per mesh point.
+                seconds += table_seconds * count / MESH_POINTS
+                flops = sum(flops_per_cloud(model, int(n)) for group in groups for n in group)
+                rows.append(
+                    Row(
+                        model=model_name,
+                        clouds=cloud_name.strip(),
+                        layout=layout,
+                        batch=batch,
+                        clouds_per_second=count / seconds,
+                        mflop_per_cloud=flops / count / 1e6,
+                        gflops=flops / seconds / 1e9,
+                        peak_fraction=flops / seconds / 1e9 / peak,
+                    )
+                )
+
+    print(
+        f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"float32; best of {repeats} after a warm-up; "
+        f"{'quick run' if args.quick else 'full run'}"
+    )
+    print(f"Measured float32 matmul peak: {peak:.1f} GFLOP/s\n")
+    print(
+        "| model | clouds (points) | layout | batch | clouds/s | MFLOP/cloud | GFLOP/s "
+        "| % of matmul peak | speed-up vs default |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    default_rate = {
+        (row.clouds, row.layout): row.clouds_per_second for row in rows if row.model == "default"
+    }
+    for row in rows:
+        speedup = row.clouds_per_second / default_rate[(row.clouds, row.layout)]
+        print(
+            f"| {row.model} | {row.clouds} | {row.layout} | {row.batch} | "
+            f"{row.clouds_per_second:,.0f} | {row.mflop_per_cloud:.2f} | {row.gflops:.1f} | "
+            f"{100 * row.peak_fraction:.0f} % | {speedup:.2f}x |"
+        )
+    mean_size = statistics.mean(int(n) for n in sizes)
+    print(
+        f"\nRagged sizes: log-normal around 666, clipped to [348, 1632]; mean {mean_size:.0f}, "
+        f"max {int(sizes.max())}. FLOPs count real points only. The factorised model's "
+        f"point embedding ({MESH_POINTS} mesh points, computed once) is amortised over one "
+        f"cloud per mesh point and included in its time."
+    )
+
+
+if __name__ == "__main__":
+    main()
