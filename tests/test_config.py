@@ -26,6 +26,7 @@ def test_merge_overrides_and_skips_none():
     base = {"a": 1, "t": {"x": 1, "y": 2}}
     assert merge(base, {"a": None, "t": {"y": 3}}) == {"a": 1, "t": {"x": 1, "y": 3}}
     assert base == {"a": 1, "t": {"x": 1, "y": 2}}
+    assert merge({}, {"t": {"x": None, "y": 1}}) == {"t": {"y": 1}}
 
 
 def test_errors(tmp_path):

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vcnn.atomic import atomic_write
 
 REQUIRED_KEYS: tuple[str, ...] = (
     "points",
@@ -152,7 +153,6 @@ def write_case(path: str | os.PathLike, case: Case) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise CaseFileError(f"case files end in .npz, got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     clash = set(case.extra) & set(REQUIRED_KEYS)
     if clash:
         raise CaseFileError(f"extra arrays may not reuse contract keys {sorted(clash)}")
@@ -168,16 +168,7 @@ def write_case(path: str | os.PathLike, case: Case) -> Path:
         "meta": np.array(json.dumps(case.meta, sort_keys=True, default=_json_default)),
         **{key: np.asarray(value) for key, value in case.extra.items()},
     }
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            np.savez_compressed(stream, **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda stream: np.savez_compressed(stream, **arrays))
     return path
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from vcnn.atomic import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -42,8 +43,8 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     for key, value in override.items():
         if value is None:
             continue
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge(merged[key], value)
+        if isinstance(value, Mapping):
+            merged[key] = merge(merged.get(key) or {}, value)
         else:
             merged[key] = value
     return merged
@@ -74,19 +75,6 @@ def write_resolved_config(folder: str | os.PathLike, config: Mapping[str, Any]) 
     text = dumps_toml(config)
     tomllib.loads(text)  # a resolved config that cannot be read back is a bug: fail loudly
     return atomic_write_text(folder / "config.toml", text)
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write text to ``path`` through a temporary file in the same folder and a rename."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _write_table(lines: list[str], table: Mapping[str, Any], prefix: tuple[str, ...]) -> None:

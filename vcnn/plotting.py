@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -24,40 +25,64 @@ logger = logging.getLogger(__name__)
 _EDGE_FACTOR = 4.0
 
 
-def case_triangulation(case: Case) -> Triangulation:
+class CaseTriangulation(NamedTuple):
+    """A triangulation of a case's points and, for each of its nodes, the case point it shows.
+
+    Attributes:
+        triangulation: matplotlib Triangulation; its nodes are case points and periodic images.
+        source: (M,) int64 index of the case point behind each triangulation node: plot
+            ``values[source]``.
+    """
+
+    triangulation: Triangulation
+    source: np.ndarray
+
+
+def case_triangulation(case: Case) -> CaseTriangulation:
     """A triangulation of a 2-D case's points for contour plots.
 
     Uses the mesh cells stored under the extra key ``cells`` ((M, 3) triangles or (M, 4) quads
-    of point indices) when present, else a Delaunay triangulation with the triangles that leave
-    the domain masked. Triangles that wrap around a periodic direction (spanning more than half
-    a period) are masked too.
+    of point indices) when present; cells that wrap around a periodic direction (a periodic
+    case stores each point once) are drawn with periodic images of their points. Without
+    ``cells``, a Delaunay triangulation with the triangles that leave the domain masked.
 
     Args:
         case: a 2-D case.
 
     Returns:
-        A matplotlib Triangulation over ``case.points``.
+        The triangulation and the case point of each of its nodes.
     """
     if case.dim != 2:
         raise ValueError(f"field plots need a 2-D case, got dimension {case.dim}")
     points = case.points
+    source = np.arange(case.num_points)
     cells = case.extra.get("cells")
-    if cells is not None:
-        cells = np.asarray(cells, dtype=np.int64)
-        if cells.shape[1] == 4:  # quadrilaterals in dolfinx's tensor-product vertex order
-            cells = np.concatenate([cells[:, [0, 1, 3]], cells[:, [0, 3, 2]]])
-        triangles = cells
-        mask = np.zeros(len(triangles), dtype=bool)
-    else:
+    if cells is None:
         triangles = Delaunay(points).simplices
         spacing = cKDTree(points).query(points, k=2)[0][:, 1]
         edges = _edge_lengths(points, triangles)
         mask = edges.max(axis=1) > _EDGE_FACTOR * spacing[triangles].max(axis=1)
+        for axis, length in enumerate(case.period):
+            if length > 0:
+                mask |= np.ptp(points[triangles, axis], axis=1) > 0.5 * length
+        return CaseTriangulation(Triangulation(*points.T, triangles, mask=mask), source)
+    triangles = np.asarray(cells, dtype=np.int64)
+    if triangles.shape[1] == 4:  # quadrilaterals in dolfinx's tensor-product vertex order
+        triangles = np.concatenate([triangles[:, [0, 1, 3]], triangles[:, [0, 3, 2]]])
+    nodes = points.copy()
     for axis, length in enumerate(case.period):
-        if length > 0:
-            span = np.ptp(points[triangles, axis], axis=1)
-            mask |= span > 0.5 * length
-    return Triangulation(points[:, 0], points[:, 1], triangles, mask=mask)
+        if length <= 0:
+            continue
+        coordinate = nodes[triangles, axis]
+        wrapped = coordinate < coordinate.max(axis=1, keepdims=True) - 0.5 * length
+        # each node at a wrapped corner gets one image, one period further along the axis
+        corners, inverse = np.unique(triangles[wrapped], return_inverse=True)
+        images = nodes[corners]
+        images[:, axis] += length
+        triangles[wrapped] = len(nodes) + inverse
+        source = np.concatenate([source, source[corners]])
+        nodes = np.concatenate([nodes, images])
+    return CaseTriangulation(Triangulation(*nodes.T, triangles), source)
 
 
 def _edge_lengths(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
@@ -77,19 +102,19 @@ def plot_case(case: Case, path: str | os.PathLike, *, streamlines: bool = True) 
         The path written.
     """
     path = Path(path)
-    triangulation = case_triangulation(case)
-    speed = np.linalg.norm(case.velocity, axis=1)
+    triangulation, source = case_triangulation(case)
+    speed = np.linalg.norm(case.velocity, axis=1)[source]
     extent = np.ptp(case.points, axis=0)
     aspect = extent[1] / max(extent[0], 1e-12)
     figure, axes = plt.subplots(2, 1, figsize=(9, 2 * 9 * aspect + 1.2), constrained_layout=True)
     image = axes[0].tricontourf(triangulation, speed, levels=40, cmap="viridis")
     figure.colorbar(image, ax=axes[0], label="|u|")
     if streamlines:
-        _streamlines(axes[0], triangulation, case.velocity)
-    image = axes[1].tricontourf(triangulation, case.tau, levels=40, cmap="magma")
+        _streamlines(axes[0], triangulation, case.velocity[source])
+    image = axes[1].tricontourf(triangulation, case.tau[source], levels=40, cmap="magma")
     figure.colorbar(image, ax=axes[1], label="tau")
     title = case.name
-    if "alpha" in case.meta:
+    if case.meta.get("alpha") is not None:
         title += f"  (alpha = {case.meta['alpha']:g})"
     axes[0].set_title(f"{title}: speed and streamlines")
     axes[1].set_title(f"tau, integral {case.tau_integral():.4g}")

@@ -1,0 +1,641 @@
+"""Dataset generation: mesh -> flow -> derived fields -> tau -> case files, XDMF and figures.
+
+:func:`run_generate` is what ``vcnn generate`` runs. For each case (one per hill slope factor
+alpha, or one for a user mesh) it solves the flow and the closure transport, gathers the nodal
+data at the P1 points on rank 0 and writes the case file of DESIGN 4 atomically, an XDMF file
+of mesh and fields for ParaView and a PNG. A case that fails is reported and skipped; complete
+cases are not recomputed unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+import logging
+import math
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from solvers.boundaries import BoundarySpec, PeriodicPair, hill_boundary_spec
+from vcnn.atomic import atomic_write_text
+from vcnn.casefile import Case, write_case
+from vcnn.config import ConfigError, check_keys, merge, write_resolved_config
+
+logger = logging.getLogger(__name__)
+
+MESH_KINDS = ("structured", "unstructured", "file")
+PRODUCTION_MODES = ("frozen", "coupled")
+
+
+@dataclass
+class MeshConfig:
+    """Which mesh each case is solved on.
+
+    Attributes:
+        kind: ``structured`` (graded quadrilaterals like the published meshes),
+            ``unstructured`` (gmsh triangles) or ``file`` (a user mesh).
+        resolution: structured: factor on the published 200 alpha x 200 cells.
+        cell_type: structured: ``quadrilateral`` or ``triangle``.
+        size: unstructured: target cell size in the core of the flow.
+        wall_size: unstructured: cell size at the walls (default size / 5).
+        file: file: path of a ``.msh`` or meshio-readable mesh with tagged boundaries.
+    """
+
+    kind: str = "structured"
+    resolution: float = 1.0
+    cell_type: str = "quadrilateral"
+    size: float = 0.05
+    wall_size: float | None = None
+    file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in MESH_KINDS:
+            raise ConfigError(f"mesh kind must be one of {MESH_KINDS}, got {self.kind!r}")
+        if not self.resolution > 0 or not self.size > 0:
+            raise ConfigError("mesh resolution and size must be positive")
+        if self.kind == "file" and not self.file:
+            raise ConfigError("mesh kind 'file' needs mesh.file (or --mesh-file)")
+
+
+@dataclass
+class PhysicsConfig:
+    """Physical constants (DESIGN 3, dimensionless with hill height h = 1)."""
+
+    nu: float = 0.01
+    bulk_velocity: float = 0.721039
+    diffusivity: float = 0.1
+    zeta: float = 3.0
+    gamma: float = 200.0
+    tau_p: float = 0.001
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"physics.{name} must be a finite non-negative number")
+        if self.nu <= 0 or self.diffusivity <= 0:
+            raise ConfigError("physics.nu and physics.diffusivity must be positive")
+
+
+@dataclass
+class GenerateConfig:
+    """Configuration of ``vcnn generate`` (the ``[generate]`` table of a TOML file).
+
+    Attributes:
+        alphas: hill slope factors, one case each (ignored for a file mesh).
+        output: folder of the case files, figures, XDMF and summary.
+        production: ``frozen`` (fixed source, the published data) or ``coupled`` (tau_P = tau).
+        c_k: eddy-viscosity coefficient; > 0 couples nu_t = C_k l_m sqrt(tau) into the flow.
+        overwrite: recompute cases whose case file exists.
+        plots: write a PNG per case.
+        xdmf: write an XDMF file of mesh and fields per case.
+        name: case name for a file mesh (default: the file's stem).
+        mesh: see :class:`MeshConfig`.
+        physics: see :class:`PhysicsConfig`.
+        boundaries: file mesh only: boundary roles by name, e.g.
+            ``{walls = ["walls", "cylinder"], outlets = ["outlet"],
+            inlets = {inlet = {profile = "parabolic", mean_velocity = 1.0}},
+            periodic = [{slave = "right", master = "left", translation = [-9.0, 0.0]}]}``.
+            Profiles: ``parabolic`` (mean_velocity), ``uniform`` (velocity = [ux, uy]) or
+            ``expression`` (components = ["numpy expression of x", ...]).
+    """
+
+    alphas: list[float] = field(default_factory=lambda: [1.0])
+    output: str = "data/hills"
+    production: str = "frozen"
+    c_k: float = 0.0
+    overwrite: bool = False
+    plots: bool = True
+    xdmf: bool = True
+    name: str | None = None
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    physics: PhysicsConfig = field(default_factory=PhysicsConfig)
+    boundaries: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.production not in PRODUCTION_MODES:
+            raise ConfigError(
+                f"production must be one of {PRODUCTION_MODES}, got {self.production!r}"
+            )
+        if not (math.isfinite(self.c_k) and self.c_k >= 0):
+            raise ConfigError(f"c_k must be >= 0, got {self.c_k}")
+        self.alphas = [float(a) for a in self.alphas]
+        if self.mesh.kind != "file":
+            if not self.alphas:
+                raise ConfigError("alphas is empty: give at least one hill slope factor")
+            bad = [a for a in self.alphas if not (math.isfinite(a) and a > 0)]
+            if bad:
+                raise ConfigError(f"hill slope factors must be positive, got {bad}")
+        elif not self.boundaries:
+            raise ConfigError("a file mesh needs a [generate.boundaries] table naming its walls")
+
+    @classmethod
+    def from_dict(
+        cls, values: Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None
+    ) -> GenerateConfig:
+        """Build from a ``[generate]`` table, with flag ``overrides`` (None = not given)."""
+        values = merge(values, overrides or {})
+        check_keys(values, {f for f in cls.__dataclass_fields__}, "[generate]")
+        mesh = dict(values.pop("mesh", {}))
+        check_keys(mesh, set(MeshConfig.__dataclass_fields__), "[generate.mesh]")
+        physics = dict(values.pop("physics", {}))
+        check_keys(physics, set(PhysicsConfig.__dataclass_fields__), "[generate.physics]")
+        return cls(**values, mesh=MeshConfig(**mesh), physics=PhysicsConfig(**physics))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain TOML-friendly dictionary (the resolved config)."""
+        return asdict(self)
+
+
+@dataclass
+class CaseReport:
+    """Outcome of one case (a row of the summary table)."""
+
+    name: str
+    alpha: float | None
+    status: str  # "written", "skipped" (already complete) or "failed"
+    num_points: int = 0
+    flow_iterations: int = 0
+    tau_iterations: int = 0
+    tau_integral: float = float("nan")
+    wall_time: float = 0.0
+    stage_times: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class GenerateSummary:
+    """All case reports of a run and where its outputs are."""
+
+    cases: list[CaseReport]
+    output: Path
+
+    @property
+    def all_succeeded(self) -> bool:
+        """True when no case failed."""
+        return all(case.status != "failed" for case in self.cases)
+
+    def table(self) -> str:
+        """The summary as a Markdown table."""
+        rows = [
+            "| case | alpha | status | points | flow its | tau its | integral tau | wall s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in self.cases:
+            alpha = "" if c.alpha is None else f"{c.alpha:g}"
+            rows.append(
+                f"| {c.name} | {alpha} | {c.status} | {c.num_points} | {c.flow_iterations} | "
+                f"{c.tau_iterations} | {c.tau_integral:.6g} | {c.wall_time:.1f} |"
+            )
+        return "\n".join(rows)
+
+
+def hill_case_name(alpha: float) -> str:
+    """File stem of the hill case of slope factor alpha, e.g. ``hill_a1.000``."""
+    return f"hill_a{alpha:.3f}"
+
+
+def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> GenerateSummary:
+    """Solve every case of ``config`` and write its outputs (collective over ``comm``).
+
+    Returns:
+        The summary; failed cases are listed with their error, not raised.
+    """
+    output = Path(config.output)
+    if comm.rank == 0:
+        write_resolved_config(output, {"generate": config.to_dict()})
+    comm.barrier()
+    jobs: list[tuple[str, float | None]]
+    if config.mesh.kind == "file":
+        jobs = [(config.name or Path(config.mesh.file).stem, None)]
+    else:
+        jobs = [(hill_case_name(alpha), alpha) for alpha in config.alphas]
+    reports = []
+    for number, (name, alpha) in enumerate(jobs, start=1):
+        target = output / f"{name}.npz"
+        prefix = f"[{number}/{len(jobs)}] {name}"
+        if target.exists() and not config.overwrite:
+            if comm.rank == 0:
+                logger.info("%s: complete, skipped (use --overwrite to recompute)", prefix)
+            reports.append(CaseReport(name, alpha, "skipped"))
+            continue
+        start = time.perf_counter()
+        try:
+            report = generate_case(config, name, alpha, comm=comm, log_prefix=prefix)
+        except Exception as error:  # one failed case must not lose the others
+            message = f"{type(error).__name__}: {error}"
+            if comm.rank == 0:
+                logger.error("%s: FAILED: %s", prefix, message)
+                logger.debug("%s", traceback.format_exc())
+            report = CaseReport(name, alpha, "failed", error=message)
+        report.wall_time = time.perf_counter() - start
+        reports.append(report)
+    summary = GenerateSummary(reports, output)
+    if comm.rank == 0:
+        table = summary.table()
+        atomic_write_text(output / "summary.md", table + "\n")
+        logger.info("\n%s\n\ncase files, figures and XDMF in %s", table, output.resolve())
+    return summary
+
+
+def generate_case(
+    config: GenerateConfig,
+    name: str,
+    alpha: float | None,
+    *,
+    comm: MPI.Comm = MPI.COMM_WORLD,
+    log_prefix: str = "",
+) -> CaseReport:
+    """Solve one case and write its case file (and XDMF, PNG); collective over ``comm``."""
+    from dolfinx import fem
+
+    from solvers.fields import nodal_volumes, strain_rate_magnitude, wall_distance_function
+
+    times: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        times[stage] = now - clock
+        clock = now
+        if comm.rank == 0:
+            logger.info("%s: %s done in %.1f s", log_prefix, stage, times[stage])
+
+    tagged = build_mesh(config.mesh, alpha, comm=comm)
+    spec = boundary_spec(config, tagged)
+    lap("mesh")
+    mesh, facet_tags = tagged.mesh, tagged.facet_tags
+    V1 = fem.functionspace(mesh, ("Lagrange", 1))
+    constraint = p1_constraint(V1, facet_tags, spec)
+    physics = config.physics
+    lap("setup")
+
+    distance = wall_distance_function(V1, facet_tags, spec.walls, period=tagged.period)
+    lap("wall distance")
+    flow, tau_solution, coupling_iterations = _solve_physics(
+        config, mesh, facet_tags, spec, V1, distance, constraint
+    )
+    lap("flow and tau")
+    strain = strain_rate_magnitude(flow.u, V1, constraint=constraint)
+    volumes = nodal_volumes(V1, constraint=constraint)
+    lap("derived fields")
+
+    meta = {
+        "case": name,
+        "alpha": alpha,
+        "mesh": {**tagged.info, "kind": tagged.kind, "num_cells": _num_cells(mesh)},
+        "nu": physics.nu,
+        "D": physics.diffusivity,
+        "zeta": physics.zeta,
+        "gamma": physics.gamma,
+        "tau_p": physics.tau_p,
+        "production": config.production,
+        "c_k": config.c_k,
+        "U_b": physics.bulk_velocity if spec.body_force_driven else None,
+        "bulk_velocity_measured": flow.bulk_velocity,
+        "body_force": flow.body_force,
+        "tau_integral": tau_solution.integral,
+        "solver": {
+            "flow_newton_iterations": flow.newton_iterations,
+            "flow_residuals": list(flow.residual_history),
+            "tau_newton_iterations": tau_solution.newton_iterations,
+            "tau_residuals": list(tau_solution.residual_history),
+            "coupling_iterations": coupling_iterations,
+            "num_processes": comm.size,
+            "stage_seconds": dict(times),
+        },
+        "seed": None,  # generation is deterministic: nothing random is drawn
+        "versions": package_versions(),
+    }
+    fields = {
+        "velocity": flow.u,
+        "tau": tau_solution.tau,
+        "strain_rate": strain,
+        "wall_distance": distance,
+        "nodal_volume": volumes,
+    }
+    case = gather_case(V1, constraint, fields, facet_tags, spec, tagged.period, meta, name=name)
+    output = Path(config.output)
+    if comm.rank == 0:
+        write_case(output / f"{name}.npz", case)
+    if config.xdmf:
+        write_xdmf(output / f"{name}.xdmf", mesh, {**fields, "pressure": flow.p})
+    if comm.rank == 0 and config.plots and case.dim == 2:
+        from vcnn.plotting import plot_case
+
+        plot_case(case, output / f"{name}.png")
+    lap("output")
+    return CaseReport(
+        name,
+        alpha,
+        "written",
+        num_points=case.num_points if comm.rank == 0 else 0,
+        flow_iterations=flow.newton_iterations,
+        tau_iterations=tau_solution.newton_iterations,
+        tau_integral=tau_solution.integral,
+        stage_times=times,
+    )
+
+
+def _solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint):
+    """Flow and tau: one-way (flow, then tau) or two-way coupled when c_k > 0."""
+    from solvers.fields import strain_rate_expression
+    from solvers.flow import solve_flow
+    from solvers.transport import solve_tau
+
+    physics = config.physics
+    if config.c_k > 0:
+        from solvers.coupled import solve_coupled
+
+        coupled = solve_coupled(
+            mesh,
+            facet_tags,
+            spec,
+            c_k=config.c_k,
+            nu=physics.nu,
+            bulk_velocity=physics.bulk_velocity,
+            production=config.production,
+        )
+        return coupled.flow, coupled.tau, coupled.iterations
+    flow = solve_flow(mesh, facet_tags, spec, nu=physics.nu, bulk_velocity=physics.bulk_velocity)
+    tau = solve_tau(
+        V1,
+        flow.u,
+        strain_rate_expression(flow.u),
+        distance,
+        facet_tags,
+        spec,
+        production=config.production,
+        diffusivity=physics.diffusivity,
+        zeta=physics.zeta,
+        gamma=physics.gamma,
+        tau_p=physics.tau_p,
+        constraint=constraint,
+    )
+    return flow, tau, 0
+
+
+def build_mesh(mesh_config: MeshConfig, alpha: float | None, *, comm: MPI.Comm):
+    """The TaggedMesh of one case."""
+    if mesh_config.kind == "structured":
+        from meshes.structured import structured_hill_mesh
+
+        return structured_hill_mesh(
+            alpha, resolution=mesh_config.resolution, comm=comm, cell_type=mesh_config.cell_type
+        )
+    if mesh_config.kind == "unstructured":
+        from meshes.unstructured import unstructured_hill_mesh
+
+        return unstructured_hill_mesh(
+            alpha, size=mesh_config.size, wall_size=mesh_config.wall_size, comm=comm
+        )
+    from meshes.io import read_mesh
+
+    return read_mesh(mesh_config.file, comm=comm)
+
+
+def boundary_spec(config: GenerateConfig, tagged) -> BoundarySpec:
+    """Boundary roles: the hill spec, or the one of the config for a file mesh."""
+    if config.mesh.kind != "file":
+        return hill_boundary_spec(tagged.boundaries, tagged.period)
+    table = dict(config.boundaries)
+    check_keys(table, {"walls", "inlets", "outlets", "periodic"}, "[generate.boundaries]")
+
+    def tag(name: str) -> int:
+        if name not in tagged.boundaries:
+            raise ConfigError(
+                f"boundary {name!r} is not in the mesh; it has {sorted(tagged.boundaries)}"
+            )
+        return tagged.boundaries[name]
+
+    inlets = {
+        tag(name): inlet_profile(settings, tagged, tag(name), where=f"inlet {name!r}")
+        for name, settings in dict(table.get("inlets", {})).items()
+    }
+    periodic = []
+    for pair in table.get("periodic", []):
+        check_keys(pair, {"slave", "master", "translation"}, "a periodic pair")
+        periodic.append(
+            PeriodicPair(tag(pair["slave"]), tag(pair["master"]), tuple(pair["translation"]))
+        )
+    return BoundarySpec(
+        walls=tuple(tag(n) for n in table.get("walls", [])),
+        inlets=inlets,
+        outlets=tuple(tag(n) for n in table.get("outlets", [])),
+        periodic=tuple(periodic),
+    )
+
+
+def inlet_profile(
+    settings: Mapping[str, Any], tagged, facet_tag: int, *, where: str
+) -> Callable[[np.ndarray], np.ndarray]:
+    """An inlet velocity profile ``f(x: (3, M)) -> (d, M)`` from its config table.
+
+    ``parabolic``: a parabola across the inlet (zero at its ends) with the given mean velocity,
+    directed into the domain along the inlet's normal (straight 2-D inlets). ``uniform``: a
+    constant vector. ``expression``: numpy expressions of ``x`` (``x[0]``, ``x[1]``) per
+    component, evaluated with ``np``, ``pi``, ``sin``, ``cos``, ``exp`` and ``sqrt`` in scope.
+    """
+    settings = dict(settings)
+    kind = settings.get("profile", "parabolic")
+    dim = tagged.mesh.geometry.dim
+    if kind == "uniform":
+        check_keys(settings, {"profile", "velocity"}, where)
+        velocity = np.asarray(settings["velocity"], dtype=np.float64)
+        if velocity.shape != (dim,):
+            raise ConfigError(f"{where}: velocity must have {dim} components")
+        return lambda x: np.tile(velocity[:, None], (1, x.shape[1]))
+    if kind == "expression":
+        check_keys(settings, {"profile", "components"}, where)
+        components = list(settings["components"])
+        if len(components) != dim:
+            raise ConfigError(f"{where}: expression needs {dim} components")
+        scope = {"np": np, "pi": np.pi, "sin": np.sin, "cos": np.cos, "exp": np.exp}
+        scope["sqrt"] = np.sqrt
+        codes = [compile(str(c), where, "eval") for c in components]
+
+        def evaluate(x: np.ndarray) -> np.ndarray:
+            values = [np.broadcast_to(eval(c, scope, {"x": x}), x.shape[1:]) for c in codes]
+            return np.asarray(values, dtype=np.float64)
+
+        return evaluate
+    if kind != "parabolic":
+        raise ConfigError(f"{where}: profile must be parabolic, uniform or expression")
+    check_keys(settings, {"profile", "mean_velocity"}, where)
+    if dim != 2:
+        raise ConfigError(f"{where}: the parabolic profile is for 2-D inlets; use expression")
+    mean = float(settings.get("mean_velocity", 1.0))
+    start, end, inward = _inlet_geometry(tagged, facet_tag)
+    length = float(np.linalg.norm(end - start))
+    direction = (end - start) / length
+
+    def parabola(x: np.ndarray) -> np.ndarray:
+        s = np.clip((x[:2].T - start) @ direction / length, 0.0, 1.0)
+        return (6.0 * mean * s * (1.0 - s))[None, :] * inward[:, None]
+
+    return parabola
+
+
+def _inlet_geometry(tagged, facet_tag: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """End points of a straight 2-D inlet and its inward unit normal (all ranks agree)."""
+    mesh = tagged.mesh
+    fdim = mesh.topology.dim - 1
+    mesh.topology.create_connectivity(fdim, 0)
+    facets = tagged.facet_tags.find(facet_tag)
+    from dolfinx.mesh import entities_to_geometry
+
+    nodes = entities_to_geometry(mesh, fdim, facets).reshape(-1)
+    local = mesh.geometry.x[nodes, :2]
+    points = np.concatenate(mesh.comm.allgather(local))
+    if points.shape[0] == 0:
+        raise ConfigError(f"inlet tag {facet_tag} has no facets")
+    centre = points.mean(axis=0)
+    _, _, axes = np.linalg.svd(points - centre)
+    direction = axes[0]
+    s = (points - centre) @ direction
+    start, end = centre + s.min() * direction, centre + s.max() * direction
+    normal = np.array([-direction[1], direction[0]])
+    cells = mesh.geometry.x[:, :2]
+    inside = np.concatenate(mesh.comm.allgather(cells.mean(axis=0, keepdims=True))).mean(axis=0)
+    if (inside - centre) @ normal < 0:
+        normal = -normal
+    return start, end, normal
+
+
+def p1_constraint(V1, facet_tags, spec: BoundarySpec):
+    """The periodic constraint of the P1 space (None when nothing is periodic)."""
+    if not spec.periodic:
+        return None
+    from solvers.periodic import PeriodicConstraint
+    from solvers.transport import dirichlet_dofs
+
+    return PeriodicConstraint(
+        V1,
+        facet_tags,
+        spec.periodic,
+        excluded_dofs=dirichlet_dofs(V1, facet_tags, spec.dirichlet_tags),
+    )
+
+
+def gather_case(
+    V1,
+    constraint,
+    fields: Mapping[str, Any],
+    facet_tags,
+    spec: BoundarySpec,
+    period: np.ndarray,
+    meta: dict[str, Any],
+    *,
+    name: str,
+) -> Case | None:
+    """Collect the nodal data of the closure points on rank 0 as a :class:`Case`.
+
+    The closure points are the owned P1 dofs that are not periodic slaves (a slave is the same
+    point of the periodic domain as its master). They are ordered by the reduced global index,
+    so the order does not depend on the number of processes' partition of the work beyond
+    dolfinx's dof numbering. ``cells`` (P1 cells as point indices) is stored for plotting.
+
+    Returns:
+        The case on rank 0, None on the other ranks.
+    """
+    from solvers.fields import nodal_values
+    from solvers.transport import dirichlet_dofs
+
+    comm = V1.mesh.comm
+    index_map = V1.dofmap.index_map
+    num_owned = index_map.size_local
+    if constraint is not None:
+        reduced = np.asarray(constraint.reduced_index, dtype=np.int64)
+        keep = ~np.asarray(constraint.slave_mask, dtype=bool)
+    else:
+        reduced = index_map.local_range[0] + np.arange(num_owned, dtype=np.int64)
+        keep = np.ones(num_owned, dtype=bool)
+    values = {key: nodal_values(function, V1) for key, function in fields.items()}
+    wall = np.zeros(num_owned + index_map.num_ghosts, dtype=bool)
+    wall[dirichlet_dofs(V1, facet_tags, spec.walls)] = True
+    local = {
+        "index": reduced[keep],
+        "points": V1.tabulate_dof_coordinates()[:num_owned][keep, : V1.mesh.geometry.dim],
+        "is_wall": wall[:num_owned][keep],
+        **{key: array[keep] for key, array in values.items()},
+    }
+    # Cells as reduced indices: owned and ghost dofs map through the owners' reduced index.
+    reduced_all = _reduced_index_with_ghosts(V1, reduced)
+    local_cells = reduced_all[V1.dofmap.list[: V1.mesh.topology.index_map(2).size_local]]
+    gathered = comm.gather((local, local_cells), root=0)
+    if comm.rank != 0:
+        return None
+    merged = {key: np.concatenate([part[0][key] for part in gathered]) for key in local}
+    order = np.argsort(merged["index"], kind="stable")
+    position = np.empty(order.size, dtype=np.int64)
+    position[order] = np.arange(order.size)
+    lookup = dict(zip(merged["index"].tolist(), position.tolist(), strict=True))
+    cells = np.concatenate([part[1] for part in gathered])
+    cells = np.vectorize(lookup.__getitem__, otypes=[np.int64])(cells)
+    data = {key: array[order] for key, array in merged.items() if key != "index"}
+    return Case(
+        points=data["points"],
+        velocity=data["velocity"],
+        tau=data["tau"][:, 0],
+        strain_rate=data["strain_rate"][:, 0],
+        wall_distance=data["wall_distance"][:, 0],
+        nodal_volume=data["nodal_volume"][:, 0],
+        is_wall=data["is_wall"],
+        period=np.asarray(period, dtype=np.float64),
+        meta=meta,
+        extra={"cells": cells},
+        name=name,
+    )
+
+
+def _reduced_index_with_ghosts(V1, reduced_owned: np.ndarray) -> np.ndarray:
+    """Reduced index of every local dof (owned and ghost) via a scatter of the owners' values."""
+    from dolfinx import fem
+
+    carrier = fem.Function(V1)
+    carrier.x.array[: reduced_owned.size] = reduced_owned.astype(np.float64)
+    carrier.x.scatter_forward()
+    return np.rint(carrier.x.array).astype(np.int64)
+
+
+def write_xdmf(path: Path, mesh, functions: Mapping[str, Any]) -> None:
+    """Mesh and named fields in one XDMF file for ParaView (fields interpolated to P1)."""
+    from dolfinx import fem, io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs = []
+    for name, function in functions.items():
+        shape = function.function_space.value_shape
+        space = fem.functionspace(mesh, ("Lagrange", 1, shape))
+        p1 = fem.Function(space, name=name)
+        p1.interpolate(function)
+        outputs.append(p1)
+    with io.XDMFFile(mesh.comm, str(path), "w") as stream:
+        stream.write_mesh(mesh)
+        for function in outputs:
+            stream.write_function(function)
+
+
+def _num_cells(mesh) -> int:
+    index_map = mesh.topology.index_map(mesh.topology.dim)
+    return int(index_map.size_global)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the results (recorded in every case)."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("vcnn-closures", "dolfinx-solver-real", "numpy", "scipy", "gmsh", "torch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
