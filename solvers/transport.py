@@ -135,7 +135,7 @@ def transport_residual_form(
         raise ValueError(f"diffusivity must be positive, got {diffusivity}")
     mesh = tau.function_space.mesh
     test = ufl.TestFunction(tau.function_space)
-    dx = ufl.dx(metadata={"quadrature_degree": quadrature_degree})
+    dx = ufl.dx(domain=mesh, metadata={"quadrature_degree": quadrature_degree})
     diffusivity_constant = fem.Constant(mesh, PETSc.ScalarType(diffusivity))
     residual = (
         ufl.dot(velocity, ufl.grad(tau)) * test
