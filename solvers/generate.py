@@ -548,37 +548,52 @@ def gather_case(
     from solvers.transport import dirichlet_dofs
 
     comm = V1.mesh.comm
+    gdim = V1.mesh.geometry.dim
     index_map = V1.dofmap.index_map
     num_owned = index_map.size_local
+    num_local = num_owned + index_map.num_ghosts
     if constraint is not None:
         reduced = np.asarray(constraint.reduced_index, dtype=np.int64)
-        keep = ~np.asarray(constraint.slave_mask, dtype=bool)
+        slave = np.asarray(constraint.slave_mask, dtype=bool)
     else:
         reduced = index_map.local_range[0] + np.arange(num_owned, dtype=np.int64)
-        keep = np.ones(num_owned, dtype=bool)
+        slave = np.zeros(num_owned, dtype=bool)
+    # Dofs on a slave boundary are copies of master points. Most are eliminated slaves; those
+    # kept out of the slave set by a Dirichlet condition (wall corners) are copies as well.
+    on_slave_side = np.zeros(num_local, dtype=bool)
+    on_slave_side[dirichlet_dofs(V1, facet_tags, [pair.slave for pair in spec.periodic])] = True
+    copy = on_slave_side[:num_owned] & ~slave
+    keep = ~on_slave_side[:num_owned]
     values = {key: nodal_values(function, V1) for key, function in fields.items()}
-    wall = np.zeros(num_owned + index_map.num_ghosts, dtype=bool)
+    wall = np.zeros(num_local, dtype=bool)
     wall[dirichlet_dofs(V1, facet_tags, spec.walls)] = True
+    coordinates = V1.tabulate_dof_coordinates()[:num_owned, :gdim]
     local = {
         "index": reduced[keep],
-        "points": V1.tabulate_dof_coordinates()[:num_owned][keep, : V1.mesh.geometry.dim],
+        "points": coordinates[keep],
         "is_wall": wall[:num_owned][keep],
         **{key: array[keep] for key, array in values.items()},
     }
+    copies = (reduced[copy], coordinates[copy], values["nodal_volume"][copy, 0])
     # Cells as reduced indices: owned and ghost dofs map through the owners' reduced index.
     reduced_all = _reduced_index_with_ghosts(V1, reduced)
-    local_cells = reduced_all[V1.dofmap.list[: V1.mesh.topology.index_map(2).size_local]]
-    gathered = comm.gather((local, local_cells), root=0)
+    local_cells = reduced_all[V1.dofmap.list[: V1.mesh.topology.index_map(gdim).size_local]]
+    gathered = comm.gather((local, local_cells, copies), root=0)
     if comm.rank != 0:
         return None
     merged = {key: np.concatenate([part[0][key] for part in gathered]) for key in local}
     order = np.argsort(merged["index"], kind="stable")
-    position = np.empty(order.size, dtype=np.int64)
-    position[order] = np.arange(order.size)
-    lookup = dict(zip(merged["index"].tolist(), position.tolist(), strict=True))
+    data = {key: array[order] for key, array in merged.items() if key != "index"}
+    lookup = dict(zip(merged["index"][order].tolist(), range(order.size), strict=True))
+    copy_index, copy_points, copy_volume = (
+        np.concatenate([part[2][i] for part in gathered]) for i in range(3)
+    )
+    if copy_index.size:
+        matches = _match_periodic_copies(copy_points, data["points"], spec)
+        np.add.at(data["nodal_volume"][:, 0], matches, copy_volume)
+        lookup.update(zip(copy_index.tolist(), matches.tolist(), strict=True))
     cells = np.concatenate([part[1] for part in gathered])
     cells = np.vectorize(lookup.__getitem__, otypes=[np.int64])(cells)
-    data = {key: array[order] for key, array in merged.items() if key != "index"}
     return Case(
         points=data["points"],
         velocity=data["velocity"],
@@ -592,6 +607,23 @@ def gather_case(
         extra={"cells": cells},
         name=name,
     )
+
+
+def _match_periodic_copies(
+    copies: np.ndarray, points: np.ndarray, spec: BoundarySpec, tol: float = 1e-8
+) -> np.ndarray:
+    """Index of the point that each copy on a slave boundary stands for (copy + translation)."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(points)
+    matches = np.full(len(copies), -1, dtype=np.int64)
+    for pair in spec.periodic:
+        distance, index = tree.query(copies + np.asarray(pair.translation), k=1)
+        found = (matches < 0) & (distance < tol)
+        matches[found] = index[found]
+    if np.any(matches < 0):
+        raise RuntimeError(f"{np.count_nonzero(matches < 0)} periodic copies have no master")
+    return matches
 
 
 def _reduced_index_with_ghosts(V1, reduced_owned: np.ndarray) -> np.ndarray:
