@@ -150,7 +150,8 @@ def build_hill_gmsh_model(
     fields = model.mesh.field
     distance = fields.add("Distance")
     fields.setNumbers(distance, "CurvesList", [*bottom_curves, top])
-    fields.setNumber(distance, "Sampling", int(np.ceil(4 * period / wall_size)))
+    # About two samples per wall cell along the longest wall curve (the top, length L).
+    fields.setNumber(distance, "Sampling", int(np.ceil(2 * period / wall_size)))
     threshold = fields.add("Threshold")
     fields.setNumber(threshold, "InField", distance)
     fields.setNumber(threshold, "SizeMin", wall_size)

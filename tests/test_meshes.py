@@ -294,11 +294,13 @@ MPI_SCRIPT = textwrap.dedent(
     from mpi4py import MPI
 
     import json
+    import sys
 
-    import numpy as np
     import ufl
     from dolfinx import fem
 
+    from meshes.channel import channel_with_cylinder_msh
+    from meshes.io import read_mesh
     from meshes.structured import structured_hill_grid, structured_hill_mesh
     from meshes.unstructured import unstructured_hill_mesh
 
@@ -322,6 +324,18 @@ MPI_SCRIPT = textwrap.dedent(
             "local_cells": comm.allgather(mesh.topology.index_map(2).size_local),
         }
     results["grid_cells"] = int(structured_hill_grid(1.0, resolution=0.15).cells.shape[0])
+
+    # A .msh written by one rank, read back collectively.
+    msh_path = sys.argv[1]
+    if comm.rank == 0:
+        channel_with_cylinder_msh(msh_path, size=0.08)
+    comm.barrier()
+    channel = read_mesh(msh_path)
+    results["channel"] = {
+        "area": comm.allreduce(fem.assemble_scalar(fem.form(1.0 * ufl.dx(domain=channel.mesh)))),
+        "boundaries": channel.boundaries,
+        "local_cells": comm.allgather(channel.mesh.topology.index_map(2).size_local),
+    }
     results["size"] = comm.size
     if comm.rank == 0:
         print("RESULT" + json.dumps(results))
@@ -339,7 +353,7 @@ def test_hill_meshes_under_mpi(tmp_path):
     script = tmp_path / "hill_mpi.py"
     script.write_text(MPI_SCRIPT)
     completed = subprocess.run(
-        [mpiexec, "-n", "2", sys.executable, str(script)],
+        [mpiexec, "-n", "2", sys.executable, str(script), str(tmp_path / "channel.msh")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -365,3 +379,8 @@ def test_hill_meshes_under_mpi(tmp_path):
     assert all(count > 0 for count in unstructured["local_cells"])
     assert unstructured["area"] == pytest.approx(exact_area(1.0), rel=1e-5)
     assert unstructured["lengths"]["right"] == pytest.approx(TOP_WALL_HEIGHT - 1.0, rel=1e-12)
+
+    channel = results["channel"]
+    assert channel["boundaries"] == {"inlet": 1, "outlet": 2, "walls": 3, "cylinder": 4}
+    assert all(count > 0 for count in channel["local_cells"])
+    assert channel["area"] == pytest.approx(2.2 * 0.41 - np.pi * 0.05**2, rel=2e-3)
