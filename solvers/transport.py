@@ -284,7 +284,9 @@ class _NewtonSolver:
         self.step.x.scatter_forward()
         solution.destroy()
 
-    def solve(self, *, rtol: float, atol: float, max_iterations: int) -> NewtonResult:
+    def solve(
+        self, *, rtol: float, atol: float, max_iterations: int, step_tol: float = 1e-12
+    ) -> NewtonResult:
         comm = self.unknown.function_space.mesh.comm
         for bc in self.bcs:
             bc.set(self.unknown.x.array)
@@ -308,6 +310,15 @@ class _NewtonSolver:
             self._solve_linear(rhs)
             rhs.destroy()
             previous = self.unknown.x.array.copy()
+            step_norm = self.step.x.petsc_vec.norm()
+            if step_norm <= step_tol * self.unknown.x.petsc_vec.norm():
+                # The residual is at its round-off floor (e.g. a warm start from a converged
+                # state): a relative step this small cannot improve the solution.
+                self.unknown.x.array[:] = previous - self.step.x.array
+                reduced, norm = self._residual()
+                iterations += 1
+                history.append(norm)
+                break
             step_length = 1.0
             # Backtracking: halve the step until the residual norm decreases (Armijo-like).
             for _ in range(12):
@@ -359,8 +370,9 @@ def solve_nonlinear(
         bcs: Dirichlet conditions (their values are imposed on the initial guess).
         constraint: optional :class:`solvers.periodic.PeriodicConstraint` on the space; the
             initial guess should be periodic (the increments are).
-        rtol: stop when the residual norm is below rtol times the initial one...
-        atol: ...or below atol.
+        rtol: stop when the residual norm is below rtol times the initial one,
+        atol: or below atol, or when a Newton step is below 1e-12 relative to the solution
+            (round-off floor).
         max_iterations: at most this many Newton steps.
 
     Returns:
