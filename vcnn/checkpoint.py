@@ -1,0 +1,270 @@
+"""Training checkpoints: atomic, ``weights_only``-loadable files, and model loading for inference.
+
+A checkpoint is a plain nested dictionary of tensors, dicts, lists, strings and numbers, so that
+``torch.load(path, weights_only=True)`` reads it without unpickling arbitrary objects. Its keys:
+
+==========================  ===============================================================
+key                         meaning
+==========================  ===============================================================
+``format``                  ``"vcnn-checkpoint"``
+``format_version``          integer, bumped when the layout changes
+``model_kind``              ``"VectorCloudNet"`` or ``"BaselineNet"``
+``model_config``            constructor arguments (``model.to_config()``)
+``model_state``             ``model.state_dict()``
+``feature_normalizer``      input normaliser state (a dict of tensors/numbers) or None
+``target_scale``            float, tau is learnt as ``tau / target_scale``
+``feature_spec``            feature options (dict) the inputs were built with
+``cloud_options``           cloud-sampler options (dict) the clouds were drawn with
+``cloud_size``              points per training cloud
+``optimizer_state``         optimiser ``state_dict()`` (training checkpoints only)
+``scheduler_state``         scheduler ``state_dict()``
+``rng_state``               torch / CUDA / numpy generator states as tensors
+``epoch``                   last completed epoch (1-based)
+``seed``                    the run's seed
+``best``                    best validation metrics so far and the patience counter
+``train_config``            the resolved :class:`vcnn.training.TrainConfig` as a dict
+``versions``                package versions (python, torch, numpy, vcnn)
+==========================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import platform
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "vcnn-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+_MODEL_KEYS = ("format", "model_kind", "model_config", "model_state")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt or not a vcnn checkpoint."""
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready for inference, with what is needed to build its inputs.
+
+    Attributes:
+        model: the network in eval mode on the requested device.
+        feature_normalizer_state: state of the input normaliser (None when inputs were not
+            normalised); rebuild it with ``FeatureNormalizer.load_state_dict``.
+        target_scale: predictions of the network times this scale are tau.
+        metadata: everything else in the checkpoint that describes the run (feature spec,
+            cloud options, cloud size, epoch, seed, best metrics, train config, versions).
+    """
+
+    model: nn.Module
+    feature_normalizer_state: dict[str, Any] | None
+    target_scale: float
+    metadata: dict[str, Any]
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the interpreter and the packages a checkpoint depends on."""
+    from vcnn import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "vcnn": __version__,
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically (temporary file in the same folder, fsync, rename).
+
+    Args:
+        path: target file (conventionally ``best.pt`` or ``last.pt``).
+        payload: the checkpoint dictionary (see the module docstring); ``format`` and
+            ``format_version`` are filled in.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION}
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with ``weights_only=True`` and check that it is a vcnn checkpoint.
+
+    Args:
+        path: the checkpoint file.
+        map_location: device the tensors are mapped to.
+
+    Returns:
+        The checkpoint dictionary.
+
+    Raises:
+        CheckpointError: naming the file when it is missing, truncated, corrupt, holds pickled
+            objects, or lacks the keys of a model checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as error:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not a weights-only torch file "
+            f"(interrupted copy?); delete it or resume from another one: {error}"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is a torch file but not a vcnn checkpoint")
+    missing = [key for key in _MODEL_KEYS if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks keys {missing}")
+    version = payload.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format version {version}; this vcnn reads version "
+            f"{CHECKPOINT_FORMAT_VERSION}"
+        )
+    return payload
+
+
+def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
+    """Build an untrained network from its kind and constructor arguments.
+
+    Raises:
+        CheckpointError: for an unknown model kind.
+    """
+    from vcnn.network import BaselineNet, VectorCloudNet
+
+    kinds: dict[str, Any] = {"VectorCloudNet": VectorCloudNet, "BaselineNet": BaselineNet}
+    if kind not in kinds:
+        raise CheckpointError(f"unknown model kind {kind!r}; known: {sorted(kinds)}")
+    return kinds[kind].from_config(dict(config))
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a trained network for inference.
+
+    Args:
+        path: a checkpoint written by :func:`vcnn.training.train` (``best.pt`` or ``last.pt``).
+        device: where the model's parameters go.
+
+    Returns:
+        The model (eval mode, float32), the normaliser state, the target scale and the metadata.
+
+    Raises:
+        CheckpointError: when the file is unusable or its state does not fit the model config.
+    """
+    payload = load_checkpoint(path, map_location="cpu")
+    model = build_model(payload["model_kind"], payload["model_config"])
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: the saved weights do not fit the saved model config: "
+            f"{error}"
+        ) from error
+    model.to(device=device, dtype=torch.float32).eval()
+    metadata = {
+        key: value
+        for key, value in payload.items()
+        if key
+        not in (
+            "model_state",
+            "optimizer_state",
+            "scheduler_state",
+            "rng_state",
+            "feature_normalizer",
+        )
+    }
+    return LoadedModel(
+        model=model,
+        feature_normalizer_state=payload.get("feature_normalizer"),
+        target_scale=float(payload.get("target_scale", 1.0)),
+        metadata=metadata,
+    )
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Generator states of torch (CPU and CUDA) and numpy's legacy global generator, as tensors."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_kind": str(kind),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_position": int(position),
+        "numpy_has_gauss": int(has_gauss),
+        "numpy_cached_gaussian": float(cached_gaussian),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generator states captured by :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
+    np.random.set_state(
+        (
+            state["numpy_kind"],
+            state["numpy_keys"].cpu().numpy().astype(np.uint32),
+            int(state["numpy_position"]),
+            int(state["numpy_has_gauss"]),
+            float(state["numpy_cached_gaussian"]),
+        )
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [s.cpu().to(torch.uint8) for s in state["cuda"]]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            logger.warning(
+                "checkpoint holds %d CUDA generator states, this machine has %d devices: "
+                "CUDA generators not restored",
+                len(cuda_states),
+                torch.cuda.device_count(),
+            )
+
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_FORMAT_VERSION",
+    "CheckpointError",
+    "LoadedModel",
+    "build_model",
+    "capture_rng_state",
+    "load_checkpoint",
+    "load_model",
+    "package_versions",
+    "restore_rng_state",
+    "save_checkpoint",
+]
