@@ -24,7 +24,8 @@ from mpi4py import MPI
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import basix.ufl
@@ -65,6 +66,9 @@ class FlowSolution:
         residual_history: residual norm before each step and after the last one.
         wall_time: seconds spent in :func:`solve_flow`.
         num_dofs: global number of velocity + pressure dofs.
+        timings: seconds per phase on rank 0: ``setup`` (spaces, forms, periodic pairing),
+            ``assembly`` (residual and Jacobian), ``restriction`` (``K^T J K``) and ``solve``
+            (LU factorisation and triangular solves).
     """
 
     u: dolfinx.fem.Function
@@ -75,6 +79,17 @@ class FlowSolution:
     residual_history: list[float] = field(default_factory=list)
     wall_time: float = 0.0
     num_dofs: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``timings[phase]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
 def _log(comm: MPI.Comm, message: str, *args: object) -> None:
@@ -124,13 +139,12 @@ def _check_inputs(
 
 def _velocity_bcs(
     W: dolfinx.fem.FunctionSpace,
+    velocity_space: dolfinx.fem.FunctionSpace,
     facet_tags: dolfinx.mesh.MeshTags,
     spec: BoundarySpec,
 ) -> tuple[list[dolfinx.fem.DirichletBC], np.ndarray]:
     """Velocity Dirichlet conditions (walls and inlets) and their local dofs in ``W``."""
-    mesh = W.mesh
-    fdim = mesh.topology.dim - 1
-    velocity_space, _ = W.sub(0).collapse()
+    fdim = W.mesh.topology.dim - 1
     bcs: list[dolfinx.fem.DirichletBC] = []
     dofs_in_w: list[np.ndarray] = []
     zero = dolfinx.fem.Function(velocity_space)
@@ -151,11 +165,11 @@ def _velocity_bcs(
     return bcs, excluded.astype(np.int32)
 
 
-def _pressure_pin(W: dolfinx.fem.FunctionSpace, constraint: PeriodicConstraint) -> list[int]:
+def _pressure_pin(
+    W: dolfinx.fem.FunctionSpace, pressure_dofs: np.ndarray, constraint: PeriodicConstraint
+) -> list[int]:
     """Reduced global index of one pressure dof, on the rank that owns it (else empty)."""
     comm = W.mesh.comm
-    _, maps = W.sub(1).collapse()
-    pressure_dofs = np.asarray(maps[0])
     num_owned = W.dofmap.index_map.size_local * W.dofmap.index_map_bs
     owned = pressure_dofs[pressure_dofs < num_owned]
     candidates = constraint.reduced_index[owned]
@@ -254,10 +268,21 @@ def solve_flow(
         dolfinx.fem.assemble_scalar(dolfinx.fem.form(1.0 * ufl.dx(mesh))), op=MPI.SUM
     )
 
-    bcs, bc_dofs = _velocity_bcs(W, facet_tags, spec)
-    constraint = PeriodicConstraint(W, facet_tags, spec.periodic, excluded_dofs=bc_dofs)
+    # Collapsing is costly on large meshes: once per sub-space, the maps serve all later uses.
+    velocity_space, velocity_maps = W.sub(0).collapse()
+    pressure_space, pressure_maps = W.sub(1).collapse()
+    velocity_dofs = np.asarray(velocity_maps[0])
+    pressure_dofs = np.asarray(pressure_maps[0])
+    bcs, bc_dofs = _velocity_bcs(W, velocity_space, facet_tags, spec)
+    constraint = PeriodicConstraint(
+        W,
+        facet_tags,
+        spec.periodic,
+        excluded_dofs=bc_dofs,
+        collapsed_subspaces=[(velocity_space, velocity_dofs), (pressure_space, pressure_dofs)],
+    )
     pin_pressure = not spec.outlets
-    pinned = _pressure_pin(W, constraint) if pin_pressure else []
+    pinned = _pressure_pin(W, pressure_dofs, constraint) if pin_pressure else []
 
     body_force = 0.0
     x = w.x.petsc_vec
@@ -296,11 +321,13 @@ def solve_flow(
 
     history: list[float] = []
     iterations = 0
+    timings: dict[str, float] = {"setup": time.perf_counter() - start_time}
     try:
         while True:
             with residual.localForm() as local:
                 local.set(0.0)
-            dolfinx.fem.petsc.assemble_vector(residual, residual_form)
+            with _timed(timings, "assembly"):
+                dolfinx.fem.petsc.assemble_vector(residual, residual_form)
             residual.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
             if driven:
                 residual.axpy(-body_force, forcing)
@@ -328,21 +355,25 @@ def solve_flow(
                     history,
                 )
 
-            jacobian.zeroEntries()
-            dolfinx.fem.petsc.assemble_matrix(jacobian, jacobian_form, bcs=bcs)
-            jacobian.assemble()
-            jacobian_reduced = constraint.restrict_matrix(jacobian, out=jacobian_reduced)
-            if pin_pressure:
-                # Collective: every rank calls it, only the owner names the row.
-                jacobian_reduced.zeroRowsColumns(pinned, diag=1.0)
+            with _timed(timings, "assembly"):
+                jacobian.zeroEntries()
+                dolfinx.fem.petsc.assemble_matrix(jacobian, jacobian_form, bcs=bcs)
+                jacobian.assemble()
+            with _timed(timings, "restriction"):
+                jacobian_reduced = constraint.restrict_matrix(jacobian, out=jacobian_reduced)
+                if pin_pressure:
+                    # Collective: every rank calls it, only the owner names the row.
+                    jacobian_reduced.zeroRowsColumns(pinned, diag=1.0)
             ksp.setOperators(jacobian_reduced)
 
             residual_reduced.copy(rhs)
             rhs.scale(-1.0)
-            ksp.solve(rhs, step_residual)
+            with _timed(timings, "solve"):
+                ksp.solve(rhs, step_residual)
             check_linear_solve(ksp, context=f"the Newton step {iterations}")
             if driven:
-                ksp.solve(forcing_reduced, step_forcing)
+                with _timed(timings, "solve"):
+                    ksp.solve(forcing_reduced, step_forcing)
                 check_linear_solve(ksp, context=f"the body-force response {iterations}")
                 force_step = (
                     flux_defect - constraint_reduced.dot(step_residual)
@@ -356,15 +387,18 @@ def solve_flow(
     finally:
         ksp.destroy()
 
-    velocity = w.sub(0).collapse()
-    pressure = w.sub(1).collapse()
+    velocity = dolfinx.fem.Function(velocity_space, name="velocity")
+    velocity.x.array[:] = w.x.array[velocity_dofs]
+    pressure = dolfinx.fem.Function(pressure_space, name="pressure")
+    pressure.x.array[:] = w.x.array[pressure_dofs]
     flux = comm.allreduce(dolfinx.fem.assemble_scalar(flux_form), op=MPI.SUM)
     wall_time = time.perf_counter() - start_time
     _log(
         comm,
-        "flow converged in %d Newton steps, %.2f s, %d dofs, body force %.8e, bulk %.8e",
+        "flow converged in %d Newton steps, %.2f s (%s), %d dofs, body force %.8e, bulk %.8e",
         iterations,
         wall_time,
+        ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in timings.items()),
         num_dofs,
         body_force,
         flux / area,
@@ -378,4 +412,5 @@ def solve_flow(
         residual_history=history,
         wall_time=wall_time,
         num_dofs=num_dofs,
+        timings=timings,
     )

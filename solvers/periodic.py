@@ -43,9 +43,11 @@ class _Leaf:
     """One scalar component of a (possibly blocked or mixed) function space.
 
     Attributes:
-        parent_dofs: (n,) int32 local unrolled dof indices in the parent space (owned + ghost).
+        parent_dofs: (n,) int32 local unrolled dof indices in the parent space (owned + ghost),
+            one per dof block of ``space``.
         coordinates: (n, 3) float64 coordinates of those dofs.
-        space: the collapsed scalar space (to locate dofs on facets).
+        space: the collapsed space holding the component (blocked for vector sub-spaces, shared
+            by their components) to locate dof blocks on facets.
     """
 
     parent_dofs: np.ndarray
@@ -53,31 +55,45 @@ class _Leaf:
     space: dolfinx.fem.FunctionSpace
 
 
-def _scalar_leaves(V: dolfinx.fem.FunctionSpace) -> list[_Leaf]:
-    """Split ``V`` recursively into its scalar components (vector blocks, mixed sub-spaces)."""
-    if V.num_sub_spaces == 0:
-        num_local = V.dofmap.index_map.size_local + V.dofmap.index_map.num_ghosts
-        # A top-level scalar space is its own only leaf; its dofs are the parent's dofs.
-        return [
-            _Leaf(
-                parent_dofs=np.arange(num_local * V.dofmap.index_map_bs, dtype=np.int32),
-                coordinates=V.tabulate_dof_coordinates(),
-                space=V,
-            )
-        ]
+def _components(
+    space: dolfinx.fem.FunctionSpace, parent_map: np.ndarray, coordinates: np.ndarray
+) -> list[_Leaf]:
+    """Leaves of a collapsed space whose unrolled dof ``i`` is parent dof ``parent_map[i]``."""
+    block_size = space.dofmap.index_map_bs
+    by_block = parent_map.reshape(-1, block_size)
+    return [_Leaf(by_block[:, c].copy(), coordinates, space) for c in range(block_size)]
+
+
+def _scalar_leaves(
+    V: dolfinx.fem.FunctionSpace,
+    collapsed: Sequence[tuple[dolfinx.fem.FunctionSpace, np.ndarray]] | None = None,
+) -> list[_Leaf]:
+    """Split ``V`` into its scalar components (vector blocks, mixed sub-spaces)."""
+    if V.num_sub_spaces == 0 or V.dofmap.index_map_bs > 1:
+        # Scalar or blocked top-level space: its own dofs, no collapse needed.
+        block_size = V.dofmap.index_map_bs
+        num_blocks = V.dofmap.index_map.size_local + V.dofmap.index_map.num_ghosts
+        unrolled = np.arange(num_blocks * block_size, dtype=np.int32)
+        return _components(V, unrolled, V.tabulate_dof_coordinates())
 
     leaves: list[_Leaf] = []
+    if collapsed is not None:
+        if len(collapsed) != V.num_sub_spaces:
+            raise ValueError(
+                f"collapsed_subspaces has {len(collapsed)} entries but V has "
+                f"{V.num_sub_spaces} sub-spaces; pass V.sub(i).collapse() for every i"
+            )
+        for space, parent_map in collapsed:
+            parent_map = np.asarray(parent_map, dtype=np.int32)
+            leaves.extend(_components(space, parent_map, space.tabulate_dof_coordinates()))
+        return leaves
 
     def descend(sub: dolfinx.fem.FunctionSpace) -> None:
-        if sub.num_sub_spaces == 0:
+        # A blocked sub-space is collapsed once for all its components (collapse is costly).
+        if sub.num_sub_spaces == 0 or _is_blocked(sub):
             collapsed, maps = sub.collapse()
-            leaves.append(
-                _Leaf(
-                    parent_dofs=np.asarray(maps[0], dtype=np.int32),
-                    coordinates=collapsed.tabulate_dof_coordinates(),
-                    space=collapsed,
-                )
-            )
+            parent_map = np.asarray(maps[0], dtype=np.int32)
+            leaves.extend(_components(collapsed, parent_map, collapsed.tabulate_dof_coordinates()))
             return
         for i in range(sub.num_sub_spaces):
             descend(sub.sub(i))
@@ -85,6 +101,11 @@ def _scalar_leaves(V: dolfinx.fem.FunctionSpace) -> list[_Leaf]:
     for i in range(V.num_sub_spaces):
         descend(V.sub(i))
     return leaves
+
+
+def _is_blocked(space: dolfinx.fem.FunctionSpace) -> bool:
+    """True for a vector/tensor sub-space of identical scalar components (a blocked element)."""
+    return space.ufl_element().block_size > 1
 
 
 class _Ownership:
@@ -149,6 +170,7 @@ class PeriodicConstraint:
         *,
         excluded_dofs: np.ndarray | None = None,
         tol: float = 1e-8,
+        collapsed_subspaces: Sequence[tuple[dolfinx.fem.FunctionSpace, np.ndarray]] | None = None,
     ) -> None:
         """Pair slave and master dofs and build ``K``.
 
@@ -160,6 +182,11 @@ class PeriodicConstraint:
             excluded_dofs: (m,) int32 local unrolled dof indices of ``V`` (owned or ghost) that
                 must never be slaves, typically Dirichlet dofs.
             tol: absolute distance within which ``slave + translation`` matches a master.
+            collapsed_subspaces: for a mixed ``V``, the result of collapsing each top-level
+                sub-space, ``[(space_i, parent_dofs_i), ...]`` with ``parent_dofs_i`` the
+                (n_i,) int32 map from collapsed to ``V`` dofs. Collapsing is costly on large
+                meshes, so a caller that has them already passes them here; the sub-spaces
+                must be scalar or blocked (no nested mixed spaces).
 
         Raises:
             ValueError: on inconsistent input (wrong dimension of a translation, bad tolerance).
@@ -206,7 +233,7 @@ class PeriodicConstraint:
         # A ghost may be excluded on one rank only; the owner must know.
         excluded_owned = self._reduce_to_owner(np.where(excluded_local, 1.0, 0.0), fill=0.0) > 0
 
-        leaves = _scalar_leaves(V)
+        leaves = _scalar_leaves(V, collapsed_subspaces)
         master_of = np.full(self._num_owned, -1, dtype=np.int64)
         for pair in self.pairs:
             pair_master = self._pair_masters(leaves, facet_tags, pair, tol)
