@@ -52,7 +52,8 @@ def random_case(rng, n, dim, period):
 )
 def test_ellipse_membership_matches_brute_force(dim, period):
     rng = np.random.default_rng(dim * 10 + int(sum(period) * 100))
-    points, velocity = random_case(rng, 300, dim, period)
+    # Fewer points where the reference loops over many images.
+    points, velocity = random_case(rng, 300 if sum(p > 0 for p in period) < 2 else 120, dim, period)
     sampler = CloudSampler(points, velocity, period=period, diffusivity=D, zeta=ZETA, dtype=np.float64)
     clouds = sampler.full_clouds()
     along, across = ellipse_semi_axes(np.linalg.norm(velocity, axis=1), diffusivity=D, zeta=ZETA, eps=EPS)
