@@ -278,14 +278,18 @@ def generate_case(
 
     distance = wall_distance_function(V1, facet_tags, spec.walls, period=tagged.period)
     lap("wall distance")
-    flow, tau_solution, coupling_iterations = _solve_physics(
-        config, mesh, facet_tags, spec, V1, distance, constraint
+    flow, tau_solution, coupling_iterations = solve_physics(
+        config, mesh, facet_tags, spec, V1, distance, constraint, lap=lap
     )
-    lap("flow and tau")
     strain = strain_rate_magnitude(flow.u, V1, constraint=constraint)
     volumes = nodal_volumes(V1, constraint=constraint)
     lap("derived fields")
 
+    reversal = None
+    if alpha is not None and mesh.geometry.dim == 2:
+        from solvers.diagnostics import hill_flow_reversal
+
+        reversal = hill_flow_reversal(flow.u, alpha)
     meta = {
         "case": name,
         "alpha": alpha,
@@ -301,6 +305,8 @@ def generate_case(
         "bulk_velocity_measured": flow.bulk_velocity,
         "body_force": flow.body_force,
         "tau_integral": tau_solution.integral,
+        "separation_x": None if reversal is None else reversal.separation.tolist(),
+        "reattachment_x": None if reversal is None else reversal.reattachment.tolist(),
         "solver": {
             "flow_newton_iterations": flow.newton_iterations,
             "flow_residuals": list(flow.residual_history),
@@ -343,12 +349,19 @@ def generate_case(
     )
 
 
-def _solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint):
-    """Flow and tau: one-way (flow, then tau) or two-way coupled when c_k > 0."""
+def solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint, *, lap=None):
+    """Flow and tau: one-way (flow, then tau) or two-way coupled when c_k > 0.
+
+    ``lap(stage)`` is called after each stage (for timing and progress).
+
+    Returns:
+        (FlowSolution, TauSolution, number of coupling iterations).
+    """
     from solvers.fields import strain_rate_expression
     from solvers.flow import solve_flow
     from solvers.transport import solve_tau
 
+    lap = lap or (lambda stage: None)
     physics = config.physics
     if config.c_k > 0:
         from solvers.coupled import solve_coupled
@@ -361,9 +374,15 @@ def _solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint):
             nu=physics.nu,
             bulk_velocity=physics.bulk_velocity,
             production=config.production,
+            diffusivity=physics.diffusivity,
+            zeta=physics.zeta,
+            gamma=physics.gamma,
+            tau_p=physics.tau_p,
         )
+        lap("coupled flow and tau")
         return coupled.flow, coupled.tau, coupled.iterations
     flow = solve_flow(mesh, facet_tags, spec, nu=physics.nu, bulk_velocity=physics.bulk_velocity)
+    lap("flow")
     tau = solve_tau(
         V1,
         flow.u,
@@ -378,6 +397,7 @@ def _solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint):
         tau_p=physics.tau_p,
         constraint=constraint,
     )
+    lap("tau")
     return flow, tau, 0
 
 
@@ -670,4 +690,3 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
