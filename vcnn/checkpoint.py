@@ -79,9 +79,9 @@ def package_versions() -> dict[str, str]:
 
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "vcnn": __version__,
+        "torch": str(torch.__version__),  # a TorchVersion object is not weights-only loadable
+        "numpy": str(np.__version__),
+        "vcnn": str(__version__),
     }
 
 
@@ -96,6 +96,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     Returns:
         The path written.
     """
+    _check_plain(payload, "checkpoint")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION}
@@ -110,6 +111,29 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Fail at save time on anything ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_SCALARS:
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if type(key) not in _PLAIN_SCALARS:
+                raise TypeError(f"{where}: key {key!r} of type {type(key).__name__}")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if type(value) in (list, tuple):
+        for index, item in enumerate(value):
+            _check_plain(item, f"{where}[{index}]")
+        return
+    raise TypeError(
+        f"{where} holds a {type(value).__module__}.{type(value).__name__}, which a weights-only "
+        "checkpoint cannot store; convert it to a tensor, dict, list, str or number"
+    )
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict:

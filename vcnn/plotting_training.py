@@ -35,7 +35,7 @@ def save_figure(figure: Figure, path: str | os.PathLike, *, dpi: int = 120) -> P
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(descriptor)
     try:
-        figure.savefig(temporary, dpi=dpi, bbox_inches="tight")
+        figure.savefig(temporary, dpi=dpi)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -161,20 +161,27 @@ def plot_field_comparison(
     prediction = np.asarray(prediction, dtype=float)
     if prediction.shape != (case.num_points,):
         raise ValueError(f"prediction must have shape ({case.num_points},), got {prediction.shape}")
-    triangulation = case_triangulation(case)
+    # Nodes of the triangulation are case points and periodic images: values[source].
+    triangulation, source = case_triangulation(case)
     low = min(float(case.tau.min()), float(prediction.min()))
     high = max(float(case.tau.max()), float(prediction.max()))
     shared = np.linspace(low, high if high > low else low + 1.0, levels)
     error = prediction - case.tau
     bound = float(np.abs(error).max()) or 1.0
-    figure, axes = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    extent = np.ptp(case.points, axis=0)
+    aspect = extent[1] / max(extent[0], 1e-12)
+    figure, axes = plt.subplots(
+        3, 1, figsize=(9, 3 * 9 * aspect + 1.5), sharex=True, constrained_layout=True
+    )
     panels = (
         (case.tau, shared, "viridis", "tau (truth)"),
         (prediction, shared, "viridis", "tau (network)"),
         (error, np.linspace(-bound, bound, levels), "RdBu_r", "network - truth"),
     )
     for axis, (values, value_levels, colormap, title) in zip(axes, panels, strict=True):
-        filled = axis.tricontourf(triangulation, values, levels=value_levels, cmap=colormap)
+        filled = axis.tricontourf(
+            triangulation, values[source], levels=value_levels, cmap=colormap
+        )
         figure.colorbar(filled, ax=axis)
         axis.set_title(f"{case.name}: {title}")
         axis.set_aspect("equal")

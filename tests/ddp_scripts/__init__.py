@@ -1,0 +1,1 @@
+"""Helper scripts and synthetic data for the training tests (launched by torchrun, imported)."""

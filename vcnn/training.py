@@ -1,0 +1,830 @@
+"""Training of a vector-cloud network on case files (single process or torchrun data parallel).
+
+:func:`train` reads the cases of a :class:`TrainConfig`, splits them by case, fits the
+normalisers on the training cases, and trains with Adam and a learning-rate schedule, redrawing
+the clouds of every query point each epoch. Outputs in ``out_dir``:
+
+* ``config.toml``: the resolved configuration (with the seed);
+* ``lcurve.tsv``: one row per epoch (losses, relative L2 errors in percent, learning rate,
+  wall-clock seconds since the start of the run);
+* ``last.pt`` / ``best.pt``: atomic checkpoints after every epoch / at the best validation
+  error (see :mod:`vcnn.checkpoint`); ``resume = true`` continues from ``last.pt`` and gives
+  the same result as an uninterrupted run of the same seed;
+* ``lcurve.png``: the loss curves, drawn at the end.
+
+Relative L2 error (percent) = 100 ||pred - tau||_2 / ||tau||_2 over the query points of the
+cases, unweighted by default (every closure point counts once, as in the paper); with
+``volume_weighted_metrics = true`` each point is weighted by its nodal volume, which
+approximates the L2 norm of the fields over the domain and does not favour refined regions.
+The training error is accumulated from the predictions of the training pass itself (before
+each optimiser step), so it costs nothing extra; the validation error uses clouds drawn once
+with a fixed seed, so it is comparable between epochs.
+
+Data parallel: launched by ``torchrun --nproc-per-node P``, each rank takes every P-th cloud
+of the epoch's shuffled order (padded so that every rank runs the same number of batches),
+DistributedDataParallel averages the gradients (gloo on the CPU, nccl on CUDA), metrics are
+summed over the ranks, and only rank 0 writes files and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vcnn.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    package_versions,
+    restore_rng_state,
+    save_checkpoint,
+)
+from vcnn.config import ConfigError, atomic_write_text, check_keys, write_resolved_config
+from vcnn.datasets import (
+    CaseSplit,
+    CloudDataset,
+    CloudOptions,
+    CloudPlan,
+    TargetScaler,
+    derive_seed,
+    discover_cases,
+    make_split,
+)
+from vcnn.features import FeatureSpec
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = ("step", "cosine", "onecycle", "constant")
+LCURVE_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "validation_loss",
+    "train_rel_l2_percent",
+    "validation_rel_l2_percent",
+    "learning_rate",
+    "wall_clock_s",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; TOML-friendly (see :meth:`from_dict`).
+
+    Attributes:
+        data_dir: folder of the case files (``*.npz``).
+        out_dir: run folder (checkpoints, lcurve.tsv, config.toml, figures).
+        train_cases: names/paths of the training cases; default: every case of ``data_dir``
+            that is in no other split (or the cases of ``train_alphas``).
+        validation_cases: names/paths of the validation cases (early stopping, best.pt).
+        test_cases: names/paths of held-out cases (recorded, not used in training).
+        train_alphas: select the training cases by ``meta["alpha"]`` instead of by name.
+        validation_alphas: select the validation cases by alpha.
+        test_alphas: select the test cases by alpha.
+        seed: seed of everything random (weights, cloud draws, shuffling); recorded.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        amp: bf16 autocast on CUDA (ignored with a warning on the CPU).
+        epochs: maximum number of epochs.
+        batch_size: clouds per optimiser step (per rank under torchrun).
+        cloud_size: points drawn per cloud each epoch (150 in the paper).
+        queries_per_case: query points drawn per case per epoch; None: every point.
+        validation_queries_per_case: query points per validation case; None: every point.
+        learning_rate: Adam's (peak) learning rate.
+        weight_decay: Adam's L2 weight decay.
+        scheduler: ``"step"`` (StepLR, as in the paper), ``"cosine"`` (to
+            ``min_learning_rate`` at ``epochs``), ``"onecycle"`` (per epoch) or ``"constant"``.
+        step_size: StepLR period in epochs.
+        gamma: StepLR factor.
+        min_learning_rate: floor of the cosine schedule.
+        patience: stop after this many epochs without a validation improvement larger than
+            ``min_delta`` (relative L2 percent); None: never stop early.
+        min_delta: improvement threshold of early stopping, in percentage points.
+        volume_weighted_metrics: weight the relative L2 errors by the nodal volumes.
+        resume: continue from ``out_dir/last.pt`` when it exists.
+        progress: per-batch progress text on stderr; None: only when stderr is a terminal.
+        num_threads: torch CPU threads; None: torch's default.
+        model: network table: ``kind`` (``"VectorCloudNet"`` or ``"BaselineNet"``),
+            ``preset`` (``"default"`` or ``"published"``, VectorCloudNet only) and any
+            constructor argument as an override (e.g. ``embedding = [16, 32]``).
+        cloud: cloud-sampler table (see :class:`vcnn.datasets.CloudOptions`).
+        features: input table (see :class:`vcnn.features.FeatureSpec`; default: its
+            defaults).
+    """
+
+    data_dir: str
+    out_dir: str
+    train_cases: list[str] | None = None
+    validation_cases: list[str] | None = None
+    test_cases: list[str] | None = None
+    train_alphas: list[float] | None = None
+    validation_alphas: list[float] | None = None
+    test_alphas: list[float] | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    epochs: int = 100
+    batch_size: int = 1024
+    cloud_size: int = 150
+    queries_per_case: int | None = None
+    validation_queries_per_case: int | None = None
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "step"
+    step_size: int = 600
+    gamma: float = 0.7
+    min_learning_rate: float = 0.0
+    patience: int | None = None
+    min_delta: float = 0.0
+    volume_weighted_metrics: bool = False
+    resume: bool = False
+    progress: bool | None = None
+    num_threads: int | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    cloud: dict[str, Any] = field(default_factory=dict)
+    features: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check value ranges.
+
+        Raises:
+            ConfigError: naming the bad field and what it must be.
+        """
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith(
+            "cuda:"
+        ):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        for name in ("epochs", "batch_size", "cloud_size", "step_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("queries_per_case", "validation_queries_per_case", "patience", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1 or absent, got {value!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.weight_decay < 0 or self.min_learning_rate < 0 or self.min_delta < 0:
+            raise ConfigError("weight_decay, min_learning_rate and min_delta must be >= 0")
+        if not all(isinstance(t, dict) for t in (self.model, self.cloud, self.features)):
+            raise ConfigError("model, cloud and features must be tables")
+        CloudOptions.from_dict(self.cloud)
+        self.feature_spec()
+
+    def feature_spec(self) -> FeatureSpec:
+        """The input specification of the ``features`` table.
+
+        Raises:
+            ConfigError: on unknown keys or bad values.
+        """
+        try:
+            return FeatureSpec.from_dict(self.features)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"bad [features] table {self.features}: {error}") from error
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> TrainConfig:
+        """Build from a (TOML) dictionary.
+
+        Raises:
+            ConfigError: on unknown keys, missing ``data_dir``/``out_dir`` or bad values.
+        """
+        allowed = {f.name for f in fields(cls)}
+        check_keys(config, allowed, "the train config")
+        missing = [key for key in ("data_dir", "out_dir") if key not in config]
+        if missing:
+            raise ConfigError(f"the train config needs {missing}")
+        values = dict(config)
+        for key in ("data_dir", "out_dir"):
+            values[key] = str(values[key])
+        try:
+            return cls(**values)
+        except TypeError as error:
+            raise ConfigError(f"bad train config: {error}") from error
+
+    def to_dict(self) -> dict[str, Any]:
+        """TOML-friendly dictionary (None values left out; TOML has no null)."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+@dataclass
+class EpochRecord:
+    """Metrics of one epoch (one row of ``lcurve.tsv``).
+
+    Attributes:
+        epoch: 1-based epoch number.
+        train_loss: mean squared error of the scaled target over the epoch's batches.
+        validation_loss: same on the validation clouds (NaN without validation cases).
+        train_rel_l2_percent: relative L2 error of tau on the training clouds, percent.
+        validation_rel_l2_percent: same on the validation cases (NaN without them).
+        learning_rate: learning rate used in this epoch.
+        wall_clock_s: seconds since the start of the run (summed over resumed sessions).
+    """
+
+    epoch: int
+    train_loss: float
+    validation_loss: float
+    train_rel_l2_percent: float
+    validation_rel_l2_percent: float
+    learning_rate: float
+    wall_clock_s: float
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Attributes:
+        out_dir: the run folder.
+        best_checkpoint: path of ``best.pt``.
+        last_checkpoint: path of ``last.pt``.
+        history: one record per epoch (including epochs of earlier sessions when resumed).
+        best_epoch: epoch of the best validation error (or of the last epoch without
+            validation cases).
+        best_validation_rel_l2_percent: the best validation error (NaN without validation).
+        stopped_early: whether early stopping ended the run.
+        seed: the run's seed.
+        clouds_per_second: training throughput of this session (clouds per second per run,
+            all ranks together), training passes only.
+        split: case names per split.
+    """
+
+    out_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    history: list[EpochRecord]
+    best_epoch: int
+    best_validation_rel_l2_percent: float
+    stopped_early: bool
+    seed: int
+    clouds_per_second: float
+    split: dict[str, list[str]]
+
+
+# ------------------------------------------------------------------------------ helpers
+@dataclass
+class _Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_request: str) -> _Distributed:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Distributed()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    initialised_here = False
+    if not dist.is_initialized():
+        use_cuda = device_request != "cpu" and torch.cuda.is_available()
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        initialised_here = True
+    return _Distributed(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        initialised_here=initialised_here,
+    )
+
+
+def resolve_device(request: str, *, local_rank: int = 0) -> torch.device:
+    """Turn ``"auto"``/``"cpu"``/``"cuda"`` into a device (one GPU per rank under torchrun).
+
+    Raises:
+        ConfigError: when CUDA is requested but not available.
+    """
+    if request == "auto":
+        request = "cuda" if torch.cuda.is_available() else "cpu"
+    if request.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but torch sees no CUDA device")
+        if request == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(request)
+
+
+class _Progress:
+    """Plain-text per-batch progress on stderr (carriage return, one line)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def update(self, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        filled = int(width * batch / max(batches, 1))
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(
+            f"\repoch {epoch}/{epochs} [{bar}] {batch}/{batches} loss {loss:.3e}   "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _build_network(
+    config: TrainConfig, *, dim: int, num_scalars: int, num_vectors: int
+) -> nn.Module:
+    table = dict(config.model)
+    kind = table.pop("kind", "VectorCloudNet")
+    preset = table.pop("preset", "default")
+    from vcnn.network import BaselineNet, VectorCloudNet
+
+    try:
+        if kind == "VectorCloudNet":
+            return VectorCloudNet.from_preset(
+                preset, dim=dim, num_scalars=num_scalars, num_vectors=num_vectors, **table
+            )
+        if kind == "BaselineNet":
+            return BaselineNet(
+                dim=dim, num_scalars=num_scalars, num_vectors=num_vectors, **table
+            )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"bad [model] table {config.model}: {error}") from error
+    raise ConfigError(f"model kind must be 'VectorCloudNet' or 'BaselineNet', got {kind!r}")
+
+
+def _build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    # Every schedule steps once per epoch, so resuming at an epoch boundary is exact.
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=config.step_size, gamma=config.gamma
+        )
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.epochs, eta_min=config.min_learning_rate
+        )
+    if config.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.learning_rate, total_steps=config.epochs + 1
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=_constant_factor)
+
+
+def _constant_factor(epoch: int) -> float:
+    return 1.0
+
+
+def _make_split(config: TrainConfig) -> CaseSplit:
+    sources = discover_cases(config.data_dir)
+    return make_split(
+        sources,
+        train=config.train_cases,
+        validation=config.validation_cases,
+        test=config.test_cases,
+        train_alphas=config.train_alphas,
+        validation_alphas=config.validation_alphas,
+        test_alphas=config.test_alphas,
+        data_dir=config.data_dir,
+    )
+
+
+@dataclass
+class _Sums:
+    """Sums of squared errors and squared targets (and a loss sum), reducible over ranks."""
+
+    squared_error: float = 0.0
+    squared_target: float = 0.0
+    loss: float = 0.0
+    count: float = 0.0
+
+    def add(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        volume: torch.Tensor,
+        *,
+        weighted: bool,
+        count: int,
+    ) -> None:
+        error = (prediction.detach().float() - target).square()
+        truth = target.square()
+        self.loss += float(error.sum())
+        self.count += count
+        if weighted:
+            error, truth = error * volume, truth * volume
+        self.squared_error += float(error.sum())
+        self.squared_target += float(truth.sum())
+
+    def reduced(self, distributed: _Distributed, device: torch.device) -> _Sums:
+        if distributed.world_size == 1:
+            return self
+        values = torch.tensor(
+            [self.squared_error, self.squared_target, self.loss, self.count],
+            dtype=torch.float64,
+            device=device,
+        )
+        dist.all_reduce(values)
+        return _Sums(*[float(v) for v in values.tolist()])
+
+    @property
+    def rel_l2_percent(self) -> float:
+        if self.squared_target <= 0:
+            return math.nan
+        return 100.0 * math.sqrt(self.squared_error / self.squared_target)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / self.count if self.count > 0 else math.nan
+
+
+def _shard(order: torch.Tensor, distributed: _Distributed) -> torch.Tensor:
+    """Every P-th element from the rank's offset, padded so that all ranks get equally many."""
+    world = distributed.world_size
+    if world == 1:
+        return order
+    per_rank = math.ceil(order.numel() / world)
+    padded = torch.cat([order, order[: per_rank * world - order.numel()]])
+    return padded[distributed.rank :: world]
+
+
+def _autocast(device: torch.device, amp: bool) -> Any:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def _predict(model: nn.Module, batch: Any, device: torch.device, amp: bool) -> torch.Tensor:
+    inputs = batch.inputs
+    with _autocast(device, amp):
+        output = model(inputs.pos, inputs.vec, inputs.scal, inputs.mask, inputs.weight)
+    return output.float()
+
+
+def _evaluate_plan(
+    model: nn.Module,
+    dataset: CloudDataset,
+    plan: CloudPlan,
+    *,
+    batch_size: int,
+    distributed: _Distributed,
+    device: torch.device,
+    amp: bool,
+    weighted: bool,
+) -> _Sums:
+    sums = _Sums()
+    order = torch.arange(plan.queries.numel(), device=plan.queries.device)
+    # No padding here: each rank evaluates a disjoint share, sums are reduced afterwards.
+    mine = order[distributed.rank :: distributed.world_size]
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, mine.numel(), batch_size):
+            rows = mine[start : start + batch_size]
+            batch = dataset.gather(
+                plan.queries[rows],
+                plan.indices[rows],
+                None if plan.weights is None else plan.weights[rows],
+            )
+            prediction = _predict(model, batch, device, amp)
+            sums.add(prediction, batch.target, batch.volume, weighted=weighted, count=rows.numel())
+    return sums.reduced(distributed, device)
+
+
+def _read_lcurve(path: Path, up_to_epoch: int) -> list[EpochRecord]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines()[1:]:
+        values = line.split("\t")
+        if len(values) != len(LCURVE_COLUMNS):
+            continue
+        record = EpochRecord(int(values[0]), *[float(v) for v in values[1:]])
+        if record.epoch <= up_to_epoch:
+            records.append(record)
+    return records
+
+
+def _write_lcurve(path: Path, history: list[EpochRecord]) -> None:
+    lines = ["\t".join(LCURVE_COLUMNS)]
+    for record in history:
+        values = asdict(record)
+        lines.append(
+            "\t".join(
+                str(values[c]) if c == "epoch" else f"{values[c]:.9g}" for c in LCURVE_COLUMNS
+            )
+        )
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------ train
+def train(
+    config: TrainConfig,
+    *,
+    on_epoch_end: Callable[[EpochRecord], None] | None = None,
+) -> TrainResult:
+    """Train a network as described by ``config`` (see the module docstring for the outputs).
+
+    Args:
+        config: the run's configuration.
+        on_epoch_end: called on every rank after each epoch's checkpoint is written (e.g. to
+            report progress elsewhere, or to stop the run by raising).
+
+    Returns:
+        The run's history and checkpoint paths (on every rank).
+
+    Raises:
+        ConfigError: on an inconsistent configuration.
+        DatasetError / CaseFileError: on bad or missing case files or splits.
+        CheckpointError: when ``resume`` finds an unusable ``last.pt``.
+    """
+    distributed = _init_distributed(config.device)
+    try:
+        return _train(config, distributed, on_epoch_end)
+    finally:
+        if distributed.initialised_here:
+            dist.destroy_process_group()
+
+
+def _train(
+    config: TrainConfig,
+    distributed: _Distributed,
+    on_epoch_end: Callable[[EpochRecord], None] | None,
+) -> TrainResult:
+    is_main = distributed.is_main
+    device = resolve_device(config.device, local_rank=distributed.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    amp = bool(config.amp and device.type == "cuda")
+    if config.amp and not amp and is_main:
+        logger.warning("amp = true needs a CUDA device; training in float32 on %s", device)
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    out_dir = Path(config.out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    lcurve_path = out_dir / "lcurve.tsv"
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % (2**32))
+
+    split = _make_split(config)
+    spec = config.feature_spec()
+    target_scaler = TargetScaler.fit(source.load() for source in split.train)
+    cloud_options = CloudOptions.from_dict(config.cloud)
+    common = dict(
+        spec=spec, target_scaler=target_scaler, cloud_options=cloud_options, device=device
+    )
+    train_data = CloudDataset(split.train, **common)
+    # The normaliser sees clouds like those of training (a draw of its own, fixed seed).
+    normalizer = train_data.fit_normalizer(
+        train_data.draw(
+            config.cloud_size,
+            seed=derive_seed(config.seed, 2**31 - 2),
+            queries_per_case=config.queries_per_case,
+        )
+    )
+    validation_data = None
+    if split.validation:
+        validation_data = CloudDataset(split.validation, normalizer=normalizer, **common)
+
+    model = _build_network(
+        config,
+        dim=train_data.dim,
+        num_scalars=train_data.num_scalars,
+        num_vectors=train_data.num_vectors,
+    )
+    model.to(device=device, dtype=torch.float32)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = _build_scheduler(optimizer, config)
+
+    start_epoch = 1
+    best = {"epoch": 0, "rel_l2_percent": math.inf, "epochs_without_improvement": 0}
+    elapsed_before = 0.0
+    history: list[EpochRecord] = []
+    if config.resume and last_path.is_file():
+        checkpoint = load_checkpoint(last_path, map_location=device)
+        if int(checkpoint["seed"]) != config.seed:
+            raise CheckpointError(
+                f"{str(last_path)!r} was written with seed {checkpoint['seed']}, the config "
+                f"asks for seed {config.seed}; resume with the same seed or a new out_dir"
+            )
+        model.load_state_dict(checkpoint["model_state"])
+        optimizer.load_state_dict(checkpoint["optimizer_state"])
+        scheduler.load_state_dict(checkpoint["scheduler_state"])
+        restore_rng_state(checkpoint["rng_state"])
+        best = dict(checkpoint["best"])
+        start_epoch = int(checkpoint["epoch"]) + 1
+        elapsed_before = float(checkpoint.get("wall_clock_s", 0.0))
+        history = _read_lcurve(lcurve_path, int(checkpoint["epoch"]))
+        if is_main:
+            logger.info("resuming from %s after epoch %d", last_path, start_epoch - 1)
+    elif config.resume and is_main:
+        logger.info("resume requested but %s does not exist: starting afresh", last_path)
+
+    network = model
+    if distributed.world_size > 1:
+        network = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(out_dir, {"train": config.to_dict(), "split": split.names()})
+        logger.info(
+            "training on %d cases (%d points), validating on %d, %d parameters, device %s, "
+            "%d rank(s)",
+            train_data.num_cases,
+            train_data.num_points,
+            0 if validation_data is None else validation_data.num_cases,
+            sum(p.numel() for p in model.parameters()),
+            device,
+            distributed.world_size,
+        )
+    validation_plan = None
+    if validation_data is not None:
+        validation_plan = validation_data.draw(
+            config.cloud_size,
+            seed=derive_seed(config.seed, 2**31 - 1),
+            queries_per_case=config.validation_queries_per_case,
+        )
+
+    progress = _Progress(
+        is_main and (config.progress if config.progress is not None else sys.stderr.isatty())
+    )
+    session_start = time.perf_counter()
+    train_seconds = 0.0
+    trained_clouds = 0
+    stopped_early = False
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, config.epochs + 1):
+        if best["epochs_without_improvement"] >= (config.patience or math.inf):
+            stopped_early = True
+            break
+        epoch_start = time.perf_counter()
+        plan = train_data.draw(
+            config.cloud_size,
+            seed=derive_seed(config.seed, epoch),
+            queries_per_case=config.queries_per_case,
+        )
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, 1))
+        order = torch.randperm(plan.queries.numel(), generator=generator).to(device)
+        mine = _shard(order, distributed)
+        batches = math.ceil(mine.numel() / config.batch_size)
+        learning_rate = optimizer.param_groups[0]["lr"]
+        sums = _Sums()
+        network.train()
+        for batch_index in range(batches):
+            rows = mine[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
+            batch = train_data.gather(
+                plan.queries[rows],
+                plan.indices[rows],
+                None if plan.weights is None else plan.weights[rows],
+            )
+            prediction = _predict(network, batch, device, amp)
+            loss = torch.mean((prediction - batch.target) ** 2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums.add(
+                prediction,
+                batch.target,
+                batch.volume,
+                weighted=config.volume_weighted_metrics,
+                count=rows.numel(),
+            )
+            progress.update(epoch, config.epochs, batch_index + 1, batches, float(loss.detach()))
+        scheduler.step()
+        train_seconds += time.perf_counter() - epoch_start
+        trained_clouds += plan.queries.numel()
+        train_sums = sums.reduced(distributed, device)
+
+        validation_sums = _Sums()
+        if validation_data is not None and validation_plan is not None:
+            validation_sums = _evaluate_plan(
+                model,
+                validation_data,
+                validation_plan,
+                batch_size=config.batch_size,
+                distributed=distributed,
+                device=device,
+                amp=amp,
+                weighted=config.volume_weighted_metrics,
+            )
+            score = validation_sums.rel_l2_percent
+        else:
+            score = train_sums.rel_l2_percent
+        improved = score < best["rel_l2_percent"] - config.min_delta
+        if improved:
+            best = {"epoch": epoch, "rel_l2_percent": score, "epochs_without_improvement": 0}
+        else:
+            best["epochs_without_improvement"] += 1
+
+        wall_clock = elapsed_before + time.perf_counter() - session_start
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=train_sums.mean_loss,
+            validation_loss=validation_sums.mean_loss,
+            train_rel_l2_percent=train_sums.rel_l2_percent,
+            validation_rel_l2_percent=validation_sums.rel_l2_percent,
+            learning_rate=learning_rate,
+            wall_clock_s=wall_clock,
+        )
+        history.append(record)
+        if is_main:
+            progress.close()
+            logger.info(
+                "epoch %d/%d: train loss %.4e, rel L2 %.3f %% | validation loss %.4e, "
+                "rel L2 %.3f %% | lr %.3e | %.1f s",
+                epoch,
+                config.epochs,
+                record.train_loss,
+                record.train_rel_l2_percent,
+                record.validation_loss,
+                record.validation_rel_l2_percent,
+                learning_rate,
+                wall_clock,
+            )
+            payload = {
+                "model_kind": type(model).__name__,
+                "model_config": model.to_config(),
+                "model_state": model.state_dict(),
+                "feature_normalizer": normalizer.state_dict(),
+                "feature_spec": spec.to_dict(),
+                "target_scale": target_scaler.scale,
+                "cloud_options": cloud_options.to_dict(),
+                "cloud_size": config.cloud_size,
+                "optimizer_state": optimizer.state_dict(),
+                "scheduler_state": scheduler.state_dict(),
+                "rng_state": capture_rng_state(),
+                "epoch": epoch,
+                "seed": config.seed,
+                "best": dict(best),
+                "wall_clock_s": wall_clock,
+                "train_config": config.to_dict(),
+                "split": split.names(),
+                "versions": package_versions(),
+            }
+            _write_lcurve(lcurve_path, history)
+            save_checkpoint(last_path, payload)
+            if improved:
+                save_checkpoint(best_path, payload)
+        if distributed.world_size > 1:
+            dist.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+
+    if is_main and history:
+        from vcnn.plotting_training import plot_learning_curves
+
+        try:
+            plot_learning_curves(history, out_dir / "lcurve.png")
+        except (OSError, ValueError) as error:  # a figure must never lose a trained model
+            logger.warning("could not draw the learning curves: %s", error)
+    if stopped_early and is_main:
+        logger.info(
+            "early stop after epoch %d: no validation improvement for %d epochs (best: epoch %d)",
+            epoch - 1,
+            config.patience,
+            best["epoch"],
+        )
+    return TrainResult(
+        out_dir=out_dir,
+        best_checkpoint=best_path,
+        last_checkpoint=last_path,
+        history=history,
+        best_epoch=int(best["epoch"]),
+        best_validation_rel_l2_percent=(
+            float(best["rel_l2_percent"]) if validation_data is not None else math.nan
+        ),
+        stopped_early=stopped_early,
+        seed=config.seed,
+        clouds_per_second=trained_clouds / train_seconds if train_seconds > 0 else math.nan,
+        split=split.names(),
+    )
+
+
+__all__ = [
+    "LCURVE_COLUMNS",
+    "SCHEDULERS",
+    "EpochRecord",
+    "TrainConfig",
+    "TrainResult",
+    "resolve_device",
+    "train",
+]
