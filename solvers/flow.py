@@ -190,6 +190,7 @@ def solve_flow(
     degree: int = 2,
     initial_guess: FlowSolution | None = None,
     rtol: float = 1e-10,
+    atol: float = 1e-12,
     max_iterations: int = 30,
     petsc_options: Mapping[str, object] | None = None,
 ) -> FlowSolution:
@@ -208,7 +209,10 @@ def solve_flow(
         initial_guess: a previous solution on the same mesh (e.g. before a closure update);
             by default Newton starts from rest, so its first step is a Stokes solve.
         rtol: convergence when the residual norm (momentum, continuity and bulk constraint)
-            falls below ``rtol`` times its initial value.
+            falls below ``rtol`` times its initial value, or when a Newton step changes the
+            solution by less than ``rtol`` relative (which also ends a solve started from an
+            already converged ``initial_guess``).
+        atol: convergence as well when the residual norm falls below ``atol``.
         max_iterations: maximum number of Newton steps.
         petsc_options: overrides of the MUMPS LU options, see
             :func:`solvers.linalg.create_direct_solver`.
@@ -232,6 +236,8 @@ def solve_flow(
         rtol=rtol,
         max_iterations=max_iterations,
     )
+    if not atol >= 0:
+        raise ValueError(f"atol must be a non-negative number, got {atol}")
     gdim = mesh.geometry.dim
     velocity_element = basix.ufl.element("Lagrange", mesh.basix_cell(), degree, shape=(gdim,))
     pressure_element = basix.ufl.element("Lagrange", mesh.basix_cell(), degree - 1)
@@ -321,6 +327,7 @@ def solve_flow(
 
     history: list[float] = []
     iterations = 0
+    step_is_small = False
     timings: dict[str, float] = {"setup": time.perf_counter() - start_time}
     try:
         while True:
@@ -346,7 +353,7 @@ def solve_flow(
                     f"Newton diverged: residual is {norm} (history {format_history(history)})",
                     history,
                 )
-            if norm <= rtol * history[0] or norm == 0.0:
+            if norm <= max(rtol * history[0], atol) or step_is_small:
                 break
             if iterations == max_iterations:
                 raise SolverDivergedError(
@@ -382,6 +389,7 @@ def solve_flow(
                 body_force += force_step
             constraint.prolong(step_residual, increment)
             x.axpy(1.0, increment)
+            step_is_small = increment.norm() <= rtol * x.norm()
             x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
             iterations += 1
     finally:
