@@ -323,7 +323,8 @@ def solve_flow(
     step_residual = constraint.create_reduced_vector()
     step_forcing = constraint.create_reduced_vector()
     increment = dolfinx.fem.petsc.create_vector(W)
-    ksp = create_direct_solver(comm, petsc_options=petsc_options, name="flow")
+    # Created at the first step: a solve that starts converged must not leave unused options.
+    ksp: PETSc.KSP | None = None
 
     history: list[float] = []
     iterations = 0
@@ -371,6 +372,8 @@ def solve_flow(
                 if pin_pressure:
                     # Collective: every rank calls it, only the owner names the row.
                     jacobian_reduced.zeroRowsColumns(pinned, diag=1.0)
+            if ksp is None:
+                ksp = create_direct_solver(comm, petsc_options=petsc_options, name="flow")
             ksp.setOperators(jacobian_reduced)
 
             residual_reduced.copy(rhs)
@@ -393,7 +396,8 @@ def solve_flow(
             x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
             iterations += 1
     finally:
-        ksp.destroy()
+        if ksp is not None:
+            ksp.destroy()
 
     velocity = dolfinx.fem.Function(velocity_space, name="velocity")
     velocity.x.array[:] = w.x.array[velocity_dofs]
