@@ -264,6 +264,7 @@ class TrainResult:
         clouds_per_second: training throughput of this session (clouds per second per run,
             all ranks together), training passes only.
         split: case names per split.
+        model: the trained network of the last epoch (unwrapped from DDP), on its device.
     """
 
     out_dir: Path
@@ -276,6 +277,7 @@ class TrainResult:
     seed: int
     clouds_per_second: float
     split: dict[str, list[str]]
+    model: nn.Module
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -816,6 +818,7 @@ def _train(
         seed=config.seed,
         clouds_per_second=trained_clouds / train_seconds if train_seconds > 0 else math.nan,
         split=split.names(),
+        model=model,
     )
 
 

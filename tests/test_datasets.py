@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import torch
+
+from tests.ddp_scripts.synthetic_cases import write_channel_cases
+from vcnn.casefile import CaseFileError
+from vcnn.clouds import CloudSampler
+from vcnn.datasets import (
+    CaseSplit,
+    CloudDataset,
+    CloudOptions,
+    DatasetError,
+    TargetScaler,
+    derive_seed,
+    discover_cases,
+    make_split,
+    select_by_alpha,
+)
+from vcnn.features import FeatureSpec, build_batch
+
+ALPHAS = [0.5, 1.0, 1.5]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cases")
+    write_channel_cases(folder, ALPHAS, nx=24, ny=10)
+    return folder
+
+
+def test_sources_are_lazy_and_meta_is_read_without_arrays(data_dir):
+    sources = discover_cases(data_dir)
+    assert [s.alpha for s in sources] == ALPHAS
+    assert not any(s.is_loaded for s in sources)
+    case = sources[0].load()
+    assert sources[0].is_loaded and sources[0].load() is case  # cached
+
+
+def test_split_by_alpha_defaults_train_to_the_rest_and_never_shares(data_dir):
+    sources = discover_cases(data_dir)
+    split = make_split(sources, validation_alphas=[1.0], test_alphas=[0.5])
+    assert split.names() == {
+        "train": ["channel_a1.500"],
+        "validation": ["channel_a1.000"],
+        "test": ["channel_a0.500"],
+    }
+    with pytest.raises(DatasetError, match="splits must not share"):
+        make_split(sources, validation_alphas=[1.0], test=["channel_a1.000"], data_dir=data_dir)
+    with pytest.raises(DatasetError, match="splits must not share"):
+        CaseSplit(train=sources[:2], validation=sources[1:2])
+    with pytest.raises(DatasetError, match="no case with alpha"):
+        select_by_alpha(sources, [3.0])
+    with pytest.raises(DatasetError, match="not both"):
+        make_split(sources, validation=["channel_a1.000"], validation_alphas=[1.0])
+
+
+def test_missing_and_corrupt_cases_give_clear_errors(data_dir, tmp_path):
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"not a zip")
+    from vcnn.datasets import CaseSource
+
+    with pytest.raises(CaseFileError, match="broken.npz"):
+        CaseSource(broken).meta
+    with pytest.raises(DatasetError, match="not found"):
+        make_split(discover_cases(data_dir), test=["nope"], data_dir=data_dir)
+
+
+def _dataset(data_dir, spec=None):
+    sources = discover_cases(data_dir)
+    cases = [s.load() for s in sources]
+    return CloudDataset(
+        sources,
+        spec=spec or FeatureSpec(),
+        target_scaler=TargetScaler.fit(cases),
+        cloud_options=CloudOptions(),
+    )
+
+
+def test_clouds_are_redrawn_per_seed_as_int32_indices(data_dir):
+    dataset = _dataset(data_dir)
+    first = dataset.draw(16, seed=derive_seed(0, 1))
+    again = dataset.draw(16, seed=derive_seed(0, 1))
+    other = dataset.draw(16, seed=derive_seed(0, 2))
+    assert first.indices.dtype == torch.int32
+    assert first.indices.shape == (dataset.num_points, 16)
+    assert torch.equal(first.indices, again.indices)
+    assert not torch.equal(first.indices, other.indices)
+    # The query is in its own cloud (column 0) and clouds stay inside their case.
+    assert torch.equal(first.indices[:, 0].long(), first.queries)
+    case_of = torch.as_tensor(dataset.case_of_point)
+    valid = first.indices >= 0
+    owner = case_of[first.queries][:, None].expand_as(first.indices)
+    assert torch.equal(case_of[first.indices.long().clamp(min=0)][valid], owner[valid])
+    subset = dataset.draw(16, seed=1, queries_per_case=10)
+    assert subset.queries.numel() == 10 * dataset.num_cases
+
+
+def test_target_scale_is_the_rms_of_training_tau(data_dir):
+    cases = [s.load() for s in discover_cases(data_dir)]
+    scaler = TargetScaler.fit(cases)
+    tau = np.concatenate([c.tau for c in cases])
+    assert scaler.scale == pytest.approx(np.sqrt(np.mean(tau**2)))
+
+
+@pytest.mark.parametrize(
+    "pair", [("proximity", "upstream_cosine"), ("distance", "normalized_radius")]
+)
+def test_torch_gather_matches_features_build_batch(data_dir, pair):
+    spec = FeatureSpec(pair_scalars=pair)
+    dataset = _dataset(data_dir, spec)
+    plan = dataset.draw(20, seed=3)
+    normalizer = dataset.fit_normalizer(plan)
+    case_index = 1
+    source = dataset.sources[case_index]
+    case = source.load()
+    sampler = CloudSampler(case.points, case.velocity, period=case.period)
+    clouds = sampler.sample(20, seed=5)
+    offset = int(dataset.offsets[case_index])
+    global_indices = torch.as_tensor(np.where(clouds.indices >= 0, clouds.indices + offset, -1))
+    ours = dataset.gather(torch.as_tensor(clouds.queries) + offset, global_indices).inputs
+    reference = build_batch(case, clouds, spec=spec, normalizer=normalizer)
+    assert torch.equal(ours.mask, reference.mask)
+    for name in ("pos", "vec", "scal"):
+        torch.testing.assert_close(getattr(ours, name), getattr(reference, name), atol=2e-5, rtol=1e-5)

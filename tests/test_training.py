@@ -1,0 +1,144 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.ddp_scripts.synthetic_cases import write_channel_cases
+from vcnn.config import ConfigError
+from vcnn.training import LCURVE_COLUMNS, TrainConfig, train
+
+ALPHAS = [0.5, 0.75, 1.0, 1.25, 1.5]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cases")
+    write_channel_cases(folder, ALPHAS, nx=24, ny=10)
+    return folder
+
+
+def _config(data_dir, out_dir, **overrides):
+    values = {
+        "data_dir": str(data_dir),
+        "out_dir": str(out_dir),
+        "validation_alphas": [1.25],
+        "test_alphas": [0.5],
+        "epochs": 4,
+        "batch_size": 48,
+        "cloud_size": 32,
+        "learning_rate": 3e-3,
+        "scheduler": "cosine",
+        "seed": 3,
+        "device": "cpu",
+        "num_threads": 1,
+        "model": {"embedding": [16, 32], "fitting": [64, 32], "axis_neurons": 4},
+    }
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+def _constant_predictor_error(data_dir, alpha):
+    """Relative L2 error (%) of the best constant guess: the mean of the training tau."""
+    from vcnn.datasets import discover_cases, select_by_alpha
+
+    sources = discover_cases(data_dir)
+    train = [s.load() for s in select_by_alpha(sources, [0.75, 1.0, 1.5])]
+    mean = np.concatenate([c.tau for c in train]).mean()
+    tau = select_by_alpha(sources, [alpha])[0].load().tau
+    return 100 * np.linalg.norm(tau - mean) / np.linalg.norm(tau)
+
+
+def test_short_training_learns_the_nonlocal_target(data_dir, tmp_path):
+    result = train(_config(data_dir, tmp_path / "run", epochs=25))
+    first, last = result.history[0], result.history[-1]
+    assert last.train_loss < 0.2 * first.train_loss
+    # Justification of the threshold: a constant prediction (the training mean) has a
+    # relative error of about 45 % on this validation case; a network that learns the
+    # nonlocal functional must get well under half of that in 25 short epochs.
+    baseline = _constant_predictor_error(data_dir, 1.25)
+    assert result.best_validation_rel_l2_percent < 0.5 * baseline
+    out = tmp_path / "run"
+    for name in ("best.pt", "last.pt", "config.toml", "lcurve.tsv", "lcurve.png"):
+        assert (out / name).is_file(), name
+    rows = (out / "lcurve.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == list(LCURVE_COLUMNS)
+    assert len(rows) == 26
+    checkpoint = torch.load(out / "best.pt", weights_only=True)
+    assert checkpoint["seed"] == 3 and checkpoint["epoch"] == result.best_epoch
+    assert checkpoint["split"]["test"] == ["channel_a0.500"]
+    assert "seed = 3" in (out / "config.toml").read_text()
+    assert result.clouds_per_second > 0
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(data_dir, tmp_path):
+    reference = train(_config(data_dir, tmp_path / "straight"))
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(record):
+        if record.epoch == 2:
+            raise Interrupt
+
+    interrupted = _config(data_dir, tmp_path / "resumed")
+    with pytest.raises(Interrupt):
+        train(interrupted, on_epoch_end=stop_after_two)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["epoch"] == 2
+    resumed = train(_config(data_dir, tmp_path / "resumed", resume=True))
+    assert [r.epoch for r in resumed.history] == [1, 2, 3, 4]
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        [r.validation_rel_l2_percent for r in resumed.history],
+        [r.validation_rel_l2_percent for r in reference.history],
+        rtol=1e-6,
+    )
+
+
+def test_early_stopping_with_patience(data_dir, tmp_path):
+    # A vanishing learning rate cannot improve the validation error by 50 percentage points.
+    result = train(
+        _config(data_dir, tmp_path / "run", epochs=10, patience=2, min_delta=50.0,
+                learning_rate=1e-9, scheduler="constant")
+    )
+    assert result.stopped_early
+    assert len(result.history) == 3
+
+
+def test_config_round_trip_and_errors():
+    config = TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "epochs": 3})
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown key"):
+        TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "epoch": 3})
+    with pytest.raises(ConfigError, match="needs"):
+        TrainConfig.from_dict({"data_dir": "d"})
+    with pytest.raises(ConfigError, match="scheduler"):
+        TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "scheduler": "warp"})
+    with pytest.raises(ConfigError, match="features"):
+        TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "features": {"pair_scalars": ["x"]}})
+    with pytest.raises(ConfigError, match=r"\[cloud\]"):
+        TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "cloud": {"shape": "x"}})
+
+
+@pytest.mark.slow
+def test_data_parallel_ranks_end_identical(data_dir, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "tests.ddp_scripts.ddp_train",
+         str(data_dir), str(tmp_path)],
+        cwd=REPO, env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "params_rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "params_rank1.pt", weights_only=True)
+    for key, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][key]), key
+    assert rank0["history"] == rank1["history"]  # metrics are reduced over the ranks
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert not (tmp_path / "run" / "params_rank1.pt").exists()
