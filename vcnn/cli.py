@@ -1,7 +1,8 @@
 """The ``vcnn`` command line: verbs that follow the user's workflow.
 
-``vcnn generate`` solves cases with the FEniCSx solvers and writes case files; ``vcnn plot``
-draws case files. Each verb takes a TOML config (``--config``) and/or flags; flags win, and
+``vcnn generate`` solves cases with the FEniCSx solvers and writes case files; ``vcnn train``
+fits a vector-cloud network to case files; ``vcnn evaluate`` measures a trained model on
+case files (a priori); ``vcnn plot`` draws case files. Each verb takes a TOML config (``--config``) and/or flags; flags win, and
 the resolved configuration is written into the verb's output folder.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vcnn.config import ConfigError, load_toml
+from vcnn.config import ConfigError, load_toml, merge
 
 logger = logging.getLogger("vcnn")
 
@@ -75,6 +76,57 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0 if summary.all_succeeded else 1
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vcnn.training import TrainConfig, train
+
+    flags = {
+        "data_dir": args.data,
+        "out_dir": args.out,
+        "device": args.device,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "cloud_size": args.cloud_size,
+        "queries_per_case": args.queries_per_case,
+        "seed": args.seed,
+        "resume": True if args.resume else None,
+        "amp": True if args.amp else None,
+        "num_threads": args.threads,
+    }
+    config = TrainConfig.from_dict(merge(_section(args, "train"), flags))
+    result = train(config)
+    logger.info(
+        "best validation relative L2 error %.3f %% at epoch %d; checkpoints in %s",
+        result.best_validation_rel_l2_percent,
+        result.best_epoch,
+        result.out_dir,
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from vcnn.casefile import case_paths
+    from vcnn.evaluation import evaluate
+
+    cases = [p for d in args.data for p in (case_paths(d) if d.is_dir() else [d])]
+    metrics = evaluate(
+        args.model,
+        cases,
+        args.out,
+        cloud_size=args.cloud_size,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    lines = ["| case | alpha | rel L2 % | max abs error | integral rel error |", "|---|---|---|---|---|"]
+    for m in metrics:
+        alpha = "" if m.alpha is None else f"{m.alpha:g}"
+        lines.append(
+            f"| {m.case} | {alpha} | {m.rel_l2_percent:.3f} | {m.max_abs_error:.4g} | "
+            f"{m.integral_rel_error:.3e} |"
+        )
+    logger.info("%s\n\nmetrics and figures in %s", "\n".join(lines), Path(args.out).resolve())
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from vcnn.casefile import case_paths, read_case
     from vcnn.plotting import plot_case
@@ -115,6 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-plots", action="store_true", help="skip the PNG per case")
     generate.add_argument("--no-xdmf", action="store_true", help="skip the XDMF per case")
     generate.set_defaults(handler=_cmd_generate)
+
+    train = verbs.add_parser("train", help="train a vector-cloud network on case files")
+    train.add_argument("--config", type=Path, help="TOML file ([train] table)")
+    train.add_argument("--data", help="folder of case files")
+    train.add_argument("--out", help="run folder (checkpoints, lcurve.tsv, figures)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--cloud-size", type=int, help="points sampled per cloud (150)")
+    train.add_argument("--queries-per-case", type=int, help="clouds per case per epoch")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--resume", action="store_true", help="continue from last.pt")
+    train.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = verbs.add_parser("evaluate", help="a-priori errors of a model on case files")
+    evaluate.add_argument("--model", type=Path, required=True, help="checkpoint (best.pt)")
+    evaluate.add_argument(
+        "--data", type=Path, nargs="+", required=True, help="case files or folders of them"
+    )
+    evaluate.add_argument("--out", type=Path, required=True, help="folder of metrics and figures")
+    evaluate.add_argument("--cloud-size", type=int, help="fixed n per cloud (default: full)")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.add_argument("--batch-size", type=int, default=1024)
+    evaluate.set_defaults(handler=_cmd_evaluate, config=None)
 
     plot = verbs.add_parser("plot", help="draw case files (speed, streamlines, tau)")
     plot.add_argument("cases", nargs="+", help="case files or folders of case files")
