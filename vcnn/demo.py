@@ -42,7 +42,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings(resolution=0.2, epochs=40, queries_per_case=1200, tolerance_percent=10.0)
-QUICK = DemoSettings(resolution=0.1, epochs=12, queries_per_case=300, tolerance_percent=30.0)
+QUICK = DemoSettings(resolution=0.1, epochs=4, queries_per_case=200, tolerance_percent=40.0)
 
 
 def run_demo(out: Path, settings: DemoSettings, *, device: str = "auto", seed: int = 0) -> float:
