@@ -246,8 +246,8 @@ def solve_flow(
     )
     num_dofs = W.dofmap.index_map.size_global * W.dofmap.index_map_bs
 
-    # Driving direction: along the first pair, from the slave side towards the master side
-    # reversed, i.e. the flow leaves through the slave boundary (hill: right -> left is -L).
+    # The translation maps a slave point onto its master (hill: right -> left, -L), so the
+    # flow leaving through the slave side and re-entering at the master side runs along -t.
     driven = spec.body_force_driven
     direction = np.zeros(gdim)
     if driven:
@@ -396,8 +396,10 @@ def solve_flow(
             x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
             iterations += 1
     finally:
-        if ksp is not None:
-            ksp.destroy()
+        # Explicit frees: coupled runs call this many times and PETSc memory is not Python's.
+        for petsc_object in (ksp, jacobian_reduced, jacobian, constraint.K):
+            if petsc_object is not None:
+                petsc_object.destroy()
 
     velocity = dolfinx.fem.Function(velocity_space, name="velocity")
     velocity.x.array[:] = w.x.array[velocity_dofs]

@@ -199,3 +199,18 @@ def test_wavy_channel_agrees_in_serial_and_on_two_ranks(quadrilateral):
     assert parallel["max_velocity_component"] == pytest.approx(
         serial["max_velocity_component"], rel=1e-8
     )
+
+
+def test_coarse_periodic_hill_flow_meets_the_bulk_velocity():
+    from meshes.structured import structured_hill_mesh
+    from solvers.boundaries import hill_boundary_spec
+
+    tagged = structured_hill_mesh(1.0, resolution=0.1, comm=COMM)
+    spec = hill_boundary_spec(tagged.boundaries, tagged.period)
+    solution = solve_flow(tagged.mesh, tagged.facet_tags, spec)
+    assert solution.bulk_velocity == pytest.approx(0.721039, rel=1e-10)
+    assert solution.body_force > 0
+    assert solution.residual_history[-1] <= 1e-10 * solution.residual_history[0]
+    # Recirculation behind the hill: some streamwise velocity is negative.
+    minimum = COMM.allreduce(float(solution.u.x.array[0::2].min()), op=MPI.MIN)
+    assert minimum < 0
