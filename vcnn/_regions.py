@@ -13,6 +13,7 @@ __all__ = [
     "region_covariance",
     "normalized_radius_squared",
     "chord_bounds",
+    "inner_chord_bounds",
     "smooth_switch",
 ]
 
@@ -131,6 +132,65 @@ def chord_bounds(
         lo = np.where(empty, np.inf, lo)
         high = np.minimum(high, hi)
         low = np.maximum(low, lo)
+    return low, high
+
+
+def inner_chord_bounds(
+    direction: np.ndarray,
+    along: np.ndarray,
+    across: float,
+    sweep_axis: int,
+    cell_lower: np.ndarray,
+    cell_upper: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sweep-coordinate range that lies inside an ellipsoid for every point of a cell.
+
+    For each (ellipsoid, cell) pair returns [low, high] such that every point whose
+    transverse coordinates lie in the cell and whose sweep coordinate lies in [low, high] is
+    inside the ellipsoid, so such points need no exact test. The chord's upper end x_+(t) is
+    concave over the (convex) projection of the ellipsoid and the lower end x_-(t) convex, so
+    over a box they reach their worst values at its corners: high is the smallest x_+ and low
+    the largest x_- over the 2^(d-1) corners. A corner outside the projection leaves no such
+    range (low = inf, high = -inf).
+
+    The ellipsoid is r^T M r <= 1 with M = e e^T (1/a^2 - 1/b^2) + I / b^2.
+
+    Args:
+        direction: (P, d) float64 unit flow directions (zero rows allowed: a ball).
+        along: (P,) float64 semi-axes a along the direction.
+        across: semi-axis b across it.
+        sweep_axis: index of the sweep coordinate.
+        cell_lower: (P, d - 1) float64 lower corners of the cells relative to the centres,
+            transverse coordinates in increasing axis order without the sweep axis.
+        cell_upper: (P, d - 1) float64 upper corners, same layout.
+
+    Returns:
+        low, high: (P,) float64 relative sweep-coordinate bounds; low > high where empty.
+    """
+    dim = direction.shape[1]
+    transverse = [axis for axis in range(dim) if axis != sweep_axis]
+    inverse_across_sq = 1.0 / (across * across)
+    anisotropy = 1.0 / (along * along) - inverse_across_sq  # <= 0
+    direction_sweep = direction[:, sweep_axis]
+    quadratic = direction_sweep * direction_sweep * anisotropy + inverse_across_sq
+    low = np.full(direction.shape[0], -np.inf)
+    high = np.full(direction.shape[0], np.inf)
+    for corner in range(1 << (dim - 1)):
+        projection = np.zeros(direction.shape[0])
+        norm_sq = np.zeros(direction.shape[0])
+        for column, axis in enumerate(transverse):
+            t = cell_upper[:, column] if (corner >> column) & 1 else cell_lower[:, column]
+            projection += direction[:, axis] * t
+            norm_sq += t * t
+        # M_ss x^2 + 2 x (M_st . t) + (t^T M_tt t - 1) <= 0, solved for the sweep coordinate x.
+        linear = direction_sweep * anisotropy * projection
+        constant = anisotropy * projection * projection + norm_sq * inverse_across_sq - 1.0
+        discriminant = linear * linear - quadratic * constant
+        root = np.sqrt(np.maximum(discriminant, 0.0))
+        upper_end = np.where(discriminant >= 0, (root - linear) / quadratic, -np.inf)
+        lower_end = np.where(discriminant >= 0, (-root - linear) / quadratic, np.inf)
+        high = np.minimum(high, upper_end)
+        low = np.maximum(low, lower_end)
     return low, high
 
 

@@ -21,10 +21,14 @@ The query point itself is always the first entry of its cloud, in full clouds an
 Speed: ``cKDTree.query_ball_point`` returns Python lists, which costs seconds for the ~30 M
 entries of one 40k-point case, so the ellipse and ball regions use a sweep instead. The
 (extended) points are sorted by a transverse cell (strips in 2-D, columns in 3-D) and then by
-the sweep coordinate; for each (query, cell) pair the exact (2-D) or conservative (3-D) chord
-of the ellipse gives one contiguous index range by ``searchsorted``; the ranges are expanded
-and filtered by the exact ellipse test, all vectorised over a chunk of queries, chunks in
-threads. The k-nearest region uses ``cKDTree.query``, which returns arrays.
+the sweep coordinate, and stored in that order, so that for each (query, cell) pair the
+candidates are one run of consecutive ids. Two sweep ranges are computed per pair: an outer
+one that holds every point of the region in the cell, and an inner one whose points are all
+inside the region (:func:`vcnn._regions.inner_chord_bounds`). The inner run is accepted as
+it is; only the two short end pieces between the ranges go through the exact test. The
+output is written once, as int32 ids, by a cumulative sum over run starts, in threads over
+chunks of queries. Relative positions, radii and weights of full clouds are computed only
+when asked for. The k-nearest region uses ``cKDTree.query``, which returns arrays.
 """
 
 from __future__ import annotations
@@ -35,15 +39,17 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, NamedTuple
 
 import numpy as np
+import torch
 from scipy.spatial import cKDTree
 
 from vcnn._regions import (
     chord_bounds,
     ellipse_semi_axes,
-    normalized_radius_squared,
+    inner_chord_bounds,
     region_covariance,
     smooth_switch,
 )
@@ -56,36 +62,83 @@ RegionKind = Literal["ellipse", "ball", "knn"]
 _REGIONS = ("ellipse", "ball", "knn")
 SeedLike = int | np.random.Generator | None
 
-# Transverse cell size of the sweep in units of the smallest transverse semi-axis: smaller
-# cells give tighter candidate sets but more (query, cell) ranges; measured on the 40k hill
-# field, 0.5 (2-D) is near the optimum.
-_CELL_FRACTION = {2: 0.5, 3: 1.0}
-# Relative slack on chord bounds so that round-off never drops a point on the boundary;
-# the exact ellipse test decides afterwards.
+# Transverse cell size of the sweep in units of the smallest transverse semi-axis: thinner
+# cells leave shorter end pieces to test but give more (query, cell) pairs; measured on the
+# 40k hill field (experiments/bench_clouds.py).
+_CELL_FRACTION = {2: 0.25, 3: 0.5}
+# Relative slack on chord bounds so that round-off never drops a point on the boundary (outer
+# range) nor accepts one outside (inner range); the exact test decides in between.
 _SLACK = 1e-9
 
 
-@dataclass(frozen=True)
 class Clouds:
     """Full clouds in compressed-row form.
+
+    Point indices are computed eagerly; relative positions, radii and weights are computed on
+    first access (and then kept), since most users need only some of them and they are the
+    largest part (about 28 M entries x d for a 40k-point case).
 
     Attributes:
         queries: (Q,) int64 indices of the query points.
         offsets: (Q + 1,) int64; cloud q is entries offsets[q]:offsets[q + 1].
-        indices: (nnz,) int64 point indices of the entries (first entry of each cloud: the
-            query point itself).
+        indices: (nnz,) int32 (int64 beyond 2^31 points) point indices of the entries (first
+            entry of each cloud: the query point itself).
         relative_positions: (nnz, d) float, x_i - x0 of the image that lies in the cloud.
         radius: (nnz,) float normalised region radius of each entry (1 on the region boundary;
             for "knn", distance over the cloud's largest distance).
         weights: (nnz,) float smooth cutoff weights in [0, 1], or None (no cutoff, or "knn").
     """
 
-    queries: np.ndarray
-    offsets: np.ndarray
-    indices: np.ndarray
-    relative_positions: np.ndarray
-    radius: np.ndarray
-    weights: np.ndarray | None
+    def __init__(
+        self,
+        queries: np.ndarray,
+        offsets: np.ndarray,
+        indices: np.ndarray,
+        relative_positions: np.ndarray | None = None,
+        radius: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+        *,
+        compute: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray | None]] | None = None,
+    ) -> None:
+        """Hold the clouds.
+
+        Args:
+            queries: (Q,) int64 query point indices.
+            offsets: (Q + 1,) int64 row offsets.
+            indices: (nnz,) int point indices.
+            relative_positions: (nnz, d) float, or None when ``compute`` gives them.
+            radius: (nnz,) float, or None when ``compute`` gives them.
+            weights: (nnz,) float or None.
+            compute: called once, on first access, to give (relative_positions, radius,
+                weights) instead of passing them.
+        """
+        if compute is None and (relative_positions is None or radius is None):
+            raise ValueError("Clouds needs relative_positions and radius, or a compute callable")
+        self.queries = queries
+        self.offsets = offsets
+        self.indices = indices
+        self._compute = compute
+        if compute is None:
+            self.__dict__["_values"] = (relative_positions, radius, weights)
+
+    @cached_property
+    def _values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        return self._compute()
+
+    @property
+    def relative_positions(self) -> np.ndarray:
+        """(nnz, d) float x_i - x0 (computed on first access)."""
+        return self._values[0]
+
+    @property
+    def radius(self) -> np.ndarray:
+        """(nnz,) float normalised region radius (computed on first access)."""
+        return self._values[1]
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        """(nnz,) float smooth cutoff weights, or None (computed on first access)."""
+        return self._values[2]
 
     @property
     def sizes(self) -> np.ndarray:
@@ -170,13 +223,27 @@ class CloudEntries:
     entries: np.ndarray
 
 
-class _Chunk(NamedTuple):
-    """Full clouds of a chunk of queries, in extended ids (query first in each cloud)."""
+class _ChunkPlan(NamedTuple):
+    """How to write the full clouds of a chunk of queries (positions local to the chunk).
 
-    sizes: np.ndarray  # (Q,) int64
-    entries: np.ndarray  # (nnz,) int64 extended ids
-    relative: np.ndarray | None  # (nnz, d) float64 x_i - x0
-    radius_squared: np.ndarray | None  # (nnz,) float64 (squared distance for "knn")
+    Every cloud is a sequence of (query, cell) pairs in cell order; a pair's part is its
+    accepted left end piece, its inner run and its accepted right end piece, so each cloud
+    lists extended ids in increasing order until the query is swapped to the front.
+    """
+
+    sizes: np.ndarray  # (Q,) int64 cloud sizes
+    run_positions: np.ndarray  # (R,) int64 output position of each non-empty inner run
+    run_starts: np.ndarray  # (R,) int64 first extended id of the run
+    single_positions: np.ndarray  # (S,) int64 output positions of tested, accepted entries
+    single_ids: np.ndarray  # (S,) int64 their extended ids
+    self_positions: np.ndarray  # (Q,) int64 output position of each query's own entry
+
+
+class _Index(NamedTuple):
+    """Full clouds as extended ids (query first in each cloud)."""
+
+    offsets: np.ndarray  # (Q + 1,) int64
+    entries: np.ndarray  # (nnz,) int32 (int64 beyond 2^31 extended points)
 
 
 class CloudSampler:
@@ -276,7 +343,8 @@ class CloudSampler:
             self._tree = cKDTree(self._ext_points)
         else:
             self._build_sweep()
-        self._csr_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._csr_cache: _Index | None = None
+        self._sampling_cache: tuple[np.ndarray, np.ndarray] | None = None
         logger.debug(
             "cloud sampler: %d points, %d with images, region %s", num_points,
             self._ext_points.shape[0], region,
@@ -319,8 +387,12 @@ class CloudSampler:
         return self._ext_points
 
     # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ public API
     def full_clouds(self, queries: np.ndarray | None = None) -> Clouds:
         """All points of the clouds of the query points.
+
+        Point indices are computed here; relative positions, radii and weights when the
+        returned :class:`Clouds` is first asked for them.
 
         Args:
             queries: (Q,) int point indices; None for every point.
@@ -328,24 +400,24 @@ class CloudSampler:
         Returns:
             The clouds in compressed-row form, query point first in each.
         """
+        every_point = queries is None
         queries = self._checked_queries(queries)
-        chunk = self._entries(queries, full=True)
-        offsets = np.zeros(queries.size + 1, dtype=np.int64)
-        np.cumsum(chunk.sizes, out=offsets[1:])
-        radius = np.sqrt(chunk.radius_squared)
         if self.region == "knn":
-            reach = np.maximum.reduceat(radius, offsets[:-1]) if radius.size else radius
-            reach = np.repeat(reach, chunk.sizes)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                radius = np.where(reach > 0, radius / reach, 0.0)
-        return Clouds(
-            queries=queries,
-            offsets=offsets,
-            indices=self._ext_origin[chunk.entries],
-            relative_positions=chunk.relative.astype(self._dtype, copy=False),
-            radius=radius.astype(self._dtype, copy=False),
-            weights=self._weights(radius),
-        )
+            return self._knn_clouds(queries)
+        if every_point and self._csr_cache is not None:
+            index = self._csr_cache
+            indices = self._map_origin(index.entries)
+        else:
+            index, indices = self._index(queries, with_origin=True)
+            if every_point:
+                self._csr_cache = index
+
+        def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+            relative, radius_squared = self._entry_geometry(queries, index)
+            radius = np.sqrt(radius_squared, out=radius_squared)
+            return relative, radius, self._weights(radius)
+
+        return Clouds(queries, index.offsets, indices, compute=compute)
 
     def padded(
         self, queries: np.ndarray | None = None, *, max_points: int | None = None
@@ -370,7 +442,7 @@ class CloudSampler:
         state); the other n - 1 columns are a uniform random subset of the rest of the cloud
         in random order. Clouds of at most n points are taken whole and padded with -1, never
         with duplicated points. The full clouds of all points are computed once and cached
-        (about 4 bytes per entry), so redrawing every epoch costs O(Q n).
+        (4 bytes per entry), so redrawing every epoch costs O(Q n).
 
         Args:
             n: points per sample, >= 1.
@@ -385,16 +457,19 @@ class CloudSampler:
         n = int(n)
         queries = self._checked_queries(queries)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        offsets, entries = self._csr()
-        out = np.full((queries.size, n), -1, dtype=entries.dtype)
-        # Large chunks: sampling is O(rows * n) with small per-call overhead.
-        step = max(1, (1 << 22) // max(n, 1))
+        offsets, padded_entries = self._sampling_index()
+        out = np.empty((queries.size, n), dtype=padded_entries.dtype)
+        sentinel = padded_entries.size - 1  # holds -1: padding slots gather it
+        # Chunks of about 4 M slots keep the temporaries of the draw in cache-sized pieces.
+        step = max(1, (1 << 22) // n)
         for start in range(0, queries.size, step):
             rows = queries[start : start + step]
-            positions = _sample_positions(offsets[rows + 1] - offsets[rows], n, rng)
-            valid = positions >= 0
-            gathered = entries[np.where(valid, positions + offsets[rows][:, None], 0)]
-            out[start : start + rows.size] = np.where(valid, gathered, -1)
+            first = offsets[rows]
+            positions = _sample_positions(offsets[rows + 1] - first, n, rng)
+            padding = positions < 0
+            positions += first[:, None]
+            positions[padding] = sentinel
+            np.take(padded_entries, positions, out=out[start : start + rows.size])
         return CloudEntries(queries=queries, entries=out)
 
     def expand(self, sample: CloudEntries) -> PaddedClouds:
@@ -410,27 +485,29 @@ class CloudSampler:
         mask = entries >= 0
         safe = np.where(mask, entries, 0)
         indices = np.where(mask, self._ext_origin[safe], -1)
-        relative = self._ext_points[safe] - self._points[sample.queries][:, None, :]
+        relative = self._ext_points[safe]
+        relative -= self._points[sample.queries][:, None, :]
         relative[~mask] = 0.0
-        flat_queries = np.broadcast_to(sample.queries[:, None], entries.shape).ravel()
         if self.region == "knn":
             distance = np.linalg.norm(relative, axis=-1)
             reach = self._knn_reach(sample.queries)
             with np.errstate(invalid="ignore", divide="ignore"):
                 radius = np.where(reach[:, None] > 0, distance / reach[:, None], 0.0)
         else:
-            radius = np.sqrt(
-                normalized_radius_squared(
-                    relative.reshape(-1, self.dim),
-                    self._direction[flat_queries],
-                    self._along[flat_queries],
-                    self._across,
-                )
-            ).reshape(entries.shape)
-        radius = np.where(mask, radius, 0.0)
+            # r^2 = |r|^2 / b^2 + (r . e)^2 (1 / a^2 - 1 / b^2), e and a per row.
+            inverse_across_sq = 1.0 / (self._across * self._across)
+            along = self._along[sample.queries]
+            parallel = np.einsum("qnd,qd->qn", relative, self._direction[sample.queries])
+            parallel *= parallel
+            parallel *= (1.0 / (along * along) - inverse_across_sq)[:, None]
+            radius = np.einsum("qnd,qnd->qn", relative, relative)
+            radius *= inverse_across_sq
+            radius += parallel
+            np.maximum(radius, 0.0, out=radius)
+            np.sqrt(radius, out=radius)
         weights = self._weights(radius)
         if weights is not None:
-            weights = np.where(mask, weights, 0.0).astype(self._dtype, copy=False)
+            weights[~mask] = 0.0
         return PaddedClouds(
             queries=sample.queries,
             indices=indices,
@@ -486,6 +563,7 @@ class CloudSampler:
         self._ext_points = np.concatenate(ext_points)
         self._self_ext = origin
 
+
     def _build_sweep(self) -> None:
         """Sort the extended points by transverse cell, then by the sweep coordinate."""
         dim = self.dim
@@ -493,7 +571,7 @@ class CloudSampler:
         self._sweep_axis = int(np.argmax(np.abs(self._velocity).mean(axis=0)))
         self._transverse = [axis for axis in range(dim) if axis != self._sweep_axis]
         ext = self._ext_points
-        self._cell_size = _CELL_FRACTION.get(dim, 1.0) * self._across
+        self._cell_size = _CELL_FRACTION.get(dim, 0.5) * self._across
         transverse = ext[:, self._transverse]
         self._cell_origin = transverse.min(axis=0)
         cell = np.floor((transverse - self._cell_origin) / self._cell_size).astype(np.int64)
@@ -507,6 +585,13 @@ class CloudSampler:
         keys = linear * self._span + (sweep - self._sweep_min)
         order = np.argsort(keys, kind="stable")
         self._sorted_keys = keys[order]
+        # First id of every key bin (about 16 bins per point): a range bound is then one
+        # lookup instead of a binary search over all points.
+        self._bin_origin = -1.0
+        bins = 16 * keys.size
+        self._bin_width = (math.prod(self._cell_shape) * self._span + 1.0) / bins
+        edges = self._bin_origin + np.arange(bins + 2) * self._bin_width
+        self._bin_first = np.searchsorted(self._sorted_keys, edges, side="left")
         # Store the extended set in sweep order so that candidates are runs of ids.
         self._ext_points = np.ascontiguousarray(ext[order])
         self._ext_origin = self._ext_origin[order]
@@ -515,34 +600,52 @@ class CloudSampler:
         self._self_ext = inverse[: self.num_points]
         self._ext_coords = [np.ascontiguousarray(ext[order, axis]) for axis in range(dim)]
 
-    # ------------------------------------------------------------------ cloud entries
-    def _entries(self, queries: np.ndarray, *, full: bool) -> _Chunk:
-        """Full clouds of the queries (query first); with full=True also positions and radii."""
-        if self.region == "knn":
-            return self._knn_entries(queries, full=full)
+    # ------------------------------------------------------------------ cloud index
+    @property
+    def _id_dtype(self) -> type:
+        return np.int32 if self._ext_points.shape[0] < 2**31 - 1 else np.int64
+
+    def _map_origin(self, entries: np.ndarray) -> np.ndarray:
+        """(nnz,) point indices of extended ids (a multithreaded torch gather)."""
+        origin = torch.from_numpy(self._ext_origin.astype(self._id_dtype, copy=False))
+        out = np.empty(entries.size, dtype=origin.numpy().dtype)
+        torch.index_select(origin, 0, torch.from_numpy(entries), out=torch.from_numpy(out))
+        return out
+
+    def _index(
+        self, queries: np.ndarray, *, with_origin: bool
+    ) -> tuple[_Index, np.ndarray | None]:
+        """Full clouds of the queries as extended ids, and point indices if asked for.
+
+        Chunks of queries are planned in threads (cell ranges, exact test of the end pieces,
+        cloud sizes); then the one output array is written in a few whole-array passes
+        (torch's fill, cumulative sum and gather use every core).
+        """
         size = self._chunk_size
         chunks = [queries[i : i + size] for i in range(0, queries.size, size)]
-        results = self._map(lambda chunk: self._sweep_chunk(chunk, full=full), chunks)
-        if not results:
-            empty = np.zeros(0, dtype=np.int64)
-            return _Chunk(empty, empty, np.zeros((0, self.dim)), np.zeros(0))
-        if len(results) == 1:
-            return results[0]
-        return _Chunk(
-            sizes=np.concatenate([r.sizes for r in results]),
-            entries=np.concatenate([r.entries for r in results]),
-            relative=np.concatenate([r.relative for r in results]) if full else None,
-            radius_squared=np.concatenate([r.radius_squared for r in results]) if full else None,
-        )
+        plans = self._map(self._plan_chunk, chunks)
+        sizes = np.concatenate([plan.sizes for plan in plans]) if plans else np.zeros(0, int)
+        offsets = np.zeros(queries.size + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        bases = offsets[np.arange(0, queries.size, size)]
 
-    def _map(self, function: Callable, chunks: list) -> list:
-        if self._workers == 1 or len(chunks) <= 1:
-            return [function(chunk) for chunk in chunks]
-        with ThreadPoolExecutor(max_workers=self._workers) as pool:
-            return list(pool.map(function, chunks))
+        def joined(field: str, shifted: bool) -> np.ndarray:
+            parts = [getattr(plan, field) for plan in plans]
+            if shifted:
+                parts = [part + base for part, base in zip(parts, bases)]
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def _sweep_chunk(self, queries: np.ndarray, *, full: bool) -> _Chunk:
-        dim = self.dim
+        entries = np.empty(int(offsets[-1]), dtype=self._id_dtype)
+        _fill_runs(entries, joined("run_positions", True), joined("run_starts", False))
+        entries[joined("single_positions", True)] = joined("single_ids", False)
+        own_positions = joined("self_positions", True)
+        front = offsets[:-1]
+        entries[own_positions] = entries[front]
+        entries[front] = self._self_ext[queries]
+        indices = self._map_origin(entries) if with_origin else None
+        return _Index(offsets, entries), indices
+
+    def _plan_chunk(self, queries: np.ndarray) -> _ChunkPlan:
         centre = self._points[queries]
         direction = self._direction[queries]
         along = self._along[queries]
@@ -559,9 +662,8 @@ class CloudSampler:
         per_axis = np.maximum(last - first + 1, 0)
         pair_counts = per_axis.prod(axis=1)
         pair_query = np.repeat(np.arange(queries.size), pair_counts)
-        local = np.arange(pair_query.size) - np.repeat(
-            np.cumsum(pair_counts) - pair_counts, pair_counts
-        )
+        pair_front = np.cumsum(pair_counts) - pair_counts
+        local = np.arange(pair_query.size) - np.repeat(pair_front, pair_counts)
         # Mixed-radix decomposition of the pair's rank into per-axis cell numbers.
         cells = np.empty((pair_query.size, len(transverse)), dtype=np.int64)
         for column in range(len(transverse) - 1, -1, -1):
@@ -571,59 +673,159 @@ class CloudSampler:
         lower = self._cell_origin + cells * self._cell_size - centre_t[pair_query]
         upper = lower + self._cell_size
         low, high = chord_bounds(covariance[pair_query], self._sweep_axis, lower, upper)
-        slack = _SLACK * (self._span + np.abs(high) + np.abs(low))
+        inner_low, inner_high = inner_chord_bounds(
+            direction[pair_query], along[pair_query], self._across, self._sweep_axis, lower, upper
+        )
+        # |low|, |high| <= a; a finite slack keeps empty (infinite) bounds from making NaN.
+        slack = _SLACK * (self._span + 2.0 * along[pair_query])
         sweep_centre = centre[pair_query, self._sweep_axis] - self._sweep_min
         base = np.ravel_multi_index(tuple(cells.T), self._cell_shape) * self._span
-        key_low = base + np.clip(sweep_centre + low - slack, -0.5, self._sweep_range + 0.5)
-        key_high = base + np.clip(sweep_centre + high + slack, -0.5, self._sweep_range + 0.5)
-        start = np.searchsorted(self._sorted_keys, key_low, side="left")
-        stop = np.searchsorted(self._sorted_keys, key_high, side="right")
-        counts = np.where(low <= high, np.maximum(stop - start, 0), 0)
-        total = int(counts.sum())
-        # The extended set is stored in sweep order: candidates are runs of consecutive ids.
-        entries = np.arange(total, dtype=np.int64)
-        entries += np.repeat(start - (np.cumsum(counts) - counts), counts)
-        owner = np.repeat(pair_query.astype(np.int32), counts)
-        # r^2 = |r|^2 / b^2 + (r . e)^2 (1 / a^2 - 1 / b^2), per coordinate on 1-D arrays.
-        relative = []
-        norm_sq = np.zeros(total)
-        parallel = np.zeros(total)
-        for axis in range(dim):
-            component = self._ext_coords[axis].take(entries)
+
+        def bound(relative: np.ndarray, rounding: Callable, step: int = 0) -> np.ndarray:
+            key = base + np.clip(sweep_centre + relative, -0.5, self._sweep_range + 0.5)
+            position = rounding((key - self._bin_origin) / self._bin_width) + step
+            return self._bin_first[np.clip(position, 0, self._bin_first.size - 1).astype(np.intp)]
+
+        # Key bins rounded outwards for the outer range and inwards for the inner one: that
+        # only moves points from the accepted run into the tested pieces.
+        outer_start = bound(low - slack, np.floor)
+        outer_stop = np.where(
+            low <= high, np.maximum(bound(high + slack, np.floor, 1), outer_start), outer_start
+        )
+        has_inner = inner_low + slack <= inner_high - slack
+        inner_start = np.where(
+            has_inner, np.clip(bound(inner_low + slack, np.ceil), outer_start, outer_stop),
+            outer_stop,
+        )
+        inner_stop = np.where(
+            has_inner, np.clip(bound(inner_high - slack, np.floor), inner_start, outer_stop),
+            outer_stop,
+        )
+        # End pieces [outer_start, inner_start) and [inner_stop, outer_stop), interleaved per
+        # pair (left, right), go through the exact test.
+        piece_starts = np.stack([outer_start, inner_stop], axis=1).ravel()
+        piece_lengths = np.stack(
+            [inner_start - outer_start, outer_stop - inner_stop], axis=1
+        ).ravel()
+        piece_fronts = np.zeros(piece_lengths.size + 1, dtype=np.int64)
+        np.cumsum(piece_lengths, out=piece_fronts[1:])
+        candidates = np.empty(int(piece_fronts[-1]), dtype=np.int64)
+        _fill_runs(candidates, piece_fronts[:-1], piece_starts, piece_lengths)
+        piece_of = np.repeat(np.arange(piece_lengths.size), piece_lengths)
+        owner = pair_query[piece_of >> 1]
+        inside = self._inside(candidates, centre, direction, along, owner)
+        accepted = np.flatnonzero(inside)
+        inside_before = np.zeros(candidates.size + 1, dtype=np.int64)
+        np.cumsum(inside, out=inside_before[1:])
+        accepted_before = inside_before[piece_fronts]
+        accepted_count = np.diff(accepted_before).reshape(-1, 2)
+        inner_length = inner_stop - inner_start
+        pair_total = accepted_count.sum(axis=1) + inner_length
+        pair_out = np.cumsum(pair_total) - pair_total
+        total_before = np.zeros(pair_total.size + 1, dtype=np.int64)
+        np.cumsum(pair_total, out=total_before[1:])
+        sizes = total_before[pair_front + pair_counts] - total_before[pair_front]
+        run_positions = pair_out + accepted_count[:, 0]
+        # Tested entries: output slot = pair start + rank within the piece (+ left piece and
+        # inner run for the right piece).
+        single_piece = piece_of[accepted]
+        single_pair = single_piece >> 1
+        rank = np.arange(accepted.size) - accepted_before[single_piece]
+        single_positions = pair_out[single_pair] + rank
+        right_offset = accepted_count[:, 0] + inner_length
+        single_positions += (single_piece & 1) * right_offset[single_pair]
+        single_ids = candidates[accepted]
+        # The query's own entry: in an inner run or among the tested entries, exactly once.
+        own = self._self_ext[queries]
+        own_pair = own[pair_query]
+        in_run = np.flatnonzero((own_pair >= inner_start) & (own_pair < inner_stop))
+        in_singles = np.flatnonzero(single_ids == own[pair_query[single_pair]])
+        found_query = np.concatenate([pair_query[in_run], pair_query[single_pair[in_singles]]])
+        found_position = np.concatenate([
+            run_positions[in_run] + own_pair[in_run] - inner_start[in_run],
+            single_positions[in_singles],
+        ])
+        if found_query.size != queries.size or np.any(
+            np.bincount(found_query, minlength=queries.size) != 1
+        ):
+            raise RuntimeError("internal error: a query point was not found once in its cloud")
+        self_positions = np.empty(queries.size, dtype=np.int64)
+        self_positions[found_query] = found_position
+        runs = inner_length > 0
+        return _ChunkPlan(
+            sizes=sizes,
+            run_positions=run_positions[runs],
+            run_starts=inner_start[runs],
+            single_positions=single_positions,
+            single_ids=single_ids,
+            self_positions=self_positions,
+        )
+
+    def _inside(
+        self,
+        candidates: np.ndarray,
+        centre: np.ndarray,
+        direction: np.ndarray,
+        along: np.ndarray,
+        owner: np.ndarray,
+    ) -> np.ndarray:
+        """Exact region test (float64) of candidate extended ids against their owners' regions."""
+        norm_sq = np.zeros(candidates.size)
+        parallel = np.zeros(candidates.size)
+        for axis in range(self.dim):
+            component = self._ext_coords[axis].take(candidates)
             component -= centre[:, axis].take(owner)
-            relative.append(component)
             norm_sq += component * component
             parallel += component * direction[:, axis].take(owner)
+        # r^2 = |r|^2 / b^2 + (r . e)^2 (1 / a^2 - 1 / b^2)
         inverse_across_sq = 1.0 / (self._across * self._across)
         radius_squared = norm_sq
         radius_squared *= inverse_across_sq
         parallel *= parallel
         parallel *= (1.0 / (along * along) - inverse_across_sq).take(owner)
         radius_squared += parallel
-        inside = radius_squared <= 1.0
-        entries = entries[inside]
-        owner = owner[inside]
-        sizes = np.bincount(owner, minlength=queries.size).astype(np.int64)
-        front = np.cumsum(sizes) - sizes
-        self_position = np.flatnonzero(entries == self._self_ext.take(queries).take(owner))
-        if self_position.size != queries.size:
-            raise RuntimeError("internal error: a query point was not found in its own cloud")
-        entries[self_position] = entries[front]
-        entries[front] = self._self_ext.take(queries)
-        if not full:
-            return _Chunk(sizes, entries, None, None)
-        radius_squared = radius_squared[inside]
-        radius_squared[self_position] = radius_squared[front]
-        radius_squared[front] = 0.0
-        stacked = np.empty((entries.size, dim))
-        for axis in range(dim):
-            component = relative[axis][inside]
-            component[self_position] = component[front]
-            component[front] = 0.0
-            stacked[:, axis] = component
-        return _Chunk(sizes, entries, stacked, radius_squared)
+        return radius_squared <= 1.0
 
-    def _knn_entries(self, queries: np.ndarray, *, full: bool) -> _Chunk:
+    def _entry_geometry(self, queries: np.ndarray, index: _Index) -> tuple[np.ndarray, np.ndarray]:
+        """Relative positions ((nnz, d) dtype) and squared radii ((nnz,) dtype) of an index."""
+        offsets, entries = index
+        total = entries.size
+        relative = np.empty((total, self.dim), dtype=self._dtype)
+        radius_squared = np.empty(total, dtype=self._dtype)
+        inverse_across_sq = 1.0 / (self._across * self._across)
+        step = max(1, self._chunk_size // 4)
+
+        def fill(start: int) -> None:
+            rows = queries[start : start + step]
+            part = slice(int(offsets[start]), int(offsets[start + rows.size]))
+            ids = entries[part]
+            counts = np.diff(offsets[start : start + rows.size + 1])
+            norm_sq = np.zeros(ids.size)
+            parallel = np.zeros(ids.size)
+            for axis in range(self.dim):
+                component = self._ext_coords[axis].take(ids)
+                component -= np.repeat(self._points[rows, axis], counts)
+                relative[part, axis] = component
+                norm_sq += component * component
+                parallel += component * np.repeat(self._direction[rows, axis], counts)
+            parallel *= parallel
+            scale = 1.0 / (self._along[rows] ** 2) - inverse_across_sq
+            parallel *= np.repeat(scale, counts)
+            norm_sq *= inverse_across_sq
+            norm_sq += parallel
+            np.maximum(norm_sq, 0.0, out=norm_sq)
+            radius_squared[part] = norm_sq
+
+        self._map(fill, list(range(0, queries.size, step)))
+        return relative, radius_squared
+
+    def _map(self, function: Callable, chunks: list) -> list:
+        if self._workers == 1 or len(chunks) <= 1:
+            return [function(chunk) for chunk in chunks]
+        with ThreadPoolExecutor(max_workers=self._workers) as pool:
+            return list(pool.map(function, chunks))
+
+    def _knn_index(self, queries: np.ndarray) -> _Index:
         k = self.k
         _, neighbours = self._tree.query(self._points[queries], k, workers=-1)
         neighbours = np.asarray(neighbours, dtype=np.int64).reshape(queries.size, k)
@@ -634,26 +836,49 @@ class CloudSampler:
         order = np.argsort(is_self, axis=1, kind="stable")[:, : k - 1]
         others = np.take_along_axis(neighbours, order, axis=1)
         entries = np.concatenate([own[:, None], others], axis=1).ravel()
-        sizes = np.full(queries.size, k, dtype=np.int64)
-        if not full:
-            return _Chunk(sizes, entries, None, None)
+        offsets = np.arange(queries.size + 1, dtype=np.int64) * k
+        return _Index(offsets, entries.astype(self._id_dtype))
+
+    def _knn_clouds(self, queries: np.ndarray) -> Clouds:
+        k = self.k
+        offsets, entries = self._knn_index(queries)
         relative = self._ext_points[entries] - np.repeat(self._points[queries], k, axis=0)
-        return _Chunk(sizes, entries, relative, np.einsum("ij,ij->i", relative, relative))
+        distance = np.linalg.norm(relative, axis=1)
+        reach = np.repeat(distance.reshape(-1, k).max(axis=1), k)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            radius = np.where(reach > 0, distance / reach, 0.0)
+        return Clouds(
+            queries,
+            offsets,
+            self._ext_origin[entries].astype(self._id_dtype),
+            relative.astype(self._dtype, copy=False),
+            radius.astype(self._dtype, copy=False),
+            None,
+        )
 
     def _knn_reach(self, queries: np.ndarray) -> np.ndarray:
         distance, _ = self._tree.query(self._points[queries], self.k, workers=-1)
         return np.asarray(distance).reshape(queries.size, self.k)[:, -1]
 
-    def _csr(self) -> tuple[np.ndarray, np.ndarray]:
-        """Cached full clouds of every point: offsets (N+1,) int64, extended ids (nnz,) int32."""
-        if self._csr_cache is None:
-            chunk = self._entries(np.arange(self.num_points, dtype=np.int64), full=False)
-            offsets = np.zeros(self.num_points + 1, dtype=np.int64)
-            np.cumsum(chunk.sizes, out=offsets[1:])
-            small = np.int32 if self._ext_points.shape[0] < 2**31 else np.int64
-            self._csr_cache = (offsets, chunk.entries.astype(small))
-        return self._csr_cache
-
+    def _sampling_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cached clouds of every point: offsets (N+1,) int64, extended ids + a -1 sentinel."""
+        if self._sampling_cache is None:
+            every_point = np.arange(self.num_points, dtype=np.int64)
+            if self.region == "knn":
+                index = self._knn_index(every_point)
+            else:
+                index = self._csr_cache
+                if index is None:
+                    index, _ = self._index(every_point, with_origin=False)
+            # One trailing -1 lets padding slots be gathered like any other slot.
+            padded = np.empty(index.entries.size + 1, dtype=index.entries.dtype)
+            padded[:-1] = index.entries
+            padded[-1] = -1
+            padded.flags.writeable = False
+            if self.region != "knn":
+                self._csr_cache = _Index(index.offsets, padded[:-1])
+            self._sampling_cache = (index.offsets, padded)
+        return self._sampling_cache
     # ------------------------------------------------------------------ per-entry values
     def _weights(self, radius: np.ndarray) -> np.ndarray | None:
         if self.cutoff_start is None or self.region == "knn":
@@ -677,12 +902,56 @@ class CloudSampler:
         return array
 
 
+
+def _slices(total: int, step: int) -> list[slice]:
+    return [slice(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _fill_runs(
+    out: np.ndarray,
+    positions: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray | None = None,
+) -> None:
+    """Write runs of consecutive integers into out, in one cumulative-sum pass.
+
+    Run k puts starts[k], starts[k] + 1, ... at out[positions[k]:], up to the next run's
+    position. Slots between the end of a run (given by lengths, when some runs may be empty)
+    and the next run hold arbitrary values: the caller overwrites them.
+
+    Args:
+        out: (M,) int32 or int64 contiguous output, written in place.
+        positions: (R,) int64 increasing output positions of the runs.
+        starts: (R,) int64 first value of every run.
+        lengths: (R,) int64 run lengths; only used to drop empty runs.
+    """
+    if lengths is not None:
+        keep = lengths > 0
+        positions, starts = positions[keep], starts[keep]
+    if out.size == 0:
+        return
+    # out[i] = i + shift_k inside run k, with shift_k = starts[k] - positions[k]: a cumulative
+    # sum of ones plus the change of shift at every run start.
+    shift = starts - positions
+    view = torch.from_numpy(out)
+    view.fill_(1)
+    if shift.size:
+        jumps = np.empty_like(shift)
+        jumps[0] = shift[0]
+        np.subtract(shift[1:], shift[:-1], out=jumps[1:])
+        jumps[1:] += 1
+        out[positions] = jumps
+    # In place, so the sum stays in out's dtype (torch.cumsum would promote int32 to int64).
+    view.cumsum_(0)
+
+
 def _sample_positions(sizes: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Local positions of a uniform sample without replacement of n entries per cloud.
 
     Position 0 (the query point) is always kept first; the other n - 1 are drawn from
     1..size-1. Large clouds draw integers with replacement and keep the first n - 1 distinct
-    values in draw order (exactly sequential sampling without replacement); clouds where that
+    values in draw order (exactly sequential sampling without replacement): one sort per row
+    of (value, draw number) keys finds the first occurrence of every value. Clouds where that
     would need many draws, or where too few distinct values came, rank random keys instead.
 
     Args:
@@ -694,7 +963,7 @@ def _sample_positions(sizes: np.ndarray, n: int, rng: np.random.Generator) -> np
         (R, n) int64 positions, -1 in padding slots.
     """
     rows = sizes.size
-    out = np.full((rows, n), -1, dtype=np.int64)
+    out = np.empty((rows, n), dtype=np.int64)
     out[:, 0] = 0
     if n == 1 or rows == 0:
         return out
@@ -712,18 +981,28 @@ def _sample_positions(sizes: np.ndarray, n: int, rng: np.random.Generator) -> np
     done = np.zeros(large.size, dtype=bool)
     rows_sparse = np.flatnonzero(sparse)
     if rows_sparse.size:
-        draws = rng.integers(0, others[rows_sparse, None], size=(rows_sparse.size, draws_per_row))
-        order = np.argsort(draws, axis=1, kind="stable")
-        ordered = np.take_along_axis(draws, order, axis=1)
-        repeated = np.zeros_like(ordered, dtype=bool)
-        repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-        first_seen = np.empty_like(repeated)
-        np.put_along_axis(first_seen, order, ~repeated, axis=1)
-        rank = np.cumsum(first_seen, axis=1)
+        bound = others[rows_sparse]
+        # floor(U * m) with 53-bit U: uniform on 0..m-1 up to m / 2^53.
+        draws = rng.random((rows_sparse.size, draws_per_row))
+        draws *= bound[:, None]
+        draws = draws.astype(np.int64)
+        np.minimum(draws, (bound - 1)[:, None], out=draws)
+        # Sorting value * width + draw number groups equal values in draw order.
+        keys = draws * draws_per_row
+        keys += np.arange(draws_per_row)
+        keys.sort(axis=1)
+        value = keys // draws_per_row
+        first = np.empty(keys.shape, dtype=bool)
+        first[:, 0] = True
+        np.not_equal(value[:, 1:], value[:, :-1], out=first[:, 1:])
+        first_seen = np.zeros_like(first)
+        np.put_along_axis(first_seen, keys - value * draws_per_row, first, axis=1)
+        rank = np.cumsum(first_seen, axis=1, dtype=np.int32)
         enough = rank[:, -1] >= want
-        keep = first_seen & (rank <= want) & enough[:, None]
-        chosen = draws[keep].reshape(-1, want)
-        out[large[rows_sparse[enough]], 1:] = chosen + 1
+        keep = first_seen
+        keep &= rank <= want
+        keep &= enough[:, None]
+        out[large[rows_sparse[enough]], 1:] = draws[keep].reshape(-1, want) + 1
         done[rows_sparse[enough]] = True
     rest = np.flatnonzero(~done)
     if rest.size:
