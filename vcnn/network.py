@@ -369,6 +369,7 @@ class VectorCloudNet(nn.Module):
                 residual=cfg.residual,
             )
             self.pair_embedding = None
+            self.register_buffer("_point_columns", None, persistent=False)
             self.register_buffer("_pair_columns", None, persistent=False)
         else:
             point_columns = cfg.point_scalar_columns
