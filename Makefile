@@ -26,9 +26,12 @@ demo: venv
 test: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Benchmarks print Markdown tables (and keep a copy under results/); BENCH_ARGS=--quick for a short run.
+BENCH_ARGS ?=
 bench: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_pipeline.py
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_vcnn.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_clouds.py $(BENCH_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_inference.py $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
