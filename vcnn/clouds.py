@@ -413,8 +413,7 @@ class CloudSampler:
                 self._csr_cache = index
 
         def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-            relative, radius_squared = self._entry_geometry(queries, index)
-            radius = np.sqrt(radius_squared, out=radius_squared)
+            relative, radius = self._entry_geometry(queries, index)
             return relative, radius, self._weights(radius)
 
         return Clouds(queries, index.offsets, indices, compute=compute)
@@ -460,16 +459,24 @@ class CloudSampler:
         offsets, padded_entries = self._sampling_index()
         out = np.empty((queries.size, n), dtype=padded_entries.dtype)
         sentinel = padded_entries.size - 1  # holds -1: padding slots gather it
-        # Chunks of about 4 M slots keep the temporaries of the draw in cache-sized pieces.
-        step = max(1, (1 << 22) // n)
-        for start in range(0, queries.size, step):
+        # Chunks of about 1 M slots, drawn in threads; each chunk has its own generator seeded
+        # from rng, so the sample does not depend on the thread schedule.
+        step = max(1, (1 << 20) // n)
+        starts = range(0, queries.size, step)
+        seeds = rng.integers(0, 2**63 - 1, size=len(starts))
+
+        def draw(job: int) -> None:
+            start = starts[job]
             rows = queries[start : start + step]
             first = offsets[rows]
-            positions = _sample_positions(offsets[rows + 1] - first, n, rng)
+            chunk_rng = np.random.default_rng(int(seeds[job]))
+            positions = _sample_positions(offsets[rows + 1] - first, n, chunk_rng)
             padding = positions < 0
             positions += first[:, None]
             positions[padding] = sentinel
             np.take(padded_entries, positions, out=out[start : start + rows.size])
+
+        self._map(draw, list(range(len(starts))))
         return CloudEntries(queries=queries, entries=out)
 
     def expand(self, sample: CloudEntries) -> PaddedClouds:
@@ -482,37 +489,45 @@ class CloudSampler:
             (Q, n) padded clouds.
         """
         entries = sample.entries
+        queries = sample.queries
+        num_rows, width = entries.shape
         mask = entries >= 0
-        safe = np.where(mask, entries, 0)
-        indices = np.where(mask, self._ext_origin[safe], -1)
-        relative = self._ext_points[safe]
-        relative -= self._points[sample.queries][:, None, :]
-        relative[~mask] = 0.0
+        indices = np.where(mask, self._ext_origin.astype(entries.dtype)[entries], -1)
         if self.region == "knn":
+            safe = np.where(mask, entries, 0)
+            relative = self._ext_points[safe] - self._points[queries][:, None, :]
+            relative[~mask] = 0.0
             distance = np.linalg.norm(relative, axis=-1)
-            reach = self._knn_reach(sample.queries)
+            reach = self._knn_reach(queries)
             with np.errstate(invalid="ignore", divide="ignore"):
                 radius = np.where(reach[:, None] > 0, distance / reach[:, None], 0.0)
+            relative = relative.astype(self._dtype, copy=False)
+            radius = np.where(mask, radius, 0.0).astype(self._dtype, copy=False)
         else:
-            # r^2 = |r|^2 / b^2 + (r . e)^2 (1 / a^2 - 1 / b^2), e and a per row.
-            inverse_across_sq = 1.0 / (self._across * self._across)
-            along = self._along[sample.queries]
-            parallel = np.einsum("qnd,qd->qn", relative, self._direction[sample.queries])
-            parallel *= parallel
-            parallel *= (1.0 / (along * along) - inverse_across_sq)[:, None]
-            radius = np.einsum("qnd,qnd->qn", relative, relative)
-            radius *= inverse_across_sq
-            radius += parallel
-            np.maximum(radius, 0.0, out=radius)
-            np.sqrt(radius, out=radius)
+            relative = np.empty((num_rows, width, self.dim), dtype=self._dtype)
+            radius = np.empty((num_rows, width), dtype=self._dtype)
+            # A padding slot (-1) gathers the query's own point: relative 0, radius 0.
+            safe = np.where(mask, entries, self._self_ext[queries][:, None])
+            step = max(1, (1 << 16) // max(width, 1))
+            counts = np.full(min(step, num_rows), width)
+
+            def fill(start: int) -> None:
+                rows = slice(start, min(start + step, num_rows))
+                count = rows.stop - rows.start
+                self._fill_geometry(
+                    safe[rows].ravel(), queries[rows], counts[:count],
+                    relative[rows].reshape(-1, self.dim), radius[rows].reshape(-1),
+                )
+
+            self._map(fill, list(range(0, num_rows, step)))
         weights = self._weights(radius)
         if weights is not None:
             weights[~mask] = 0.0
         return PaddedClouds(
-            queries=sample.queries,
+            queries=queries,
             indices=indices,
-            relative_positions=relative.astype(self._dtype, copy=False),
-            radius=radius.astype(self._dtype, copy=False),
+            relative_positions=relative,
+            radius=radius,
             mask=mask,
             weights=weights,
         )
@@ -787,37 +802,64 @@ class CloudSampler:
         return radius_squared <= 1.0
 
     def _entry_geometry(self, queries: np.ndarray, index: _Index) -> tuple[np.ndarray, np.ndarray]:
-        """Relative positions ((nnz, d) dtype) and squared radii ((nnz,) dtype) of an index."""
+        """Relative positions ((nnz, d) dtype) and radii ((nnz,) dtype) of a full-cloud index."""
         offsets, entries = index
-        total = entries.size
-        relative = np.empty((total, self.dim), dtype=self._dtype)
-        radius_squared = np.empty(total, dtype=self._dtype)
-        inverse_across_sq = 1.0 / (self._across * self._across)
-        step = max(1, self._chunk_size // 4)
+        relative = np.empty((entries.size, self.dim), dtype=self._dtype)
+        radius = np.empty(entries.size, dtype=self._dtype)
+        # About 64 k entries per piece: the float64 temporaries stay in the core's cache.
+        step = max(1, (1 << 16) // max(1, entries.size // max(1, queries.size)))
 
         def fill(start: int) -> None:
-            rows = queries[start : start + step]
-            part = slice(int(offsets[start]), int(offsets[start + rows.size]))
-            ids = entries[part]
-            counts = np.diff(offsets[start : start + rows.size + 1])
-            norm_sq = np.zeros(ids.size)
-            parallel = np.zeros(ids.size)
-            for axis in range(self.dim):
-                component = self._ext_coords[axis].take(ids)
-                component -= np.repeat(self._points[rows, axis], counts)
-                relative[part, axis] = component
-                norm_sq += component * component
-                parallel += component * np.repeat(self._direction[rows, axis], counts)
-            parallel *= parallel
-            scale = 1.0 / (self._along[rows] ** 2) - inverse_across_sq
-            parallel *= np.repeat(scale, counts)
-            norm_sq *= inverse_across_sq
-            norm_sq += parallel
-            np.maximum(norm_sq, 0.0, out=norm_sq)
-            radius_squared[part] = norm_sq
+            stop = min(start + step, queries.size)
+            part = slice(int(offsets[start]), int(offsets[stop]))
+            self._fill_geometry(
+                entries[part], queries[start:stop], np.diff(offsets[start : stop + 1]),
+                relative[part], radius[part],
+            )
 
         self._map(fill, list(range(0, queries.size, step)))
-        return relative, radius_squared
+        return relative, radius
+
+    def _fill_geometry(
+        self,
+        ids: np.ndarray,
+        queries: np.ndarray,
+        counts: np.ndarray,
+        relative: np.ndarray,
+        radius: np.ndarray,
+    ) -> None:
+        """Write x_i - x0 and the normalised region radius of entries grouped by query.
+
+        Args:
+            ids: (M,) int extended ids (>= 0), counts[r] consecutive ones per query r.
+            queries: (R,) int64 query points.
+            counts: (R,) int64 entries per query (summing to M).
+            relative: (M, d) float output.
+            radius: (M,) float output.
+        """
+        # The subtraction is done in float64 (coordinates are much larger than the relative
+        # positions); the radius, a smooth function of the result, in the output dtype.
+        dtype = relative.dtype
+        norm_sq = np.zeros(ids.size, dtype=dtype)
+        parallel = np.zeros(ids.size, dtype=dtype)
+        component = np.empty(ids.size, dtype=dtype)
+        for axis in range(self.dim):
+            wide = self._ext_coords[axis].take(ids)
+            wide -= np.repeat(self._points[queries, axis], counts)
+            component[:] = wide
+            relative[:, axis] = component
+            norm_sq += component * component
+            component *= np.repeat(self._direction[queries, axis].astype(dtype), counts)
+            parallel += component
+        inverse_across_sq = 1.0 / (self._across * self._across)
+        parallel *= parallel
+        parallel *= np.repeat(
+            (1.0 / (self._along[queries] ** 2) - inverse_across_sq).astype(dtype), counts
+        )
+        norm_sq *= dtype.type(inverse_across_sq)
+        norm_sq += parallel
+        np.maximum(norm_sq, 0.0, out=norm_sq)
+        np.sqrt(norm_sq, out=radius)
 
     def _map(self, function: Callable, chunks: list) -> list:
         if self._workers == 1 or len(chunks) <= 1:
@@ -950,8 +992,9 @@ def _sample_positions(sizes: np.ndarray, n: int, rng: np.random.Generator) -> np
 
     Position 0 (the query point) is always kept first; the other n - 1 are drawn from
     1..size-1. Large clouds draw integers with replacement and keep the first n - 1 distinct
-    values in draw order (exactly sequential sampling without replacement): one sort per row
-    of (value, draw number) keys finds the first occurrence of every value. Clouds where that
+    values in draw order (exactly sequential sampling without replacement): a sort per row of
+    (value, draw number) keys finds the first draw of every value, a second sort by draw
+    number puts them back in draw order. Clouds where that
     would need many draws, or where too few distinct values came, rank random keys instead.
 
     Args:
@@ -985,24 +1028,29 @@ def _sample_positions(sizes: np.ndarray, n: int, rng: np.random.Generator) -> np
         # floor(U * m) with 53-bit U: uniform on 0..m-1 up to m / 2^53.
         draws = rng.random((rows_sparse.size, draws_per_row))
         draws *= bound[:, None]
-        draws = draws.astype(np.int64)
-        np.minimum(draws, (bound - 1)[:, None], out=draws)
-        # Sorting value * width + draw number groups equal values in draw order.
-        keys = draws * draws_per_row
-        keys += np.arange(draws_per_row)
+        draw_bits = int(draws_per_row - 1).bit_length()
+        value_bits = int(bound.max() - 1).bit_length()
+        key_type = np.int32 if draw_bits + value_bits <= 31 else np.int64
+        keys = draws.astype(key_type)
+        np.minimum(keys, (bound - 1).astype(key_type)[:, None], out=keys)
+        # Sorting (value, draw number) bit-packed keys groups equal values in draw order.
+        keys <<= draw_bits
+        keys |= np.arange(draws_per_row, dtype=key_type)
         keys.sort(axis=1)
-        value = keys // draws_per_row
-        first = np.empty(keys.shape, dtype=bool)
-        first[:, 0] = True
-        np.not_equal(value[:, 1:], value[:, :-1], out=first[:, 1:])
-        first_seen = np.zeros_like(first)
-        np.put_along_axis(first_seen, keys - value * draws_per_row, first, axis=1)
-        rank = np.cumsum(first_seen, axis=1, dtype=np.int32)
-        enough = rank[:, -1] >= want
-        keep = first_seen
-        keep &= rank <= want
-        keep &= enough[:, None]
-        out[large[rows_sparse[enough]], 1:] = draws[keep].reshape(-1, want) + 1
+        value = keys >> draw_bits
+        repeat = value[:, 1:] == value[:, :-1]
+        # The first draw of every value, re-sorted by (draw number, value); repeats go last.
+        keys &= (1 << draw_bits) - 1
+        keys <<= value_bits
+        keys |= value
+        sentinel = np.iinfo(key_type).max
+        np.copyto(keys[:, 1:], sentinel, where=repeat)
+        keys.sort(axis=1)
+        chosen = keys[:, :want]
+        enough = chosen[:, -1] != sentinel
+        chosen = chosen[enough]
+        chosen &= (1 << value_bits) - 1
+        out[large[rows_sparse[enough]], 1:] = chosen + 1
         done[rows_sparse[enough]] = True
     rest = np.flatnonzero(~done)
     if rest.size:
