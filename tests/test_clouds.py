@@ -241,3 +241,117 @@ def test_bad_queries_and_sample_size(sampler):
 def test_zero_velocity_everywhere_and_single_point():
     single = CloudSampler(np.zeros((1, 2)), np.zeros((1, 2))).full_clouds()
     assert single.sizes.tolist() == [1] and single.indices.tolist() == [0]
+
+
+def test_inner_chord_bounds_are_inside_and_tight():
+    from vcnn._regions import inner_chord_bounds
+
+    rng = np.random.default_rng(21)
+    count = 3000
+    for dim in (2, 3):
+        direction = rng.normal(size=(count, dim))
+        direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+        direction[:20] = 0.0  # balls
+        across = 0.3
+        along = rng.uniform(across, 2.0, count)
+        lower = rng.uniform(-0.45, 0.4, (count, dim - 1))
+        upper = lower + rng.uniform(0.01, 0.15, (count, dim - 1))
+        low, high = inner_chord_bounds(direction, along, across, 1, lower, upper)
+        has = low <= high
+        assert 0.2 < has.mean() < 1.0  # both cases occur
+        transverse = [axis for axis in range(dim) if axis != 1]
+        for trial in range(6):  # random points of the accepted box, then its corners
+            point = np.empty((count, dim))
+            point[:, transverse] = lower + rng.random((count, dim - 1)) * (upper - lower)
+            point[:, 1] = np.where(has, low, 0.0) + rng.random(count) * np.where(has, high - low, 0.0)
+            if trial == 0:  # the worst corner: exactly on the boundary for some pair
+                point[:, transverse] = np.where(rng.random((count, dim - 1)) < 0.5, lower, upper)
+            parallel = np.einsum("ij,ij->i", point, direction)
+            radius_sq = parallel**2 / along**2 + (np.einsum("ij,ij->i", point, point) - parallel**2) / across**2
+            assert np.all(radius_sq[has] <= 1 + 1e-9)
+        # Tight: some corner of every non-empty cell sits on the boundary at low or high.
+        corners = itertools.product(*[(0, 1)] * (dim - 1))
+        closest = np.full(count, np.inf)
+        for corner in corners:
+            point = np.empty((count, dim))
+            point[:, transverse] = np.where(np.array(corner, bool), upper, lower)
+            for end in (low, high):
+                point[:, 1] = np.where(has, end, 0.0)
+                parallel = np.einsum("ij,ij->i", point, direction)
+                radius_sq = parallel**2 / along**2 + (np.einsum("ij,ij->i", point, point) - parallel**2) / across**2
+                closest = np.minimum(closest, np.abs(radius_sq - 1))
+        assert np.all(closest[has] < 1e-9)
+
+
+@pytest.mark.parametrize("size", [1000, 5_000_000])  # numpy path, torch path
+def test_fill_runs_matches_concatenated_ranges(size):
+    from vcnn.clouds import _fill_runs
+
+    rng = np.random.default_rng(size)
+    lengths = rng.integers(0, 2 * size // 300, 300)
+    gaps = rng.integers(0, 3, 300)
+    positions = np.cumsum(lengths + gaps) - lengths - gaps
+    starts = rng.integers(0, 2**30, 300)
+    out = np.empty(int(positions[-1] + lengths[-1] + gaps[-1]), dtype=np.int32)
+    _fill_runs(out, positions, starts, lengths)
+    for position, start, length in zip(positions, starts, lengths):
+        np.testing.assert_array_equal(out[position : position + length], start + np.arange(length))
+
+
+def test_many_chunks_and_threads_give_the_same_clouds():
+    rng = np.random.default_rng(8)
+    points = rng.random((1500, 2)) * [3.0, 1.0]
+    velocity = np.stack([1 + points[:, 1], 0.4 * np.cos(2 * points[:, 0])], axis=1)
+    options = dict(period=[3.0, 0.0], diffusivity=D, zeta=ZETA)
+    one = CloudSampler(points, velocity, workers=1, chunk_size=100_000, **options)
+    many = CloudSampler(points, velocity, workers=2, chunk_size=37, **options)
+    queries = rng.integers(0, 1500, 700)  # repeats and any order
+    first, second = one.full_clouds(queries), many.full_clouds(queries)
+    assert first.indices.dtype == np.int32
+    np.testing.assert_array_equal(first.offsets, second.offsets)
+    np.testing.assert_array_equal(first.indices, second.indices)
+    np.testing.assert_array_equal(first.indices[first.offsets[:-1]], queries)
+    np.testing.assert_allclose(first.relative_positions, second.relative_positions)
+    # All points: computed, then served from the cached index, then sampled from it.
+    fresh = many.full_clouds()
+    cached = many.full_clouds()
+    np.testing.assert_array_equal(fresh.indices, cached.indices)
+    np.testing.assert_allclose(fresh.radius, cached.radius)
+    for q in queries[:50]:
+        row = slice(first.offsets[np.flatnonzero(queries == q)[0]], None)
+        expected = fresh.indices[fresh.offsets[q] : fresh.offsets[q + 1]]
+        np.testing.assert_array_equal(first.indices[row][: expected.size], expected)
+    # Samples do not depend on the thread count or on how the index was built.
+    np.testing.assert_array_equal(
+        one.sample_entries(40, seed=3).entries, many.sample_entries(40, seed=3).entries
+    )
+
+
+def test_lazy_geometry_matches_direct_formula(sampler):
+    clouds = sampler.full_clouds(np.arange(0, 2000, 7))
+    assert "_values" not in clouds.__dict__  # nothing computed until asked
+    rows = np.repeat(clouds.queries, clouds.sizes)
+    points = np.random.default_rng(5).random((2000, 2)) * [2.0, 1.0]  # as in the fixture
+    relative = points[clouds.indices] - points[rows]
+    relative[:, 0] -= 2.0 * np.round(relative[:, 0] / 2.0)  # clouds are smaller than the period
+    np.testing.assert_allclose(clouds.relative_positions, relative, atol=1e-6)
+    along, across = sampler.semi_axes
+    velocity = np.stack([np.ones(2000), 0.3 * np.sin(3 * points[:, 0])], axis=1)
+    direction = velocity / np.linalg.norm(velocity, axis=1, keepdims=True)
+    parallel = np.einsum("ij,ij->i", relative, direction[rows])
+    radius = np.sqrt(parallel**2 / along[rows] ** 2 + ((relative**2).sum(1) - parallel**2) / across**2)
+    np.testing.assert_allclose(clouds.radius, radius, atol=1e-6)
+    np.testing.assert_allclose(clouds.weights, smooth_switch(radius, start=0.8), atol=1e-5)
+
+
+def test_dense_sampling_path_is_uniform():
+    # 12 points, n = 8: fewer than 2 (n - 1) others, so random keys are ranked instead.
+    points = np.stack([np.linspace(0, 0.1, 12), np.zeros(12)], axis=1)
+    sampler = CloudSampler(points, np.zeros_like(points), region="ball", radius=1.0)
+    counts = np.zeros(12)
+    draws = sampler.sample_entries(8, queries=np.zeros(600, dtype=int), seed=1).entries
+    assert np.all(np.sort(draws, axis=1)[:, 1:] != np.sort(draws, axis=1)[:, :-1])
+    np.add.at(counts, draws[:, 1:].ravel(), 1)
+    others = counts[np.argsort(sampler.extended_origin)][1:]
+    expected = 600 * 7 / 11
+    assert np.all(np.abs(others - expected) < 5 * np.sqrt(expected))

@@ -65,7 +65,7 @@ SeedLike = int | np.random.Generator | None
 # Transverse cell size of the sweep in units of the smallest transverse semi-axis: thinner
 # cells leave shorter end pieces to test but give more (query, cell) pairs; measured on the
 # 40k hill field (experiments/bench_clouds.py).
-_CELL_FRACTION = {2: 0.25, 3: 0.5}
+_CELL_FRACTION = {2: 0.15, 3: 0.5}
 # Relative slack on chord bounds so that round-off never drops a point on the boundary (outer
 # range) nor accepts one outside (inner range); the exact test decides in between.
 _SLACK = 1e-9
@@ -837,29 +837,25 @@ class CloudSampler:
             relative: (M, d) float output.
             radius: (M,) float output.
         """
-        # The subtraction is done in float64 (coordinates are much larger than the relative
-        # positions); the radius, a smooth function of the result, in the output dtype.
-        dtype = relative.dtype
-        norm_sq = np.zeros(ids.size, dtype=dtype)
-        parallel = np.zeros(ids.size, dtype=dtype)
-        component = np.empty(ids.size, dtype=dtype)
+        # float64 throughout (coordinates are much larger than relative positions; the radius
+        # feeds a steep cutoff); the pieces are small enough to stay in cache.
+        norm_sq = np.zeros(ids.size)
+        parallel = np.zeros(ids.size)
         for axis in range(self.dim):
-            wide = self._ext_coords[axis].take(ids)
-            wide -= np.repeat(self._points[queries, axis], counts)
-            component[:] = wide
+            component = self._ext_coords[axis].take(ids)
+            component -= np.repeat(self._points[queries, axis], counts)
             relative[:, axis] = component
             norm_sq += component * component
-            component *= np.repeat(self._direction[queries, axis].astype(dtype), counts)
+            component *= np.repeat(self._direction[queries, axis], counts)
             parallel += component
         inverse_across_sq = 1.0 / (self._across * self._across)
         parallel *= parallel
-        parallel *= np.repeat(
-            (1.0 / (self._along[queries] ** 2) - inverse_across_sq).astype(dtype), counts
-        )
-        norm_sq *= dtype.type(inverse_across_sq)
+        parallel *= np.repeat(1.0 / (self._along[queries] ** 2) - inverse_across_sq, counts)
+        norm_sq *= inverse_across_sq
         norm_sq += parallel
         np.maximum(norm_sq, 0.0, out=norm_sq)
-        np.sqrt(norm_sq, out=radius)
+        np.sqrt(norm_sq, out=norm_sq)
+        radius[:] = norm_sq
 
     def _map(self, function: Callable, chunks: list) -> list:
         if self._workers == 1 or len(chunks) <= 1:
@@ -975,16 +971,24 @@ def _fill_runs(
     # out[i] = i + shift_k inside run k, with shift_k = starts[k] - positions[k]: a cumulative
     # sum of ones plus the change of shift at every run start.
     shift = starts - positions
-    view = torch.from_numpy(out)
-    view.fill_(1)
+    # torch's fill and cumulative sum use every core; small pieces (planned in threads
+    # already) stay in numpy.
+    view = torch.from_numpy(out) if out.size >= 1 << 22 else None
+    if view is None:
+        out.fill(1)
+    else:
+        view.fill_(1)
     if shift.size:
         jumps = np.empty_like(shift)
         jumps[0] = shift[0]
         np.subtract(shift[1:], shift[:-1], out=jumps[1:])
         jumps[1:] += 1
         out[positions] = jumps
-    # In place, so the sum stays in out's dtype (torch.cumsum would promote int32 to int64).
-    view.cumsum_(0)
+    if view is None:
+        np.cumsum(out, out=out, dtype=out.dtype)
+    else:
+        # In place, so the sum keeps out's dtype (torch.cumsum would promote int32 to int64).
+        view.cumsum_(0)
 
 
 def _sample_positions(sizes: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
