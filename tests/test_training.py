@@ -110,6 +110,15 @@ def test_early_stopping_with_patience(data_dir, tmp_path):
     assert len(result.history) == 3
 
 
+def test_time_limit_stops_after_the_epoch_that_passes_it(data_dir, tmp_path):
+    # a limit of 0.001 min (60 ms) is passed during the first epoch
+    result = train(_config(data_dir, tmp_path / "run", epochs=10, time_limit_minutes=0.001))
+    assert len(result.history) == 1
+    assert (tmp_path / "run" / "last.pt").is_file()
+    with pytest.raises(ConfigError, match="time_limit_minutes"):
+        TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "time_limit_minutes": 0})
+
+
 def test_config_round_trip_and_errors():
     config = TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "epochs": 3})
     assert TrainConfig.from_dict(config.to_dict()) == config

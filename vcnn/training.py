@@ -114,6 +114,9 @@ class TrainConfig:
         resume: continue from ``out_dir/last.pt`` when it exists.
         progress: per-batch progress text on stderr; None: only when stderr is a terminal.
         num_threads: torch CPU threads; None: torch's default.
+        time_limit_minutes: stop after the epoch during which the run's wall clock (summed
+            over resumed sessions) passes this many minutes; None: no limit. The checkpoints
+            of that epoch are written, so ``resume`` with a larger limit continues the run.
         model: network table: ``kind`` (``"VectorCloudNet"`` or ``"BaselineNet"``),
             ``preset`` (``"default"`` or ``"published"``, VectorCloudNet only) and any
             constructor argument as an override (e.g. ``embedding = [16, 32]``).
@@ -150,6 +153,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool | None = None
     num_threads: int | None = None
+    time_limit_minutes: float | None = None
     model: dict[str, Any] = field(default_factory=dict)
     cloud: dict[str, Any] = field(default_factory=dict)
     features: dict[str, Any] = field(default_factory=dict)
@@ -179,6 +183,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be an integer >= 1 or absent, got {value!r}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
+            raise ConfigError(f"time_limit_minutes must be > 0, got {self.time_limit_minutes}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.weight_decay < 0 or self.min_learning_rate < 0 or self.min_delta < 0:
@@ -790,6 +796,19 @@ def _train(
             dist.barrier()
         if on_epoch_end is not None:
             on_epoch_end(record)
+        out_of_time = (
+            config.time_limit_minutes is not None and wall_clock >= 60 * config.time_limit_minutes
+        )
+        if distributed.world_size > 1:  # ranks' clocks differ: rank 0 decides for all
+            decision = torch.tensor([float(out_of_time)], device=device)
+            dist.broadcast(decision, src=0)
+            out_of_time = bool(decision.item())
+        if out_of_time:
+            if is_main:
+                logger.info(
+                    "time limit of %g min reached after epoch %d", config.time_limit_minutes, epoch
+                )
+            break
 
     if is_main and history:
         from vcnn.plotting_training import plot_learning_curves
