@@ -194,7 +194,9 @@ def inner_chord_bounds(
     return low, high
 
 
-def smooth_switch(radius: np.ndarray, *, start: float) -> np.ndarray:
+def smooth_switch(
+    radius: np.ndarray, *, start: float, out: np.ndarray | None = None
+) -> np.ndarray:
     """C^2 cutoff: 1 for r <= start, 1 - t^3 (6 t^2 - 15 t + 10) between, 0 for r >= 1.
 
     Here t = (r - start) / (1 - start). The first and second derivatives vanish at both ends,
@@ -203,9 +205,24 @@ def smooth_switch(radius: np.ndarray, *, start: float) -> np.ndarray:
     Args:
         radius: (...) float normalised radius (1 on the region boundary).
         start: where the switch starts to fall, in [0, 1).
+        out: (...) float array of radius's shape to write the weights into (may be radius
+            itself); None for a new array.
 
     Returns:
-        (...) float weights in [0, 1], same dtype as radius.
+        (...) float weights in [0, 1], same dtype as radius (or out).
     """
-    t = np.clip((radius - start) / (1.0 - start), 0.0, 1.0)
-    return 1.0 - t * t * t * (t * (6.0 * t - 15.0) + 10.0)
+    radius = np.asarray(radius)
+    if out is None:
+        out = np.empty(radius.shape, dtype=np.result_type(radius, 0.0))
+    # In place on one array (Horner form): no temporaries of the input's size.
+    t = np.subtract(radius, start, out=out)
+    t *= 1.0 / (1.0 - start)
+    np.clip(t, 0.0, 1.0, out=t)
+    polynomial = t * 6.0
+    polynomial -= 15.0
+    polynomial *= t
+    polynomial += 10.0
+    polynomial *= t
+    polynomial *= t
+    polynomial *= t
+    return np.subtract(1.0, polynomial, out=t)

@@ -921,7 +921,16 @@ class CloudSampler:
     def _weights(self, radius: np.ndarray) -> np.ndarray | None:
         if self.cutoff_start is None or self.region == "knn":
             return None
-        return smooth_switch(radius, start=self.cutoff_start).astype(self._dtype, copy=False)
+        weights = np.empty(radius.shape, dtype=self._dtype)
+        flat_radius, flat_weights = radius.reshape(-1), weights.reshape(-1)
+        # Cache-sized pieces in threads: the polynomial takes several passes over each.
+        self._map(
+            lambda part: smooth_switch(
+                flat_radius[part], start=self.cutoff_start, out=flat_weights[part]
+            ),
+            _slices(flat_radius.size, 1 << 16),
+        )
+        return weights
 
     def _checked_queries(self, queries: np.ndarray | None) -> np.ndarray:
         if queries is None:
