@@ -20,7 +20,6 @@ Usage: ``python experiments/bench_inference.py [--quick] [--batch 1024] [--threa
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from vcnn.network import VectorCloudNet, flops_per_cloud
+from vcnn.system import machine_summary
 
 DIM = 2
 NUM_SCALARS = 7
@@ -54,17 +54,6 @@ class Row:
     mflop_per_cloud: float
     gflops: float
     peak_fraction: float
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def time_call(function: Callable[[], object], *, warm_up: bool) -> float:
@@ -191,7 +180,7 @@ def main() -> None:
             )
 
     print(
-        f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU: {machine_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"float32; best of {rounds} round-robin rounds (after one warm-up call); "
         f"{'quick run' if args.quick else 'full run'}"
     )

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from vcnn.system import machine_summary
 
 STAGES = {
     "mesh": ("mesh",),
@@ -62,16 +63,6 @@ def run(ranks: int, alpha: float, resolution: float) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alpha", type=float, default=1.0)
@@ -93,8 +84,8 @@ def main(argv=None) -> int:
     header = "| stage | " + " | ".join(f"{r} rank{'s' * (r > 1)} (s)" for r in results) + " |"
     lines = [
         f"Hill case alpha = {args.alpha:g}, resolution {args.resolution:g} "
-        f"({results[args.ranks[0]]['points']} closure points); {cpu_model()}, "
-        f"{os.cpu_count()} cores; forms compiled beforehand.",
+        f"({results[args.ranks[0]]['points']} closure points); {machine_summary()}; "
+        "forms compiled beforehand.",
         "",
         header,
         "|---" * (len(results) + 1) + "|",
