@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import time
 import tracemalloc
@@ -26,6 +25,7 @@ import numpy as np
 
 import vcnn
 from vcnn.clouds import CloudSampler
+from vcnn.system import cpu_model
 
 _PIECES = [  # ERCOFTAC hill profile, native units (h = 28), DESIGN 3.1
     (9.0, (28.0, 0.0, 6.775070969851e-3, -2.124527775800e-3)),
@@ -100,17 +100,6 @@ def baseline_clouds(points, velocity, period, queries, along, across) -> list[np
         inside = par**2 / along[q] ** 2 + ((rel**2).sum(1) - par**2) / across**2 <= 1.0
         clouds.append(frame.index[inside].to_numpy() if frame is not None else np.flatnonzero(inside))
     return clouds, pd is not None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class Timing(NamedTuple):
