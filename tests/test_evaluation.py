@@ -77,3 +77,18 @@ def test_evaluate_rejects_bad_cloud_size(trained, tmp_path):
     data_dir, checkpoint = trained
     with pytest.raises(ValueError, match="cloud_size"):
         evaluate(checkpoint, data_dir, tmp_path, cloud_size=0)
+
+
+def test_predictions_do_not_depend_on_the_frame(trained):
+    data_dir, checkpoint = trained
+    loaded = load_model(checkpoint)
+    source = CaseSource(data_dir / "channel_a1.000.npz")
+    reference = predict_case(loaded, source).prediction
+    angle = 0.7
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    reflection = np.diag([1.0, -1.0]) @ rotation
+    for frame in (rotation, reflection):
+        rotated = predict_case(loaded, source, frame=frame).prediction
+        np.testing.assert_allclose(rotated, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
+    with pytest.raises(ValueError, match="orthogonal"):
+        predict_case(loaded, source, frame=np.eye(2) * 2)

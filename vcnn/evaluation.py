@@ -120,6 +120,7 @@ def predict_case(
     batch_size: int = 1024,
     max_entries_per_batch: int = 2_000_000,
     seed: int = 0,
+    frame: np.ndarray | None = None,
 ) -> CasePrediction:
     """Predict tau at every point of a case.
 
@@ -131,6 +132,10 @@ def predict_case(
         batch_size: most clouds per forward pass.
         max_entries_per_batch: most padded point slots (clouds x width) per forward pass.
         seed: seed of the random subsets (``cloud_size`` given).
+        frame: (d, d) orthogonal matrix: present the case in a rotated/reflected frame, i.e.
+            every relative position and input vector is multiplied by it (the invariant
+            scalars and the clouds do not change). A frame-independent model predicts the
+            same tau in every frame.
 
     Returns:
         The prediction and its metrics.
@@ -151,6 +156,14 @@ def predict_case(
     case = source.load()
     prediction = np.empty(case.num_points)
     model = loaded.model
+    rotation = None
+    if frame is not None:
+        frame = np.asarray(frame, dtype=np.float64)
+        if frame.shape != (case.dim, case.dim) or not np.allclose(
+            frame @ frame.T, np.eye(case.dim), atol=1e-10
+        ):
+            raise ValueError(f"frame must be a ({case.dim}, {case.dim}) orthogonal matrix")
+        rotation = torch.as_tensor(frame.T, dtype=torch.float32, device=device)
     with torch.no_grad():
         for queries, indices, weights in _batches(
             dataset,
@@ -160,7 +173,10 @@ def predict_case(
             seed=seed,
         ):
             batch = dataset.gather(queries, indices, weights).inputs
-            output = model(batch.pos, batch.vec, batch.scal, batch.mask, batch.weight)
+            pos, vec = batch.pos, batch.vec
+            if rotation is not None:
+                pos, vec = pos @ rotation.to(pos.dtype), vec @ rotation.to(vec.dtype)
+            output = model(pos, vec, batch.scal, batch.mask, batch.weight)
             prediction[queries.cpu().numpy()] = output.double().cpu().numpy()
     prediction *= loaded.target_scale
     return CasePrediction(
