@@ -31,7 +31,12 @@ from vcnn.training import TrainConfig, train
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE.parent / "published" / "train_cpu.toml"
 #: The reduced training budget shared by every model of a study.
-STUDY_BUDGET = {"epochs": 10, "queries_per_case": 500, "validation_queries_per_case": 1500}
+STUDY_BUDGET = {
+    "epochs": 10,
+    "queries_per_case": 500,
+    "validation_queries_per_case": 1500,
+    "num_threads": 1,
+}
 EVAL_ALPHAS = (0.5, 1.475, 3.0)
 
 
