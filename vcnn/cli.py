@@ -146,7 +146,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vcnn`` command."""
-    parser = argparse.ArgumentParser(prog="vcnn", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vcnn",
+        description="Learned nonlocal closures: generate cases, train and evaluate networks.",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less output")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
