@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mpi4py import MPI  # noqa: F401  (initialise MPI before dolfinx)
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -105,4 +106,50 @@ def hill_flow_reversal(velocity, alpha: float, *, samples: int = 4000) -> FlowRe
     return flow_reversal(velocity, points, tangents, offset=1e-3)
 
 
-__all__ = ["FlowReversal", "evaluate_at_points", "flow_reversal", "hill_flow_reversal"]
+def main_recirculation(
+    separation, reattachment, *, period: float, min_length: float = 1e-2
+) -> tuple[float, float]:
+    """The longest reversed-flow interval along a periodic wall.
+
+    Crossings closer than ``min_length`` (sign flickers where the near-wall velocity is
+    practically zero) are dropped in pairs first.
+
+    Args:
+        separation: abscissas where the flow turns negative.
+        reattachment: abscissas where it turns positive again.
+        period: length of the periodic wall; an interval may wrap around it.
+        min_length: shortest attached or reversed stretch that counts.
+
+    Returns:
+        (separation, reattachment) of the main bubble, NaN for both without reversal.
+    """
+    crossings = sorted([(x, -1) for x in separation] + [(x, +1) for x in reattachment])
+    merged = True
+    while merged and len(crossings) > 1:
+        merged = False
+        for i in range(len(crossings)):
+            (x0, kind0), (x1, kind1) = crossings[i], crossings[(i + 1) % len(crossings)]
+            gap = (x1 - x0) % period
+            if kind0 != kind1 and gap < min_length:
+                for j in sorted({i, (i + 1) % len(crossings)}, reverse=True):
+                    crossings.pop(j)
+                merged = True
+                break
+    best = (math.nan, math.nan)
+    longest = 0.0
+    for i, (x, kind) in enumerate(crossings):
+        if kind == -1:
+            x_end = crossings[(i + 1) % len(crossings)][0]
+            length = (x_end - x) % period
+            if length > longest:
+                best, longest = (x, x_end), length
+    return best
+
+
+__all__ = [
+    "FlowReversal",
+    "evaluate_at_points",
+    "flow_reversal",
+    "hill_flow_reversal",
+    "main_recirculation",
+]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from solvers.diagnostics import main_recirculation
 from solvers.generate import GenerateConfig, run_generate
 from vcnn.casefile import Case, read_case
 
@@ -35,14 +36,18 @@ CONVERGENCE_RESOLUTIONS = (0.25, 0.5, 1.0)
 def case_row(case: Case) -> dict[str, float]:
     """The validation quantities of one case."""
     volume = case.nodal_volume
-    first = lambda values: values[0] if values else math.nan  # noqa: E731
+    separation, reattachment = main_recirculation(
+        case.meta.get("separation_x") or [],
+        case.meta.get("reattachment_x") or [],
+        period=float(case.period[0]),
+    )
     return {
         "points": case.num_points,
         # the FEM area average of the P2 velocity (the solver holds it at U_b)
         "u_mean": float(case.meta["bulk_velocity_measured"]),
         "u_max": float(np.linalg.norm(case.velocity, axis=1).max()),
-        "separation": first(case.meta.get("separation_x") or []),
-        "reattachment": first(case.meta.get("reattachment_x") or []),
+        "separation": separation,
+        "reattachment": reattachment,
         "tau_mean": float(case.tau.mean()),
         "tau_area_mean": float(volume @ case.tau / volume.sum()),
         "tau_max": float(case.tau.max()),
