@@ -4,6 +4,7 @@ import torch
 from vcnn.checkpoint import (
     CheckpointError,
     capture_rng_state,
+    export_model,
     load_checkpoint,
     load_model,
     restore_rng_state,
@@ -38,6 +39,18 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
     scal = torch.randn(4, 6, 3)
     torch.testing.assert_close(loaded.model(pos, vec, scal), model.eval()(pos, vec, scal))
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_export_keeps_the_model_and_drops_the_training_state(tmp_path):
+    model, payload = _payload()
+    payload["optimizer_state"] = {"big": torch.zeros(10000)}
+    path = save_checkpoint(tmp_path / "best.pt", payload)
+    exported = export_model(path, tmp_path / "model.pt")
+    raw = torch.load(exported, weights_only=True)
+    assert "optimizer_state" not in raw and raw["exported_from"] == str(path)
+    assert exported.stat().st_size < path.stat().st_size - 30000
+    pos, vec, scal = torch.randn(3, 5, 2), torch.randn(3, 5, 1, 2), torch.randn(3, 5, 3)
+    torch.testing.assert_close(load_model(exported).model(pos, vec, scal), model.eval()(pos, vec, scal))
 
 
 def test_corrupt_or_foreign_checkpoint_names_the_file(tmp_path):

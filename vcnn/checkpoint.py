@@ -238,6 +238,30 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     )
 
 
+#: Entries only a resumed training run needs; an exported model leaves them out.
+TRAINING_ONLY_KEYS = ("optimizer_state", "scheduler_state", "rng_state")
+
+
+def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write an inference-only copy of a checkpoint (no optimiser, scheduler or RNG state).
+
+    The copy is a few hundred KB instead of a few MB, loads with :func:`load_model` (and
+    ``torch.load(weights_only=True)``) and keeps the model config, normalisers, cloud options,
+    seed, split, training config and package versions.
+
+    Returns:
+        The path written.
+    """
+    payload = load_checkpoint(checkpoint, map_location="cpu")
+    for key in TRAINING_ONLY_KEYS:
+        payload.pop(key, None)
+    payload["exported_from"] = str(checkpoint)
+    out = Path(out)
+    save_checkpoint(out, payload)
+    load_model(out)  # an export that cannot be loaded must fail here, not at the user's
+    return out
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Generator states of torch (CPU and CUDA) and numpy's legacy global generator, as tensors."""
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()

@@ -127,6 +127,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from vcnn.checkpoint import export_model
+
+    out = export_model(args.model, args.out)
+    logger.info("wrote %s (%.0f KB)", out, out.stat().st_size / 1024)
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from vcnn.casefile import case_paths, read_case
     from vcnn.plotting import plot_case
@@ -196,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.add_argument("--batch-size", type=int, default=1024)
     evaluate.set_defaults(handler=_cmd_evaluate, config=None)
+
+    export = verbs.add_parser("export", help="inference-only copy of a checkpoint (small)")
+    export.add_argument("--model", type=Path, required=True, help="checkpoint (best.pt)")
+    export.add_argument("--out", type=Path, required=True, help="file to write")
+    export.set_defaults(handler=_cmd_export, config=None)
 
     plot = verbs.add_parser("plot", help="draw case files (speed, streamlines, tau)")
     plot.add_argument("cases", nargs="+", help="case files or folders of case files")
