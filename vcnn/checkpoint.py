@@ -33,7 +33,6 @@ import logging
 import os
 import pickle
 import platform
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from vcnn.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -98,18 +99,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """
     _check_plain(payload, "checkpoint")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION}
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda stream: torch.save(payload, stream))
     return path
 
 

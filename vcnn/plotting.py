@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.tri import LinearTriInterpolator, Triangulation
 from scipy.spatial import Delaunay, cKDTree
 
+from vcnn.atomic import atomic_write
 from vcnn.casefile import Case
 
 logger = logging.getLogger(__name__)
@@ -122,11 +123,16 @@ def plot_case(case: Case, path: str | os.PathLike, *, streamlines: bool = True) 
         axis.set_aspect("equal")
         axis.set_xlabel("x")
         axis.set_ylabel("y")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    os.replace(temporary, path)
+    return save_figure(figure, path, dpi=110)
+
+
+def save_figure(figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically (the format from the suffix) and close it."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda stream: figure.savefig(stream, format=path.suffix[1:], dpi=dpi))
+    finally:
+        plt.close(figure)
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,28 +20,11 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.figure import Figure
 
 from vcnn.casefile import Case
+from vcnn.plotting import case_triangulation, save_figure
 
 logger = logging.getLogger(__name__)
-
-
-def save_figure(figure: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
-    """Save a figure atomically (temporary file in the same folder, then rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(descriptor)
-    try:
-        figure.savefig(temporary, dpi=dpi)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(figure)
-    return path
 
 
 def plot_learning_curves(history: Sequence[Any], path: str | os.PathLike) -> Path:
@@ -156,8 +138,6 @@ def plot_field_comparison(
     Raises:
         ValueError: for a 3-D case or a prediction of the wrong length.
     """
-    from vcnn.plotting import case_triangulation
-
     prediction = np.asarray(prediction, dtype=float)
     if prediction.shape != (case.num_points,):
         raise ValueError(f"prediction must have shape ({case.num_points},), got {prediction.shape}")
