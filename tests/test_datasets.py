@@ -65,15 +65,28 @@ def test_missing_and_corrupt_cases_give_clear_errors(data_dir, tmp_path):
         make_split(discover_cases(data_dir), test=["nope"], data_dir=data_dir)
 
 
-def _dataset(data_dir, spec=None):
+def _dataset(data_dir, spec=None, options=None):
     sources = discover_cases(data_dir)
     cases = [s.load() for s in sources]
     return CloudDataset(
         sources,
         spec=spec or FeatureSpec(),
         target_scaler=TargetScaler.fit(cases),
-        cloud_options=CloudOptions(),
+        cloud_options=options or CloudOptions(),
     )
+
+
+def test_volume_weighted_clouds_weight_points_by_their_nodal_volume(data_dir):
+    dataset = _dataset(data_dir, options=CloudOptions(volume_weighted=True))
+    plan = dataset.draw(12, seed=5)
+    batch = dataset.gather(plan.queries[:30], plan.indices[:30]).inputs
+    mask = batch.mask
+    indices = plan.indices[:30].long()
+    volume = dataset.volume
+    expected = volume[indices.clamp(min=0)] / volume[plan.queries[:30]][:, None]
+    torch.testing.assert_close(batch.weight[mask], expected[mask].float())
+    assert torch.all(batch.weight[~mask] == 0)
+    assert CloudOptions.from_dict(CloudOptions(volume_weighted=True).to_dict()).volume_weighted
 
 
 def test_clouds_are_redrawn_per_seed_as_int32_indices(data_dir):

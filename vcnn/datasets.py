@@ -377,6 +377,10 @@ class CloudOptions:
         k: neighbours per cloud (``region="knn"`` only).
         cutoff_start: normalised radius where a smooth cutoff weight starts to fall (in
             [0, 1)); None (default, as in the paper) gives every cloud point weight 1.
+        volume_weighted: weight every cloud point by its nodal volume in the network's
+            pooling, so that the descriptor is a quadrature of an integral over the cloud
+            region rather than a mean over points: it then does not depend on how densely a
+            mesh samples the region (the paper's mean over points does). Off by default.
     """
 
     region: str = "ellipse"
@@ -386,6 +390,7 @@ class CloudOptions:
     radius: float | None = None
     k: int | None = None
     cutoff_start: float | None = None
+    volume_weighted: bool = False
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> CloudOptions:
@@ -647,6 +652,11 @@ class CloudDataset:
         weight = None
         if weights is not None:
             weight = torch.where(mask, weights.to(device=self.device, dtype=self.dtype), 0.0)
+        if self.cloud_options.volume_weighted:
+            # relative to the query's own volume: a scale the pooling's normalisation cancels
+            volume = (self.volume[safe] / self.volume[queries][:, None]).to(self.dtype)
+            volume = torch.where(mask, volume, 0.0)
+            weight = volume if weight is None else weight * volume
         batch = CloudBatch(pos=pos, vec=vec, scal=scal, mask=mask, weight=weight, queries=queries)
         if normalize and self.normalizer is not None:
             batch = self.normalizer.apply(batch)
