@@ -116,9 +116,28 @@ def symmetry_study(data: Path, out: Path, frames: int = 4) -> str:
 
 
 def mesh_transfer_study(data: Path, out: Path, model: Path) -> str:
-    """The structured-mesh model of (a) on unstructured, coarser and finer meshes."""
+    """Models trained on structured meshes, tested on unstructured, coarser and finer meshes.
+
+    Three models: the one of experiment (a) and two with the study budget, pooling by a mean
+    over points (as in the paper) or by nodal-volume weights (without the volume feature), so
+    that the descriptor approximates an integral over the cloud region on any mesh.
+    """
     from solvers.generate import GenerateConfig, run_generate
 
+    point_scalars = ["strain_rate", "wall_feature", "speed", "is_wall"]
+    models = {
+        "(a), mean over points": model,
+        "study budget, mean over points": train_variant("n150", out, {"cloud_size": 150})[0],
+        "study budget, volume-weighted": train_variant(
+            "volume_weighted",
+            out,
+            {
+                "cloud_size": 150,
+                "cloud": {"volume_weighted": True},
+                "features": {"point_scalars": point_scalars},
+            },
+        )[0],
+    }
     # (mesh, folder): the validation experiment's folders are reused, complete cases are kept
     variants = {
         "structured x0.5 (training mesh; a=1, 2 are training cases)": (
@@ -141,16 +160,17 @@ def mesh_transfer_study(data: Path, out: Path, model: Path) -> str:
     alphas = (0.5, 1.0, 2.0)
     rows = []
     for label, (mesh, folder) in variants.items():
-        config = GenerateConfig.from_dict(
-            {"alphas": list(alphas), "output": str(folder), "mesh": mesh, "xdmf": False}
-        )
         if folder != data:
+            config = GenerateConfig.from_dict(
+                {"alphas": list(alphas), "output": str(folder), "mesh": mesh, "xdmf": False}
+            )
             run_generate(config)
         sources = eval_sources(folder, alphas)
-        errors = rel_l2(model, sources, cloud_size=150)
-        points = [s.load().num_points for s in sources]
-        rows.append([label, " / ".join(map(str, points))] + [f"{e:.2f}" for e in errors])
-    header = ["test mesh", "points"] + [f"rel L2 % a={a:g}" for a in alphas]
+        points = " / ".join(str(s.load().num_points) for s in sources)
+        for name, checkpoint in models.items():
+            errors = rel_l2(checkpoint, sources, cloud_size=150)
+            rows.append([label, points, name] + [f"{e:.2f}" for e in errors])
+    header = ["test mesh", "points", "model"] + [f"rel L2 % a={a:g}" for a in alphas]
     return table(header, rows)
 
 
