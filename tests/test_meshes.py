@@ -1,6 +1,5 @@
 """Periodic-hill geometry, structured and unstructured hill meshes."""
 
-from mpi4py import MPI
 
 import json
 import os
@@ -28,6 +27,7 @@ from meshes.structured import (
     wall_normal_coordinates,
 )
 from meshes.tagged import HILL_BOUNDARIES, MeshError
+from tests.mesh_measures import boundary_lengths, mesh_area
 
 # Native-unit junctions of the profile pieces and the tabulated heights there (h = 28).
 JUNCTIONS = [(9.0, 27.0), (14.0, 24.0), (20.0, 19.0), (30.0, 11.0), (40.0, 4.0), (54.0, 0.0)]
@@ -179,26 +179,6 @@ def test_structured_grid_rejects_bad_input():
 
 
 # ---------------------------------------------------------------- dolfinx meshes
-
-
-def assemble_total(form_integrand, mesh) -> float:
-    import dolfinx.fem
-
-    value = dolfinx.fem.assemble_scalar(dolfinx.fem.form(form_integrand))
-    return mesh.comm.allreduce(value, op=MPI.SUM)
-
-
-def boundary_lengths(tagged) -> dict[str, float]:
-    import ufl
-
-    ds = ufl.Measure("ds", domain=tagged.mesh, subdomain_data=tagged.facet_tags)
-    return {name: assemble_total(1.0 * ds(tag), tagged.mesh) for name, tag in tagged.boundaries.items()}
-
-
-def mesh_area(mesh) -> float:
-    import ufl
-
-    return assemble_total(1.0 * ufl.dx(domain=mesh), mesh)
 
 
 @pytest.mark.parametrize(

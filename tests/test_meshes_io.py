@@ -1,6 +1,5 @@
 """Channel-with-cylinder .msh writer and read_mesh (gmsh and meshio files, error cases)."""
 
-from mpi4py import MPI
 
 import json
 
@@ -10,28 +9,9 @@ import pytest
 from meshes.channel import CHANNEL_BOUNDARIES, CHANNEL_FLUID_TAG, channel_with_cylinder_msh
 from meshes.io import read_mesh
 from meshes.tagged import MeshError
+from tests.mesh_measures import boundary_lengths, mesh_area
 
 LENGTH, HEIGHT, RADIUS = 2.2, 0.41, 0.05
-
-
-def assemble_total(integrand, mesh) -> float:
-    import dolfinx.fem
-
-    value = dolfinx.fem.assemble_scalar(dolfinx.fem.form(integrand))
-    return mesh.comm.allreduce(value, op=MPI.SUM)
-
-
-def boundary_lengths(tagged) -> dict[str, float]:
-    import ufl
-
-    ds = ufl.Measure("ds", domain=tagged.mesh, subdomain_data=tagged.facet_tags)
-    return {name: assemble_total(1.0 * ds(tag), tagged.mesh) for name, tag in tagged.boundaries.items()}
-
-
-def mesh_area(mesh) -> float:
-    import ufl
-
-    return assemble_total(1.0 * ufl.dx(domain=mesh), mesh)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from vcnn.network import BaselineNet, VectorCloudNet
+from vcnn.network import _PRESETS, BaselineNet, VectorCloudNet
 from vcnn.symmetry import TRANSFORMATIONS, check_frame_independence, random_orthogonal
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -22,17 +22,7 @@ def make_batch(dim, dtype, *, batch=6, n=40, num_vectors=2, num_scalars=5, seed=
 
 MODEL_VARIANTS = {
     "default": {},
-    "published": dict(
-        embedding=(32, 64, 64),
-        axis_neurons=4,
-        fitting=(128,),
-        activation="relu",
-        use_position_scalar_feature=False,
-        use_angle_feature=False,
-        position_vector="direction",
-        scalar_channel=False,
-        residual=False,
-    ),
+    "published": dict(_PRESETS["published"]),
     "factorised": dict(point_scalar_columns=(0, 2, 3)),
 }
 
