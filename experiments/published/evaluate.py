@@ -1,10 +1,10 @@
 """Experiment (a), a priori: the trained model on the validation and test slope factors.
 
 Usage: python experiments/published/evaluate.py [--model runs/published_cpu/best.pt]
-    [--data data/published_r0.5/all] [--full-alphas 0.5 0.75 1.475 3.0]
+    [--data data/published_r0.5/all] [--full-alphas ALPHA ...]
 
-Every test case is evaluated with 150-point clouds (as in training); the slope factors given
-by --full-alphas also with full clouds (every point of each ellipse; deterministic). Prints a
+Every test case is evaluated with 150-point clouds (as in training) and with full clouds
+(every point of each ellipse; deterministic; --full-alphas restricts these). Prints a
 Markdown table and writes it, with metrics.json and figures, under results/published/.
 """
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path, default=Path("runs/published_cpu/best.pt"))
     parser.add_argument("--data", type=Path, default=Path("data/published_r0.5/all"))
     parser.add_argument("--out", type=Path, default=Path("results/published"))
-    parser.add_argument("--full-alphas", type=float, nargs="*", default=[0.5, 0.75, 1.475, 3.0])
+    parser.add_argument("--full-alphas", type=float, nargs="*", default=list(TEST_ALPHAS))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     metadata = load_model(args.model).metadata
