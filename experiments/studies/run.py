@@ -115,18 +115,24 @@ def symmetry_study(data: Path, out: Path, frames: int = 4) -> str:
     return table(header, rows)
 
 
-def mesh_transfer_study(data: Path, out: Path, model: Path) -> str:
+def mesh_transfer_study(
+    data: Path, out: Path, model: Path, volume_model: Path | None = None
+) -> str:
     """Models trained on structured meshes, tested on unstructured, coarser and finer meshes.
 
-    Three models: the one of experiment (a) and two with the study budget, pooling by a mean
-    over points (as in the paper) or by nodal-volume weights (without the volume feature), so
-    that the descriptor approximates an integral over the cloud region on any mesh.
+    The model of experiment (a), its volume-weighted variant (``volume_model``, from
+    experiments/published/train_cpu_volume.toml, when given) and two with the study budget,
+    pooling by a mean over points (as in the paper) or by nodal-volume weights (without the
+    volume feature), so that the descriptor approximates an integral over the cloud region on
+    any mesh.
     """
     from solvers.generate import GenerateConfig, run_generate
 
     point_scalars = ["strain_rate", "wall_feature", "speed", "is_wall"]
-    models = {
-        "(a), mean over points": model,
+    models = {"(a), mean over points": model}
+    if volume_model is not None:
+        models["(a), volume-weighted"] = volume_model
+    models |= {
         "study budget, mean over points": train_variant("n150", out, {"cloud_size": 150})[0],
         "study budget, volume-weighted": train_variant(
             "volume_weighted",
@@ -180,6 +186,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=Path("data/published_r0.5/all"))
     parser.add_argument("--out", type=Path, default=Path("runs/studies"))
     parser.add_argument("--model", type=Path, default=Path("runs/published_cpu/best.pt"))
+    parser.add_argument(
+        "--volume-model", type=Path, help="mesh-transfer: also this volume-weighted (a) model"
+    )
     parser.add_argument("--results", type=Path, default=Path("results/studies"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -188,7 +197,7 @@ def main(argv=None) -> int:
     elif args.study == "symmetry":
         text = symmetry_study(args.data, args.out)
     else:
-        text = mesh_transfer_study(args.data, args.out, args.model)
+        text = mesh_transfer_study(args.data, args.out, args.model, args.volume_model)
     footer = (
         f"\n\n{machine_summary()}; study wall-clock {time.perf_counter() - start:.0f} s; "
         f"training budget per model: {STUDY_BUDGET}; inference n = 150 unless stated."
