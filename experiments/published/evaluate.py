@@ -60,8 +60,8 @@ def main(argv=None) -> int:
     history = (args.model.parent / "lcurve.tsv").read_text().splitlines()
     last = dict(zip(history[0].split("\t"), history[-1].split("\t"), strict=True))
     footer = (
-        f"\nTraining: {metadata['epoch']} epochs (best validation at epoch {best.get('epoch')}), "
-        f"{float(metadata['wall_clock_s']) / 60:.1f} min wall-clock, final training rel L2 "
+        f"\nTraining: {last['epoch']} epochs (best.pt from epoch {best.get('epoch')}), "
+        f"{float(last['wall_clock_s']) / 60:.1f} min wall-clock, final training rel L2 "
         f"{float(last['train_rel_l2_percent']):.2f} % on 150-point clouds (published: "
         f"{PUBLISHED['training']} % on training data); seed {metadata['seed']}. Evaluation: "
         f"{sampled_seconds:.0f} s for the 150-point pass, {full_seconds:.0f} s for the "
