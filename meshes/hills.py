@@ -123,6 +123,19 @@ def _piece_index(abscissa: np.ndarray) -> np.ndarray:
     return np.searchsorted(_BREAKS, abscissa, side="right") - 1
 
 
+def _piece_coefficients(abscissa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each native abscissa lies on a hill flank, and its cubic's coefficients.
+
+    Returns:
+        on_hill: bool, same shape as ``abscissa``; coefficients: (4, ...) c0..c3 of the piece
+        (those of the last piece off the hill, where the caller uses 0).
+    """
+    piece = _piece_index(abscissa)
+    on_hill = piece < len(_COEFFICIENTS)
+    coefficients = _COEFFICIENTS[np.minimum(piece, len(_COEFFICIENTS) - 1)]
+    return on_hill, np.moveaxis(coefficients, -1, 0)
+
+
 def hill_profile(x: npt.ArrayLike, alpha: float = 1.0) -> np.ndarray:
     """Height of the bottom wall of the periodic hill.
 
@@ -139,10 +152,7 @@ def hill_profile(x: npt.ArrayLike, alpha: float = 1.0) -> np.ndarray:
         ValueError: if alpha is not a finite positive number.
     """
     abscissa, _ = _native_abscissa(x, alpha)
-    piece = _piece_index(abscissa)
-    on_hill = piece < len(_COEFFICIENTS)
-    coefficients = _COEFFICIENTS[np.minimum(piece, len(_COEFFICIENTS) - 1)]
-    c0, c1, c2, c3 = np.moveaxis(coefficients, -1, 0)
+    on_hill, (c0, c1, c2, c3) = _piece_coefficients(abscissa)
     height = c0 + abscissa * (c1 + abscissa * (c2 + abscissa * c3))
     # The last cubic dips below zero just before x = 54; the published profile clips it.
     height = np.where(on_hill, np.maximum(height, 0.0), 0.0)
@@ -164,10 +174,7 @@ def hill_profile_derivative(x: npt.ArrayLike, alpha: float = 1.0) -> np.ndarray:
         ValueError: if alpha is not a finite positive number.
     """
     abscissa, dabscissa_dx = _native_abscissa(x, alpha)
-    piece = _piece_index(abscissa)
-    on_hill = piece < len(_COEFFICIENTS)
-    coefficients = _COEFFICIENTS[np.minimum(piece, len(_COEFFICIENTS) - 1)]
-    c0, c1, c2, c3 = np.moveaxis(coefficients, -1, 0)
+    on_hill, (c0, c1, c2, c3) = _piece_coefficients(abscissa)
     height = c0 + abscissa * (c1 + abscissa * (c2 + abscissa * c3))
     slope_native = c1 + abscissa * (2.0 * c2 + abscissa * 3.0 * c3)
     slope_native = np.where(on_hill & (height > 0.0), slope_native, 0.0)
