@@ -363,6 +363,13 @@ def solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint, *, l
 
     lap = lap or (lambda stage: None)
     physics = config.physics
+    transport = {
+        "production": config.production,
+        "diffusivity": physics.diffusivity,
+        "zeta": physics.zeta,
+        "gamma": physics.gamma,
+        "tau_p": physics.tau_p,
+    }
     if config.c_k > 0:
         from solvers.coupled import solve_coupled
 
@@ -373,11 +380,7 @@ def solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint, *, l
             c_k=config.c_k,
             nu=physics.nu,
             bulk_velocity=physics.bulk_velocity,
-            production=config.production,
-            diffusivity=physics.diffusivity,
-            zeta=physics.zeta,
-            gamma=physics.gamma,
-            tau_p=physics.tau_p,
+            **transport,
         )
         lap("coupled flow and tau")
         return coupled.flow, coupled.tau, coupled.iterations
@@ -390,12 +393,8 @@ def solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint, *, l
         distance,
         facet_tags,
         spec,
-        production=config.production,
-        diffusivity=physics.diffusivity,
-        zeta=physics.zeta,
-        gamma=physics.gamma,
-        tau_p=physics.tau_p,
         constraint=constraint,
+        **transport,
     )
     lap("tau")
     return flow, tau, 0
