@@ -30,7 +30,8 @@ from solvers.fields import (
 )
 from solvers.flow import FlowSolution, solve_flow
 from solvers.linalg import SolverDivergedError, format_history
-from solvers.transport import PRODUCTION_MODES, TauSolution, dirichlet_dofs, solve_tau
+from solvers.transport import TauSolution, dirichlet_dofs, solve_tau
+from vcnn.physics import PRODUCTION_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def solve_coupled(
     max_iterations: int = 60,
     diffusivity: float = 0.1,
     zeta: float = 3.0,
+    reaction_exponent: float = 1.0,
     gamma: float = 200.0,
     tau_p: float = 0.001,
     warm_rtol: float = 1e-6,
@@ -181,6 +183,7 @@ def solve_coupled(
         max_iterations: Picard iterations at most.
         diffusivity: D of the tau equation.
         zeta: destruction coefficient of the tau equation.
+        reaction_exponent: p of the destruction term zeta |tau|^p tau.
         gamma: production coefficient of the tau equation.
         tau_p: frozen production level.
         warm_rtol: relative Newton tolerance of the warm-started flow solves.
@@ -226,7 +229,12 @@ def solve_coupled(
     length = mixing_length(distance.x.array)
 
     tau_options = dict(
-        production=production, diffusivity=diffusivity, zeta=zeta, gamma=gamma, tau_p=tau_p
+        production=production,
+        diffusivity=diffusivity,
+        zeta=zeta,
+        reaction_exponent=reaction_exponent,
+        gamma=gamma,
+        tau_p=tau_p,
     )
     tolerances = _WarmStartTolerance(warm_rtol)
     tau_in = fem.Function(V, name="tau_relaxed")

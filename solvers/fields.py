@@ -29,15 +29,13 @@ import ufl
 from dolfinx import fem
 from scipy.spatial import cKDTree
 
+from vcnn.physics import KAPPA, MIXING_LENGTH_CAP
+
 if TYPE_CHECKING:
     from solvers.periodic import PeriodicConstraint
 
 logger = logging.getLogger(__name__)
 
-#: Von Karman constant of the mixing-length model.
-KAPPA = 0.41
-#: Cap of the mixing length, 0.09 * 1.5 (DESIGN 3.3).
-MIXING_LENGTH_CAP = 0.09 * 1.5
 
 __all__ = [
     "KAPPA",

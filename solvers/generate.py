@@ -26,11 +26,11 @@ from solvers.boundaries import BoundarySpec, PeriodicPair, hill_boundary_spec
 from vcnn.atomic import atomic_write_text
 from vcnn.casefile import Case, write_case
 from vcnn.config import ConfigError, check_keys, merge, write_resolved_config
+from vcnn.physics import PRODUCTION_MODES, Physics
 
 logger = logging.getLogger(__name__)
 
 MESH_KINDS = ("structured", "unstructured", "file")
-PRODUCTION_MODES = ("frozen", "coupled")
 
 
 @dataclass
@@ -63,23 +63,11 @@ class MeshConfig:
             raise ConfigError("mesh kind 'file' needs mesh.file (or --mesh-file)")
 
 
-@dataclass
-class PhysicsConfig:
-    """Physical constants (DESIGN 3, dimensionless with hill height h = 1)."""
-
-    nu: float = 0.01
-    bulk_velocity: float = 0.721039
-    diffusivity: float = 0.1
-    zeta: float = 3.0
-    gamma: float = 200.0
-    tau_p: float = 0.001
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"physics.{name} must be a finite non-negative number")
-        if self.nu <= 0 or self.diffusivity <= 0:
-            raise ConfigError("physics.nu and physics.diffusivity must be positive")
+#: The ``[generate.physics]`` table: the constants of :class:`vcnn.physics.Physics` except the
+#: production mode and C_k, which are top-level keys (and flags) of ``[generate]``.
+PHYSICS_TABLE_KEYS = frozenset(
+    name for name in Physics.__dataclass_fields__ if name not in ("production", "c_k")
+)
 
 
 @dataclass
@@ -96,7 +84,8 @@ class GenerateConfig:
         xdmf: write an XDMF file of mesh and fields per case.
         name: case name for a file mesh (default: the file's stem).
         mesh: see :class:`MeshConfig`.
-        physics: see :class:`PhysicsConfig`.
+        physics: the constants of :class:`vcnn.physics.Physics`; its ``production`` and
+            ``c_k`` are the top-level ``production`` and ``c_k`` of this config.
         boundaries: file mesh only: boundary roles by name, e.g.
             ``{walls = ["walls", "cylinder"], outlets = ["outlet"],
             inlets = {inlet = {profile = "parabolic", mean_velocity = 1.0}},
@@ -114,7 +103,7 @@ class GenerateConfig:
     xdmf: bool = True
     name: str | None = None
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    physics: PhysicsConfig = field(default_factory=PhysicsConfig)
+    physics: Physics = field(default_factory=Physics)
     boundaries: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,6 +113,10 @@ class GenerateConfig:
             )
         if not (math.isfinite(self.c_k) and self.c_k >= 0):
             raise ConfigError(f"c_k must be >= 0, got {self.c_k}")
+        try:
+            self.physics = self.physics.with_overrides(production=self.production, c_k=self.c_k)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         self.alphas = [float(a) for a in self.alphas]
         if self.mesh.kind != "file":
             if not self.alphas:
@@ -144,12 +137,20 @@ class GenerateConfig:
         mesh = dict(values.pop("mesh", {}))
         check_keys(mesh, set(MeshConfig.__dataclass_fields__), "[generate.mesh]")
         physics = dict(values.pop("physics", {}))
-        check_keys(physics, set(PhysicsConfig.__dataclass_fields__), "[generate.physics]")
-        return cls(**values, mesh=MeshConfig(**mesh), physics=PhysicsConfig(**physics))
+        check_keys(physics, set(PHYSICS_TABLE_KEYS), "[generate.physics]")
+        try:
+            physics_constants = Physics.from_dict(physics)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        return cls(**values, mesh=MeshConfig(**mesh), physics=physics_constants)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain TOML-friendly dictionary (the resolved config)."""
-        return asdict(self)
+        values = asdict(self)
+        values["physics"] = {
+            key: value for key, value in values["physics"].items() if key in PHYSICS_TABLE_KEYS
+        }
+        return values
 
 
 @dataclass
@@ -294,13 +295,16 @@ def generate_case(
         "case": name,
         "alpha": alpha,
         "mesh": {**tagged.info, "kind": tagged.kind, "num_cells": _num_cells(mesh)},
+        "physics": physics.to_dict(),
+        # the flat keys of earlier case files, kept for readers that know only those
         "nu": physics.nu,
         "D": physics.diffusivity,
         "zeta": physics.zeta,
+        "reaction_exponent": physics.reaction_exponent,
         "gamma": physics.gamma,
         "tau_p": physics.tau_p,
-        "production": config.production,
-        "c_k": config.c_k,
+        "production": physics.production,
+        "c_k": physics.c_k,
         "U_b": physics.bulk_velocity if spec.body_force_driven else None,
         "bulk_velocity_measured": flow.bulk_velocity,
         "body_force": flow.body_force,
@@ -364,9 +368,10 @@ def solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint, *, l
     lap = lap or (lambda stage: None)
     physics = config.physics
     transport = {
-        "production": config.production,
+        "production": physics.production,
         "diffusivity": physics.diffusivity,
         "zeta": physics.zeta,
+        "reaction_exponent": physics.reaction_exponent,
         "gamma": physics.gamma,
         "tau_p": physics.tau_p,
     }

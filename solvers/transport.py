@@ -1,19 +1,20 @@
 """Steady closure-transport (tau) equation, DESIGN section 3.3.
 
-    u . grad(tau) - div(D grad tau) + zeta sqrt(|tau|) tau = P,   P = gamma l_m sqrt(tau_P) |S|^2
+    u . grad(tau) - div(D grad tau) + zeta |tau|^p tau = P,   P = gamma l_m sqrt(tau_P) |S|^2
 
-on P1 elements with SUPG stabilisation, solved directly by Newton's method with the exact
+(p = ``reaction_exponent``: 1 reproduces the published data, 1/2 is the published solver
+source's form; see :mod:`vcnn.physics`) on P1 elements with SUPG stabilisation, solved directly by Newton's method with the exact
 Jacobian (``ufl.derivative``) and MUMPS LU. tau = 0 on walls and inlets
 (``spec.dirichlet_tags``), zero flux on outlets (the natural condition), periodic on
 ``spec.periodic`` (through :class:`solvers.periodic.PeriodicConstraint`).
 
 Numerical choices, all explicit:
 
-- ``sqrt(|t|)`` is regularised as ``(t^2 + eps^2)^(1/4)`` (:func:`regularized_sqrt`), smooth
-  with a bounded derivative of the reaction ``t sqrt(|t|)`` at 0; it differs from
-  ``sqrt(|t|)`` by at most ``sqrt(eps)`` and only where ``|t| <~ eps``; the reaction term
-  ``t sqrt(|t|)`` changes by at most ``eps^1.5``. ``eps`` is the ``regularization`` argument,
-  1e-8 by default. The same regularisation is used for ``sqrt(tau_P)`` in the coupled mode.
+- ``|t|^p`` is regularised as ``(t^2 + eps^2)^(p/2)`` (:func:`regularized_abs_power`), smooth
+  with a bounded derivative of the reaction ``|t|^p t`` at 0; it differs from ``|t|^p`` by at
+  most ``eps^p`` and only where ``|t| <~ eps``, so the reaction term changes by at most
+  ``eps^(1+p)``. ``eps`` is the ``regularization`` argument, 1e-8 by default. The same
+  regularisation (p = 1/2) is used for ``sqrt(tau_P)`` in the coupled mode.
 - The SUPG parameter is ``tau_s = ((2|u|/h)^2 + 9 (4 D / h^2)^2)^(-1/2)`` with h the cell
   diameter: the standard smooth interpolation of the Peclet-number formula
   ``h/(2|u|) (coth Pe - 1/Pe)`` between its limits ``h/(2|u|)`` (Pe -> oo) and ``h^2/(12 D)``
@@ -49,11 +50,9 @@ from solvers.linalg import (
     create_direct_solver,
     format_history,
 )
+from vcnn.physics import PRODUCTION_MODES
 
 logger = logging.getLogger(__name__)
-
-#: Production modes of DESIGN 3.3.
-PRODUCTION_MODES = ("frozen", "coupled")
 
 __all__ = [
     "PRODUCTION_MODES",
@@ -61,6 +60,7 @@ __all__ = [
     "SolverDivergedError",
     "TauSolution",
     "dirichlet_dofs",
+    "regularized_abs_power",
     "regularized_sqrt",
     "solve_nonlinear",
     "solve_tau",
@@ -75,9 +75,18 @@ def _log(comm: MPI.Comm, level: int, message: str, *args) -> None:
         logger.log(level, message, *args)
 
 
+def regularized_abs_power(
+    value: ufl.core.expr.Expr, exponent: float, eps: float
+) -> ufl.core.expr.Expr:
+    """Smooth ``|value|^exponent``: ``(value^2 + eps^2)^(exponent / 2)`` (UFL)."""
+    if exponent == 1.0:
+        return ufl.sqrt(value * value + eps * eps)
+    return (value * value + eps * eps) ** (0.5 * exponent)
+
+
 def regularized_sqrt(value: ufl.core.expr.Expr, eps: float) -> ufl.core.expr.Expr:
     """Smooth ``sqrt(|value|)``: ``(value^2 + eps^2)^(1/4)`` (UFL)."""
-    return (value * value + eps * eps) ** 0.25
+    return regularized_abs_power(value, 0.5, eps)
 
 
 def supg_parameter(
@@ -417,6 +426,7 @@ def tau_residual_form(
     production: str = "frozen",
     diffusivity: float = 0.1,
     zeta: float = 3.0,
+    reaction_exponent: float = 1.0,
     gamma: float = 200.0,
     tau_p: float = 0.001,
     regularization: float = 1e-8,
@@ -432,7 +442,7 @@ def tau_residual_form(
     else:
         production_sqrt = regularized_sqrt(tau, regularization)
     source = gamma * length * production_sqrt * strain_rate**2
-    reaction = zeta * regularized_sqrt(tau, regularization) * tau
+    reaction = zeta * regularized_abs_power(tau, reaction_exponent, regularization) * tau
     return transport_residual_form(
         tau, velocity, diffusivity=diffusivity, reaction=reaction, source=source
     )
@@ -449,6 +459,7 @@ def solve_tau(
     production: str = "frozen",
     diffusivity: float = 0.1,
     zeta: float = 3.0,
+    reaction_exponent: float = 1.0,
     gamma: float = 200.0,
     tau_p: float = 0.001,
     initial_guess: fem.Function | None = None,
@@ -460,7 +471,7 @@ def solve_tau(
 ) -> TauSolution:
     """Solve the steady tau equation of DESIGN 3.3 on a scalar P1 space.
 
-    ``u . grad(tau) - div(D grad tau) + zeta sqrt(|tau|) tau = gamma l_m sqrt(tau_P) |S|^2``,
+    ``u . grad(tau) - div(D grad tau) + zeta |tau|^p tau = gamma l_m sqrt(tau_P) |S|^2``,
     ``l_m = min(0.41 d, 0.135)``; tau = 0 on ``spec.dirichlet_tags``, zero flux on outlets,
     periodic on ``spec.periodic``.
 
@@ -476,13 +487,14 @@ def solve_tau(
         production: ``"frozen"`` (tau_P = tau_p) or ``"coupled"`` (tau_P = tau).
         diffusivity: D > 0.
         zeta: destruction coefficient.
+        reaction_exponent: p of the destruction term (1: published data; 0.5 available).
         gamma: production coefficient.
         tau_p: frozen production level.
         initial_guess: starting tau (a Function; interpolated when not on V; periodic copies
             are averaged). Default: zero for "frozen". For "coupled" the default is built from
-            the frozen solution tau_f as ``tau_f^1.5 / sqrt(tau_p)`` (the local-equilibrium
-            scaling between the two modes): tau = 0 solves the coupled problem too, and
-            Newton started near it stalls or lands on that trivial branch.
+            the frozen solution tau_f as ``(tau_f^(1+p) / sqrt(tau_p))^(1/(p+1/2))`` (the
+            local-equilibrium scaling between the two modes): tau = 0 solves the coupled
+            problem too, and Newton started near it stalls or lands on that trivial branch.
         rtol: relative tolerance on the residual norm.
         atol: absolute tolerance on the residual norm.
         max_iterations: Newton iterations at most (per Newton solve).
@@ -505,13 +517,15 @@ def solve_tau(
     for name, value in (
         ("diffusivity", diffusivity),
         ("zeta", zeta),
+        ("reaction_exponent", reaction_exponent),
         ("gamma", gamma),
         ("tau_p", tau_p),
     ):
         _check_finite(name, value)
-        if value < 0 or (name == "diffusivity" and value == 0):
+        strictly = name in ("diffusivity", "reaction_exponent")
+        if value < 0 or (strictly and value == 0):
             raise ValueError(
-                f"{name} must be {'positive' if name == 'diffusivity' else 'non-negative'}, got {value}"
+                f"{name} must be {'positive' if strictly else 'non-negative'}, got {value}"
             )
     for name, value in (
         ("velocity", u),
@@ -554,6 +568,7 @@ def solve_tau(
             production="frozen",
             diffusivity=diffusivity,
             zeta=zeta,
+            reaction_exponent=reaction_exponent,
             gamma=gamma,
             tau_p=guess_level,
             rtol=rtol,
@@ -563,8 +578,10 @@ def solve_tau(
             constraint=constraint,
         )
         # Where production balances destruction locally, frozen gives
-        # tau_f^1.5 ~ c sqrt(tau_p) and coupled tau_c ~ c, hence tau_c ~ tau_f^1.5 / sqrt(tau_p).
-        tau.x.array[:] = np.maximum(frozen.tau.x.array, 0.0) ** 1.5 / np.sqrt(guess_level)
+        # tau_f^(1+p) ~ c sqrt(tau_p) and coupled tau_c^(1+p) ~ c sqrt(tau_c), hence
+        # tau_c^(p+1/2) ~ tau_f^(1+p) / sqrt(tau_p).
+        level = np.maximum(frozen.tau.x.array, 0.0) ** (1.0 + reaction_exponent)
+        tau.x.array[:] = (level / np.sqrt(guess_level)) ** (1.0 / (reaction_exponent + 0.5))
         iterations += frozen.newton_iterations
 
     residual = tau_residual_form(
@@ -575,6 +592,7 @@ def solve_tau(
         production=production,
         diffusivity=diffusivity,
         zeta=zeta,
+        reaction_exponent=reaction_exponent,
         gamma=gamma,
         tau_p=tau_p,
         regularization=regularization,

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from vcnn.clouds import Clouds, PaddedClouds
+from vcnn.physics import wall_feature_cap
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ __all__ = [
 
 BUILTIN_POINT_SCALARS = ("strain_rate", "wall_feature", "volume", "speed", "is_wall")
 BUILTIN_PAIR_SCALARS = ("proximity", "distance", "normalized_radius", "upstream_cosine")
-# Saturation of the mixing length l_m = min(0.41 d, 0.09 * 1.5) of the closure (DESIGN 3.3).
-_DEFAULT_WALL_CAP = 0.09 * 1.5 / 0.41
+# Saturation of the mixing length l_m = min(kappa d, cap) of the closure (DESIGN 3.3).
+_DEFAULT_WALL_CAP = wall_feature_cap()
 # b = sqrt(D / zeta) |ln eps| of the default ellipse (D = 0.1, zeta = 3, eps = 0.2).
 _DEFAULT_PROXIMITY_LENGTH = math.sqrt(0.1 / 3.0) * abs(math.log(0.2))
 

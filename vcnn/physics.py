@@ -1,0 +1,154 @@
+"""The physical constants of the flow and the closure, in one place (DESIGN section 3).
+
+Everything that shapes the data a closure is trained on lives in :class:`Physics`: the solvers
+read it to build their equations, ``vcnn generate`` records it in every case file's meta (key
+``"physics"``), training reads it back from the cases, stores it in the checkpoint, and a
+simulation compares the checkpoint's physics with its own before it lets a network replace the
+tau equation. Pure Python: importable on a machine without the FEM stack.
+
+The tau equation (dimensionless, hill height h = 1):
+
+    u . grad(tau) - div(D grad tau) + zeta |tau|^p tau = gamma l_m sqrt(tau_P) |S|^2,
+
+with l_m = min(kappa d, mixing_length_cap), tau_P = tau_p (``production = "frozen"``) or
+tau_P = tau (``"coupled"``). p = 1 (``reaction_exponent``) reproduces the published data;
+p = 1/2 is the form the published solver source reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+__all__ = [
+    "KAPPA",
+    "MIXING_LENGTH_CAP",
+    "PRODUCTION_MODES",
+    "Physics",
+    "PhysicsMismatchError",
+    "wall_feature_cap",
+]
+
+#: Von Karman constant of the mixing-length model.
+KAPPA = 0.41
+#: Cap of the mixing length, 0.09 * 1.5 (DESIGN 3.3).
+MIXING_LENGTH_CAP = 0.09 * 1.5
+#: Production modes of the tau equation.
+PRODUCTION_MODES = ("frozen", "coupled")
+
+
+def wall_feature_cap() -> float:
+    """Wall distance beyond which the mixing length saturates, ``cap / kappa``."""
+    return MIXING_LENGTH_CAP / KAPPA
+
+
+class PhysicsMismatchError(ValueError):
+    """Two sets of physical constants that must agree do not (e.g. a model and a solver)."""
+
+
+@dataclass(frozen=True)
+class Physics:
+    """Physical constants of the flow and of the tau equation.
+
+    Attributes:
+        nu: molecular viscosity (Re = 100 on h and the crest bulk velocity at nu = 0.01).
+        bulk_velocity: target area-averaged streamwise velocity U_b of a body-force-driven flow.
+        diffusivity: D of the tau equation.
+        zeta: destruction coefficient.
+        reaction_exponent: p of the destruction term zeta |tau|^p tau (1: the published data;
+            0.5: the published solver source).
+        gamma: production coefficient.
+        tau_p: production level tau_P of the frozen mode.
+        production: ``"frozen"`` (P fixed by tau_p) or ``"coupled"`` (tau_P = tau).
+        c_k: eddy-viscosity coefficient of two-way coupling, nu_t = C_k l_m sqrt(max(tau, 0));
+            0 is one-way (the flow does not see tau).
+    """
+
+    nu: float = 0.01
+    bulk_velocity: float = 0.721039
+    diffusivity: float = 0.1
+    zeta: float = 3.0
+    reaction_exponent: float = 1.0
+    gamma: float = 200.0
+    tau_p: float = 0.001
+    production: str = "frozen"
+    c_k: float = 0.0
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "production":
+                if value not in PRODUCTION_MODES:
+                    raise ValueError(
+                        f"physics.production must be one of {PRODUCTION_MODES}, got {value!r}"
+                    )
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"physics.{item.name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"physics.{item.name} must be a finite non-negative number, got {value}"
+                )
+            object.__setattr__(self, item.name, float(value))
+        for name in ("nu", "diffusivity", "reaction_exponent"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"physics.{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/TOML-friendly dictionary."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Physics:
+        """Build from a mapping; unknown keys raise ValueError naming the known ones."""
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown physics keys {unknown}; known: {sorted(known)}")
+        return cls(**dict(values))
+
+    @classmethod
+    def from_case_meta(cls, meta: Mapping[str, Any]) -> Physics:
+        """The physics a case file was generated with (its ``meta``).
+
+        Case files of this package hold a ``"physics"`` table. Older case files (and files of
+        other codes that follow the DESIGN-4 keys) give the constants as flat keys
+        (``D``, ``zeta``, ``gamma``, ``tau_p``, ``production``, ``c_k``, ``nu``); their
+        destruction exponent was 1/2 unless they say otherwise.
+        """
+        if isinstance(meta.get("physics"), Mapping):
+            return cls.from_dict(meta["physics"])
+        flat = {
+            "nu": meta.get("nu"),
+            "bulk_velocity": meta.get("U_b"),
+            "diffusivity": meta.get("D"),
+            "zeta": meta.get("zeta"),
+            "reaction_exponent": meta.get("reaction_exponent", 0.5 if "D" in meta else None),
+            "gamma": meta.get("gamma"),
+            "tau_p": meta.get("tau_p"),
+            "production": meta.get("production"),
+            "c_k": meta.get("c_k"),
+        }
+        return cls(**{key: value for key, value in flat.items() if value is not None})
+
+    def with_overrides(self, **values: Any) -> Physics:
+        """A copy with some constants replaced (None values are ignored)."""
+        return replace(self, **{key: value for key, value in values.items() if value is not None})
+
+    def differences(self, other: Physics, *, names: tuple[str, ...] | None = None) -> list[str]:
+        """Human-readable list of the constants that differ (relative tolerance 1e-9)."""
+        out = []
+        for item in fields(self):
+            if names is not None and item.name not in names:
+                continue
+            mine, theirs = getattr(self, item.name), getattr(other, item.name)
+            same = (
+                mine == theirs
+                if isinstance(mine, str)
+                else math.isclose(mine, theirs, rel_tol=1e-9, abs_tol=1e-15)
+            )
+            if not same:
+                out.append(f"{item.name}: {mine!r} vs {theirs!r}")
+        return out
