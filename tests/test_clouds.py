@@ -202,7 +202,7 @@ def test_smooth_switch():
 def test_weights_follow_radius(sampler):
     clouds = sampler.full_clouds(np.arange(50))
     assert np.all(clouds.radius <= 1 + 1e-6)
-    np.testing.assert_allclose(clouds.weights, smooth_switch(clouds.radius, start=0.8), atol=1e-6)
+    np.testing.assert_allclose(clouds.weights, smooth_switch(clouds.radius, start=sampler.cutoff_start), atol=1e-6)
     no_weights = CloudSampler(np.random.rand(10, 2), np.ones((10, 2)), cutoff_start=None)
     assert no_weights.full_clouds().weights is None
 
@@ -341,7 +341,7 @@ def test_lazy_geometry_matches_direct_formula(sampler):
     parallel = np.einsum("ij,ij->i", relative, direction[rows])
     radius = np.sqrt(parallel**2 / along[rows] ** 2 + ((relative**2).sum(1) - parallel**2) / across**2)
     np.testing.assert_allclose(clouds.radius, radius, atol=1e-6)
-    np.testing.assert_allclose(clouds.weights, smooth_switch(radius, start=0.8), atol=1e-5)
+    np.testing.assert_allclose(clouds.weights, smooth_switch(radius, start=sampler.cutoff_start), atol=1e-5)
 
 
 def test_dense_sampling_path_is_uniform():

@@ -4,11 +4,10 @@ import torch
 
 from tests.ddp_scripts.synthetic_cases import write_channel_cases
 from vcnn.casefile import CaseFileError
-from vcnn.clouds import CloudSampler
+from vcnn.clouds import CloudOptions
 from vcnn.datasets import (
     CaseSplit,
     CloudDataset,
-    CloudOptions,
     DatasetError,
     TargetScaler,
     derive_seed,
@@ -17,8 +16,10 @@ from vcnn.datasets import (
     select_by_alpha,
 )
 from vcnn.features import FeatureSpec, build_batch
+from vcnn.network import VectorCloudNet
 
 ALPHAS = [0.5, 1.0, 1.5]
+OPTIONS = CloudOptions(diffusivity=0.1, zeta=3.0)
 
 
 @pytest.fixture(scope="module")
@@ -72,21 +73,23 @@ def _dataset(data_dir, spec=None, options=None):
         sources,
         spec=spec or FeatureSpec(),
         target_scaler=TargetScaler.fit(cases),
-        cloud_options=options or CloudOptions(),
+        cloud_options=options or OPTIONS,
     )
 
 
-def test_volume_weighted_clouds_weight_points_by_their_nodal_volume(data_dir):
-    dataset = _dataset(data_dir, options=CloudOptions(volume_weighted=True))
+def test_batches_carry_the_relative_nodal_volume_and_pooling_is_not_a_cloud_option(data_dir):
+    dataset = _dataset(data_dir)
     plan = dataset.draw(12, seed=5)
     batch = dataset.gather(plan.queries[:30], plan.indices[:30]).inputs
     mask = batch.mask
     indices = plan.indices[:30].long()
     volume = dataset.volume
     expected = volume[indices.clamp(min=0)] / volume[plan.queries[:30]][:, None]
-    torch.testing.assert_close(batch.weight[mask], expected[mask].float())
-    assert torch.all(batch.weight[~mask] == 0)
-    assert CloudOptions.from_dict(CloudOptions(volume_weighted=True).to_dict()).volume_weighted
+    torch.testing.assert_close(batch.volume[mask], expected[mask].float())
+    assert torch.all(batch.volume[~mask] == 0) and torch.all(batch.weight[~mask] == 0)
+    with pytest.raises(ValueError, match="pooling is a property of the model"):
+        CloudOptions.from_dict({"volume_weighted": True})
+    assert CloudOptions.from_dict(CloudOptions(cutoff_start=None).to_dict()).cutoff_start is None
 
 
 def test_clouds_are_redrawn_per_seed_as_int32_indices(data_dir):
@@ -126,12 +129,18 @@ def test_torch_gather_matches_features_build_batch(data_dir, pair):
     case_index = 1
     source = dataset.sources[case_index]
     case = source.load()
-    sampler = CloudSampler(case.points, case.velocity, period=case.period)
+    sampler = OPTIONS.sampler(case.points, case.velocity, case.period)
     clouds = sampler.sample(20, seed=5)
     offset = int(dataset.offsets[case_index])
     global_indices = torch.as_tensor(np.where(clouds.indices >= 0, clouds.indices + offset, -1))
     ours = dataset.gather(torch.as_tensor(clouds.queries) + offset, global_indices).inputs
-    reference = build_batch(case, clouds, spec=spec, normalizer=normalizer)
+    reference = build_batch(case, clouds, spec=spec, options=OPTIONS, normalizer=normalizer)
+    # Every input, weights and volumes included, is the same whichever way it is built.
     assert torch.equal(ours.mask, reference.mask)
-    for name in ("pos", "vec", "scal"):
-        torch.testing.assert_close(getattr(ours, name), getattr(reference, name), atol=2e-5, rtol=1e-5)
+    for name in ("pos", "vec", "scal", "weight", "volume"):
+        torch.testing.assert_close(getattr(ours, name), getattr(reference, name), atol=0, rtol=0)
+    for pooling in ("mean", "volume"):
+        model = VectorCloudNet(dim=2, num_scalars=spec.num_scalars, num_vectors=1, pooling=pooling)
+        torch.testing.assert_close(
+            model(**ours.model_inputs()), model(**reference.model_inputs()), atol=0, rtol=0
+        )

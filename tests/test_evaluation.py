@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 from tests.ddp_scripts.synthetic_cases import write_channel_cases
-from vcnn.checkpoint import load_model
+from vcnn.closure import load_closure
 from vcnn.datasets import CaseSource
 from vcnn.evaluation import case_metrics, evaluate, predict_case
 from vcnn.training import TrainConfig, train
 
 KEYS = {
     "case", "alpha", "rel_l2_percent", "max_abs_error", "integral_rel_error", "num_points",
-    "cloud_size",
+    "cloud_size", "out_of_range_fraction", "seconds",
 }
 
 
@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
 
 def test_evaluate_writes_metrics_and_figures(trained, tmp_path):
     data_dir, checkpoint = trained
-    metrics = evaluate(checkpoint, data_dir, tmp_path, device="cpu", max_entries_per_batch=5000)
+    metrics = evaluate(checkpoint, data_dir, tmp_path, device="cpu")
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert [set(m) for m in written] == [KEYS] * 3
     assert [m["alpha"] for m in written] == [0.5, 1.0, 1.5]
@@ -44,22 +44,23 @@ def test_evaluate_writes_metrics_and_figures(trained, tmp_path):
         assert entry["max_abs_error"] > 0 and entry["num_points"] == 240
         assert 0 <= entry["integral_rel_error"] < 1
         assert entry["cloud_size"] is None
+        assert 0 <= entry["out_of_range_fraction"] < 0.5 and entry["seconds"] > 0
     for name in ("parity.png", "error_vs_alpha.png", "fields/channel_a0.500.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
 
 
-def test_full_cloud_batching_does_not_change_predictions(trained):
+def test_metrics_of_full_and_sampled_clouds(trained):
     data_dir, checkpoint = trained
-    loaded = load_model(checkpoint)
+    closure = load_closure(checkpoint, device="cpu")
     source = CaseSource(data_dir / "channel_a1.000.npz")
-    small = predict_case(loaded, source, max_entries_per_batch=700, batch_size=7)
-    large = predict_case(loaded, source, max_entries_per_batch=10**7)
-    np.testing.assert_allclose(small.prediction, large.prediction, rtol=1e-5, atol=1e-6)
-    recomputed = case_metrics(source.load(), large.prediction, cloud_size=None)
-    assert recomputed.rel_l2_percent == pytest.approx(large.metrics.rel_l2_percent)
-    sampled = predict_case(loaded, source, cloud_size=16, seed=1)
+    full = predict_case(closure, source)
+    recomputed = case_metrics(source.load(), full.prediction, cloud_size=None)
+    assert recomputed.rel_l2_percent == pytest.approx(full.metrics.rel_l2_percent)
+    sampled = predict_case(closure, source, cloud_size=16, seed=1)
     assert sampled.metrics.cloud_size == 16
-    assert not np.allclose(sampled.prediction, large.prediction)
+    assert not np.allclose(sampled.prediction, full.prediction)
+    again = predict_case(closure, source, cloud_size=16, seed=1)
+    np.testing.assert_array_equal(again.prediction, sampled.prediction)
 
 
 def test_case_metrics_values():
@@ -81,14 +82,14 @@ def test_evaluate_rejects_bad_cloud_size(trained, tmp_path):
 
 def test_predictions_do_not_depend_on_the_frame(trained):
     data_dir, checkpoint = trained
-    loaded = load_model(checkpoint)
+    closure = load_closure(checkpoint, device="cpu")
     source = CaseSource(data_dir / "channel_a1.000.npz")
-    reference = predict_case(loaded, source).prediction
+    reference = predict_case(closure, source).prediction
     angle = 0.7
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     reflection = np.diag([1.0, -1.0]) @ rotation
     for frame in (rotation, reflection):
-        rotated = predict_case(loaded, source, frame=frame).prediction
+        rotated = predict_case(closure, source, frame=frame).prediction
         np.testing.assert_allclose(rotated, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
     with pytest.raises(ValueError, match="orthogonal"):
-        predict_case(loaded, source, frame=np.eye(2) * 2)
+        predict_case(closure, source, frame=np.eye(2) * 2)

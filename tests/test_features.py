@@ -4,14 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from vcnn.clouds import CloudSampler
+from vcnn.clouds import CloudOptions
 from vcnn.features import (
     CloudBatch,
     FeatureNormalizer,
     FeatureSpec,
+    FieldTable,
     build_batch,
+    entry_inputs,
     point_features,
 )
+
+OPTIONS = CloudOptions(diffusivity=0.05, zeta=3.0, cutoff_start=0.5)
 
 
 def random_fields(rng, n, dim):
@@ -64,9 +68,9 @@ def test_scalars_invariant_vectors_corotate(dim):
     queries = np.arange(0, 600, 7)
     batches = []
     for case in (fields, rotated):
-        sampler = CloudSampler(case["points"], case["velocity"], diffusivity=0.05, dtype=np.float64)
+        sampler = OPTIONS.sampler(case["points"], case["velocity"], None)
         padded = sampler.padded(queries)
-        batch = build_batch(case, padded, spec=spec, dtype=torch.float64)
+        batch = build_batch(case, padded, spec=spec, options=OPTIONS, dtype=torch.float64)
         batches.append(sorted_by_index(batch, padded))
     (pos, vec, scal, mask), (pos_r, vec_r, scal_r, mask_r) = batches
     assert torch.equal(mask, mask_r)
@@ -77,23 +81,52 @@ def test_scalars_invariant_vectors_corotate(dim):
     torch.testing.assert_close(scal_r, scal, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_entry_formulas_match_the_sampler_geometry(dim):
+    # The one input path recomputes radius and weights from the point rows; they must be the
+    # sampler's (which decides who is in a cloud), and the weights never negative.
+    rng = np.random.default_rng(10 + dim)
+    fields = random_fields(rng, 500, dim)
+    # a period longer than twice the largest cloud, so that every entry is a minimum image
+    fields["points"][:, 0] *= 4.0
+    fields["period"] = np.array([8.0] + [0.0] * (dim - 1))
+    sampler = OPTIONS.sampler(fields["points"], fields["velocity"], fields["period"])
+    clouds = sampler.full_clouds(np.arange(0, 500, 5))
+    spec = FeatureSpec(pair_scalars=("distance", "normalized_radius"))
+    table = FieldTable.from_cases([fields], spec=spec, options=OPTIONS, dtype=torch.float64)
+    queries = torch.as_tensor(np.repeat(clouds.queries, clouds.sizes))
+    raw = entry_inputs(table, queries, torch.as_tensor(clouds.indices.astype(np.int64)))
+    torch.testing.assert_close(raw.pos, torch.as_tensor(clouds.relative_positions), rtol=0, atol=1e-12)
+    torch.testing.assert_close(raw.scal[:, -1], torch.as_tensor(clouds.radius), rtol=0, atol=1e-9)
+    torch.testing.assert_close(raw.weight, torch.as_tensor(clouds.weights), rtol=0, atol=1e-9)
+    assert raw.weight.min() >= 0 and raw.scal[:, -1].max() <= 1 + 1e-9
+    volume = fields["nodal_volume"]
+    expected = volume[clouds.indices] / volume[np.repeat(clouds.queries, clouds.sizes)]
+    torch.testing.assert_close(raw.volume, torch.as_tensor(expected), rtol=1e-12, atol=0)
+
+
 @pytest.fixture(scope="module")
 def case_and_clouds():
     rng = np.random.default_rng(7)
     fields = random_fields(rng, 800, 2)
-    sampler = CloudSampler(fields["points"], fields["velocity"], diffusivity=0.05)
+    sampler = OPTIONS.sampler(fields["points"], fields["velocity"], None, dtype=np.float32)
     return fields, sampler
 
 
 def test_feature_values_and_layout(case_and_clouds):
     fields, sampler = case_and_clouds
-    spec = FeatureSpec()
+    spec = FeatureSpec(
+        point_scalars=("strain_rate", "wall_feature", "volume", "speed", "is_wall"),
+        pair_scalars=("proximity", "upstream_cosine"),
+    )
+    assert FeatureSpec().point_scalars == ("strain_rate", "wall_feature", "speed")
     padded = sampler.sample(40, seed=0)
-    batch = build_batch(fields, padded, spec=spec)
+    batch = build_batch(fields, padded, spec=spec, options=OPTIONS)
     q, n = padded.indices.shape
     assert batch.pos.shape == (q, n, 2) and batch.vec.shape == (q, n, 1, 2)
     assert batch.scal.shape == (q, n, spec.num_scalars) and batch.mask.shape == (q, n)
     assert batch.weight is not None and batch.weight.shape == (q, n)
+    assert batch.volume.shape == (q, n) and torch.all(batch.volume[:, 0] == 1)
     assert spec.point_scalar_columns == (0, 1, 2, 3, 4)
     names = spec.scalar_names
     real = batch.mask
@@ -108,14 +141,14 @@ def test_feature_values_and_layout(case_and_clouds):
     volume = point_features(fields, spec).scalars[:, names.index("volume")]
     assert volume.mean() == pytest.approx(1.0)
     # Full clouds are accepted too, padded to their largest.
-    full = build_batch(fields, sampler.full_clouds(np.arange(5)), spec=spec)
+    full = build_batch(fields, sampler.full_clouds(np.arange(5)), spec=spec, options=OPTIONS)
     assert full.mask.sum(1).tolist() == sampler.full_clouds(np.arange(5)).sizes.tolist()
 
 
 def test_normalizer_fit_apply_and_round_trip(case_and_clouds):
     fields, sampler = case_and_clouds
     spec = FeatureSpec(vectors=("velocity", "pressure_gradient"))
-    raw = build_batch(fields, sampler.sample(30, seed=1), spec=spec, dtype=torch.float64)
+    raw = build_batch(fields, sampler.sample(30, seed=1), spec=spec, options=OPTIONS, dtype=torch.float64)
     normalizer = FeatureNormalizer.fit(raw)
     normalized = normalizer.apply(raw)
     real = raw.mask
@@ -136,8 +169,17 @@ def test_normalizer_fit_apply_and_round_trip(case_and_clouds):
     restored = FeatureNormalizer()
     restored.load_state_dict(loaded["normalizer"])
     assert restored == normalizer
+    # the training range of every scalar is kept: the fitted values lie inside it
+    assert restored.has_ranges
+    assert not restored.outside_range(raw.scal[real]).any()
+    shifted = raw.scal[real].clone()
+    shifted[:, 0] = torch.as_tensor(normalizer.scalar_max[0]) + 1.0
+    assert restored.outside_range(shifted)[:, 0].all()
     assert FeatureSpec.from_dict(loaded["spec"]) == spec
-    batch = build_batch(fields, sampler.sample(30, seed=1), spec=spec, dtype=torch.float64, normalizer=restored)
+    batch = build_batch(
+        fields, sampler.sample(30, seed=1), spec=spec, options=OPTIONS, dtype=torch.float64,
+        normalizer=restored,
+    )
     torch.testing.assert_close(batch.scal, normalized.scal)
 
 
@@ -152,11 +194,14 @@ def test_bad_inputs(case_and_clouds):
     with pytest.raises(ValueError, match="unknown FeatureSpec keys"):
         FeatureSpec.from_dict({"colour": 1})
     with pytest.raises(ValueError, match="no 'vorticity'"):
-        build_batch(fields, sampler.sample(5, seed=0), spec=FeatureSpec(point_scalars=("vorticity",)))
+        build_batch(
+            fields, sampler.sample(5, seed=0), spec=FeatureSpec(point_scalars=("vorticity",)),
+            options=OPTIONS,
+        )
     missing = {k: v for k, v in fields.items() if k != "wall_distance"}
     with pytest.raises(ValueError, match="wall_distance"):
-        build_batch(missing, sampler.sample(5, seed=0), spec=FeatureSpec())
-    raw = build_batch(fields, sampler.sample(5, seed=0), spec=FeatureSpec())
+        build_batch(missing, sampler.sample(5, seed=0), spec=FeatureSpec(), options=OPTIONS)
+    raw = build_batch(fields, sampler.sample(5, seed=0), spec=FeatureSpec(), options=OPTIONS)
     with pytest.raises(ValueError, match="fitted on"):
         FeatureNormalizer(scalar_mean=[0.0], scalar_std=[1.0], vector_scale=[1.0]).apply(raw)
     with pytest.raises(ValueError, match="keys"):

@@ -52,8 +52,8 @@ def test_published_preset_layer_sizes():
     assert count_parameters(model) == expected == 39553
 
 
-def test_default_preset_equals_constructor_defaults():
-    preset = VectorCloudNet.from_preset("default", dim=2, num_scalars=7, num_vectors=1)
+def test_dense_preset_equals_constructor_defaults():
+    preset = VectorCloudNet.from_preset("dense", dim=2, num_scalars=7, num_vectors=1)
     plain = VectorCloudNet(dim=2, num_scalars=7, num_vectors=1)
     assert preset.to_config() == plain.to_config()
     # Two derived invariants (distance, angle) join the seven scalars.
@@ -61,6 +61,71 @@ def test_default_preset_equals_constructor_defaults():
     assert isinstance(plain.embedding.activation, torch.nn.SiLU)
     with pytest.raises(ValueError, match="unknown preset"):
         VectorCloudNet.from_preset("nope", dim=2, num_scalars=7, num_vectors=1)
+
+
+def test_default_preset_is_factorised_volume_pooled_and_positive():
+    with pytest.raises(ValueError, match="point_scalar_columns"):
+        VectorCloudNet.from_preset("default", dim=2, num_scalars=6, num_vectors=1)
+    model = VectorCloudNet.from_preset(
+        "default", dim=2, num_scalars=6, num_vectors=1, point_scalar_columns=(0, 1, 2)
+    )
+    config = model.config
+    assert model.is_factorised and config.num_kernels == 4 and config.embedding[-1] == 32
+    assert config.pooling == "volume" and config.positive_output
+    assert model.pair_columns == (3, 4, 5)
+    # the pair kernels see the three pair scalars and the point's three scalars (no derived
+    # distance or angle)
+    assert linear_shapes(model.pair_embedding) == [(6, 16), (16, 4)]
+
+
+def test_positive_output_is_never_negative_and_volume_pooling_needs_volumes():
+    torch.manual_seed(0)
+    model = VectorCloudNet(
+        dim=2, num_scalars=7, num_vectors=1, positive_output=True, pooling="volume"
+    ).double()
+    with torch.no_grad():
+        model.fitting.layers[-1].bias.fill_(-50.0)  # a fit far below zero
+    pos, vec, scal, mask = make_batch(2)
+    volume = torch.rand(mask.shape, dtype=torch.float64) + 0.5
+    out = model(pos, vec, scal, mask, volume=volume)
+    assert (out >= 0).all() and (out < 1e-15).all()
+    with pytest.raises(CloudInputError, match="pools by volume"):
+        model(pos, vec, scal, mask)
+    with pytest.raises(ValueError, match="scalar head"):
+        VectorCloudNet(dim=2, num_scalars=7, num_vectors=1, output="vector", positive_output=True)
+    with pytest.raises(ValueError, match="pooling"):
+        VectorCloudNet(dim=2, num_scalars=7, num_vectors=1, pooling="max")
+
+
+def test_volume_pooling_is_a_quadrature():
+    # Splitting a point into two halves of its volume leaves a volume-pooled output unchanged
+    # (the same integral); a mean over points changes.
+    torch.manual_seed(1)
+    pos, vec, scal, mask = make_batch(2, n=12)
+    mask[:] = True
+    volume = torch.rand(mask.shape, dtype=torch.float64) + 0.5
+    split = dict(
+        pos=torch.cat([pos, pos[:, :1]], 1),
+        vec=torch.cat([vec, vec[:, :1]], 1),
+        scal=torch.cat([scal, scal[:, :1]], 1),
+        mask=torch.cat([mask, mask[:, :1]], 1),
+    )
+    halved = torch.cat([volume, volume[:, :1] / 2], 1)
+    halved[:, 0] /= 2
+    for pooling, changes in (("volume", False), ("mean", True)):
+        model = VectorCloudNet(dim=2, num_scalars=7, num_vectors=1, pooling=pooling).double()
+        once = model(pos, vec, scal, mask, volume=volume)
+        twice = model(**split, volume=halved)
+        assert (not torch.allclose(once, twice, rtol=1e-9)) == changes
+
+
+def test_kernels_must_divide_the_embedding_width():
+    with pytest.raises(ValueError, match="divide"):
+        VectorCloudNet(
+            dim=2, num_scalars=7, num_vectors=1, point_scalar_columns=(0, 1), kernels=5
+        )
+    with pytest.raises(ValueError, match="factorised"):
+        VectorCloudNet(dim=2, num_scalars=7, num_vectors=1, kernels=4)
 
 
 @pytest.mark.parametrize("output", ["scalar", "vector", "tensor"])
@@ -141,11 +206,14 @@ def test_unit_weight_equals_no_weight_and_zero_weight_equals_removal():
 
 
 def test_gradients_are_finite_at_the_query_point():
-    for preset in ("default", "published"):
-        model = VectorCloudNet.from_preset(preset, dim=3, num_scalars=7, num_vectors=1).double()
+    for preset in ("default", "dense", "published"):
+        model = VectorCloudNet.from_preset(
+            preset, dim=3, num_scalars=7, num_vectors=1, point_scalar_columns=(0, 1, 2)
+        ).double()
         pos, vec, scal, mask = make_batch(3)
         pos.requires_grad_(True)
-        model(pos, vec, scal, mask).sum().backward()
+        volume = torch.rand(mask.shape, dtype=torch.float64) + 0.5
+        model(pos, vec, scal, mask, volume=volume).sum().backward()
         assert torch.isfinite(pos.grad).all(), preset
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -211,7 +279,7 @@ def test_wrong_weight_shape_and_negative_weight():
     pos, vec, scal, mask = make_batch(2, torch.float32)
     with pytest.raises(ValueError, match=r"weight must be \(B, n\)"):
         model(pos, vec, scal, mask, torch.ones(4, 29))
-    with pytest.raises(ValueError, match="weight must be >= 0"):
+    with pytest.raises(ValueError, match="must be >= 0"):
         model(pos, vec, scal, mask, -torch.ones(4, 30))
 
 

@@ -194,23 +194,33 @@ def inner_chord_bounds(
     return low, high
 
 
-def smooth_switch(
-    radius: np.ndarray, *, start: float, out: np.ndarray | None = None
-) -> np.ndarray:
+def smooth_switch(radius, *, start: float, out=None):
     """C^2 cutoff: 1 for r <= start, 1 - t^3 (6 t^2 - 15 t + 10) between, 0 for r >= 1.
 
     Here t = (r - start) / (1 - start). The first and second derivatives vanish at both ends,
-    so a point entering or leaving a cloud contributes continuously.
+    so a point entering or leaving a cloud contributes continuously. The result is clipped to
+    [0, 1]: near t = 1 the polynomial rounds to slightly above 1 in float32, and a weight must
+    never be negative.
 
     Args:
-        radius: (...) float normalised radius (1 on the region boundary).
+        radius: (...) float normalised radius (1 on the region boundary), a numpy array or a
+            torch tensor (then computed with torch, differentiably).
         start: where the switch starts to fall, in [0, 1).
-        out: (...) float array of radius's shape to write the weights into (may be radius
-            itself); None for a new array.
+        out: numpy only: (...) float array of radius's shape to write the weights into (may be
+            radius itself); None for a new array.
 
     Returns:
-        (...) float weights in [0, 1], same dtype as radius (or out).
+        (...) float weights in [0, 1], same dtype as radius (or out), same kind (numpy/torch).
     """
+    if not 0.0 <= start < 1.0:
+        raise ValueError(f"the cutoff start must lie in [0, 1), got {start}")
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of vcnn
+        torch = None
+    if torch is not None and isinstance(radius, torch.Tensor):
+        t = ((radius - start) / (1.0 - start)).clamp(0.0, 1.0)
+        return (1.0 - t * t * t * (t * (6.0 * t - 15.0) + 10.0)).clamp(0.0, 1.0)
     radius = np.asarray(radius)
     if out is None:
         out = np.empty(radius.shape, dtype=np.result_type(radius, 0.0))
@@ -225,4 +235,5 @@ def smooth_switch(
     polynomial *= t
     polynomial *= t
     polynomial *= t
-    return np.subtract(1.0, polynomial, out=t)
+    weights = np.subtract(1.0, polynomial, out=t)
+    return np.clip(weights, 0.0, 1.0, out=weights)

@@ -14,7 +14,9 @@ key                         meaning
 ``feature_normalizer``      input normaliser state (a dict of tensors/numbers) or None
 ``target_scale``            float, tau is learnt as ``tau / target_scale``
 ``feature_spec``            feature options (dict) the inputs were built with
-``cloud_options``           cloud-sampler options (dict) the clouds were drawn with
+``cloud_options``           cloud-sampler options (dict) the clouds were drawn with, resolved
+``physics``                 the :class:`vcnn.physics.Physics` of the training data (dict)
+``dimension``               spatial dimension of the training data
 ``cloud_size``              points per training cloud
 ``optimizer_state``         optimiser ``state_dict()`` (training checkpoints only)
 ``scheduler_state``         scheduler ``state_dict()``
@@ -47,7 +49,9 @@ from vcnn.atomic import atomic_write
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "vcnn-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2
+#: Versions this package reads: version 1 had pooling as a cloud option and no physics.
+_READABLE_VERSIONS = (1, 2)
 _MODEL_KEYS = ("format", "model_kind", "model_config", "model_state")
 
 
@@ -164,12 +168,28 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks keys {missing}")
     version = payload.get("format_version")
-    if version != CHECKPOINT_FORMAT_VERSION:
+    if version not in _READABLE_VERSIONS:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} has format version {version}; this vcnn reads version "
-            f"{CHECKPOINT_FORMAT_VERSION}"
+            f"checkpoint {str(path)!r} has format version {version}; this vcnn reads versions "
+            f"{list(_READABLE_VERSIONS)}"
         )
+    if version == 1:
+        _upgrade_version_1(payload)
     return payload
+
+
+def _upgrade_version_1(payload: dict[str, Any]) -> None:
+    """Version 1 kept the pooling among the cloud options and recorded no physics."""
+    cloud = dict(payload.get("cloud_options") or {})
+    volume_weighted = bool(cloud.pop("volume_weighted", False))
+    cloud.setdefault("cutoff_start", "none")  # version 1 had no cutoff unless it said so
+    payload["cloud_options"] = cloud
+    if payload.get("model_kind") == "VectorCloudNet":
+        config = dict(payload["model_config"])
+        config.setdefault("pooling", "volume" if volume_weighted else "mean")
+        payload["model_config"] = config
+    payload.setdefault("physics", None)
+    payload.setdefault("dimension", payload["model_config"].get("dim"))
 
 
 def build_model(kind: str, config: dict[str, Any]) -> nn.Module:

@@ -109,19 +109,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     cases = [p for d in args.data for p in (case_paths(d) if d.is_dir() else [d])]
     metrics = evaluate(
-        args.model,
-        cases,
-        args.out,
-        cloud_size=args.cloud_size,
-        device=args.device,
-        batch_size=args.batch_size,
+        args.model, cases, args.out, cloud_size=args.cloud_size, device=args.device
     )
-    lines = ["| case | alpha | rel L2 % | max abs error | integral rel error |", "|---|---|---|---|---|"]
+    lines = [
+        "| case | alpha | rel L2 % | max abs error | integral rel error | inputs out of range % "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in metrics:
         alpha = "" if m.alpha is None else f"{m.alpha:g}"
         lines.append(
             f"| {m.case} | {alpha} | {m.rel_l2_percent:.3f} | {m.max_abs_error:.4g} | "
-            f"{m.integral_rel_error:.3e} |"
+            f"{m.integral_rel_error:.3e} | {100 * m.out_of_range_fraction:.3g} | "
+            f"{m.seconds:.2f} |"
         )
     logger.info("%s\n\nmetrics and figures in %s", "\n".join(lines), Path(args.out).resolve())
     return 0
@@ -202,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, required=True, help="folder of metrics and figures")
     evaluate.add_argument("--cloud-size", type=int, help="fixed n per cloud (default: full)")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    evaluate.add_argument("--batch-size", type=int, default=1024)
     evaluate.set_defaults(handler=_cmd_evaluate, config=None)
 
     export = verbs.add_parser("export", help="inference-only copy of a checkpoint (small)")

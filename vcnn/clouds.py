@@ -36,11 +36,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -56,7 +56,14 @@ from vcnn._regions import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CloudEntries", "CloudSampler", "Clouds", "PaddedClouds", "RegionKind"]
+__all__ = [
+    "CloudEntries",
+    "CloudOptions",
+    "CloudSampler",
+    "Clouds",
+    "PaddedClouds",
+    "RegionKind",
+]
 
 RegionKind = Literal["ellipse", "ball", "knn"]
 _REGIONS = ("ellipse", "ball", "knn")
@@ -282,7 +289,7 @@ class CloudSampler:
         eps: float = 0.2,
         radius: float | None = None,
         k: int | None = None,
-        cutoff_start: float | None = 0.8,
+        cutoff_start: float | None = 0.5,
         dtype: np.dtype | type = np.float32,
         workers: int = -1,
         chunk_size: int = 4096,
@@ -1114,3 +1121,139 @@ def _checked_period(period: np.ndarray | None, dim: int) -> np.ndarray:
     if not np.all(np.isfinite(array)) or np.any(array < 0):
         raise ValueError(f"period entries must be finite and >= 0, got {array.tolist()}")
     return array
+
+
+@dataclass(frozen=True)
+class CloudOptions:
+    """Which points form the cloud of a query point (DESIGN section 5); a model stores them.
+
+    Attributes:
+        region: ``"ellipse"`` (the paper's velocity-aligned ellipse), ``"ball"`` or ``"knn"``.
+        diffusivity: D of the transport operator that shapes the ellipse; None: the D of the
+            training data's physics (filled in by :meth:`resolved`).
+        zeta: decay coefficient of the operator; None: the training data's.
+        eps: decay threshold that defines the ellipse boundary.
+        radius: ball radius (``region="ball"`` only).
+        k: neighbours per cloud (``region="knn"`` only).
+        cutoff_start: normalised radius where the smooth cutoff weight starts to fall, in
+            [0, 1); None (``"none"`` in a config) gives every cloud point weight 1 (a hard
+            edge, as in the paper). The default 0.5 makes a point's weight go to zero smoothly at the region boundary,
+            so the prediction is a smooth function of the flow (needed inside a coupled
+            solver) and the pooled integral converges faster under mesh refinement.
+    """
+
+    region: str = "ellipse"
+    diffusivity: float | None = None
+    zeta: float | None = None
+    eps: float = 0.2
+    radius: float | None = None
+    k: int | None = None
+    cutoff_start: float | None = 0.5
+
+    def __post_init__(self) -> None:
+        if self.region not in _REGIONS:
+            raise ValueError(f"cloud region must be one of {_REGIONS}, got {self.region!r}")
+        if self.cutoff_start is not None and not 0.0 <= self.cutoff_start < 1.0:
+            raise ValueError(f"cutoff_start must be in [0, 1) or absent, got {self.cutoff_start}")
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> CloudOptions:
+        """Build from a config table; unknown keys raise ValueError naming the known ones."""
+        options = dict(options)
+        if "volume_weighted" in options:
+            raise ValueError(
+                "[cloud] volume_weighted is gone: pooling is a property of the model, set "
+                "[model] pooling = \"volume\" (the default) or \"mean\""
+            )
+        known = {item.name for item in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in [cloud]; allowed: {sorted(known)}")
+        if isinstance(options.get("cutoff_start"), str):
+            if options["cutoff_start"].lower() != "none":
+                raise ValueError(
+                    f"cutoff_start must be a number in [0, 1) or \"none\", got "
+                    f"{options['cutoff_start']!r}"
+                )
+            options["cutoff_start"] = None
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """TOML-friendly dictionary (None values left out, as TOML has no null).
+
+        No cutoff is written as ``cutoff_start = "none"``, so that it does not read back as the
+        default.
+        """
+        values = {key: value for key, value in asdict(self).items() if value is not None}
+        if self.cutoff_start is None:
+            values["cutoff_start"] = "none"
+        return values
+
+    def resolved(self, *, diffusivity: float, zeta: float) -> CloudOptions:
+        """A copy with the operator coefficients filled in where they were left to the data."""
+        return replace(
+            self,
+            diffusivity=diffusivity if self.diffusivity is None else self.diffusivity,
+            zeta=zeta if self.zeta is None else self.zeta,
+        )
+
+    def semi_axes(self, speed: np.ndarray) -> tuple[np.ndarray, float] | None:
+        """Region semi-axes a (N,) along the flow and b across it; None for ``"knn"``.
+
+        Args:
+            speed: (N,) float64 |u| at the query points.
+        """
+        if self.region == "knn":
+            return None
+        if self.region == "ball":
+            return np.full(np.shape(speed), float(self.radius)), float(self.radius)
+        self._check_resolved()
+        return ellipse_semi_axes(
+            np.asarray(speed, dtype=np.float64),
+            diffusivity=self.diffusivity,
+            zeta=self.zeta,
+            eps=self.eps,
+        )
+
+    def sampler(
+        self,
+        points: np.ndarray,
+        velocity: np.ndarray,
+        period: np.ndarray | None,
+        *,
+        dtype: np.dtype | type = np.float64,
+    ) -> CloudSampler:
+        """A :class:`CloudSampler` with these options over one case's points.
+
+        Args:
+            points: (N, d) float coordinates.
+            velocity: (N, d) float velocity.
+            period: (d,) periodic lengths (0: not periodic) or None.
+            dtype: dtype of the sampler's relative positions, radii and weights.
+        """
+        if self.region == "ellipse":
+            self._check_resolved()
+        if period is not None and not np.any(np.asarray(period) > 0):
+            period = None
+        return CloudSampler(
+            points,
+            velocity,
+            period=period,
+            region=self.region,
+            diffusivity=self.diffusivity if self.diffusivity is not None else 0.1,
+            zeta=self.zeta if self.zeta is not None else 3.0,
+            eps=self.eps,
+            radius=self.radius,
+            k=self.k,
+            cutoff_start=self.cutoff_start,
+            dtype=dtype,
+        )
+
+    def _check_resolved(self) -> None:
+        if self.diffusivity is None or self.zeta is None:
+            raise ValueError(
+                "the ellipse needs diffusivity and zeta: give them in [cloud] or resolve the "
+                "options against the data's physics (CloudOptions.resolved)"
+            )

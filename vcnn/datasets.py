@@ -12,11 +12,9 @@ Everything the network needs is computed from the case-file contract keys of DES
 (``points``, ``velocity``, ``tau``, ``strain_rate``, ``wall_distance``, ``nodal_volume``,
 ``is_wall``, ``period``), so case files written by other codes work as they are.
 
-The inputs are exactly those of :func:`vcnn.features.build_batch` followed by
-:meth:`vcnn.features.FeatureNormalizer.apply` (same :class:`~vcnn.features.FeatureSpec`, same
-formulas), but gathered with torch on the training device instead of numpy on the CPU; a test
-checks that both paths agree, so a network trained here can be used by any code that builds
-its inputs with :mod:`vcnn.features`.
+The inputs are built by :func:`vcnn.features.gather_inputs` on a
+:class:`vcnn.features.FieldTable` of the cases, the one input path that evaluation and
+coupled simulations use too.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import math
 import os
 import zipfile
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,7 +33,8 @@ import numpy as np
 import torch
 
 from vcnn.casefile import Case, CaseFileError, case_paths, read_case
-from vcnn.features import CloudBatch, FeatureNormalizer, FeatureSpec, point_features
+from vcnn.clouds import CloudOptions
+from vcnn.features import CloudBatch, FeatureNormalizer, FeatureSpec, FieldTable, gather_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -340,12 +339,10 @@ class CloudPlan(NamedTuple):
     Attributes:
         queries: (M,) int64 global index of each cloud's query point.
         indices: (M, n) int32 global indices of the cloud points, -1 for padding.
-        weights: (M, n) float32 cutoff weights, or None when the clouds have no cutoff.
     """
 
     queries: torch.Tensor
     indices: torch.Tensor
-    weights: torch.Tensor | None = None
 
 
 class TrainingBatch(NamedTuple):
@@ -363,68 +360,6 @@ class TrainingBatch(NamedTuple):
     volume: torch.Tensor
 
 
-@dataclass(frozen=True)
-class CloudOptions:
-    """Options of the cloud sampler (DESIGN section 5), forwarded to ``vcnn.clouds``.
-
-    Attributes:
-        region: ``"ellipse"`` (the paper's velocity-aligned ellipse) or another region the
-            sampler supports.
-        diffusivity: D of the transport operator that shapes the ellipse.
-        zeta: decay coefficient of the operator.
-        eps: decay threshold defining the ellipse boundary.
-        radius: ball radius (``region="ball"`` only).
-        k: neighbours per cloud (``region="knn"`` only).
-        cutoff_start: normalised radius where a smooth cutoff weight starts to fall (in
-            [0, 1)); None (default, as in the paper) gives every cloud point weight 1.
-        volume_weighted: weight every cloud point by its nodal volume in the network's
-            pooling, so that the descriptor is a quadrature of an integral over the cloud
-            region rather than a mean over points: it then does not depend on how densely a
-            mesh samples the region (the paper's mean over points does). Off by default.
-    """
-
-    region: str = "ellipse"
-    diffusivity: float = 0.1
-    zeta: float = 3.0
-    eps: float = 0.2
-    radius: float | None = None
-    k: int | None = None
-    cutoff_start: float | None = None
-    volume_weighted: bool = False
-
-    @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> CloudOptions:
-        """Build from a config table; unknown keys raise ConfigError."""
-        from vcnn.config import check_keys
-
-        check_keys(options, {f.name for f in fields(cls)}, "[cloud]")
-        return cls(**options)
-
-    def to_dict(self) -> dict[str, Any]:
-        """TOML-friendly dictionary (None values left out, as TOML has no null)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-def make_sampler(case: Case, options: CloudOptions) -> Any:
-    """A ``vcnn.clouds.CloudSampler`` over a case's points."""
-    from vcnn.clouds import CloudSampler
-
-    period = case.period if np.any(case.period > 0) else None
-    return CloudSampler(
-        case.points,
-        case.velocity,
-        period=period,
-        region=options.region,
-        diffusivity=options.diffusivity,
-        zeta=options.zeta,
-        eps=options.eps,
-        radius=options.radius,
-        k=options.k,
-        cutoff_start=options.cutoff_start,
-        dtype=np.float64,
-    )
-
-
 class CloudDataset:
     """The fields of a list of cases on one device, with per-epoch cloud draws and gathering.
 
@@ -432,9 +367,10 @@ class CloudDataset:
         sources: the cases (read on construction).
         spec: which network inputs (see :class:`vcnn.features.FeatureSpec`).
         target_scaler: the target scale (fit on the training cases).
-        cloud_options: sampler options.
+        cloud_options: cloud options, resolved against the data's physics
+            (:meth:`vcnn.clouds.CloudOptions.resolved`).
         normalizer: input normaliser fitted on the training cases (None: raw inputs, e.g. to
-            fit one with :func:`fit_feature_normalizer`).
+            fit one with :meth:`fit_normalizer`).
         device: device of the field tensors and the batches.
         dtype: floating dtype of the batches (float32).
     """
@@ -460,49 +396,20 @@ class CloudDataset:
         self.dtype = dtype
         self._samplers: dict[int, Any] = {}
         cases = [source.load() for source in self.sources]
-        dims = {case.dim for case in cases}
-        if len(dims) != 1:
-            raise DatasetError(f"cases mix spatial dimensions {sorted(dims)}")
-        self.dim = dims.pop()
-        sizes = [case.num_points for case in cases]
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        features = [point_features(case, spec) for case in cases]
-
-        def put(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=self.device)
-
-        # Positions stay in float64: relative positions are differences of nearby coordinates.
-        self.points = put(np.concatenate([c.points for c in cases]), torch.float64)
-        self.velocity = put(np.concatenate([f.velocity for f in features]), dtype)
-        self.vectors = put(np.concatenate([f.vectors for f in features]), dtype)
-        self.point_scalars = put(np.concatenate([f.scalars for f in features]), dtype)
-        self.tau = np.concatenate([c.tau for c in cases])
-        self.target = put(self.tau / target_scaler.scale, dtype)
-        self.volume = put(np.concatenate([c.nodal_volume for c in cases]), dtype)
-        case_of_point = np.repeat(np.arange(len(cases)), sizes)
-        periods = np.stack([c.period for c in cases])
-        self.point_period = put(periods[case_of_point], torch.float64)
-        self.case_of_point = case_of_point
-        self._along: torch.Tensor | None = None
-        self._across: torch.Tensor | None = None
-        if "normalized_radius" in spec.pair_scalars:
-            self._region_axes()
-
-    def _region_axes(self) -> None:
-        """Per-point region semi-axes, for the normalised-radius pair feature."""
-        if self.cloud_options.region == "knn":
-            raise DatasetError(
-                "the 'normalized_radius' feature needs an ellipse or ball region, not knn"
+        try:
+            self.table = FieldTable.from_cases(
+                cases, spec=spec, options=cloud_options, device=self.device, dtype=dtype
             )
-        along, across = [], []
-        for case_index in range(self.num_cases):
-            case_along, case_across = self.sampler(case_index).semi_axes
-            along.append(case_along)
-            across.append(np.full(case_along.shape, case_across))
-        self._along = torch.as_tensor(np.concatenate(along), dtype=self.dtype, device=self.device)
-        self._across = torch.as_tensor(
-            np.concatenate(across), dtype=self.dtype, device=self.device
+        except ValueError as error:
+            raise DatasetError(str(error)) from error
+        self.dim = self.table.dim
+        self.offsets = self.table.offsets
+        self.tau = np.concatenate([c.tau for c in cases])
+        self.target = torch.as_tensor(
+            self.tau / target_scaler.scale, dtype=dtype, device=self.device
         )
+        self.volume = self.table.volume.to(dtype)
+        self.case_of_point = np.repeat(np.arange(len(cases)), np.diff(self.offsets))
 
     @property
     def num_cases(self) -> int:
@@ -531,8 +438,9 @@ class CloudDataset:
     def sampler(self, case_index: int) -> Any:
         """The (cached) cloud sampler of a case."""
         if case_index not in self._samplers:
-            self._samplers[case_index] = make_sampler(
-                self.sources[case_index].load(), self.cloud_options
+            case = self.sources[case_index].load()
+            self._samplers[case_index] = self.cloud_options.sampler(
+                case.points, case.velocity, case.period
             )
         return self._samplers[case_index]
 
@@ -553,7 +461,6 @@ class CloudDataset:
             raise DatasetError(f"cloud_size must be >= 1, got {cloud_size}")
         all_queries: list[np.ndarray] = []
         all_indices: list[np.ndarray] = []
-        all_weights: list[np.ndarray] = []
         for case_index in range(self.num_cases):
             offset = int(self.offsets[case_index])
             count = int(self.offsets[case_index + 1]) - offset
@@ -574,8 +481,6 @@ class CloudDataset:
             self._check_minimum_image(case_index, local_queries, local, clouds)
             all_queries.append(local_queries + offset)
             all_indices.append(np.where(local >= 0, local + offset, -1))
-            if clouds.weights is not None:
-                all_weights.append(np.asarray(clouds.weights, dtype=np.float32))
         queries_array = np.concatenate(all_queries)
         indices_array = np.concatenate(all_indices)
         if self.num_points >= np.iinfo(np.int32).max:
@@ -584,11 +489,6 @@ class CloudDataset:
             queries=torch.as_tensor(queries_array, dtype=torch.int64, device=self.device),
             indices=torch.as_tensor(
                 indices_array.astype(np.int32), dtype=torch.int32, device=self.device
-            ),
-            weights=(
-                torch.as_tensor(np.concatenate(all_weights), device=self.device)
-                if all_weights
-                else None
             ),
         )
 
@@ -616,86 +516,27 @@ class CloudDataset:
         self,
         queries: torch.Tensor,
         indices: torch.Tensor,
-        weights: torch.Tensor | None = None,
         *,
         normalize: bool = True,
     ) -> TrainingBatch:
-        """Gather a batch of padded clouds and their targets from the field tensors.
-
-        Mirrors :func:`vcnn.features.build_batch` (then ``FeatureNormalizer.apply``): padding
-        slots are 0 in ``pos``, ``vec`` and ``scal`` and False in ``mask``.
+        """Gather a batch of padded clouds and their targets (:func:`gather_inputs`).
 
         Args:
             queries: (B,) int64 global query indices.
             indices: (B, n) int global cloud indices, -1 for padding.
-            weights: (B, n) float cutoff weights, or None.
             normalize: apply the dataset's normaliser (when it has one).
 
         Returns:
             The batch on the dataset's device.
         """
-        indices = indices.to(device=self.device, dtype=torch.int64)
-        queries = queries.to(device=self.device, dtype=torch.int64)
-        mask = indices >= 0
-        safe = torch.where(mask, indices, queries[:, None])
-        relative = self.points[safe] - self.points[queries][:, None, :]
-        period = self.point_period[queries][:, None, :]
-        periodic = period > 0
-        wrapped = relative - period * torch.round(relative / torch.where(periodic, period, 1.0))
-        relative = torch.where(periodic, wrapped, relative)
-        keep = mask[..., None]
-        pair = self._pair_scalars(relative, self.velocity[safe], queries)
-        scal = torch.cat([self.point_scalars[safe], pair], dim=-1)
-        scal = torch.where(keep, scal, 0.0)
-        vec = torch.where(keep[..., None], self.vectors[safe], 0.0)
-        pos = torch.where(keep, relative, 0.0).to(self.dtype)
-        weight = None
-        if weights is not None:
-            weight = torch.where(mask, weights.to(device=self.device, dtype=self.dtype), 0.0)
-        if self.cloud_options.volume_weighted:
-            # relative to the query's own volume: a scale the pooling's normalisation cancels
-            volume = (self.volume[safe] / self.volume[queries][:, None]).to(self.dtype)
-            volume = torch.where(mask, volume, 0.0)
-            weight = volume if weight is None else weight * volume
-        batch = CloudBatch(pos=pos, vec=vec, scal=scal, mask=mask, weight=weight, queries=queries)
-        if normalize and self.normalizer is not None:
-            batch = self.normalizer.apply(batch)
+        batch = gather_inputs(
+            self.table,
+            queries,
+            indices,
+            normalizer=self.normalizer if normalize else None,
+        )
+        queries = batch.queries
         return TrainingBatch(inputs=batch, target=self.target[queries], volume=self.volume[queries])
-
-    def _pair_scalars(
-        self, relative: torch.Tensor, velocity: torch.Tensor, queries: torch.Tensor
-    ) -> torch.Tensor:
-        """Query-dependent scalars, same formulas as :func:`vcnn.features.pair_features`."""
-        distance = torch.linalg.vector_norm(relative, dim=-1)
-        columns = []
-        for name in self.spec.pair_scalars:
-            if name == "proximity":
-                columns.append(torch.exp(-distance / self.spec.proximity_length))
-            elif name == "distance":
-                columns.append(distance)
-            elif name == "normalized_radius":
-                assert self._along is not None and self._across is not None
-                speed0 = torch.linalg.vector_norm(self.velocity[queries], dim=-1, keepdim=True)
-                direction = torch.where(
-                    speed0 > 0, self.velocity[queries] / speed0.clamp_min(1e-300), 0.0
-                ).to(relative.dtype)
-                parallel = (relative * direction[:, None, :]).sum(-1)
-                perpendicular = torch.clamp(distance * distance - parallel * parallel, min=0.0)
-                along = self._along[queries][:, None].to(relative.dtype)
-                across = self._across[queries][:, None].to(relative.dtype)
-                columns.append(
-                    torch.sqrt(parallel**2 / along**2 + perpendicular / across**2)
-                )
-            else:  # upstream_cosine
-                velocity = velocity.to(relative.dtype)
-                denominator = distance * torch.linalg.vector_norm(velocity, dim=-1)
-                dot = (relative * velocity).sum(-1)
-                columns.append(
-                    torch.where(denominator > 0, dot / denominator.clamp_min(1e-300), 0.0)
-                )
-        if not columns:
-            return relative.new_zeros((*relative.shape[:2], 0)).to(self.dtype)
-        return torch.stack(columns, dim=-1).to(self.dtype)
 
     def fit_normalizer(
         self, plan: CloudPlan, *, chunk_size: int = 4096, min_std: float = 1e-8
@@ -715,10 +556,7 @@ class CloudDataset:
         def raw_batches() -> Iterable[CloudBatch]:
             for start in range(0, count, chunk_size):
                 rows = slice(start, start + chunk_size)
-                weights = None if plan.weights is None else plan.weights[rows]
-                yield self.gather(
-                    plan.queries[rows], plan.indices[rows], weights, normalize=False
-                ).inputs
+                yield self.gather(plan.queries[rows], plan.indices[rows], normalize=False).inputs
 
         self.normalizer = FeatureNormalizer.fit(raw_batches(), min_std=min_std)
         return self.normalizer
@@ -736,7 +574,6 @@ __all__ = [
     "CaseSource",
     "CaseSplit",
     "CloudDataset",
-    "CloudOptions",
     "CloudPlan",
     "DatasetError",
     "TargetScaler",

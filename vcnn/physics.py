@@ -110,16 +110,22 @@ class Physics:
         return cls(**dict(values))
 
     @classmethod
-    def from_case_meta(cls, meta: Mapping[str, Any]) -> Physics:
-        """The physics a case file was generated with (its ``meta``).
+    def from_case_meta(cls, meta: Mapping[str, Any]) -> Physics | None:
+        """The physics a case file was generated with (its ``meta``), or None if it says not.
 
         Case files of this package hold a ``"physics"`` table. Older case files (and files of
         other codes that follow the DESIGN-4 keys) give the constants as flat keys
         (``D``, ``zeta``, ``gamma``, ``tau_p``, ``production``, ``c_k``, ``nu``); their
-        destruction exponent was 1/2 unless they say otherwise.
+        destruction exponent was 1/2 unless they say otherwise. A meta with neither (data of
+        unknown origin) gives None.
+
+        Raises:
+            ValueError: when the meta records physics that are not valid.
         """
         if isinstance(meta.get("physics"), Mapping):
             return cls.from_dict(meta["physics"])
+        if not any(key in meta for key in ("D", "zeta", "gamma", "tau_p", "nu")):
+            return None
         flat = {
             "nu": meta.get("nu"),
             "bulk_velocity": meta.get("U_b"),

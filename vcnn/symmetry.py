@@ -17,7 +17,8 @@ with what an invariant (scalar) or equivariant (vector, tensor) model must retur
   total weight) of points returns the same output.
 
 The model only needs the contract ``model(pos, vec, scal, mask=..., weight=...)`` of
-:class:`vcnn.network.VectorCloudNet`, so users can check their own models.
+:class:`vcnn.network.VectorCloudNet` (and ``volume=...`` when given, or when the model pools by
+volume), so users can check their own models.
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ def check_frame_independence(
     mask: torch.Tensor | np.ndarray | None = None,
     *,
     weight: torch.Tensor | np.ndarray | None = None,
+    volume: torch.Tensor | np.ndarray | None = None,
     num_trials: int = 3,
     seed: int = 0,
     extra_padding: int = 5,
@@ -201,6 +203,9 @@ def check_frame_independence(
         scal: (B, n, s) float, per-point invariant scalars.
         mask: (B, n) bool or None (all points real).
         weight: (B, n) float or None; passed to the model only when given.
+        volume: (B, n) float > 0 or None: quadrature weights of the points, passed to the
+            model when given; for a model that pools by volume (``model.pooling ==
+            "volume"``) random volumes in [0.5, 1.5] are drawn when none are given.
         num_trials: random draws per transformation (rotation, reflection, translation,
             permutation, padding).
         seed: seed of every random draw; the same seed gives the same report.
@@ -244,6 +249,10 @@ def check_frame_independence(
         weight = _as_tensor(weight, device=device, dtype=float_dtype)
 
     rng = np.random.default_rng(seed)
+    if volume is None and getattr(model, "pooling", None) == "volume":
+        volume = 0.5 + rng.random((batch, n))
+    if volume is not None:
+        volume = _as_tensor(volume, device=device, dtype=float_dtype)
 
     def to_device(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(array, device=device, dtype=like.dtype)
@@ -260,10 +269,12 @@ def check_frame_independence(
                 s: torch.Tensor,
                 m: torch.Tensor,
                 w: torch.Tensor | None,
+                vol: torch.Tensor | None = volume,
             ) -> torch.Tensor:
-                if w is None:
-                    return model(p, v, s, mask=m)
-                return model(p, v, s, mask=m, weight=w)
+                options = {} if w is None else {"weight": w}
+                if vol is not None:
+                    options["volume"] = vol
+                return model(p, v, s, mask=m, **options)
 
             reference = evaluate(pos, vec, scal, mask, weight)
             kind = output_kind or _infer_output_kind(model, reference, batch, dim)
@@ -303,6 +314,7 @@ def check_frame_independence(
                     torch.take_along_dim(scal, order[..., None], dim=1),
                     torch.take_along_dim(mask, order, dim=1),
                     None if weight is None else torch.take_along_dim(weight, order, dim=1),
+                    None if volume is None else torch.take_along_dim(volume, order, dim=1),
                 )
                 record("permutation", output, reference)
 
@@ -323,6 +335,9 @@ def check_frame_independence(
                         dim=1,
                     ),
                     padded_weight,
+                    None
+                    if volume is None
+                    else torch.cat([volume, garbage((batch, extra_padding), volume)], dim=1),
                 )
                 record("padding", output, reference)
 
@@ -332,6 +347,7 @@ def check_frame_independence(
                 torch.cat([scal, scal], dim=1),
                 torch.cat([mask, mask], dim=1),
                 None if weight is None else torch.cat([weight, weight], dim=1),
+                None if volume is None else torch.cat([volume, volume], dim=1),
             )
             record("duplication", output, reference)
     finally:

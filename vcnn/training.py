@@ -51,22 +51,28 @@ from vcnn.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from vcnn.closure import resolve_device
+from vcnn.clouds import CloudOptions
 from vcnn.config import ConfigError, atomic_write_text, check_keys, write_resolved_config
 from vcnn.datasets import (
+    CaseSource,
     CaseSplit,
     CloudDataset,
-    CloudOptions,
     CloudPlan,
+    DatasetError,
     TargetScaler,
     derive_seed,
     discover_cases,
     make_split,
 )
 from vcnn.features import FeatureSpec
+from vcnn.inference import predict_padded
+from vcnn.physics import Physics
 
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("step", "cosine", "onecycle", "constant")
+BATCH_GROUPINGS = ("random", "case")
 LCURVE_COLUMNS = (
     "epoch",
     "train_loss",
@@ -111,6 +117,9 @@ class TrainConfig:
             ``min_delta`` (relative L2 percent); None: never stop early.
         min_delta: improvement threshold of early stopping, in percentage points.
         volume_weighted_metrics: weight the relative L2 errors by the nodal volumes.
+        batch_grouping: ``"random"`` (every batch mixes all cases) or ``"case"`` (each batch
+            comes from one case: fewer distinct points per batch, so a factorised net embeds
+            each point once per batch at a fraction of the cost).
         resume: continue from ``out_dir/last.pt`` when it exists.
         progress: per-batch progress text on stderr; None: only when stderr is a terminal.
         num_threads: torch CPU threads; None: torch's default.
@@ -120,7 +129,8 @@ class TrainConfig:
         model: network table: ``kind`` (``"VectorCloudNet"`` or ``"BaselineNet"``),
             ``preset`` (``"default"`` or ``"published"``, VectorCloudNet only) and any
             constructor argument as an override (e.g. ``embedding = [16, 32]``).
-        cloud: cloud-sampler table (see :class:`vcnn.datasets.CloudOptions`).
+        cloud: cloud table (see :class:`vcnn.clouds.CloudOptions`); the ellipse's operator
+            coefficients default to the training data's physics.
         features: input table (see :class:`vcnn.features.FeatureSpec`; default: its
             defaults).
     """
@@ -150,6 +160,7 @@ class TrainConfig:
     patience: int | None = None
     min_delta: float = 0.0
     volume_weighted_metrics: bool = False
+    batch_grouping: str = "random"
     resume: bool = False
     progress: bool | None = None
     num_threads: int | None = None
@@ -173,6 +184,10 @@ class TrainConfig:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.batch_grouping not in BATCH_GROUPINGS:
+            raise ConfigError(
+                f"batch_grouping must be one of {BATCH_GROUPINGS}, got {self.batch_grouping!r}"
+            )
         for name in ("epochs", "batch_size", "cloud_size", "step_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -191,7 +206,10 @@ class TrainConfig:
             raise ConfigError("weight_decay, min_learning_rate and min_delta must be >= 0")
         if not all(isinstance(t, dict) for t in (self.model, self.cloud, self.features)):
             raise ConfigError("model, cloud and features must be tables")
-        CloudOptions.from_dict(self.cloud)
+        try:
+            CloudOptions.from_dict(self.cloud)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"bad [cloud] table {self.cloud}: {error}") from error
         self.feature_spec()
 
     def feature_spec(self) -> FeatureSpec:
@@ -317,22 +335,6 @@ def _init_distributed(device_request: str) -> _Distributed:
     )
 
 
-def resolve_device(request: str, *, local_rank: int = 0) -> torch.device:
-    """Turn ``"auto"``/``"cpu"``/``"cuda"`` into a device (one GPU per rank under torchrun).
-
-    Raises:
-        ConfigError: when CUDA is requested but not available.
-    """
-    if request == "auto":
-        request = "cuda" if torch.cuda.is_available() else "cpu"
-    if request.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' requested but torch sees no CUDA device")
-        if request == "cuda":
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(request)
-
-
 class _Progress:
     """Plain-text per-batch progress on stderr (carriage return, one line)."""
 
@@ -357,17 +359,23 @@ class _Progress:
 
 
 def _build_network(
-    config: TrainConfig, *, dim: int, num_scalars: int, num_vectors: int
+    config: TrainConfig, *, dim: int, spec: FeatureSpec
 ) -> nn.Module:
     table = dict(config.model)
     kind = table.pop("kind", "VectorCloudNet")
     preset = table.pop("preset", "default")
     from vcnn.network import BaselineNet, VectorCloudNet
 
+    num_scalars, num_vectors = spec.num_scalars, spec.num_vectors
     try:
         if kind == "VectorCloudNet":
             return VectorCloudNet.from_preset(
-                preset, dim=dim, num_scalars=num_scalars, num_vectors=num_vectors, **table
+                preset,
+                dim=dim,
+                num_scalars=num_scalars,
+                num_vectors=num_vectors,
+                point_scalar_columns=spec.point_scalar_columns,
+                **table,
             )
         if kind == "BaselineNet":
             return BaselineNet(
@@ -464,6 +472,33 @@ class _Sums:
         return self.loss / self.count if self.count > 0 else math.nan
 
 
+def _epoch_batches(
+    plan: CloudPlan,
+    dataset: CloudDataset,
+    config: TrainConfig,
+    generator: torch.Generator,
+    distributed: _Distributed,
+) -> list[torch.Tensor]:
+    """This rank's batches of the epoch: rows of the plan, in training order.
+
+    ``batch_grouping = "random"`` shuffles all clouds together; ``"case"`` shuffles the
+    clouds within each case, cuts each case into batches and shuffles the batches: a batch
+    then touches one mesh, so a factorised net embeds far fewer distinct points per step.
+    """
+    count = plan.queries.numel()
+    if config.batch_grouping == "random":
+        mine = _shard(torch.randperm(count, generator=generator), distributed)
+        return list(torch.split(mine, config.batch_size))
+    case_of_cloud = torch.as_tensor(dataset.case_of_point)[plan.queries.cpu()]
+    chunks: list[torch.Tensor] = []
+    for case_index in range(dataset.num_cases):
+        rows = torch.nonzero(case_of_cloud == case_index).flatten()
+        rows = rows[torch.randperm(rows.numel(), generator=generator)]
+        chunks.extend(torch.split(rows, config.batch_size))
+    order = torch.randperm(len(chunks), generator=generator)
+    return [chunks[int(index)] for index in _shard(order, distributed)]
+
+
 def _shard(order: torch.Tensor, distributed: _Distributed) -> torch.Tensor:
     """Every P-th element from the rank's offset, padded so that all ranks get equally many."""
     world = distributed.world_size
@@ -478,11 +513,47 @@ def _autocast(device: torch.device, amp: bool) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 
 
-def _predict(model: nn.Module, batch: Any, device: torch.device, amp: bool) -> torch.Tensor:
-    inputs = batch.inputs
+def _predict(
+    model: nn.Module, batch: Any, dataset: CloudDataset, device: torch.device, amp: bool
+) -> torch.Tensor:
     with _autocast(device, amp):
-        output = model(inputs.pos, inputs.vec, inputs.scal, inputs.mask, inputs.weight)
+        output = predict_padded(
+            model, batch.inputs, table=dataset.table, normalizer=dataset.normalizer
+        )
     return output.float()
+
+
+def _data_physics(split: CaseSplit) -> Physics | None:
+    """The physics of the training data; every case of every split must share it.
+
+    Returns:
+        The physics, or None when the cases record none (data of unknown origin).
+
+    Raises:
+        DatasetError: naming the cases whose physics differs or is malformed.
+    """
+    sources = [*split.train, *split.validation, *split.test]
+
+    def physics_of(source: CaseSource) -> Physics | None:
+        try:
+            return Physics.from_case_meta(source.meta)
+        except ValueError as error:
+            raise DatasetError(f"case {source.name!r}: {error}") from error
+
+    reference = physics_of(sources[0])
+    for source in sources[1:]:
+        other = physics_of(source)
+        if (reference is None) != (other is None):
+            differences = ["one records its physics, the other does not"]
+        else:
+            differences = [] if reference is None else reference.differences(other)
+        if differences:
+            raise DatasetError(
+                f"cases {sources[0].name!r} and {source.name!r} were generated with different "
+                f"physics ({'; '.join(differences)}); a closure learns one physics: train on "
+                "cases of one physics"
+            )
+    return reference
 
 
 def _evaluate_plan(
@@ -504,12 +575,8 @@ def _evaluate_plan(
     with torch.no_grad():
         for start in range(0, mine.numel(), batch_size):
             rows = mine[start : start + batch_size]
-            batch = dataset.gather(
-                plan.queries[rows],
-                plan.indices[rows],
-                None if plan.weights is None else plan.weights[rows],
-            )
-            prediction = _predict(model, batch, device, amp)
+            batch = dataset.gather(plan.queries[rows], plan.indices[rows])
+            prediction = _predict(model, batch, dataset, device, amp)
             sums.add(prediction, batch.target, batch.volume, weighted=weighted, count=rows.numel())
     return sums.reduced(distributed, device)
 
@@ -592,7 +659,18 @@ def _train(
     split = _make_split(config)
     spec = config.feature_spec()
     target_scaler = TargetScaler.fit(source.load() for source in split.train)
+    physics = _data_physics(split)
     cloud_options = CloudOptions.from_dict(config.cloud)
+    if physics is not None:
+        cloud_options = cloud_options.resolved(diffusivity=physics.diffusivity, zeta=physics.zeta)
+    elif cloud_options.region == "ellipse" and None in (
+        cloud_options.diffusivity,
+        cloud_options.zeta,
+    ):
+        raise ConfigError(
+            "the training cases record no physics: give the ellipse's operator as [cloud] "
+            "diffusivity and zeta"
+        )
     common = dict(
         spec=spec, target_scaler=target_scaler, cloud_options=cloud_options, device=device
     )
@@ -609,12 +687,7 @@ def _train(
     if split.validation:
         validation_data = CloudDataset(split.validation, normalizer=normalizer, **common)
 
-    model = _build_network(
-        config,
-        dim=train_data.dim,
-        num_scalars=train_data.num_scalars,
-        num_vectors=train_data.num_vectors,
-    )
+    model = _build_network(config, dim=train_data.dim, spec=spec)
     model.to(device=device, dtype=torch.float32)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -691,20 +764,15 @@ def _train(
             queries_per_case=config.queries_per_case,
         )
         generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, 1))
-        order = torch.randperm(plan.queries.numel(), generator=generator).to(device)
-        mine = _shard(order, distributed)
-        batches = math.ceil(mine.numel() / config.batch_size)
+        epoch_batches = _epoch_batches(plan, train_data, config, generator, distributed)
+        batches = len(epoch_batches)
         learning_rate = optimizer.param_groups[0]["lr"]
         sums = _Sums()
         network.train()
-        for batch_index in range(batches):
-            rows = mine[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
-            batch = train_data.gather(
-                plan.queries[rows],
-                plan.indices[rows],
-                None if plan.weights is None else plan.weights[rows],
-            )
-            prediction = _predict(network, batch, device, amp)
+        for batch_index, rows in enumerate(epoch_batches):
+            rows = rows.to(device)
+            batch = train_data.gather(plan.queries[rows], plan.indices[rows])
+            prediction = _predict(network, batch, train_data, device, amp)
             loss = torch.mean((prediction - batch.target) ** 2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -776,6 +844,8 @@ def _train(
                 "feature_spec": spec.to_dict(),
                 "target_scale": target_scaler.scale,
                 "cloud_options": cloud_options.to_dict(),
+                "physics": None if physics is None else physics.to_dict(),
+                "dimension": train_data.dim,
                 "cloud_size": config.cloud_size,
                 "optimizer_state": optimizer.state_dict(),
                 "scheduler_state": scheduler.state_dict(),

@@ -1,15 +1,14 @@
-"""Studies (b)-(d) of the training issue: cloud size, symmetry, mesh transfer.
+"""Studies (b) and (c): cloud size and symmetry.
 
 Usage:
     python experiments/studies/run.py cloud-size     # (b) n = 1, 25, 150 and full clouds
     python experiments/studies/run.py symmetry       # (c) VCNN vs a non-invariant baseline
-    python experiments/studies/run.py mesh-transfer  # (d) a structured-mesh model on other meshes
 
-All three train on the half-resolution cases of experiment (a) (``data/published_r0.5/all``,
-made by the commands in ``experiments/published/generate_*.toml``) with a reduced CPU budget
-(STUDY_BUDGET below, the same for every model of a study), except mesh-transfer, which
-evaluates the model of experiment (a). Each prints a Markdown table and writes it to
-results/studies/<study>.md.
+Both train on the half-resolution cases of experiment (a) (``data/published_r0.5/all``, made
+by the commands in ``experiments/published/generate_*.toml``) with a reduced CPU budget
+(STUDY_BUDGET below, the same for every model of a study). Each prints a Markdown table and
+writes it to results/studies/<study>.md. Transfer to other meshes and codes is
+experiments/transfer/run.py.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vcnn.checkpoint import load_model
+from vcnn.closure import load_closure
 from vcnn.config import load_toml, merge
 from vcnn.datasets import CaseSource, discover_cases, select_by_alpha
 from vcnn.evaluation import predict_case
@@ -58,9 +57,9 @@ def eval_sources(data: Path, alphas) -> list[CaseSource]:
 
 
 def rel_l2(checkpoint: Path, sources, *, cloud_size, frame=None) -> list[float]:
-    loaded = load_model(checkpoint)
+    closure = load_closure(checkpoint, device="cpu")
     return [
-        predict_case(loaded, source, cloud_size=cloud_size, frame=frame).metrics.rel_l2_percent
+        predict_case(closure, source, cloud_size=cloud_size, frame=frame).metrics.rel_l2_percent
         for source in sources
     ]
 
@@ -115,89 +114,18 @@ def symmetry_study(data: Path, out: Path, frames: int = 4) -> str:
     return table(header, rows)
 
 
-def mesh_transfer_study(
-    data: Path, out: Path, model: Path, volume_model: Path | None = None
-) -> str:
-    """Models trained on structured meshes, tested on unstructured, coarser and finer meshes.
-
-    The model of experiment (a), its volume-weighted variant (``volume_model``, from
-    experiments/published/train_cpu_volume.toml, when given) and two with the study budget,
-    pooling by a mean over points (as in the paper) or by nodal-volume weights (without the
-    volume feature), so that the descriptor approximates an integral over the cloud region on
-    any mesh.
-    """
-    from solvers.generate import GenerateConfig, run_generate
-
-    point_scalars = ["strain_rate", "wall_feature", "speed", "is_wall"]
-    models = {"(a), mean over points": model}
-    if volume_model is not None:
-        models["(a), volume-weighted"] = volume_model
-    models |= {
-        "study budget, mean over points": train_variant("n150", out, {"cloud_size": 150})[0],
-        "study budget, volume-weighted": train_variant(
-            "volume_weighted",
-            out,
-            {
-                "cloud_size": 150,
-                "cloud": {"volume_weighted": True},
-                "features": {"point_scalars": point_scalars},
-            },
-        )[0],
-    }
-    # (mesh, folder): the validation experiment's folders are reused, complete cases are kept
-    variants = {
-        "structured x0.5 (training mesh; a=1, 2 are training cases)": (
-            {"kind": "structured", "resolution": 0.5},
-            data,
-        ),
-        "structured x0.25 (coarser)": (
-            {"kind": "structured", "resolution": 0.25},
-            Path("results/validation/structured_r0.25"),
-        ),
-        "structured x1.0 (finer, published resolution)": (
-            {"kind": "structured", "resolution": 1.0},
-            Path("results/validation/structured"),
-        ),
-        "unstructured triangles (size 0.036)": (
-            {"kind": "unstructured", "size": 0.036},
-            Path("results/validation/unstructured"),
-        ),
-    }
-    alphas = (0.5, 1.0, 2.0)
-    rows = []
-    for label, (mesh, folder) in variants.items():
-        if folder != data:
-            config = GenerateConfig.from_dict(
-                {"alphas": list(alphas), "output": str(folder), "mesh": mesh, "xdmf": False}
-            )
-            run_generate(config)
-        sources = eval_sources(folder, alphas)
-        points = " / ".join(str(s.load().num_points) for s in sources)
-        for name, checkpoint in models.items():
-            errors = rel_l2(checkpoint, sources, cloud_size=150)
-            rows.append([label, points, name] + [f"{e:.2f}" for e in errors])
-    header = ["test mesh", "points", "model"] + [f"rel L2 % a={a:g}" for a in alphas]
-    return table(header, rows)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", choices=["cloud-size", "symmetry", "mesh-transfer"])
+    parser.add_argument("study", choices=["cloud-size", "symmetry"])
     parser.add_argument("--data", type=Path, default=Path("data/published_r0.5/all"))
     parser.add_argument("--out", type=Path, default=Path("runs/studies"))
-    parser.add_argument("--model", type=Path, default=Path("runs/published_cpu/best.pt"))
-    parser.add_argument(
-        "--volume-model", type=Path, help="mesh-transfer: also this volume-weighted (a) model"
-    )
     parser.add_argument("--results", type=Path, default=Path("results/studies"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.study == "cloud-size":
         text = cloud_size_study(args.data, args.out)
-    elif args.study == "symmetry":
-        text = symmetry_study(args.data, args.out)
     else:
-        text = mesh_transfer_study(args.data, args.out, args.model, args.volume_model)
+        text = symmetry_study(args.data, args.out)
     footer = (
         f"\n\n{machine_summary()}; study wall-clock {time.perf_counter() - start:.0f} s; "
         f"training budget per model: {STUDY_BUDGET}; inference n = 150 unless stated."

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vcnn.casefile import Case, write_case
+from vcnn.physics import Physics
 
 CHANNEL_HEIGHT = 1.0
 
@@ -63,7 +64,13 @@ def channel_case(alpha: float, *, nx: int = 36, ny: int = 14, seed: int = 0) -> 
     volume[~interior.ravel()] *= 0.5
     tau = _nonlocal_target(points, velocity, strain, volume, wall_distance, length)
     is_wall = ~interior.ravel()
-    meta = {"alpha": float(alpha), "mesh": "synthetic-channel", "production": "synthetic"}
+    # The target is synthetic, but its clouds follow the default operator (D, zeta).
+    meta = {
+        "alpha": float(alpha),
+        "mesh": "synthetic-channel",
+        "target": "synthetic",
+        "physics": Physics().to_dict(),
+    }
     return Case(
         points=points,
         velocity=velocity,

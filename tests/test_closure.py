@@ -1,0 +1,142 @@
+"""The one inference path: vcnn.load_closure and Closure.predict on in-memory cases."""
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from tests.ddp_scripts.synthetic_cases import channel_case, write_channel_cases
+from vcnn import Case, load_closure
+from vcnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vcnn.physics import Physics
+from vcnn.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small default (factorised, volume-pooled, positive) model and a dense one."""
+    folder = tmp_path_factory.mktemp("closure")
+    data_dir = folder / "cases"
+    write_channel_cases(data_dir, [0.5, 1.0, 1.5], nx=24, ny=10)
+    runs = {}
+    for preset in ("default", "dense"):
+        config = TrainConfig.from_dict(
+            {
+                "data_dir": str(data_dir), "out_dir": str(folder / preset),
+                "validation_alphas": [1.0], "epochs": 2, "batch_size": 48, "cloud_size": 32,
+                "learning_rate": 3e-3, "device": "cpu", "num_threads": 1,
+                "model": {"preset": preset, "embedding": [8, 16], "fitting": [32]},
+            }
+        )
+        train(config)
+        runs[preset] = folder / preset / "best.pt"
+    return data_dir, runs
+
+
+def test_closure_records_the_physics_of_its_data(trained):
+    _, runs = trained
+    closure = load_closure(runs["default"], device="cpu")
+    physics = closure.physics
+    assert {name: physics[name] for name in Physics().to_dict()} == Physics().to_dict()
+    assert physics["eps"] == 0.2 and physics["dimension"] == 2
+    assert physics["reaction_exponent"] == 1.0
+
+
+def test_predict_needs_no_tau_and_is_deterministic_and_positive(trained):
+    _, runs = trained
+    closure = load_closure(runs["default"], device="cpu")
+    case = channel_case(1.2, nx=20, ny=9)
+    blind = dataclasses.replace(case, tau=np.zeros(case.num_points))
+    first = closure.predict(case)
+    assert first.shape == (case.num_points,) and first.dtype == np.float64
+    np.testing.assert_array_equal(closure.predict(blind), first)
+    np.testing.assert_array_equal(closure.predict(case), first)
+    assert first.min() >= 0  # softplus head
+
+
+@pytest.mark.parametrize("preset", ["default", "dense"])
+def test_fast_path_equals_the_reference_padded_path(trained, preset):
+    _, runs = trained
+    closure = load_closure(runs[preset], device="cpu")
+    case = channel_case(1.7, nx=30, ny=12)
+    padded = closure.predict_detailed(case, engine="padded")
+    auto = closure.predict_detailed(case)
+    np.testing.assert_allclose(auto.tau, padded.tau, rtol=1e-5, atol=1e-7 * np.abs(padded.tau).max())
+    assert auto.num_entries == padded.num_entries > case.num_points
+    if preset == "default":
+        sparse = closure.predict_detailed(case, engine="sparse")
+        np.testing.assert_array_equal(sparse.tau, auto.tau)
+    else:
+        with pytest.raises(ValueError, match="factorised"):
+            closure.predict_detailed(case, engine="sparse")
+
+
+def test_chunking_does_not_change_the_prediction(trained):
+    from vcnn.features import FieldTable
+    from vcnn.inference import predict_full_clouds
+
+    _, runs = trained
+    closure = load_closure(runs["default"], device="cpu")
+    case = channel_case(1.1, nx=20, ny=9)
+    clouds = closure.cloud_options.sampler(case.points, case.velocity, case.period).full_clouds()
+    table = FieldTable.from_cases([case], spec=closure.spec, options=closure.cloud_options)
+    args = (closure.model, table, closure.normalizer, clouds.offsets, clouds.indices, clouds.queries)
+    whole = predict_full_clouds(*args, chunk_entries=10**9).output
+    pieces = predict_full_clouds(*args, chunk_entries=997).output
+    np.testing.assert_allclose(pieces, whole, rtol=1e-6, atol=1e-9)
+
+
+def test_inputs_outside_the_training_range_are_reported(trained, caplog):
+    _, runs = trained
+    closure = load_closure(runs["default"], device="cpu")
+    case = channel_case(1.0, nx=20, ny=9)
+    inside = closure.predict_detailed(case)
+    assert inside.out_of_range_fraction < 0.05
+    fast = dataclasses.replace(case, velocity=case.velocity * 5.0, strain_rate=case.strain_rate * 5)
+    with caplog.at_level(logging.WARNING, logger="vcnn.closure"):
+        outside = closure.predict_detailed(fast)
+    assert outside.out_of_range_fraction > 0.5
+    assert outside.out_of_range_by_input["strain_rate"] > 0.5
+    assert "outside the training range" in caplog.text
+
+
+def test_dimension_mismatch_is_a_clear_error(trained):
+    _, runs = trained
+    closure = load_closure(runs["default"], device="cpu")
+    rng = np.random.default_rng(0)
+    n = 50
+    case = Case(
+        points=rng.random((n, 3)), velocity=rng.random((n, 3)), tau=np.zeros(n),
+        strain_rate=rng.random(n), wall_distance=rng.random(n), nodal_volume=np.ones(n),
+        is_wall=np.zeros(n, bool), period=np.zeros(3), name="cube",
+    )
+    with pytest.raises(ValueError, match="3-D but the closure was trained on 2-D"):
+        closure.predict(case)
+
+
+def test_checkpoints_of_format_version_1_still_load(trained, tmp_path):
+    # Version 1 kept the pooling in the cloud options, had no cutoff unless it said so, and
+    # recorded no physics: the loader maps all three.
+    _, runs = trained
+    payload = load_checkpoint(runs["dense"])
+    payload.pop("physics")
+    payload.pop("dimension")
+    payload["cloud_options"] = {"region": "ellipse", "diffusivity": 0.1, "zeta": 3.0,
+                                "eps": 0.2, "volume_weighted": True}
+    config = dict(payload["model_config"])
+    config.pop("pooling")
+    payload["model_config"] = config
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, payload)
+    raw = torch.load(path, weights_only=True)
+    raw["format_version"] = 1
+    torch.save(raw, path)
+    closure = load_closure(path, device="cpu")
+    assert closure.model.pooling == "volume"
+    assert closure.cloud_options.cutoff_start is None
+    assert closure.physics["reaction_exponent"] is None
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_closure(tmp_path / "junk.pt", device="cpu")

@@ -1,0 +1,307 @@
+"""A trained closure: tau at the points of a case, from the flow of the case.
+
+:func:`load_closure` reads a checkpoint into a :class:`Closure`, which holds everything a
+prediction needs: the network, its input normaliser and target scale, the feature spec, the
+cloud options and the physics of the data it was trained on. :meth:`Closure.predict` works on
+any in-memory :class:`vcnn.casefile.Case` (a case file, cell-centred data of another code, or
+the live state of a coupled solver): it builds the clouds of every point, their inputs
+(:mod:`vcnn.features`) and runs the network (:mod:`vcnn.inference`). It is the one inference
+path: ``vcnn evaluate`` and ``vcnn simulate`` are built on it.
+
+Full clouds (the default) are deterministic, and with the smooth cutoff of the default cloud
+options the prediction is a smooth function of the flow, as a fixed-point solver needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vcnn.casefile import Case
+from vcnn.checkpoint import CheckpointError, load_model
+from vcnn.clouds import CloudOptions
+from vcnn.config import ConfigError
+from vcnn.features import FeatureNormalizer, FeatureSpec, FieldTable
+from vcnn.inference import predict_full_clouds
+from vcnn.physics import Physics
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Closure", "ClosurePrediction", "load_closure", "resolve_device"]
+
+#: A prediction warns when more than this fraction of its cloud entries have an input outside
+#: the training range.
+OUT_OF_RANGE_WARNING = 0.01
+
+
+def resolve_device(request: str | torch.device, *, local_rank: int = 0) -> torch.device:
+    """Turn ``"auto"``/``"cpu"``/``"cuda"`` into a device (one GPU per rank under torchrun).
+
+    Raises:
+        ConfigError: when CUDA is requested but not available, or for an unknown device.
+    """
+    if isinstance(request, torch.device):
+        return request
+    if request == "auto":
+        request = "cuda" if torch.cuda.is_available() else "cpu"
+    if request.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' requested but torch sees no CUDA device")
+        if request == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if request not in ("cpu",) and not request.startswith("cuda"):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {request!r}")
+    return torch.device(request)
+
+
+@dataclass
+class ClosurePrediction:
+    """tau predicted at every point of a case, with diagnostics.
+
+    Attributes:
+        tau: (N,) float64 predicted tau.
+        out_of_range_fraction: fraction of the cloud entries with at least one invariant
+            input outside the training range (NaN when the checkpoint has no ranges).
+        out_of_range_by_input: per input name, the fraction of entries outside its range.
+        num_entries: cloud entries (query, point) evaluated.
+        cloud_size: points per cloud (None: full clouds).
+        seconds: wall time per stage: ``clouds``, ``inputs``, ``network``, ``total``.
+    """
+
+    tau: np.ndarray
+    out_of_range_fraction: float
+    out_of_range_by_input: dict[str, float] = field(default_factory=dict)
+    num_entries: int = 0
+    cloud_size: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Closure:
+    """A trained vector-cloud closure, ready to predict tau from a flow.
+
+    Build it with :func:`load_closure`.
+
+    Attributes:
+        model: the network, eval mode, on ``device``.
+        normalizer: its input normaliser (None when trained without one).
+        target_scale: the network predicts tau / target_scale.
+        spec: the input features.
+        cloud_options: the cloud region and cutoff (operator coefficients resolved).
+        physics_constants: the :class:`vcnn.physics.Physics` of the training data, or None for
+            a checkpoint that did not record it.
+        dimension: spatial dimension of the training data.
+        device: where the network runs.
+        metadata: the rest of the checkpoint's records (epoch, seed, split, versions, ...).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        normalizer: FeatureNormalizer | None,
+        target_scale: float,
+        spec: FeatureSpec,
+        cloud_options: CloudOptions,
+        physics_constants: Physics | None,
+        dimension: int,
+        device: torch.device,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.normalizer = normalizer
+        self.target_scale = float(target_scale)
+        self.spec = spec
+        self.cloud_options = cloud_options
+        self.physics_constants = physics_constants
+        self.dimension = int(dimension)
+        self.device = device
+        self.metadata = dict(metadata or {})
+
+    @property
+    def physics(self) -> dict[str, Any]:
+        """The constants the closure was trained with, under the names of the generate config.
+
+        Keys: those of :class:`vcnn.physics.Physics` (``nu``, ``bulk_velocity``,
+        ``diffusivity``, ``zeta``, ``reaction_exponent``, ``gamma``, ``tau_p``,
+        ``production``, ``c_k``; None each when the checkpoint did not record them), the cloud
+        threshold ``eps`` and the spatial ``dimension``.
+        """
+        names = Physics.__dataclass_fields__
+        values = (
+            self.physics_constants.to_dict()
+            if self.physics_constants is not None
+            else dict.fromkeys(names)
+        )
+        return {**values, "eps": self.cloud_options.eps, "dimension": self.dimension}
+
+    def predict(
+        self,
+        case: Case,
+        *,
+        cloud_size: int | None = None,
+        seed: int = 0,
+        frame: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Tau at every point of a case (its ``tau`` is neither needed nor read).
+
+        Args:
+            case: the flow state: points, velocity, strain_rate, wall_distance,
+                nodal_volume, period (and the fields of user features).
+            cloud_size: None for full clouds (deterministic, the default), else this many
+                random points per cloud as in training.
+            seed: seed of the random cloud subsets (``cloud_size`` given).
+            frame: (d, d) orthogonal matrix: present the case in a rotated or reflected frame
+                (relative positions and vectors multiplied by it); a frame-independent closure
+                predicts the same tau in every frame.
+
+        Returns:
+            (N,) float64 predicted tau.
+        """
+        return self.predict_detailed(case, cloud_size=cloud_size, seed=seed, frame=frame).tau
+
+    def predict_detailed(
+        self,
+        case: Case,
+        *,
+        cloud_size: int | None = None,
+        seed: int = 0,
+        frame: np.ndarray | None = None,
+        engine: str = "auto",
+    ) -> ClosurePrediction:
+        """:meth:`predict` with the input-range diagnostics and stage timings.
+
+        Args:
+            case: see :meth:`predict`.
+            cloud_size: see :meth:`predict`.
+            seed: see :meth:`predict`.
+            frame: see :meth:`predict`.
+            engine: ``"auto"``, ``"sparse"`` or ``"padded"`` (see
+                :func:`vcnn.inference.predict_full_clouds`).
+
+        Returns:
+            The prediction and its diagnostics.
+
+        Raises:
+            ValueError: for a case of another dimension, or a bad cloud size or frame.
+        """
+        start = time.perf_counter()
+        if case.dim != self.dimension:
+            raise ValueError(
+                f"case {case.name!r} is {case.dim}-D but the closure was trained on "
+                f"{self.dimension}-D data"
+            )
+        if cloud_size is not None and (isinstance(cloud_size, bool) or cloud_size < 1):
+            raise ValueError(f"cloud_size must be None (full clouds) or >= 1, got {cloud_size}")
+        rotation = _checked_frame(frame, case.dim)
+        sampler = self.cloud_options.sampler(case.points, case.velocity, case.period)
+        if cloud_size is None:
+            clouds = sampler.full_clouds()
+            offsets, indices, queries = clouds.offsets, clouds.indices, clouds.queries
+        else:
+            sample = sampler.sample(cloud_size, seed=seed)
+            mask = sample.mask
+            offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int64)
+            indices, queries = sample.indices[mask], sample.queries
+        clouds_seconds = time.perf_counter() - start
+        table = FieldTable.from_cases(
+            [case], spec=self.spec, options=self.cloud_options, device=self.device, frame=rotation
+        )
+        result = predict_full_clouds(
+            self.model, table, self.normalizer, offsets, indices, queries, engine=engine
+        )
+        tau = np.empty(case.num_points)
+        tau[queries] = result.output * self.target_scale
+        known = self.normalizer is not None and self.normalizer.has_ranges
+        entries = max(result.num_entries, 1)
+        fraction = result.out_of_range_entries / entries if known else math.nan
+        by_input = {name: count / entries for name, count in result.out_of_range_by_input.items()}
+        if known and fraction > OUT_OF_RANGE_WARNING:
+            worst = sorted(by_input.items(), key=lambda item: -item[1])[:3]
+            logger.warning(
+                "case %s: %.1f %% of the cloud entries have an input outside the training range "
+                "(%s): the closure extrapolates",
+                case.name,
+                100 * fraction,
+                ", ".join(f"{name} {100 * value:.1f} %" for name, value in worst),
+            )
+        seconds = {"clouds": clouds_seconds, **result.seconds}
+        seconds["total"] = time.perf_counter() - start
+        return ClosurePrediction(
+            tau=tau,
+            out_of_range_fraction=fraction,
+            out_of_range_by_input=by_input,
+            num_entries=result.num_entries,
+            cloud_size=cloud_size,
+            seconds=seconds,
+        )
+
+
+def _checked_frame(frame: np.ndarray | None, dim: int) -> np.ndarray | None:
+    if frame is None:
+        return None
+    frame = np.asarray(frame, dtype=np.float64)
+    if frame.shape != (dim, dim) or not np.allclose(frame @ frame.T, np.eye(dim), atol=1e-10):
+        raise ValueError(f"frame must be a ({dim}, {dim}) orthogonal matrix")
+    return frame
+
+
+def load_closure(path: str | os.PathLike, *, device: str | torch.device = "auto") -> Closure:
+    """Load a trained closure from a checkpoint (``best.pt``, ``last.pt`` or an export).
+
+    Args:
+        path: the checkpoint.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a torch device.
+
+    Returns:
+        The closure.
+
+    Raises:
+        CheckpointError: when the file is unusable or lacks what inference needs.
+    """
+    torch_device = resolve_device(device)
+    loaded = load_model(path, device=torch_device)
+    metadata = loaded.metadata
+    missing = [key for key in ("feature_spec", "cloud_options") if key not in metadata]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} lacks {missing}: was it written by vcnn training?"
+        )
+    try:
+        spec = FeatureSpec.from_dict(metadata["feature_spec"])
+        options = CloudOptions.from_dict(dict(metadata["cloud_options"]))
+        physics = None if metadata.get("physics") is None else Physics.from_dict(metadata["physics"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} has unreadable records: {error}") from error
+    if options.region == "ellipse" and (options.diffusivity is None or options.zeta is None):
+        if physics is None:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} records neither the cloud's operator coefficients "
+                "nor the physics of its data"
+            )
+        options = options.resolved(diffusivity=physics.diffusivity, zeta=physics.zeta)
+    normalizer = None
+    if loaded.feature_normalizer_state is not None:
+        normalizer = FeatureNormalizer()
+        try:
+            normalizer.load_state_dict(loaded.feature_normalizer_state)
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {error}") from error
+    dimension = metadata.get("dimension") or loaded.model.to_config().get("dim")
+    return Closure(
+        loaded.model,
+        normalizer=normalizer,
+        target_scale=loaded.target_scale,
+        spec=spec,
+        cloud_options=options,
+        physics_constants=physics,
+        dimension=int(dimension),
+        device=torch_device,
+        metadata=metadata,
+    )
