@@ -39,9 +39,9 @@ from petsc4py import PETSc
 from solvers.boundaries import BoundarySpec
 from solvers.linalg import (
     SolverDivergedError,
-    check_linear_solve,
     create_direct_solver,
     format_history,
+    solve_linear,
 )
 from solvers.periodic import PeriodicConstraint
 
@@ -394,13 +394,16 @@ def solve_flow(
             residual_reduced.copy(rhs)
             rhs.scale(-1.0)
             with _timed(timings, "solve"):
-                ksp.solve(rhs, step_residual)
-            check_linear_solve(ksp, context=f"the Newton step {iterations}")
+                solve_linear(ksp, rhs, step_residual, context=f"the Newton step {iterations}")
             if driven:
                 if refresh:
                     with _timed(timings, "solve"):
-                        ksp.solve(forcing_reduced, step_forcing)
-                    check_linear_solve(ksp, context=f"the body-force response {iterations}")
+                        solve_linear(
+                            ksp,
+                            forcing_reduced,
+                            step_forcing,
+                            context=f"the body-force response {iterations}",
+                        )
                 force_step = (
                     flux_defect - constraint_reduced.dot(step_residual)
                 ) / constraint_reduced.dot(step_forcing)

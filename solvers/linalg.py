@@ -17,7 +17,14 @@ __all__ = [
     "check_linear_solve",
     "create_direct_solver",
     "format_history",
+    "is_interrupt",
+    "reason_name",
+    "solve_linear",
 ]
+
+#: PETSc's error code for "signal received" (PETSC_ERR_SIG): its signal handler turned an
+#: interrupt into an error, which must stop the run like Ctrl-C, not fail one case.
+PETSC_ERR_SIG = 59
 
 #: Defaults of :func:`create_direct_solver`: MUMPS LU with extra workspace, since the
 #: fill-in estimate of saddle-point systems is often too small.
@@ -77,6 +84,27 @@ def create_direct_solver(
     return ksp
 
 
+def reason_name(enum: type, code: int) -> str:
+    """The name of a PETSc enum value, found by scanning the enum (names change between versions).
+
+    Names differ between versions (``DIVERGED_PC_FAILED`` is ``DIVERGED_PCSETUP_FAILED`` in
+    PETSc 3.25); looking names up by value never refers to a name that a version may lack.
+
+    Args:
+        enum: e.g. ``PETSc.KSP.ConvergedReason`` or ``PETSc.PC.FailedReason``.
+        code: the value.
+
+    Returns:
+        The names with that value joined by ``/`` (aliases exist), or the number as text.
+    """
+    names = sorted(
+        name
+        for name, value in vars(enum).items()
+        if not name.startswith("_") and isinstance(value, int) and value == code
+    )
+    return "/".join(names) if names else str(code)
+
+
 def check_linear_solve(ksp: PETSc.KSP, *, context: str) -> None:
     """Raise when the last ``ksp.solve`` did not converge.
 
@@ -85,17 +113,55 @@ def check_linear_solve(ksp: PETSc.KSP, *, context: str) -> None:
         context: what was being solved (goes into the message).
 
     Raises:
-        SolverDivergedError: for a negative converged reason (including a failed
-            factorisation, which PETSc reports as ``DIVERGED_PC_FAILED``).
+        SolverDivergedError: for a negative converged reason, including a failed
+            factorisation (``DIVERGED_PC_FAILED``, ``DIVERGED_PCSETUP_FAILED`` in PETSc 3.25),
+            whose PC failure reason (e.g. a zero pivot) is named too.
     """
-    reason = ksp.getConvergedReason()
-    if reason < 0:
-        names = {v: k for k, v in vars(PETSc.KSP.ConvergedReason).items() if isinstance(v, int)}
-        detail = names.get(reason, str(reason))
-        pc_reason = ""
-        if reason == PETSc.KSP.ConvergedReason.DIVERGED_PC_FAILED:
-            pc_reason = f" (PC failure reason {ksp.getPC().getFailedReason()})"
-        raise SolverDivergedError(
-            f"linear solve of {context} failed: KSP converged reason {detail}{pc_reason}; "
-            "the matrix may be singular (missing pressure pin or boundary condition)"
-        )
+    reason = int(ksp.getConvergedReason())
+    if reason >= 0:
+        return
+    detail = reason_name(PETSc.KSP.ConvergedReason, reason)
+    pc_reason = ""
+    failed = int(ksp.getPC().getFailedReason())
+    if failed != 0:
+        pc_reason = f" (PC failure {reason_name(PETSc.PC.FailedReason, failed)})"
+    raise SolverDivergedError(
+        f"linear solve of {context} failed: KSP converged reason {detail}{pc_reason}; "
+        "the matrix may be singular (missing pressure pin or boundary condition)"
+    )
+
+
+def is_interrupt(error: BaseException) -> bool:
+    """Whether an exception stands for an interrupt (Ctrl-C, SIGTERM) and must stop the run.
+
+    True for a KeyboardInterrupt, a PETSc error with code PETSC_ERR_SIG (PETSc's signal
+    handler caught the signal inside a PETSc call), or an error caused by either.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        if isinstance(error, PETSc.Error) and getattr(error, "ierr", None) == PETSC_ERR_SIG:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def solve_linear(ksp: PETSc.KSP, rhs: PETSc.Vec, solution: PETSc.Vec, *, context: str) -> None:
+    """``ksp.solve(rhs, solution)`` with the failures turned into :class:`SolverDivergedError`.
+
+    A PETSc error inside the solve (e.g. MUMPS refusing a singular matrix) and a negative
+    converged reason both raise SolverDivergedError; an interrupt raises KeyboardInterrupt.
+
+    Raises:
+        SolverDivergedError: the solve failed.
+        KeyboardInterrupt: the process was interrupted during the solve.
+    """
+    try:
+        ksp.solve(rhs, solution)
+    except PETSc.Error as error:
+        if is_interrupt(error):
+            raise KeyboardInterrupt(f"interrupted during the linear solve of {context}") from error
+        raise SolverDivergedError(f"linear solve of {context} failed: {error}") from error
+    check_linear_solve(ksp, context=context)

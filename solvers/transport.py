@@ -46,9 +46,9 @@ from solvers.boundaries import BoundarySpec
 from solvers.fields import mixing_length
 from solvers.linalg import (
     SolverDivergedError,
-    check_linear_solve,
     create_direct_solver,
     format_history,
+    solve_linear,
 )
 from vcnn.physics import PRODUCTION_MODES
 
@@ -280,12 +280,9 @@ class _NewtonSolver:
         solution = rhs.duplicate()
         self.ksp.setOperators(operator)
         try:
-            self.ksp.solve(rhs, solution)
-        except PETSc.Error as error:
-            raise SolverDivergedError(
-                f"tau Newton: the LU solve of the Jacobian failed ({error})", self.history
-            ) from error
-        check_linear_solve(self.ksp, context="the tau Newton Jacobian")
+            solve_linear(self.ksp, rhs, solution, context="the tau Newton Jacobian")
+        except SolverDivergedError as error:
+            raise SolverDivergedError(f"tau Newton: {error}", self.history) from error
         if self.constraint is None:
             solution.copy(self.step.x.petsc_vec)
         else:
