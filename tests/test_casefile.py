@@ -94,3 +94,30 @@ def test_corrupt_and_missing_files(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:200])
     with pytest.raises(CaseFileError):
         read_case(truncated)
+
+
+def test_messages_name_the_file_and_the_problem(tmp_path):
+    from vcnn.casefile import inspect_case
+
+    text = tmp_path / "notes.npz"
+    text.write_text("just some text\n")
+    with pytest.raises(CaseFileError, match=r"notes\.npz.*not an \.npz archive"):
+        read_case(text)
+    with pytest.raises(CaseFileError, match=r"notes\.npz.*not an \.npz archive"):
+        inspect_case(text)
+    # a contract violation found while reading names the file
+    good = write_case(tmp_path / "good.npz", make_case())
+    with np.load(good) as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["velocity"] = arrays["velocity"][:, :1]
+    np.savez(tmp_path / "bad_shape.npz", **arrays)
+    with pytest.raises(CaseFileError, match=r"bad_shape\.npz.*velocity must have shape"):
+        read_case(tmp_path / "bad_shape.npz")
+    assert inspect_case(good).num_points == 50 and inspect_case(good).dim == 2
+    with pytest.raises(CaseFileError, match="is a file"):
+        case_paths(good)
+
+
+def test_a_case_needs_more_than_a_few_points():
+    with pytest.raises(CaseFileError, match="only 3 points"):
+        make_case(n=3)

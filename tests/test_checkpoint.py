@@ -100,3 +100,16 @@ def test_every_scheduler_state_is_weights_only_loadable(tmp_path, name):
     fresh = _build_scheduler(torch.optim.Adam(model.parameters()), config)
     fresh.load_state_dict(loaded["s"])
     assert fresh.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_text_file_and_self_export_are_clear_errors(tmp_path):
+    text = tmp_path / "model.pt"
+    text.write_text("e" * 101 + "\n")  # torch.load gives a bare KeyError: 101 on this
+    with pytest.raises(CheckpointError, match=r"model\.pt.*not a torch checkpoint"):
+        load_checkpoint(text)
+    _, payload = _payload()
+    path = save_checkpoint(tmp_path / "best.pt", payload)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match="overwrite its input"):
+        export_model(path, tmp_path / "." / "best.pt")
+    assert path.read_bytes() == before

@@ -45,6 +45,8 @@ REQUIRED_KEYS: tuple[str, ...] = (
     "meta",
 )
 _NODAL_SCALARS = ("tau", "strain_rate", "wall_distance", "nodal_volume")
+#: Fewest points of a case: fewer cannot hold a cloud of neighbours and a target to learn.
+MIN_POINTS = 10
 
 
 class CaseFileError(ValueError):
@@ -111,6 +113,8 @@ def validate_case(case: Case) -> None:
     n, d = points.shape
     if n == 0:
         raise CaseFileError("case holds no points")
+    if n < MIN_POINTS:
+        raise CaseFileError(f"case holds only {n} points; a case needs at least {MIN_POINTS}")
     case.points = points
     case.velocity = np.asarray(case.velocity, dtype=np.float64)
     if case.velocity.shape != (n, d):
@@ -179,9 +183,7 @@ def read_case(path: str | os.PathLike) -> Case:
         CaseFileError: when the file is missing, not a readable ``.npz``, lacks a contract
             key, or holds malformed values.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CaseFileError(f"case file {str(path)!r} does not exist")
+    path = check_archive(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
@@ -195,12 +197,95 @@ def read_case(path: str | os.PathLike) -> Case:
     except json.JSONDecodeError as error:
         raise CaseFileError(f"meta of {str(path)!r} is not valid JSON: {error}") from error
     contract = {key: arrays.pop(key) for key in REQUIRED_KEYS if key != "meta"}
-    return Case(**contract, meta=meta, extra=arrays, name=path.stem)
+    try:
+        return Case(**contract, meta=meta, extra=arrays, name=path.stem)
+    except CaseFileError as error:  # the contract checks do not know the file: name it
+        raise CaseFileError(f"case file {str(path)!r}: {error}") from error
+
+
+def check_archive(path: str | os.PathLike) -> Path:
+    """Check that ``path`` is an existing zip archive (an ``.npz``) before numpy reads it.
+
+    numpy reads a file that is not a zip archive as a pickle and reports "pickled data";
+    checking the signature first gives the message that fits.
+
+    Returns:
+        The path.
+
+    Raises:
+        CaseFileError: naming the file when it is missing, a folder, or not an ``.npz``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CaseFileError(f"case file {str(path)!r} is a folder, not an .npz file")
+    if not path.is_file():
+        raise CaseFileError(f"case file {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CaseFileError(
+            f"case file {str(path)!r} is corrupt or not an .npz archive: no zip signature "
+            "(a text file, or a copy cut short?)"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class CaseHeader:
+    """What a case file holds, read from the array headers only (no data is loaded).
+
+    Attributes:
+        path: the file.
+        num_points: N.
+        dim: d.
+    """
+
+    path: Path
+    num_points: int
+    dim: int
+
+
+def inspect_case(path: str | os.PathLike) -> CaseHeader:
+    """Check a case file's archive, keys and point array from their headers, cheaply.
+
+    Used to refuse bad inputs before a verb writes anything; :func:`read_case` does the full
+    validation when the case is used.
+
+    Raises:
+        CaseFileError: naming the file and the problem.
+    """
+    path = check_archive(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {Path(n).stem for n in archive.namelist() if n.endswith(".npy")}
+            missing = [key for key in REQUIRED_KEYS if key not in members]
+            if missing:
+                raise CaseFileError(f"case file {str(path)!r} lacks keys {missing}")
+            with archive.open("points.npy") as stream:
+                version = np.lib.format.read_magic(stream)
+                if version == (1, 0):
+                    shape, _, _ = np.lib.format.read_array_header_1_0(stream)
+                else:
+                    shape, _, _ = np.lib.format.read_array_header_2_0(stream)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as error:
+        raise CaseFileError(f"case file {str(path)!r} is corrupt or not an .npz: {error}") from error
+    if len(shape) != 2 or shape[1] not in (2, 3):
+        raise CaseFileError(
+            f"case file {str(path)!r}: points must have shape (N, 2) or (N, 3), got {shape}"
+        )
+    if shape[0] < MIN_POINTS:
+        raise CaseFileError(
+            f"case file {str(path)!r} holds only {shape[0]} points; a case needs at least "
+            f"{MIN_POINTS}"
+        )
+    return CaseHeader(path=path, num_points=int(shape[0]), dim=int(shape[1]))
 
 
 def case_paths(folder: str | os.PathLike) -> list[Path]:
     """Case files in a folder, sorted by name (temporary files of interrupted writes skipped)."""
     folder = Path(folder)
+    if folder.is_file():
+        raise CaseFileError(
+            f"case folder {str(folder)!r} is a file; give the folder that holds the case files"
+        )
     if not folder.is_dir():
         raise CaseFileError(f"case folder {str(folder)!r} does not exist")
     return sorted(p for p in folder.glob("*.npz") if not p.name.startswith("."))

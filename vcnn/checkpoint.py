@@ -146,8 +146,17 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             objects, or lacks the keys of a model checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; give the .pt file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes zip archives; anything else (a text file, a truncated copy) would
+        # reach the unpickler and fail with a bare KeyError or similar.
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a torch checkpoint (no zip archive: a text file, "
+            "or a copy cut short?)"
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (
@@ -155,6 +164,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         EOFError,
         OSError,
         ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
         pickle.UnpicklingError,
         zipfile.BadZipFile,
     ) as error:
@@ -263,6 +276,11 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     Returns:
         The path written.
     """
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise CheckpointError(
+            f"export would overwrite its input {str(checkpoint)!r} (and strip its training "
+            "state); give --out another file"
+        )
     payload = load_checkpoint(checkpoint, map_location="cpu")
     for key in TRAINING_ONLY_KEYS:
         payload.pop(key, None)
@@ -271,6 +289,11 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     save_checkpoint(out, payload)
     load_model(out)  # an export that cannot be loaded must fail here, not at the user's
     return out
+
+
+def is_exported(payload: dict[str, Any]) -> bool:
+    """Whether a checkpoint is an inference-only export (it cannot resume training)."""
+    return "exported_from" in payload or any(key not in payload for key in TRAINING_ONLY_KEYS)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -321,6 +344,7 @@ __all__ = [
     "LoadedModel",
     "build_model",
     "capture_rng_state",
+    "is_exported",
     "load_checkpoint",
     "load_model",
     "package_versions",

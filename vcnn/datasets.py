@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from vcnn.casefile import Case, CaseFileError, case_paths, read_case
+from vcnn.casefile import Case, CaseFileError, case_paths, check_archive, read_case
 from vcnn.clouds import CloudOptions
 from vcnn.features import CloudBatch, FeatureNormalizer, FeatureSpec, FieldTable, gather_inputs
 
@@ -110,8 +110,7 @@ class CaseSource:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CaseFileError(f"case file {str(path)!r} does not exist")
+    check_archive(path)  # a text file named .npz is "not an .npz", not "pickled data"
     try:
         with np.load(path, allow_pickle=False) as data:
             if "meta" not in data.files:
