@@ -38,3 +38,30 @@ def test_errors(tmp_path):
         load_toml(bad)
     with pytest.raises(ConfigError, match="alhpas"):
         check_keys({"alhpas": [1]}, {"alphas"}, "[generate]")
+
+
+def test_types_are_checked_against_the_dataclass_schema():
+    from dataclasses import dataclass, field
+
+    from vcnn.config import check_types
+
+    @dataclass
+    class Table:
+        alphas: list[float] = field(default_factory=list)
+        plots: bool = True
+        resolution: float = 1.0
+        name: str | None = None
+        count: int = 1
+
+    check_types({"alphas": [1, 2.5], "plots": False, "resolution": 1, "name": None}, Table, "[t]")
+    for values, message in [
+        ({"alphas": "12"}, r"\[t\] alphas must be a list of numbers, got the string '12'"),
+        ({"alphas": [1, "2"]}, "alphas must be a list of numbers"),
+        ({"plots": "false"}, "plots must be true or false, got the string 'false'"),
+        ({"resolution": "0.1"}, "resolution must be a number, got the string '0.1'"),
+        ({"resolution": True}, "resolution must be a number, got true"),
+        ({"name": 3}, "name must be a string, got 3"),
+        ({"count": 2.0}, "count must be an integer, got 2.0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check_types(values, Table, "[t]")
