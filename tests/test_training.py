@@ -151,3 +151,60 @@ def test_data_parallel_ranks_end_identical(data_dir, tmp_path):
     assert rank0["history"] == rank1["history"]  # metrics are reduced over the ranks
     assert (tmp_path / "run" / "last.pt").is_file()
     assert not (tmp_path / "run" / "params_rank1.pt").exists()
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch
+):
+    import vcnn.training as training
+    from vcnn.errors import TrainingDivergedError
+
+    out = tmp_path / "run"
+    # Adam with a learning rate of 1e30 sends the weights to inf in the first epoch.
+    with pytest.raises(TrainingDivergedError, match="epoch 1: the training loss is nan; no checkpoint"):
+        train(_config(data_dir, out, learning_rate=1e30, scheduler="constant", epochs=3))
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+    # From the second epoch on, the network's output is NaN.
+    real_predict, poisoned = training._predict, []
+
+    def predict(*args, **kwargs):
+        prediction = real_predict(*args, **kwargs)
+        return prediction * float("nan") if poisoned else prediction
+
+    monkeypatch.setattr(training, "_predict", predict)
+    out = tmp_path / "run2"
+    with pytest.raises(TrainingDivergedError, match="epoch 2.*last.pt keeps epoch 1, best.pt epoch 1"):
+        train(_config(data_dir, out, epochs=4), on_epoch_end=lambda record: poisoned.append(1))
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 1
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in last["model_state"].values())
+    assert len((out / "lcurve.tsv").read_text().splitlines()) == 2  # header and epoch 1
+
+
+def test_a_folder_that_holds_a_run_is_resumed_or_replaced_never_mixed(data_dir, tmp_path):
+    from vcnn.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    train(_config(data_dir, out, epochs=1))
+    before = (out / "best.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a training run.*--resume.*--overwrite"):
+        train(_config(data_dir, out, epochs=1, seed=4))
+    assert (out / "best.pt").read_bytes() == before
+    for change, setting in [
+        ({"cloud_size": 16}, "cloud_size"),
+        ({"batch_size": 16}, "batch_size"),
+        ({"seed": 4}, "seed"),
+        ({"model": {"embedding": [8, 32], "fitting": [64, 32], "axis_neurons": 4}}, "model"),
+        ({"features": {"proximity_length": 0.3}}, "features"),
+        ({"validation_alphas": [1.5], "test_alphas": [0.5]}, "data"),
+    ]:
+        with pytest.raises(CheckpointError, match=f"other settings.*{setting}"):
+            train(_config(data_dir, out, epochs=2, resume=True, **change))
+    assert (out / "best.pt").read_bytes() == before
+    resumed = train(_config(data_dir, out, epochs=2, resume=True))  # more epochs: allowed
+    assert [r.epoch for r in resumed.history] == [1, 2]
+    replaced = train(_config(data_dir, out, epochs=1, overwrite=True, seed=4))
+    assert [r.epoch for r in replaced.history] == [1]
+    assert torch.load(out / "last.pt", weights_only=True)["seed"] == 4

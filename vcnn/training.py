@@ -53,7 +53,13 @@ from vcnn.checkpoint import (
 )
 from vcnn.closure import resolve_device
 from vcnn.clouds import CloudOptions
-from vcnn.config import ConfigError, atomic_write_text, check_keys, write_resolved_config
+from vcnn.config import (
+    ConfigError,
+    atomic_write_text,
+    check_keys,
+    check_types,
+    write_resolved_config,
+)
 from vcnn.datasets import (
     CaseSource,
     CaseSplit,
@@ -65,9 +71,11 @@ from vcnn.datasets import (
     discover_cases,
     make_split,
 )
+from vcnn.errors import TrainingDivergedError
 from vcnn.features import FeatureSpec
 from vcnn.inference import predict_padded
 from vcnn.physics import Physics
+from vcnn.resume import check_resumable, check_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +128,10 @@ class TrainConfig:
         batch_grouping: ``"random"`` (every batch mixes all cases) or ``"case"`` (each batch
             comes from one case: fewer distinct points per batch, so a factorised net embeds
             each point once per batch at a fraction of the cost).
-        resume: continue from ``out_dir/last.pt`` when it exists.
+        resume: continue from ``out_dir/last.pt`` when it exists; the run's settings must
+            match the checkpoint's (only ``epochs`` may grow), see :mod:`vcnn.resume`.
+        overwrite: replace the run that ``out_dir`` holds (without it, and without
+            ``resume``, a folder that holds a run is refused).
         progress: per-batch progress text on stderr; None: only when stderr is a terminal.
         num_threads: torch CPU threads; None: torch's default.
         time_limit_minutes: stop after the epoch during which the run's wall clock (summed
@@ -162,6 +173,7 @@ class TrainConfig:
     volume_weighted_metrics: bool = False
     batch_grouping: str = "random"
     resume: bool = False
+    overwrite: bool = False
     progress: bool | None = None
     num_threads: int | None = None
     time_limit_minutes: float | None = None
@@ -232,6 +244,7 @@ class TrainConfig:
         """
         allowed = {f.name for f in fields(cls)}
         check_keys(config, allowed, "the train config")
+        check_types(config, cls, "the train config:")
         missing = [key for key in ("data_dir", "out_dir") if key not in config]
         if missing:
             raise ConfigError(f"the train config needs {missing}")
@@ -653,6 +666,8 @@ def _train(
     out_dir = Path(config.out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     lcurve_path = out_dir / "lcurve.tsv"
+    # Before any work: a folder that holds another run is resumed or replaced, never mixed.
+    replaced = check_run_folder(out_dir, resume=config.resume, overwrite=config.overwrite)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % (2**32))
 
@@ -700,12 +715,19 @@ def _train(
     history: list[EpochRecord] = []
     if config.resume and last_path.is_file():
         checkpoint = load_checkpoint(last_path, map_location=device)
-        if int(checkpoint["seed"]) != config.seed:
+        check_resumable(
+            checkpoint,
+            path=last_path,
+            config=config.to_dict(),
+            split=split.names(),
+            model_config=model.to_config(),
+        )
+        try:
+            model.load_state_dict(checkpoint["model_state"])
+        except RuntimeError as error:
             raise CheckpointError(
-                f"{str(last_path)!r} was written with seed {checkpoint['seed']}, the config "
-                f"asks for seed {config.seed}; resume with the same seed or a new out_dir"
-            )
-        model.load_state_dict(checkpoint["model_state"])
+                f"--resume: the weights in {str(last_path)!r} do not fit the network: {error}"
+            ) from error
         optimizer.load_state_dict(checkpoint["optimizer_state"])
         scheduler.load_state_dict(checkpoint["scheduler_state"])
         restore_rng_state(checkpoint["rng_state"])
@@ -726,6 +748,10 @@ def _train(
 
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if config.overwrite:
+            for path in [*replaced, out_dir / "lcurve.png"]:
+                path.unlink(missing_ok=True)
+                logger.info("--overwrite: removed %s of the previous run", path)
         write_resolved_config(out_dir, {"train": config.to_dict(), "split": split.names()})
         logger.info(
             "training on %d cases (%d points), validating on %d, %d parameters, device %s, "
@@ -805,6 +831,22 @@ def _train(
             score = validation_sums.rel_l2_percent
         else:
             score = train_sums.rel_l2_percent
+        # The sums are reduced over the ranks, so every rank takes the same decision here.
+        for what, value in (
+            ("training", train_sums.mean_loss),
+            ("validation", validation_sums.mean_loss if validation_data is not None else 0.0),
+        ):
+            if not math.isfinite(value):
+                kept = "no checkpoint was written"
+                if epoch > 1:
+                    kept = f"last.pt keeps epoch {epoch - 1}"
+                    if best["epoch"] > 0:
+                        kept += f", best.pt epoch {best['epoch']}"
+                raise TrainingDivergedError(
+                    f"training diverged in epoch {epoch}: the {what} loss is {value}; {kept} "
+                    f"(in {str(out_dir)!r}); lower the learning rate "
+                    f"({config.learning_rate:g}) or check the case files"
+                )
         improved = score < best["rel_l2_percent"] - config.min_delta
         if improved:
             best = {"epoch": epoch, "rel_l2_percent": score, "epochs_without_improvement": 0}

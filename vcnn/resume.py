@@ -1,0 +1,149 @@
+"""Run folders of training: a new run, a resumed run or a replaced one, never a mix of two.
+
+* :func:`check_run_folder`: a folder that already holds a run (checkpoints or a learning
+  curve) is refused unless the run is resumed (``--resume``) or replaced (``--overwrite``), so
+  that a new run never leaves a ``best.pt`` of the old one beside its own.
+* :func:`check_resumable`: resuming continues *the same* run. Every setting that changes what
+  the run computes must match the checkpoint; only the number of epochs may grow (and the
+  settings of where and how fast it runs: device, threads, time limit, progress, patience).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vcnn.checkpoint import CheckpointError, is_exported
+from vcnn.config import ConfigError
+
+__all__ = ["RUN_FILES", "RESUME_FREE_SETTINGS", "check_resumable", "check_run_folder"]
+
+#: Files that make a folder a training run.
+RUN_FILES = ("last.pt", "best.pt", "lcurve.tsv")
+#: Settings that may differ between the sessions of one run.
+RESUME_FREE_SETTINGS = frozenset(
+    {
+        "epochs",
+        "resume",
+        "overwrite",
+        "device",
+        "amp",
+        "progress",
+        "num_threads",
+        "time_limit_minutes",
+        "patience",
+        "data_dir",  # the data are compared by the split's case names instead
+        "out_dir",
+    }
+)
+#: Settings that select the cases; compared through the resolved split.
+_SPLIT_SETTINGS = frozenset(
+    {
+        "train_cases",
+        "validation_cases",
+        "test_cases",
+        "train_alphas",
+        "validation_alphas",
+        "test_alphas",
+    }
+)
+
+
+def check_run_folder(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -> list[Path]:
+    """Refuse to start a new run in a folder that holds another one.
+
+    Args:
+        out_dir: the run folder.
+        resume: the run continues from ``last.pt``.
+        overwrite: the run replaces what the folder holds.
+
+    Returns:
+        The run files present (to be removed by the caller when ``overwrite`` is set).
+
+    Raises:
+        ConfigError: for ``resume`` together with ``overwrite``, a folder that holds a run
+            when neither is set, or ``resume`` without a ``last.pt`` beside other run files.
+    """
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue or replace")
+    present = [out_dir / name for name in RUN_FILES if (out_dir / name).is_file()]
+    if not present or overwrite:
+        return present
+    names = ", ".join(p.name for p in present)
+    if not resume:
+        raise ConfigError(
+            f"--out {str(out_dir)!r} already holds a training run ({names}): use --resume to "
+            "continue it, --overwrite to replace it, or another --out"
+        )
+    if not (out_dir / "last.pt").is_file():
+        raise ConfigError(
+            f"--resume: {str(out_dir)!r} holds {names} but no last.pt to continue from; use "
+            "--overwrite to start the run again, or another --out"
+        )
+    return present
+
+
+def check_resumable(
+    checkpoint: Mapping[str, Any],
+    *,
+    path: str | os.PathLike,
+    config: Mapping[str, Any],
+    split: Mapping[str, list[str]],
+    model_config: Mapping[str, Any],
+) -> None:
+    """Refuse to resume from a checkpoint of another run or from an exported model.
+
+    Args:
+        checkpoint: the loaded ``last.pt``.
+        path: its path (for messages).
+        config: the resolved train config of this session (``TrainConfig.to_dict()``).
+        split: this session's case names per split.
+        model_config: the constructor arguments of this session's network.
+
+    Raises:
+        CheckpointError: naming the file and, for a mismatch, the setting with both values.
+    """
+    where = str(path)
+    if is_exported(checkpoint):
+        raise CheckpointError(
+            f"--resume: {where!r} is an exported (inference-only) checkpoint without optimiser "
+            "and generator state; resume needs the last.pt a training run wrote"
+        )
+    saved = dict(checkpoint.get("train_config") or {})
+    saved.setdefault("seed", checkpoint.get("seed"))
+    mismatches = []
+    for key in sorted(set(saved) | set(config)):
+        if key in RESUME_FREE_SETTINGS or key in _SPLIT_SETTINGS:
+            continue
+        if not _same(saved.get(key), config.get(key)):
+            mismatches.append(f"{key}: {saved.get(key)!r} in the checkpoint, {config.get(key)!r} now")
+    if "split" in checkpoint and not _same(dict(checkpoint["split"]), dict(split)):
+        mismatches.append(f"data (cases per split): {dict(checkpoint['split'])} in the checkpoint, "
+                          f"{dict(split)} now")
+    if not _same(checkpoint.get("model_config"), dict(model_config)):
+        mismatches.append(
+            f"model architecture: {checkpoint.get('model_config')} in the checkpoint, "
+            f"{dict(model_config)} now"
+        )
+    if mismatches:
+        raise CheckpointError(
+            f"--resume: {where!r} belongs to a run with other settings ({'; '.join(mismatches)}); "
+            "resume with the run's settings (only epochs may grow), or train into another --out"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of config values, with lists and tuples alike and floats to round-off."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return a == b
