@@ -13,6 +13,8 @@ from mpi4py import MPI
 
 import logging
 import math
+import os
+import re
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -23,9 +25,14 @@ from typing import Any
 import numpy as np
 
 from solvers.boundaries import BoundarySpec, PeriodicPair, hill_boundary_spec
+from solvers.collective import on_root
+from solvers.linalg import is_interrupt
+from solvers.preflight import ALPHA_RANGE, check_case_size, check_existing_case, machine_memory
 from vcnn.atomic import atomic_write_text
 from vcnn.casefile import Case, write_case
-from vcnn.config import ConfigError, check_keys, merge, write_resolved_config
+from vcnn.config import ConfigError, check_keys, check_types, merge, write_resolved_config
+from vcnn.expressions import ExpressionError, compile_expression
+from vcnn.outputs import check_output_dir
 from vcnn.physics import PRODUCTION_MODES, Physics
 
 logger = logging.getLogger(__name__)
@@ -55,12 +62,28 @@ class MeshConfig:
     file: str | None = None
 
     def __post_init__(self) -> None:
+        check_types(asdict(self), MeshConfig, "[generate.mesh]")
         if self.kind not in MESH_KINDS:
             raise ConfigError(f"mesh kind must be one of {MESH_KINDS}, got {self.kind!r}")
-        if not self.resolution > 0 or not self.size > 0:
-            raise ConfigError("mesh resolution and size must be positive")
-        if self.kind == "file" and not self.file:
-            raise ConfigError("mesh kind 'file' needs mesh.file (or --mesh-file)")
+        for name in ("resolution", "size", "wall_size"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"[generate.mesh] {name} must be a positive number, got {value}")
+        if self.file is not None:
+            self.file = str(self.file)
+        if self.kind == "file":
+            if not self.file:
+                raise ConfigError("mesh kind 'file' needs mesh.file (or --mesh-file)")
+            if not Path(self.file).is_file():
+                raise ConfigError(
+                    f"mesh file {self.file!r} (--mesh-file / [generate.mesh] file) does not exist"
+                    + (" (it is a folder)" if Path(self.file).is_dir() else "")
+                )
+        elif self.file is not None:
+            raise ConfigError(
+                f"mesh file {self.file!r} is given but the mesh kind is {self.kind!r}: use "
+                "--mesh file (kind = \"file\") to solve on it, or leave the file out"
+            )
 
 
 #: The ``[generate.physics]`` table: the constants of :class:`vcnn.physics.Physics` except the
@@ -91,7 +114,8 @@ class GenerateConfig:
             inlets = {inlet = {profile = "parabolic", mean_velocity = 1.0}},
             periodic = [{slave = "right", master = "left", translation = [-9.0, 0.0]}]}``.
             Profiles: ``parabolic`` (mean_velocity), ``uniform`` (velocity = [ux, uy]) or
-            ``expression`` (components = ["numpy expression of x", ...]).
+            ``expression`` (components = ["arithmetic of x, y, z", ...], see
+            :mod:`vcnn.expressions`).
     """
 
     alphas: list[float] = field(default_factory=lambda: [1.0])
@@ -118,14 +142,36 @@ class GenerateConfig:
         except ValueError as error:
             raise ConfigError(str(error)) from error
         self.alphas = [float(a) for a in self.alphas]
+        self.output = str(self.output)
+        if self.name is not None:
+            check_case_name(self.name, where="[generate] name")
         if self.mesh.kind != "file":
             if not self.alphas:
                 raise ConfigError("alphas is empty: give at least one hill slope factor")
             bad = [a for a in self.alphas if not (math.isfinite(a) and a > 0)]
             if bad:
                 raise ConfigError(f"hill slope factors must be positive, got {bad}")
+            low, high = ALPHA_RANGE
+            bad = [a for a in self.alphas if not low <= a <= high]
+            if bad:
+                raise ConfigError(
+                    f"hill slope factors must lie in [{low:g}, {high:g}], got {bad} (below, the "
+                    "hill flanks are nearly vertical; above, the period exceeds 80 hill heights)"
+                )
+            names: dict[str, float] = {}
+            for alpha in self.alphas:
+                name = hill_case_name(alpha)
+                if name in names:
+                    raise ConfigError(
+                        f"alphas lists the slope factor {alpha:g} twice: give each one once"
+                        if names[name] == alpha
+                        else f"alphas {names[name]!r} and {alpha!r} both give the case {name!r}"
+                    )
+                names[name] = alpha
         elif not self.boundaries:
             raise ConfigError("a file mesh needs a [generate.boundaries] table naming its walls")
+        else:
+            check_boundaries_table(self.boundaries)
 
     @classmethod
     def from_dict(
@@ -134,8 +180,10 @@ class GenerateConfig:
         """Build from a ``[generate]`` table, with flag ``overrides`` (None = not given)."""
         values = merge(values, overrides or {})
         check_keys(values, {f for f in cls.__dataclass_fields__}, "[generate]")
+        check_types(values, cls, "[generate]")
         mesh = dict(values.pop("mesh", {}))
         check_keys(mesh, set(MeshConfig.__dataclass_fields__), "[generate.mesh]")
+        check_types(mesh, MeshConfig, "[generate.mesh]")
         physics = dict(values.pop("physics", {}))
         check_keys(physics, set(PHYSICS_TABLE_KEYS), "[generate.physics]")
         try:
@@ -197,38 +245,149 @@ class GenerateSummary:
 
 
 def hill_case_name(alpha: float) -> str:
-    """File stem of the hill case of slope factor alpha, e.g. ``hill_a1.000``."""
-    return f"hill_a{alpha:.3f}"
+    """File stem of the hill case of slope factor alpha, e.g. ``hill_a1.000``.
+
+    Three decimals, or as many more as the value needs (``hill_a1.0004``), so that distinct
+    slope factors never share a case file.
+    """
+    for digits in range(3, 16):
+        text = f"{alpha:.{digits}f}"
+        if float(text) == alpha:
+            return f"hill_a{text}"
+    return f"hill_a{alpha!r}"
+
+
+#: Case names are file stems: letters, digits and ``_ . + -``, no path separators, no ``..``.
+_CASE_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]*")
+
+
+def check_case_name(name: str, *, where: str) -> str:
+    """Refuse a case name that is not a plain file stem (it must not leave ``--out``).
+
+    Raises:
+        ConfigError: for separators, ``..``, a leading dot, or other characters.
+    """
+    if (
+        not isinstance(name, str)
+        or not _CASE_NAME.fullmatch(name)
+        or ".." in name
+        or os.sep in name
+        or (os.altsep is not None and os.altsep in name)
+        or len(name) > 200
+    ):
+        raise ConfigError(
+            f"{where} {name!r} is not a valid case name: use letters, digits and _ . + - "
+            "(no path separators, no '..', no leading dot)"
+        )
+    return name
+
+
+def check_boundaries_table(table: Mapping[str, Any]) -> None:
+    """Check the ``[generate.boundaries]`` table of a file mesh before anything is solved.
+
+    Expressions of inlet profiles are parsed here (see :mod:`vcnn.expressions`), so that a bad
+    or unsafe one is refused before any mesh is read.
+
+    Raises:
+        ConfigError: naming the key or inlet.
+    """
+    check_keys(table, {"walls", "inlets", "outlets", "periodic"}, "[generate.boundaries]")
+    for key in ("walls", "outlets"):
+        names = table.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"[generate.boundaries] {key} must be a list of boundary names")
+    inlets = table.get("inlets", {})
+    if not isinstance(inlets, Mapping):
+        raise ConfigError("[generate.boundaries] inlets must be a table of inlet tables")
+    for name, settings in inlets.items():
+        where = f"[generate.boundaries.inlets.{name}]"
+        if not isinstance(settings, Mapping):
+            raise ConfigError(f"{where} must be a table")
+        if settings.get("profile") == "expression":
+            components = settings.get("components")
+            if not isinstance(components, list) or not components:
+                raise ConfigError(f"{where} components must be a list of expressions")
+            for component in components:
+                try:
+                    compile_expression(component, where=f"{where} components")
+                except ExpressionError as error:
+                    raise ConfigError(str(error)) from error
+    periodic = table.get("periodic", [])
+    if not isinstance(periodic, list) or not all(isinstance(p, Mapping) for p in periodic):
+        raise ConfigError("[generate.boundaries] periodic must be a list of tables")
 
 
 def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> GenerateSummary:
     """Solve every case of ``config`` and write its outputs (collective over ``comm``).
 
+    Everything that can be checked is checked before anything is written: the output folder,
+    the size of each hill mesh, the settings of existing case files (a complete case is skipped
+    only when it matches this run), and for a file mesh its boundary names. Where rank 0 alone
+    does I/O, its errors are raised on every rank (:func:`solvers.collective.on_root`).
+
     Returns:
         The summary; failed cases are listed with their error, not raised.
+
+    Raises:
+        ConfigError: a setting is unusable for the whole run (refused before writing, or a
+            config error met in a case, which would fail every case).
+        UsageError: the output folder cannot be written.
+        KeyboardInterrupt: the run was interrupted (Ctrl-C, SIGTERM), also inside a solve.
     """
     output = Path(config.output)
-    if comm.rank == 0:
-        write_resolved_config(output, {"generate": config.to_dict()})
-    comm.barrier()
-    jobs: list[tuple[str, float | None]]
-    if config.mesh.kind == "file":
-        jobs = [(config.name or Path(config.mesh.file).stem, None)]
-    else:
-        jobs = [(hill_case_name(alpha), alpha) for alpha in config.alphas]
+    on_root(comm, lambda: check_output_dir(output, flag="--out (output)"))
+    jobs = case_jobs(config)
+    memory = machine_memory(comm) if config.mesh.kind != "file" else 0
+    processes = comm.size
+
+    def check_sizes() -> None:
+        for _, alpha in jobs:
+            if alpha is not None:
+                check_case_size(config.mesh, alpha, processes=processes, memory=memory)
+
+    on_root(comm, check_sizes)
+
+    def inspect_existing() -> dict[str, str]:
+        state = {}
+        for name, alpha in jobs:
+            target = output / f"{name}.npz"
+            if not target.exists():
+                state[name] = "missing"
+            elif config.overwrite:
+                state[name] = "overwrite"
+            else:
+                check_existing_case(target, config, alpha)
+                state[name] = "complete"
+        return state
+
+    state = on_root(comm, inspect_existing, share_result=True) or {}
+    prepared = None
+    if config.mesh.kind == "file" and state.get(jobs[0][0]) != "complete":
+        # One case on one mesh: read it now, so that a boundary the mesh lacks is refused
+        # before anything is written.
+        tagged = build_mesh(config.mesh, None, comm=comm)
+        prepared = (tagged, boundary_spec(config, tagged))
+    on_root(comm, lambda: write_resolved_config(output, {"generate": config.to_dict()}))
     reports = []
     for number, (name, alpha) in enumerate(jobs, start=1):
         target = output / f"{name}.npz"
         prefix = f"[{number}/{len(jobs)}] {name}"
-        if target.exists() and not config.overwrite:
+        if state.get(name) == "complete":
             if comm.rank == 0:
                 logger.info("%s: complete, skipped (use --overwrite to recompute)", prefix)
+            on_root(comm, lambda target=target, prefix=prefix: _missing_figure(config, target, prefix))
             reports.append(CaseReport(name, alpha, "skipped"))
             continue
         start = time.perf_counter()
         try:
-            report = generate_case(config, name, alpha, comm=comm, log_prefix=prefix)
+            report = generate_case(
+                config, name, alpha, comm=comm, log_prefix=prefix, prepared=prepared
+            )
+        except ConfigError:
+            raise  # a config error fails every case: stop, with the one message
         except Exception as error:  # one failed case must not lose the others
+            if is_interrupt(error):
+                raise KeyboardInterrupt(f"interrupted in case {name}") from error
             message = f"{type(error).__name__}: {error}"
             if comm.rank == 0:
                 logger.error("%s: FAILED: %s", prefix, message)
@@ -237,11 +396,48 @@ def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> 
         report.wall_time = time.perf_counter() - start
         reports.append(report)
     summary = GenerateSummary(reports, output)
-    if comm.rank == 0:
+
+    def write_summary() -> None:
         table = summary.table()
         atomic_write_text(output / "summary.md", table + "\n")
-        logger.info("\n%s\n\ncase files, figures and XDMF in %s", table, output.resolve())
+        counts = {
+            status: sum(1 for c in summary.cases if c.status == status)
+            for status in ("written", "skipped", "failed")
+        }
+        logger.info(
+            "\n%s\n\n%d case(s) written, %d skipped (complete), %d failed; outputs in %s",
+            table,
+            counts["written"],
+            counts["skipped"],
+            counts["failed"],
+            output.resolve(),
+        )
+
+    on_root(comm, write_summary)
     return summary
+
+
+def case_jobs(config: GenerateConfig) -> list[tuple[str, float | None]]:
+    """(case name, alpha) of every case of a run; alpha is None for a file mesh."""
+    if config.mesh.kind == "file":
+        name = config.name or Path(config.mesh.file).stem
+        check_case_name(name, where="case name (set [generate] name)")
+        return [(name, None)]
+    return [(hill_case_name(alpha), alpha) for alpha in config.alphas]
+
+
+def _missing_figure(config: GenerateConfig, target: Path, prefix: str) -> None:
+    """Draw the PNG of a complete case when it is missing (e.g. lost to an interrupt)."""
+    figure = target.with_suffix(".png")
+    if not config.plots or figure.exists():
+        return
+    from vcnn.casefile import read_case
+    from vcnn.plotting import plot_case
+
+    case = read_case(target)
+    if case.dim == 2:
+        plot_case(case, figure)
+        logger.info("%s: figure was missing, drew %s", prefix, figure.name)
 
 
 def generate_case(
@@ -251,8 +447,12 @@ def generate_case(
     *,
     comm: MPI.Comm = MPI.COMM_WORLD,
     log_prefix: str = "",
+    prepared: tuple[Any, BoundarySpec] | None = None,
 ) -> CaseReport:
-    """Solve one case and write its case file (and XDMF, PNG); collective over ``comm``."""
+    """Solve one case and write its case file (and XDMF, PNG); collective over ``comm``.
+
+    ``prepared`` is the (TaggedMesh, BoundarySpec) of the case when the caller built them.
+    """
     from dolfinx import fem
 
     from solvers.fields import nodal_volumes, strain_rate_magnitude, wall_distance_function
@@ -268,8 +468,11 @@ def generate_case(
         if comm.rank == 0:
             logger.info("%s: %s done in %.1f s", log_prefix, stage, times[stage])
 
-    tagged = build_mesh(config.mesh, alpha, comm=comm)
-    spec = boundary_spec(config, tagged)
+    if prepared is None:
+        tagged = build_mesh(config.mesh, alpha, comm=comm)
+        spec = boundary_spec(config, tagged)
+    else:
+        tagged, spec = prepared
     lap("mesh")
     mesh, facet_tags = tagged.mesh, tagged.facet_tags
     V1 = fem.functionspace(mesh, ("Lagrange", 1))
@@ -332,14 +535,17 @@ def generate_case(
     }
     case = gather_case(V1, constraint, fields, facet_tags, spec, tagged.period, meta, name=name)
     output = Path(config.output)
-    if comm.rank == 0:
-        write_case(output / f"{name}.npz", case)
+    on_root(comm, lambda: write_case(output / f"{name}.npz", case))
     if config.xdmf:
         write_xdmf(output / f"{name}.xdmf", mesh, {**fields, "pressure": flow.p})
-    if comm.rank == 0 and config.plots and case.dim == 2:
-        from vcnn.plotting import plot_case
 
-        plot_case(case, output / f"{name}.png")
+    def draw() -> None:
+        if config.plots and case.dim == 2:
+            from vcnn.plotting import plot_case
+
+            plot_case(case, output / f"{name}.png")
+
+    on_root(comm, draw)
     lap("output")
     return CaseReport(
         name,
@@ -463,8 +669,10 @@ def inlet_profile(
 
     ``parabolic``: a parabola across the inlet (zero at its ends) with the given mean velocity,
     directed into the domain along the inlet's normal (straight 2-D inlets). ``uniform``: a
-    constant vector. ``expression``: numpy expressions of ``x`` (``x[0]``, ``x[1]``) per
-    component, evaluated with ``np``, ``pi``, ``sin``, ``cos``, ``exp`` and ``sqrt`` in scope.
+    constant vector. ``expression``: one arithmetic expression of the coordinates per
+    component (``x``, ``y``, ``z`` or ``x[0]``, ``x[1]``, ``x[2]``; ``pi``, ``e``, ``sin``,
+    ``sqrt`` ...), parsed by :func:`vcnn.expressions.compile_expression`, never evaluated as
+    Python code.
     """
     settings = dict(settings)
     kind = settings.get("profile", "parabolic")
@@ -480,13 +688,13 @@ def inlet_profile(
         components = list(settings["components"])
         if len(components) != dim:
             raise ConfigError(f"{where}: expression needs {dim} components")
-        scope = {"np": np, "pi": np.pi, "sin": np.sin, "cos": np.cos, "exp": np.exp}
-        scope["sqrt"] = np.sqrt
-        codes = [compile(str(c), where, "eval") for c in components]
+        try:
+            functions = [compile_expression(c, where=where) for c in components]
+        except ExpressionError as error:
+            raise ConfigError(str(error)) from error
 
         def evaluate(x: np.ndarray) -> np.ndarray:
-            values = [np.broadcast_to(eval(c, scope, {"x": x}), x.shape[1:]) for c in codes]
-            return np.asarray(values, dtype=np.float64)
+            return np.asarray([function(x) for function in functions], dtype=np.float64)
 
         return evaluate
     if kind != "parabolic":

@@ -96,7 +96,8 @@ def test_complete_cases_are_skipped_and_failures_reported(hill_run, monkeypatch)
         ({"production": "fancy"}, "production"),
         ({"alpah": [1.0]}, "alpah"),
         ({"mesh": {"kind": "file"}}, "mesh.file"),
-        ({"mesh": {"kind": "file", "file": "x.msh"}}, "boundaries"),
+        ({"mesh": {"kind": "file", "file": "x.msh"}}, "'x.msh'.*does not exist"),
+        ({"mesh": {"kind": "file", "file": __file__}}, "boundaries"),
     ],
 )
 def test_bad_configs(values, message):
@@ -135,10 +136,11 @@ mean_velocity = 1.0
     mean = np.trapezoid(case.velocity[inlet, 0][order], y[order]) / 0.41
     assert mean == pytest.approx(1.0, rel=0.02)
     assert case.tau[inlet].max() == 0.0 and case.tau.max() > 0
-    # a boundary the mesh does not have is a clear error, exit code 2
+    # a boundary the mesh does not have is a clear error, exit code 2, nothing written
     bad = tmp_path / "bad.toml"
     bad.write_text(config.read_text().replace('outlets = ["outlet"]', 'outlets = ["exit"]'))
-    assert vcnn_main(["generate", "--config", str(bad), "--out", str(tmp_path / "b")]) == 1
+    assert vcnn_main(["generate", "--config", str(bad), "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.mpi

@@ -1,0 +1,208 @@
+"""Checks of a ``vcnn generate`` run before anything is meshed, solved or written.
+
+* **Size**: the number of cells of each hill case is estimated from the mesh settings and the
+  slope factor, and a case that would need more memory than the machine has, or that would
+  have too few cells to mean anything, is refused with the estimate in the message (instead of
+  allocating GiBs and failing, or solving a 2-cell mesh).
+* **Existing cases**: a complete case file is skipped only when it was generated with the
+  settings of this run (slope factor, mesh, physics); otherwise the run is refused, so that a
+  rerun at another resolution never "skips" cases that do not match the config it records.
+"""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from meshes.hills import TOP_WALL_HEIGHT, hill_period, hill_profile
+from vcnn.config import ConfigError
+from vcnn.physics import Physics
+
+if TYPE_CHECKING:
+    from solvers.generate import GenerateConfig, MeshConfig
+
+__all__ = [
+    "ALPHA_RANGE",
+    "MIN_CELLS_ACROSS",
+    "check_case_size",
+    "check_existing_case",
+    "estimate_cells",
+    "machine_memory",
+]
+
+#: Slope factors accepted by ``vcnn generate``: below, the hill flanks are nearly vertical
+#: (narrower than 0.2 hill heights); above, the period exceeds 80 hill heights.
+ALPHA_RANGE: tuple[float, float] = (0.1, 20.0)
+#: Fewest cells across the channel (and along it) of a hill mesh.
+MIN_CELLS_ACROSS = 4
+#: Memory model of one case, measured on the structured hill (Taylor-Hood flow, MUMPS LU):
+#: about 1 GiB per process for the libraries, plus about 32 KiB per cell.
+BASE_BYTES_PER_PROCESS = 1 << 30
+BYTES_PER_CELL = 32 << 10
+_GIB = float(1 << 30)
+#: Growth ratio of gmsh's wall refinement (meshes.unstructured.DEFAULT_GROWTH).
+_GROWTH = 1.15
+
+
+def estimate_cells(mesh: MeshConfig, alpha: float) -> tuple[int, int]:
+    """Cells of the hill mesh of slope factor ``alpha``, and cells across the channel.
+
+    Structured: ``round(200 alpha r) x round(200 r)`` quadrilaterals (twice as many triangles).
+    Unstructured: triangles of the given size over the domain's area, plus the wall
+    refinement (sizes growing from ``wall_size`` to ``size``); an order-of-magnitude estimate.
+
+    Returns:
+        (cells, cells across the channel); (0, 0) for a file mesh (its size is the file's).
+    """
+    if mesh.kind == "structured":
+        along = max(2, round(200 * alpha * mesh.resolution))
+        across = max(1, round(200 * mesh.resolution))
+        cells = along * across * (2 if mesh.cell_type == "triangle" else 1)
+        return cells, min(along, across)
+    if mesh.kind == "unstructured":
+        length = hill_period(alpha)
+        x = np.linspace(0.0, length, 2001)
+        area = length * TOP_WALL_HEIGHT - float(np.trapezoid(hill_profile(x, alpha), x))
+        wall_size = mesh.wall_size if mesh.wall_size is not None else mesh.size / 5.0
+        triangle = math.sqrt(3.0) / 4.0  # area of an equilateral triangle of unit side
+        core = area / (triangle * mesh.size**2)
+        # Layers of cells along both walls, sizes growing geometrically from wall_size; the
+        # factor 1/2 matches gmsh's meshes of the hill to 20 % (size 0.1 to 0.3).
+        band = length / (wall_size * triangle) * _GROWTH / (_GROWTH - 1.0)
+        across = int(TOP_WALL_HEIGHT / mesh.size)
+        return int(core + band), across
+    return 0, 0
+
+
+def machine_memory(comm: MPI.Comm) -> int:
+    """Bytes of memory of the machines the ranks of ``comm`` run on (collective)."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    nodes = max(1, comm.size // node.size)
+    node.Free()
+    return nodes * _node_memory()
+
+
+def _node_memory() -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = Path("/sys/fs/cgroup/memory.max")  # a container's limit, where there is one
+    try:
+        text = limit.read_text().strip()
+        if text.isdigit():
+            total = min(total, int(text))
+    except OSError:
+        pass
+    return int(total)
+
+
+def check_case_size(
+    mesh: MeshConfig, alpha: float, *, processes: int = 1, memory: int | None = None
+) -> None:
+    """Refuse a hill case whose mesh would be too large for the machine or too coarse.
+
+    Args:
+        mesh: the mesh settings.
+        alpha: the slope factor.
+        processes: MPI processes that share the case (each loads the libraries).
+        memory: bytes available to them (default: this machine's memory).
+
+    Raises:
+        ConfigError: with the estimated cells and memory.
+    """
+    cells, across = estimate_cells(mesh, alpha)
+    if mesh.kind == "file":
+        return
+    setting = (
+        f"--resolution {mesh.resolution:g}"
+        if mesh.kind == "structured"
+        else f"--size {mesh.size:g}"
+    )
+    if across < MIN_CELLS_ACROSS:
+        raise ConfigError(
+            f"alpha = {alpha:g} with {setting} gives only {across} cell(s) across the hill "
+            f"channel (about {cells} cells in all); at least {MIN_CELLS_ACROSS} are needed: "
+            f"{'raise --resolution' if mesh.kind == 'structured' else 'lower --size'}"
+        )
+    memory = _node_memory() if memory is None else memory
+    needed = processes * BASE_BYTES_PER_PROCESS + cells * BYTES_PER_CELL
+    if needed > memory:
+        raise ConfigError(
+            f"alpha = {alpha:g} with {setting} needs about {cells:.3g} cells, an estimated "
+            f"{needed / _GIB:.3g} GiB of memory; this machine has {memory / _GIB:.3g} GiB: "
+            f"{'lower --resolution' if mesh.kind == 'structured' else 'raise --size'} "
+            "or the slope factor"
+        )
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The ``meta`` of a case file, without reading its arrays.
+
+    Raises:
+        ConfigError: naming the file when it cannot be read.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+        raise ConfigError(
+            f"existing case file {str(path)!r} cannot be read ({error}); delete it or rerun "
+            "with --overwrite"
+        ) from error
+
+
+def case_differences(meta: dict[str, Any], config: GenerateConfig, alpha: float | None) -> list[str]:
+    """Settings of this run that a case file's ``meta`` disagrees with (empty: it matches)."""
+    found: list[str] = []
+
+    def differ(a: Any, b: Any) -> bool:
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            return not math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-15)
+        return a != b
+
+    if alpha is not None and differ(meta.get("alpha"), alpha):
+        found.append(f"alpha {meta.get('alpha')!r} vs {alpha!r}")
+    mesh = meta.get("mesh") if isinstance(meta.get("mesh"), dict) else {}
+    wanted = config.mesh
+    if mesh.get("kind") != wanted.kind:
+        found.append(f"mesh kind {mesh.get('kind')!r} vs {wanted.kind!r}")
+    elif wanted.kind == "structured":
+        for key in ("resolution", "cell_type"):
+            if differ(mesh.get(key), getattr(wanted, key)):
+                found.append(f"mesh {key} {mesh.get(key)!r} vs {getattr(wanted, key)!r}")
+    elif wanted.kind == "unstructured":
+        wall_size = wanted.wall_size if wanted.wall_size is not None else wanted.size / 5.0
+        for key, value in (("size", wanted.size), ("wall_size", wall_size)):
+            if differ(mesh.get(key), value):
+                found.append(f"mesh {key} {mesh.get(key)!r} vs {value!r}")
+    elif Path(str(mesh.get("path"))).name != Path(str(wanted.file)).name:
+        found.append(f"mesh file {mesh.get('path')!r} vs {wanted.file!r}")
+    try:
+        physics = Physics.from_case_meta(meta)
+    except (TypeError, ValueError) as error:
+        found.append(f"physics unreadable ({error})")
+    else:
+        found += [f"physics {d}" for d in physics.differences(config.physics)]
+    return found
+
+
+def check_existing_case(path: Path, config: GenerateConfig, alpha: float | None) -> None:
+    """Refuse to skip an existing case file that was generated with other settings.
+
+    Raises:
+        ConfigError: naming the file, the settings that differ (file vs this run) and the way
+            out (``--overwrite`` or another ``--out``).
+    """
+    differences = case_differences(read_meta(path), config, alpha)
+    if differences:
+        raise ConfigError(
+            f"existing case file {str(path)!r} was generated with other settings than this "
+            f"run ({'; '.join(differences)}; file vs run): rerun with --overwrite to recompute "
+            "it, or choose another --out"
+        )
