@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from vcnn.config import ConfigError, load_toml, merge
+from vcnn.config import load_toml, merge
+from vcnn.errors import EXIT_USER_ERROR, UsageError, one_line, raise_on_sigterm, run_verb
 
 logger = logging.getLogger("vcnn")
 
@@ -42,6 +44,40 @@ def configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
 
 
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (a flag like --batch-size 0 is refused)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors take the command line's one error path (one line)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise a UsageError instead of printing the usage and exiting."""
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def _section(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """The ``[name]`` table of the --config file (or the whole file if it has no such table)."""
     if args.config is None:
@@ -52,23 +88,37 @@ def _section(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     try:
+        from mpi4py import MPI  # noqa: F401  (MPI before dolfinx and PETSc)
+
+        import dolfinx  # noqa: F401
+        from petsc4py import PETSc  # noqa: F401
+
         from solvers.generate import GenerateConfig, run_generate
     except ImportError as error:
-        logger.error("%s (%s)", FEM_HINT, error)
-        return 2
+        raise UsageError(f"{FEM_HINT} ({error})") from error
+    # PETSc's signal handler aborts the process on SIGTERM: take it back, so that SIGTERM
+    # stops the run like Ctrl-C (complete cases kept) on every rank.
+    raise_on_sigterm()
+    mesh_kind = args.mesh
+    if args.mesh_file is not None:
+        if mesh_kind not in (None, "file"):
+            raise UsageError(
+                f"--mesh-file is for --mesh file, but --mesh is {mesh_kind!r}: drop one of them"
+            )
+        mesh_kind = "file"  # a mesh file given on the command line is the mesh to solve on
     flags = {
         "alphas": args.alphas,
-        "output": args.out,
+        "output": None if args.out is None else str(args.out),
         "production": args.production,
         "c_k": args.c_k,
         "overwrite": True if args.overwrite else None,
         "plots": False if args.no_plots else None,
         "xdmf": False if args.no_xdmf else None,
         "mesh": {
-            "kind": args.mesh,
+            "kind": mesh_kind,
             "resolution": args.resolution,
             "size": args.size,
-            "file": args.mesh_file,
+            "file": None if args.mesh_file is None else str(args.mesh_file),
         },
     }
     config = GenerateConfig.from_dict(_section(args, "generate"), overrides=flags)
@@ -77,6 +127,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from vcnn.outputs import check_output_dir
     from vcnn.training import TrainConfig, train
 
     flags = {
@@ -89,11 +140,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "queries_per_case": args.queries_per_case,
         "seed": args.seed,
         "resume": True if args.resume else None,
+        "overwrite": True if args.overwrite else None,
         "amp": True if args.amp else None,
         "num_threads": args.threads,
     }
     config = TrainConfig.from_dict(merge(_section(args, "train"), flags))
+    check_output_dir(config.out_dir, flag="--out (out_dir)")
     result = train(config)
+    if not result.best_checkpoint.is_file():
+        raise UsageError(
+            f"training ended without a best checkpoint in {str(result.out_dir)!r}: no epoch "
+            "gave a finite validation error"
+        )
     logger.info(
         "best validation relative L2 error %.3f %% at epoch %d; checkpoints in %s",
         result.best_validation_rel_l2_percent,
@@ -103,11 +161,47 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from vcnn.casefile import case_paths
-    from vcnn.evaluation import evaluate
+def _case_files(targets: Sequence[str | os.PathLike], *, flag: str) -> list[Path]:
+    """The case files given as files or folders; each folder must hold at least one.
 
-    cases = [p for d in args.data for p in (case_paths(d) if d.is_dir() else [d])]
+    Raises:
+        CaseFileError / DatasetError: naming the folder or file.
+    """
+    from vcnn.casefile import case_paths, check_archive
+    from vcnn.datasets import DatasetError
+
+    paths: list[Path] = []
+    for target in map(Path, targets):
+        if target.is_dir():
+            found = case_paths(target)
+            if not found:
+                raise DatasetError(f"{flag}: no case files (*.npz) in {str(target)!r}")
+            paths += found
+        else:
+            paths.append(check_archive(target))
+    return paths
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from vcnn.casefile import CaseFileError, inspect_case, read_case
+    from vcnn.checkpoint import load_checkpoint
+    from vcnn.evaluation import evaluate
+    from vcnn.outputs import check_output_dir
+
+    # Everything is checked before the output folder is made: nothing partial is written.
+    checkpoint = load_checkpoint(args.model)
+    model_dim = checkpoint["model_config"].get("dim")
+    cases = _case_files(args.data, flag="--data")
+    for path in cases:
+        header = inspect_case(path)  # cheap: the archive, its keys and the point array
+        if model_dim is not None and header.dim != model_dim:
+            raise CaseFileError(
+                f"case file {str(path)!r} is {header.dim}-D but the model {str(args.model)!r} "
+                f"was trained on {model_dim}-D cases"
+            )
+    for path in cases:
+        read_case(path)  # the full contract (shapes, NaN), one case at a time
+    check_output_dir(args.out, flag="--out")
     metrics = evaluate(
         args.model, cases, args.out, cloud_size=args.cloud_size, device=args.device
     )
@@ -129,21 +223,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from vcnn.checkpoint import export_model
+    from vcnn.outputs import check_output_file
 
+    check_output_file(args.out, flag="--out", not_same_as=args.model)
     out = export_model(args.model, args.out)
     logger.info("wrote %s (%.0f KB)", out, out.stat().st_size / 1024)
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from vcnn.casefile import case_paths, read_case
+    from vcnn.casefile import inspect_case, read_case
+    from vcnn.outputs import check_output_dir
     from vcnn.plotting import plot_case
 
-    paths: list[Path] = []
-    for target in args.cases:
-        target = Path(target)
-        paths += case_paths(target) if target.is_dir() else [target]
+    paths = _case_files(args.cases, flag="vcnn plot")
+    for path in paths:
+        header = inspect_case(path)
+        if header.dim != 2:
+            raise UsageError(f"vcnn plot draws 2-D cases; {str(path)!r} is {header.dim}-D")
+    for path in paths:
+        read_case(path)  # every case is valid before the first figure is written
     out = Path(args.out) if args.out else None
+    for folder in {out} if out is not None else {path.parent for path in paths}:
+        check_output_dir(folder, flag="--out" if out is not None else "the case folder")
     for path in paths:
         case = read_case(path)
         figure = (out or path.parent) / f"{path.stem}.png"
@@ -154,7 +256,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vcnn`` command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vcnn",
         description="Learned nonlocal closures: generate cases, train and evaluate networks.",
     )
@@ -164,15 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = verbs.add_parser("generate", help="solve cases and write case files")
     generate.add_argument("--config", type=Path, help="TOML file ([generate] table)")
-    generate.add_argument("--alphas", type=float, nargs="+", help="hill slope factors")
+    generate.add_argument("--alphas", type=_number, nargs="+", help="hill slope factors")
     generate.add_argument(
         "--mesh", choices=["structured", "unstructured", "file"], help="mesh kind"
     )
-    generate.add_argument("--resolution", type=float, help="structured: factor on 200a x 200")
-    generate.add_argument("--size", type=float, help="unstructured: target cell size")
-    generate.add_argument("--mesh-file", type=Path, help="file: a .msh or meshio-readable mesh")
+    generate.add_argument("--resolution", type=_number, help="structured: factor on 200a x 200")
+    generate.add_argument("--size", type=_number, help="unstructured: target cell size")
+    generate.add_argument(
+        "--mesh-file", type=Path, help="a .msh or meshio-readable mesh (implies --mesh file)"
+    )
     generate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
-    generate.add_argument("--c-k", type=float, help="eddy-viscosity coefficient (0: one-way)")
+    generate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient (0: one-way)")
     generate.add_argument("--out", type=Path, help="output folder of the case files")
     generate.add_argument("--overwrite", action="store_true", help="recompute complete cases")
     generate.add_argument("--no-plots", action="store_true", help="skip the PNG per case")
@@ -184,13 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="folder of case files")
     train.add_argument("--out", help="run folder (checkpoints, lcurve.tsv, figures)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--cloud-size", type=int, help="points sampled per cloud (150)")
-    train.add_argument("--queries-per-case", type=int, help="clouds per case per epoch")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--threads", type=int, help="torch CPU threads")
-    train.add_argument("--resume", action="store_true", help="continue from last.pt")
+    train.add_argument("--epochs", type=_count(1))
+    train.add_argument("--batch-size", type=_count(1))
+    train.add_argument("--cloud-size", type=_count(1), help="points sampled per cloud (150)")
+    train.add_argument("--queries-per-case", type=_count(1), help="clouds per case per epoch")
+    train.add_argument("--seed", type=_count(0))
+    train.add_argument("--threads", type=_count(1), help="torch CPU threads")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run from last.pt")
+    resume.add_argument(
+        "--overwrite", action="store_true", help="replace the run the --out folder holds"
+    )
     train.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     train.set_defaults(handler=_cmd_train)
 
@@ -200,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", type=Path, nargs="+", required=True, help="case files or folders of them"
     )
     evaluate.add_argument("--out", type=Path, required=True, help="folder of metrics and figures")
-    evaluate.add_argument("--cloud-size", type=int, help="fixed n per cloud (default: full)")
+    evaluate.add_argument(
+        "--cloud-size", type=_count(1), help="fixed n per cloud (default: full)"
+    )
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.set_defaults(handler=_cmd_evaluate, config=None)
 
@@ -217,17 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``vcnn`` command line; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose - args.quiet)
+    """Run the ``vcnn`` command line; returns the process exit code.
+
+    Every verb goes through :func:`vcnn.errors.run_verb`: a user error is one line on stderr
+    (with its traceback under ``-v``) and exit code 2, an interrupt exits with 130 (Ctrl-C) or
+    143 (SIGTERM) keeping complete outputs, and anything else is reported as a bug with its
+    traceback and exit code 1. Under MPI only rank 0 reports.
+    """
+    report = _mpi_rank() == 0
+    configure_logging(0)
+    raise_on_sigterm()
     try:
-        return args.handler(args)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        logger.error("error: %s", error)
-        return 2
-    except KeyboardInterrupt:
-        logger.error("interrupted: complete outputs are kept, rerun to continue")
-        return 130
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        if report:
+            logger.error("error: %s", one_line(error))
+        return EXIT_USER_ERROR
+    configure_logging(args.verbose - args.quiet)
+    return run_verb(args.handler, args, verbose=args.verbose > 0, report=report)
 
 
 if __name__ == "__main__":

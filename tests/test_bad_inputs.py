@@ -1,0 +1,490 @@
+"""Bad inputs to every verb of the command line, table-driven.
+
+Each case asserts what a user (or an attacker) must see: a non-zero exit code, ONE line on
+stderr that names the problem and the file or flag, no traceback, and nothing written or lost
+(the shared inputs and the case's sandbox are snapshotted before and after).
+"""
+
+from mpi4py import MPI  # noqa: F401  (initialise MPI before dolfinx)
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.ddp_scripts.synthetic_cases import channel_case, write_channel_cases
+from vcnn import cli
+from vcnn.casefile import write_case
+from vcnn.checkpoint import export_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+TRAIN_TOML = """
+[train]
+validation_alphas = [1.0]
+epochs = 1
+batch_size = 32
+cloud_size = 16
+queries_per_case = 40
+device = "cpu"
+num_threads = 1
+learning_rate = 3e-3
+
+[train.model]
+embedding = [8, 16]
+fitting = [32]
+axis_neurons = 4
+"""
+
+
+@dataclass(frozen=True)
+class World:
+    """Inputs shared by every case (never to be modified by a bad input)."""
+
+    root: Path
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("world")
+    w = World(root)
+    write_channel_cases(w / "cases", [0.5, 1.0, 1.5], nx=12, ny=6)
+    (w / "train.toml").write_text(TRAIN_TOML)
+    assert cli.main(["-q", "train", "--config", str(w / "train.toml"), "--data",
+                     str(w / "cases"), "--out", str(w / "run")]) == 0
+    export_model(w / "run" / "last.pt", w / "model.pt")
+    assert cli.main(["-q", "generate", "--alphas", "1", "--resolution", "0.05", "--out",
+                     str(w / "hills"), "--no-xdmf"]) == 0
+    (w / "afile").write_text("a file, not a folder\n")
+    (w / "notes").mkdir()
+    (w / "notes" / "notes.npz").write_text("a text file named like a case file\n")
+    (w / "text.pt").write_text("e" * 101 + "\n")
+    (w / "empty").mkdir()
+    # a 3-point case (written without write_case, which refuses it) among good ones
+    shutil.copytree(w / "cases", w / "tiny")
+    case = channel_case(2.0, nx=12, ny=6)
+    arrays = _arrays(case)
+    np.savez(w / "tiny" / "tiny3.npz", **{k: v[:3] if k in _NODAL else v for k, v in arrays.items()})
+    # a case whose velocity has the wrong shape, among good ones
+    shutil.copytree(w / "cases", w / "badshape")
+    np.savez(w / "badshape" / "bad_shape.npz", **{**arrays, "velocity": arrays["velocity"][:, :1]})
+    # a 3-D case (a 2-D model cannot take it)
+    (w / "case3d").mkdir()
+    case3 = channel_case(1.0, nx=12, ny=6)
+    case3.points = np.c_[case3.points, np.zeros(case3.num_points)]
+    case3.velocity = np.c_[case3.velocity, np.zeros(case3.num_points)]
+    case3.period = np.r_[case3.period, 0.0]
+    case3.name = "channel3d"
+    write_case(w / "case3d" / "channel3d.npz", case3)
+    return w
+
+
+_NODAL = ("points", "velocity", "tau", "strain_rate", "wall_distance", "nodal_volume", "is_wall")
+
+
+def _arrays(case) -> dict[str, np.ndarray]:
+    import json
+
+    return {
+        "points": case.points, "velocity": case.velocity, "tau": case.tau,
+        "strain_rate": case.strain_rate, "wall_distance": case.wall_distance,
+        "nodal_volume": case.nodal_volume, "is_wall": case.is_wall, "period": case.period,
+        "meta": np.array(json.dumps(case.meta)),
+    }
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, str]]:
+    """Every file and folder under the roots: size and content hash (folders: marked)."""
+    found = {}
+    for root in roots:
+        for folder, folders, files in os.walk(root):
+            for name in folders:
+                found[os.path.join(folder, name)] = (-1, "dir")
+            for name in files:
+                path = os.path.join(folder, name)
+                data = Path(path).read_bytes()
+                found[path] = (len(data), hashlib.sha1(data).hexdigest())
+    return found
+
+
+# ------------------------------------------------------------------------------ the table
+Argv = Callable[[World, Path], list[str]]
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad input: the command, the expected message and what it must name."""
+
+    verb: str
+    argv: Argv
+    message: str  # regex the error line must match
+    names: Callable[[World, Path], str]  # the flag or file the line must contain
+    prepare: Callable[[World, Path], None] | None = None
+    marks: tuple = field(default=())
+
+
+def _toml(text: str) -> Callable[[World, Path], None]:
+    def prepare(w: World, s: Path) -> None:
+        (s / "c.toml").write_text(text.replace("WORLD", str(w.root)).replace("SANDBOX", str(s)))
+
+    return prepare
+
+
+def _copy(source: str, target: str, *, then: Callable[[World, Path], None] | None = None):
+    def prepare(w: World, s: Path) -> None:
+        if (w / source).is_dir():
+            shutil.copytree(w / source, s / target)
+        else:
+            shutil.copy2(w / source, s / target)
+        if then is not None:
+            then(w, s)
+
+    return prepare
+
+
+def _named(text: str) -> Callable[[World, Path], str]:
+    return lambda w, s: text
+
+
+def _generate(*flags: str) -> Argv:
+    return lambda w, s: ["generate", *[f.replace("WORLD", str(w.root)).replace("SANDBOX", str(s))
+                                       for f in flags]]
+
+
+def _train(*flags: str) -> Argv:
+    return lambda w, s: ["train", "--config", str(w / "train.toml"), "--data", str(w / "cases"),
+                         *[f.replace("WORLD", str(w.root)).replace("SANDBOX", str(s))
+                           for f in flags]]
+
+
+def _verb(verb: str, *flags: str) -> Argv:
+    return lambda w, s: [verb, *[f.replace("WORLD", str(w.root)).replace("SANDBOX", str(s))
+                                 for f in flags]]
+
+
+FILE_MESH = """
+[generate]
+name = "NAME"
+[generate.mesh]
+kind = "file"
+file = "WORLD/afile"
+[generate.boundaries]
+walls = ["walls"]
+[generate.boundaries.inlets.inlet]
+profile = "expression"
+components = [EXPRESSION, "0.0"]
+"""
+
+
+def _file_mesh(expression: str, name: str = "channel") -> Callable[[World, Path], None]:
+    return _toml(FILE_MESH.replace("EXPRESSION", expression).replace("NAME", name))
+
+
+NOT_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not bind root")
+HAS_SYS = pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs a read-only /sys")
+
+BAD: dict[str, Bad] = {
+    # ------------------------------------------------------------------ generate
+    "generate-alphas-string": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        r"\[generate\] alphas must be a list of numbers, got the string '12'", _named("alphas"),
+        _toml('[generate]\nalphas = "12"\n')),
+    "generate-plots-string": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        r"plots must be true or false, got the string 'false'", _named("[generate] plots"),
+        _toml('[generate]\nplots = "false"\n')),
+    "generate-resolution-string": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        r"resolution must be a number, got the string '0.1'", _named("[generate.mesh]"),
+        _toml('[generate.mesh]\nresolution = "0.1"\n')),
+    "generate-unknown-key": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        r"unknown key\(s\) \['alpah'\]", _named("[generate]"), _toml("[generate]\nalpah = [1]\n")),
+    "generate-config-missing": Bad(
+        "generate", _generate("--config", "SANDBOX/missing.toml", "--out", "SANDBOX/out"),
+        "does not exist", _named("missing.toml")),
+    "generate-config-not-toml": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        "is not valid TOML", _named("c.toml"), _toml("[generate\nalphas = [1\n")),
+    "generate-out-is-a-file": Bad(
+        "generate", _generate("--alphas", "1", "--resolution", "0.05", "--out", "WORLD/afile"),
+        "is a file, not a folder", lambda w, s: f"--out (output) {str(w / 'afile')!r}"),
+    "generate-out-not-permitted": Bad(
+        "generate", _generate("--alphas", "1", "--resolution", "0.05", "--out", "/sys/vcnn-out"),
+        "is not writable", _named("/sys/vcnn-out"), marks=(HAS_SYS,)),
+    "generate-out-read-only": Bad(
+        "generate", _generate("--alphas", "1", "--resolution", "0.05", "--out", "SANDBOX/ro/out"),
+        "is not writable", _named("ro/out"),
+        lambda w, s: ((s / "ro").mkdir(), os.chmod(s / "ro", 0o555)), marks=(NOT_ROOT,)),
+    "generate-alpha-tiny": Bad(
+        "generate", _generate("--alphas", "1e-6", "--out", "SANDBOX/out"),
+        r"slope factors must lie in \[0.1, 20\], got \[1e-06\]", _named("1e-06")),
+    "generate-alpha-huge": Bad(
+        "generate", _generate("--alphas", "1e6", "--out", "SANDBOX/out"),
+        r"must lie in", _named("1000000.0")),
+    "generate-too-large": Bad(
+        "generate", _generate("--alphas", "2", "--resolution", "100", "--out", "SANDBOX/out"),
+        r"needs about [0-9.e+]+ cells, an estimated [0-9.e+]+ GiB of memory",
+        _named("--resolution 100")),
+    "generate-too-coarse": Bad(
+        "generate", _generate("--alphas", "1", "--resolution", "0.01", "--out", "SANDBOX/out"),
+        r"only 2 cell\(s\) across", _named("--resolution 0.01")),
+    "generate-alpha-twice": Bad(
+        "generate", _generate("--alphas", "1", "1.0", "--out", "SANDBOX/out"),
+        "twice", _named("alphas")),
+    "generate-mesh-file-missing": Bad(
+        "generate", _generate("--mesh-file", "SANDBOX/none.msh", "--out", "SANDBOX/out"),
+        "does not exist", _named("none.msh")),
+    "generate-mesh-file-implies-a-file-mesh": Bad(
+        "generate", _generate("--mesh-file", "WORLD/afile", "--out", "SANDBOX/out"),
+        r"a file mesh needs a \[generate.boundaries\] table", _named("[generate.boundaries]")),
+    "generate-mesh-file-with-hill": Bad(
+        "generate", _generate("--mesh", "structured", "--mesh-file", "WORLD/afile", "--out",
+                              "SANDBOX/out"),
+        "--mesh-file is for --mesh file", _named("--mesh")),
+    "generate-expression-code": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        "not allowed in an expression", _named("[generate.boundaries.inlets.inlet]"),
+        _file_mesh("\"__import__('os').system('touch SANDBOX/pwned')\"")),
+    "generate-expression-attribute": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        "attribute access", _named("x.__class__"), _file_mesh('"x.__class__"')),
+    "generate-name-escapes-out": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        "is not a valid case name", _named("'../escaped'"), _file_mesh('"1.0"', "../escaped")),
+    "generate-existing-case-other-resolution": Bad(
+        "generate", _generate("--alphas", "1", "--resolution", "0.1", "--out", "SANDBOX/hills"),
+        r"other settings .*mesh resolution 0.05 vs 0.1.*--overwrite", _named("hill_a1.000.npz"),
+        _copy("hills", "hills")),
+    "generate-c-k-nan": Bad(
+        "generate", _generate("--alphas", "1", "--c-k", "nan", "--out", "SANDBOX/out"),
+        "must be a finite number", _named("--c-k")),
+    # ------------------------------------------------------------------ train
+    "train-into-an-existing-run": Bad(
+        "train", _train("--out", "SANDBOX/run"),
+        "already holds a training run .* use --resume .* --overwrite", _named("run"),
+        _copy("run", "run")),
+    "train-resume-other-batch-size": Bad(
+        "train", _train("--out", "SANDBOX/run", "--resume", "--batch-size", "16"),
+        r"other settings \(batch_size: 32 in the checkpoint, 16 now", _named("last.pt"),
+        _copy("run", "run")),
+    "train-resume-other-cloud-size": Bad(
+        "train", _train("--out", "SANDBOX/run", "--resume", "--epochs", "3", "--cloud-size", "8"),
+        r"cloud_size: 16 in the checkpoint, 8 now", _named("last.pt"), _copy("run", "run")),
+    "train-resume-other-seed": Bad(
+        "train", _train("--out", "SANDBOX/run", "--resume", "--seed", "5"),
+        r"seed: 0 in the checkpoint, 5 now", _named("last.pt"), _copy("run", "run")),
+    "train-resume-other-architecture": Bad(
+        "train", lambda w, s: ["train", "--config", str(s / "c.toml"), "--data",
+                               str(w / "cases"), "--out", str(s / "run"), "--resume"],
+        r"model: .* in the checkpoint", _named("last.pt"),
+        _copy("run", "run", then=lambda w, s: (s / "c.toml").write_text(
+            TRAIN_TOML.replace("embedding = [8, 16]", "embedding = [8, 24]")))),
+    "train-resume-from-an-export": Bad(
+        "train", _train("--out", "SANDBOX/run", "--resume"),
+        r"exported \(inference-only\) checkpoint", _named("last.pt"),
+        _copy("run", "run", then=lambda w, s: shutil.copy2(w / "model.pt", s / "run" / "last.pt"))),
+    "train-resume-and-overwrite": Bad(
+        "train", _train("--out", "SANDBOX/run", "--resume", "--overwrite"),
+        "not allowed with argument", _named("--overwrite")),
+    "train-data-is-a-file": Bad(
+        "train", lambda w, s: ["train", "--config", str(w / "train.toml"), "--data",
+                               str(w / "afile"), "--out", str(s / "run")],
+        "is a file; give the folder", _named("afile")),
+    "train-data-missing": Bad(
+        "train", lambda w, s: ["train", "--config", str(w / "train.toml"), "--data",
+                               str(s / "nothing"), "--out", str(s / "run")],
+        "does not exist", _named("nothing")),
+    "train-data-empty": Bad(
+        "train", lambda w, s: ["train", "--config", str(w / "train.toml"), "--data",
+                               str(w / "empty"), "--out", str(s / "run")],
+        r"no case files \(\*\.npz\)", _named("empty")),
+    "train-batch-size-0": Bad(
+        "train", _train("--out", "SANDBOX/run", "--batch-size", "0"),
+        "must be an integer >= 1, got 0", _named("--batch-size")),
+    "train-seed-negative": Bad(
+        "train", _train("--out", "SANDBOX/run", "--seed", "-1"),
+        "must be an integer >= 0", _named("--seed")),
+    "train-three-point-case": Bad(
+        "train", lambda w, s: ["train", "--config", str(w / "train.toml"), "--data",
+                               str(w / "tiny"), "--out", str(s / "run")],
+        "holds only 3 points", _named("tiny3.npz")),
+    "train-text-file-named-npz": Bad(
+        "train", lambda w, s: ["train", "--config", str(w / "train.toml"), "--data",
+                               str(w / "notes"), "--out", str(s / "run")],
+        r"not an \.npz archive", _named("notes.npz")),
+    "train-bad-shape": Bad(
+        "train", lambda w, s: ["train", "--config", str(w / "train.toml"), "--data",
+                               str(w / "badshape"), "--out", str(s / "run")],
+        "velocity must have shape", _named("bad_shape.npz")),
+    "train-out-is-a-file": Bad(
+        "train", _train("--out", "WORLD/afile"), "is a file, not a folder", _named("afile")),
+    "train-epochs-string": Bad(
+        "train", lambda w, s: ["train", "--config", str(s / "c.toml"), "--data",
+                               str(w / "cases"), "--out", str(s / "run")],
+        "epochs must be an integer, got the string '3'", _named("epochs"),
+        _toml('[train]\nepochs = "3"\n')),
+    # ------------------------------------------------------------------ evaluate
+    "evaluate-empty-folder": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data", "WORLD/empty",
+                          "--out", "SANDBOX/eval"),
+        r"no case files \(\*\.npz\)", _named("--data")),
+    "evaluate-model-is-text": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/text.pt", "--data", "WORLD/cases",
+                          "--out", "SANDBOX/eval"),
+        "not a torch checkpoint", _named("text.pt")),
+    "evaluate-model-missing": Bad(
+        "evaluate", _verb("evaluate", "--model", "SANDBOX/missing.pt", "--data", "WORLD/cases",
+                          "--out", "SANDBOX/eval"),
+        "does not exist", _named("missing.pt")),
+    "evaluate-3d-case-2d-model": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data", "WORLD/case3d",
+                          "--out", "SANDBOX/eval"),
+        "is 3-D but the model .* was trained on 2-D cases", _named("channel3d.npz")),
+    "evaluate-text-file-named-npz": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data",
+                          "WORLD/notes/notes.npz", "--out", "SANDBOX/eval"),
+        r"not an \.npz archive", _named("notes.npz")),
+    "evaluate-bad-shape": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data", "WORLD/badshape",
+                          "--out", "SANDBOX/eval"),
+        "velocity must have shape", _named("bad_shape.npz")),
+    "evaluate-unknown-flag": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data", "WORLD/cases",
+                          "--out", "SANDBOX/eval", "--batch-size", "0"),
+        "unrecognized arguments", _named("--batch-size")),
+    "evaluate-cloud-size-0": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data", "WORLD/cases",
+                          "--out", "SANDBOX/eval", "--cloud-size", "0"),
+        "must be an integer >= 1, got 0", _named("--cloud-size")),
+    "evaluate-out-is-a-file": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data", "WORLD/cases",
+                          "--out", "WORLD/afile"),
+        "is a file, not a folder", _named("--out")),
+    # ------------------------------------------------------------------ export
+    "export-onto-its-input": Bad(
+        "export", _verb("export", "--model", "SANDBOX/best.pt", "--out", "SANDBOX/./best.pt"),
+        "is the input file itself", _named("--out"), _copy("run/best.pt", "best.pt")),
+    "export-model-missing": Bad(
+        "export", _verb("export", "--model", "SANDBOX/missing.pt", "--out", "SANDBOX/m.pt"),
+        "does not exist", _named("missing.pt")),
+    "export-model-is-text": Bad(
+        "export", _verb("export", "--model", "WORLD/text.pt", "--out", "SANDBOX/m.pt"),
+        "not a torch checkpoint", _named("text.pt")),
+    "export-out-is-a-folder": Bad(
+        "export", _verb("export", "--model", "WORLD/model.pt", "--out", "WORLD/empty"),
+        "is a folder; give a file name", _named("--out")),
+    "export-out-under-a-file": Bad(
+        "export", _verb("export", "--model", "WORLD/model.pt", "--out", "WORLD/afile/m.pt"),
+        "cannot be created: .* is a file", _named("afile")),
+    # ------------------------------------------------------------------ plot
+    "plot-empty-folder": Bad(
+        "plot", _verb("plot", "WORLD/empty"), r"no case files \(\*\.npz\)", _named("empty")),
+    "plot-text-file-named-npz": Bad(
+        "plot", _verb("plot", "WORLD/notes"), r"not an \.npz archive", _named("notes.npz")),
+    "plot-missing-file": Bad(
+        "plot", _verb("plot", "SANDBOX/none.npz"), "does not exist", _named("none.npz")),
+    "plot-3d-case": Bad(
+        "plot", _verb("plot", "WORLD/case3d", "--out", "SANDBOX/figures"),
+        "draws 2-D cases", _named("channel3d.npz")),
+    "plot-out-is-a-file": Bad(
+        "plot", _verb("plot", "WORLD/cases", "--out", "WORLD/afile"),
+        "is a file, not a folder", _named("--out")),
+}
+
+
+def _params():
+    return [pytest.param(bad, id=name, marks=list(bad.marks)) for name, bad in BAD.items()]
+
+
+def test_the_table_covers_every_verb_with_at_least_30_cases():
+    verbs = {bad.verb for bad in BAD.values()}
+    assert verbs == {"generate", "train", "evaluate", "export", "plot"}
+    assert len(BAD) >= 30
+
+
+@pytest.mark.parametrize("bad", _params())
+def test_bad_input(bad, world, tmp_path, capsys):
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    if bad.prepare is not None:
+        bad.prepare(world, sandbox)
+    argv = bad.argv(world, sandbox)
+    before = snapshot(world.root, sandbox)
+    capsys.readouterr()
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, f"not one line:\n{err}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert re.search(bad.message, lines[0]), lines[0]
+    assert bad.names(world, sandbox) in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert snapshot(world.root, sandbox) == before, "something was written or lost"
+
+
+@pytest.mark.parametrize(
+    "name", ["generate-out-is-a-file", "train-into-an-existing-run", "export-onto-its-input"],
+)
+def test_no_traceback_reaches_stderr_of_the_command(name, world, tmp_path):
+    bad = BAD[name]
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    if bad.prepare is not None:
+        bad.prepare(world, sandbox)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "vcnn.cli", *bad.argv(world, sandbox)],
+                            cwd=sandbox, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr and re.search(bad.message, result.stderr)
+
+
+def test_verbose_shows_the_traceback_of_a_user_error(world, tmp_path, capsys):
+    code = cli.main(["-v", "plot", str(world / "notes")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback (most recent call last)" in err and "CaseFileError" in err
+    assert err.rstrip().splitlines()[-1].startswith("error: case file")
+
+
+@pytest.mark.parametrize("bug", [ZeroDivisionError("division by zero"), ValueError("a bug")])
+def test_a_bug_is_not_disguised_as_a_user_error(bug, world, monkeypatch, capsys):
+    def broken(args):
+        raise bug
+
+    monkeypatch.setattr(cli, "_cmd_plot", broken)
+    code = cli.main(["plot", str(world / "cases")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "internal error" in err and "Traceback" in err and type(bug).__name__ in err
+    assert "error: a bug" not in err
+
+
+def test_an_interrupt_exits_130_and_says_what_is_kept(world, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_plot", interrupted)
+    assert cli.main(["plot", str(world / "cases")]) == 130
+    assert "interrupted: complete outputs are kept" in capsys.readouterr().err
+
+
+def test_plot_and_export_still_work_on_good_inputs(world, tmp_path):
+    # the checks must not refuse what the verbs can do (evaluate: see tests/test_demo.py)
+    assert cli.main(["-q", "plot", str(world / "cases"), "--out", str(tmp_path / "fig")]) == 0
+    assert len(list((tmp_path / "fig").glob("*.png"))) == 3
+    assert cli.main(["-q", "export", "--model", str(world / "run" / "best.pt"), "--out",
+                     str(tmp_path / "m.pt")]) == 0
