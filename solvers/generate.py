@@ -69,6 +69,16 @@ class MeshConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"[generate.mesh] {name} must be a positive number, got {value}")
+        if self.cell_type not in ("quadrilateral", "triangle"):
+            raise ConfigError(
+                f"[generate.mesh] cell_type must be 'quadrilateral' or 'triangle', got "
+                f"{self.cell_type!r}"
+            )
+        if self.wall_size is not None and self.wall_size > self.size:
+            raise ConfigError(
+                f"[generate.mesh] wall_size ({self.wall_size:g}) must not exceed size "
+                f"({self.size:g})"
+            )
         if self.file is not None:
             self.file = str(self.file)
         if self.kind == "file":

@@ -267,6 +267,13 @@ BAD: dict[str, Bad] = {
         "generate", _generate("--alphas", "1", "--resolution", "0.1", "--out", "SANDBOX/hills"),
         r"other settings .*mesh resolution 0.05 vs 0.1.*--overwrite", _named("hill_a1.000.npz"),
         _copy("hills", "hills")),
+    "generate-wall-size-above-size": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        r"wall_size \(0.2\) must not exceed size \(0.1\)", _named("[generate.mesh]"),
+        _toml('[generate.mesh]\nkind = "unstructured"\nsize = 0.1\nwall_size = 0.2\n')),
+    "generate-config-is-a-folder": Bad(
+        "generate", _generate("--config", "WORLD/empty", "--out", "SANDBOX/out"),
+        "is a folder", _named("empty")),
     "generate-c-k-nan": Bad(
         "generate", _generate("--alphas", "1", "--c-k", "nan", "--out", "SANDBOX/out"),
         "must be a finite number", _named("--c-k")),
@@ -298,6 +305,8 @@ BAD: dict[str, Bad] = {
     "train-resume-and-overwrite": Bad(
         "train", _train("--out", "SANDBOX/run", "--resume", "--overwrite"),
         "not allowed with argument", _named("--overwrite")),
+    "train-without-data": Bad(
+        "train", _verb("train", "--out", "SANDBOX/run"), r"needs \['data_dir'\]", _named("--data")),
     "train-data-is-a-file": Bad(
         "train", lambda w, s: ["train", "--config", str(w / "train.toml"), "--data",
                                str(w / "afile"), "--out", str(s / "run")],

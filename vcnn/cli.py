@@ -83,7 +83,10 @@ def _section(args: argparse.Namespace, name: str) -> dict[str, Any]:
     if args.config is None:
         return {}
     document = load_toml(args.config)
-    return dict(document.get(name, document))
+    table = document.get(name, document)
+    if not isinstance(table, dict):
+        raise UsageError(f"--config {str(args.config)!r}: [{name}] must be a table")
+    return dict(table)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

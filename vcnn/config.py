@@ -31,6 +31,8 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
             line and column, is kept).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give the .toml file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:

@@ -247,7 +247,11 @@ class TrainConfig:
         check_types(config, cls, "the train config:")
         missing = [key for key in ("data_dir", "out_dir") if key not in config]
         if missing:
-            raise ConfigError(f"the train config needs {missing}")
+            flags = {"data_dir": "--data", "out_dir": "--out"}
+            raise ConfigError(
+                f"the train config needs {missing}: give "
+                f"{' and '.join(flags[key] for key in missing)} (or set them in [train])"
+            )
         values = dict(config)
         for key in ("data_dir", "out_dir"):
             values[key] = str(values[key])
