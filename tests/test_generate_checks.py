@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from petsc4py import PETSc
 
@@ -148,3 +149,23 @@ def test_a_failure_on_rank_0_only_ends_the_run_on_every_rank(tmp_path, where, co
     assert "No space left on device" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(out.glob("*.npz"))
+
+
+def test_inlet_expressions_are_parsed_not_evaluated(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from solvers.generate import inlet_profile
+
+    tagged = SimpleNamespace(mesh=SimpleNamespace(geometry=SimpleNamespace(dim=2)))
+    x = np.array([[0.0, 0.0, 0.0], [0.0, 0.205, 0.41], [0.0, 0.0, 0.0]])
+    for components in (["6 * y * (0.41 - y) / 0.41**2", "0"],
+                       ["6 * x[1] * (0.41 - x[1]) / 0.41**2", "0 * x[0]"]):
+        profile = inlet_profile({"profile": "expression", "components": components}, tagged, 1,
+                                where="inlet 'in'")
+        np.testing.assert_allclose(profile(x), [[0.0, 1.5, 0.0], [0.0, 0.0, 0.0]], atol=1e-12)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="inlet 'in'.*not allowed"):
+        inlet_profile({"profile": "expression",
+                       "components": ["__import__('pathlib').Path('pwned').touch()", "0"]},
+                      tagged, 1, where="inlet 'in'")
+    assert not (tmp_path / "pwned").exists()
