@@ -59,6 +59,7 @@ USER_ERROR_CLASSES: tuple[tuple[str, str], ...] = (
     ("vcnn.physics", "PhysicsMismatchError"),
     ("meshes.tagged", "MeshError"),
     ("solvers.linalg", "SolverDivergedError"),
+    ("solvers.periodic", "PeriodicPairingError"),
 )
 
 #: errno values of OS errors that are about a path or the file system, not about the code.
