@@ -70,12 +70,12 @@ def test_default_preset_is_factorised_volume_pooled_and_positive():
         "default", dim=2, num_scalars=6, num_vectors=1, point_scalar_columns=(0, 1, 2)
     )
     config = model.config
-    assert model.is_factorised and config.num_kernels == 4 and config.embedding[-1] == 32
+    assert model.is_factorised and config.num_kernels == 8 and config.embedding[-1] == 64
     assert config.pooling == "volume" and config.positive_output
     assert model.pair_columns == (3, 4, 5)
     # the pair kernels see the three pair scalars and the point's three scalars (no derived
     # distance or angle)
-    assert linear_shapes(model.pair_embedding) == [(6, 16), (16, 4)]
+    assert linear_shapes(model.pair_embedding) == [(6, 16), (16, 8)]
 
 
 def test_positive_output_is_never_negative_and_volume_pooling_needs_volumes():

@@ -472,6 +472,16 @@ class EntryInputs:
     volume: torch.Tensor
 
 
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]`` for an index of any shape, by ``index_select``.
+
+    On the CPU ``index_select`` is several times faster than advanced indexing (0.05 ms
+    against 0.23 ms for 65k float64 values on one core).
+    """
+    taken = values.index_select(0, index.reshape(-1))
+    return taken.reshape(*index.shape, *values.shape[1:])
+
+
 def entry_inputs(
     table: FieldTable,
     queries: torch.Tensor,
@@ -510,11 +520,11 @@ def entry_inputs(
     spec, dtype, dim = table.spec, table.dtype, table.dim
     relative = []
     for axis in range(dim):
-        component = table.coordinates[axis][points] - table.coordinates[axis][queries]
+        component = _take(table.coordinates[axis], points) - _take(table.coordinates[axis], queries)
         period = table.periodic_axes.get(axis)
         if period is not None:
             length, inverse = period
-            component = component - length[queries] * torch.round(component * inverse[queries])
+            component = component - _take(length, queries) * torch.round(component * _take(inverse, queries))
         relative.append(component.to(dtype))
     if table.frame is not None:
         frame = table.frame.to(dtype)
@@ -526,10 +536,10 @@ def entry_inputs(
     if table.inverse_along_squared is not None and (
         "normalized_radius" in spec.pair_scalars or table.options.cutoff_start is not None
     ):
-        parallel = sum(relative[axis] * table.direction[axis][queries] for axis in range(dim))
+        parallel = sum(relative[axis] * _take(table.direction[axis], queries) for axis in range(dim))
         across = 1.0 / table.across**2
         radius_squared = parallel * parallel * (
-            table.inverse_along_squared[queries] - across
+            _take(table.inverse_along_squared, queries) - across
         ) + distance_squared * across
         radius = torch.sqrt(radius_squared.clamp_min(0.0))
 
@@ -543,7 +553,7 @@ def entry_inputs(
             assert radius is not None
             columns.append(radius)
         else:  # upstream_cosine; the direction is zero where the velocity is
-            dot = sum(relative[axis] * table.direction[axis][points] for axis in range(dim))
+            dot = sum(relative[axis] * _take(table.direction[axis], points) for axis in range(dim))
             columns.append(torch.where(distance > 0, dot / distance.clamp_min(1e-30), 0.0))
     pair = (
         torch.stack(columns, dim=-1)
@@ -555,10 +565,10 @@ def entry_inputs(
         weight = smooth_switch(radius, start=table.options.cutoff_start)
     return EntryInputs(
         pos=torch.stack(relative, dim=-1),
-        vec=table.vectors[points] if vectors else None,
-        scal=torch.cat([table.point_scalars[points], pair], dim=-1) if point_scalars else pair,
+        vec=_take(table.vectors, points) if vectors else None,
+        scal=torch.cat([_take(table.point_scalars, points), pair], dim=-1) if point_scalars else pair,
         weight=weight,
-        volume=table.volume_lowp[points] / table.volume_lowp[queries],
+        volume=_take(table.volume_lowp, points) / _take(table.volume_lowp, queries),
     )
 
 

@@ -340,12 +340,14 @@ _PRESETS: dict[str, dict[str, Any]] = {
         positive_output=False,
     ),
     # This toolkit's default for closures: mesh-independent (volume pooling), tau >= 0
-    # (softplus), and fast (a factorised embedding with four pair kernels, whose full-cloud
+    # (softplus), and fast (a factorised embedding with eight pair kernels, whose full-cloud
     # inference is a few sparse products per mesh; see vcnn.inference). The pair inputs come
-    # from the FeatureSpec (proximity, upstream cosine, normalised radius), so the net derives
-    # no distance or angle of its own.
+    # from the FeatureSpec (proximity, upstream cosine, normalised radius) and the point
+    # scalars, so the net derives no distance or angle of its own. Eight kernels of width 8
+    # learned better than four of width 8 or of width 16 at the same cost (8 epochs of
+    # experiment (a): 5.0 % against 5.8 % and 6.6 % at alpha = 0.5).
     "default": dict(
-        embedding=(64, 64, 32),
+        embedding=(32, 64, 64),
         axis_neurons=4,
         fitting=(256, 128),
         activation="silu",
@@ -356,7 +358,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         residual=True,
         factorised=True,
         pair_embedding=(16,),
-        kernels=4,
+        kernels=8,
         point_scalars_in_kernels=True,
         pooling="volume",
         positive_output=True,
@@ -382,7 +384,7 @@ class VectorCloudNet(nn.Module):
       and a wider fitting net (256-128): cheap, since the embedding dominates the cost.
 
     The preset ``"default"`` (what ``vcnn train`` builds unless told otherwise) adds volume
-    pooling, a positive output and a factorised embedding with four pair kernels.
+    pooling, a positive output and a factorised embedding with eight pair kernels.
 
     Args:
         dim: spatial dimension d (2 or 3).

@@ -125,9 +125,9 @@ class TrainConfig:
             ``min_delta`` (relative L2 percent); None: never stop early.
         min_delta: improvement threshold of early stopping, in percentage points.
         volume_weighted_metrics: weight the relative L2 errors by the nodal volumes.
-        batch_grouping: ``"random"`` (every batch mixes all cases) or ``"case"`` (each batch
-            comes from one case: fewer distinct points per batch, so a factorised net embeds
-            each point once per batch at a fraction of the cost).
+        batch_grouping: ``"case"`` (each batch comes from one case: fewer distinct points
+            per batch, so a factorised net embeds each point once per batch at a fraction of
+            the cost) or ``"random"`` (every batch mixes all cases).
         resume: continue from ``out_dir/last.pt`` when it exists; the run's settings must
             match the checkpoint's (only ``epochs`` may grow), see :mod:`vcnn.resume`.
         overwrite: replace the run that ``out_dir`` holds (without it, and without
@@ -171,7 +171,7 @@ class TrainConfig:
     patience: int | None = None
     min_delta: float = 0.0
     volume_weighted_metrics: bool = False
-    batch_grouping: str = "random"
+    batch_grouping: str = "case"
     resume: bool = False
     overwrite: bool = False
     progress: bool | None = None
