@@ -140,3 +140,32 @@ def test_checkpoints_of_format_version_1_still_load(trained, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pt"):
         load_closure(tmp_path / "junk.pt", device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_closure_on_cuda_agrees_with_the_cpu(trained):
+    # The same closure on the GPU: clouds on the host, inputs, sparse products and network on
+    # the device, float32.
+    _, runs = trained
+    case = channel_case(1.3, nx=30, ny=12)
+    on_cpu = load_closure(runs["default"], device="cpu").predict(case)
+    on_gpu = load_closure(runs["default"], device="cuda")
+    assert on_gpu.device.type == "cuda"
+    np.testing.assert_allclose(on_gpu.predict(case), on_cpu, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_with_bf16_autocast(trained, tmp_path):
+    data_dir, _ = trained
+    config = TrainConfig.from_dict(
+        {
+            "data_dir": str(data_dir), "out_dir": str(tmp_path / "gpu"),
+            "validation_alphas": [1.0], "epochs": 2, "batch_size": 48, "cloud_size": 32,
+            "device": "cuda", "amp": True, "model": {"embedding": [8, 16], "fitting": [32]},
+        }
+    )
+    result = train(config)
+    assert np.isfinite(result.best_validation_rel_l2_percent)
+    assert load_closure(result.best_checkpoint, device="cuda").predict(channel_case(1.0)).min() >= 0
