@@ -465,6 +465,7 @@ def generate_case(
     """
     from dolfinx import fem
 
+    from solvers.coupled import periodic_lengths
     from solvers.fields import nodal_volumes, strain_rate_magnitude, wall_distance_function
 
     times: dict[str, float] = {}
@@ -485,12 +486,14 @@ def generate_case(
         tagged, spec = prepared
     lap("mesh")
     mesh, facet_tags = tagged.mesh, tagged.facet_tags
+    # A file mesh knows no period; the boundary spec's translations give it (and the hills').
+    period = np.asarray(periodic_lengths(spec, mesh.geometry.dim), dtype=np.float64)
     V1 = fem.functionspace(mesh, ("Lagrange", 1))
     constraint = p1_constraint(V1, facet_tags, spec)
     physics = config.physics
     lap("setup")
 
-    distance = wall_distance_function(V1, facet_tags, spec.walls, period=tagged.period)
+    distance = wall_distance_function(V1, facet_tags, spec.walls, period=period)
     lap("wall distance")
     flow, tau_solution, coupling_iterations = solve_physics(
         config, mesh, facet_tags, spec, V1, distance, constraint, lap=lap
@@ -543,7 +546,7 @@ def generate_case(
         "wall_distance": distance,
         "nodal_volume": volumes,
     }
-    case = gather_case(V1, constraint, fields, facet_tags, spec, tagged.period, meta, name=name)
+    case = gather_case(V1, constraint, fields, facet_tags, spec, period, meta, name=name)
     output = Path(config.output)
     on_root(comm, lambda: write_case(output / f"{name}.npz", case))
     if config.xdmf:
