@@ -1,0 +1,194 @@
+"""Reading velocity sources: case files, meshio files, OpenFOAM cases (the shipped hill case)."""
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from solvers.flow_sources import FlowSourceError, cell_centroids, read_flow_source
+
+OPENFOAM_CASE = Path(__file__).parent / "data" / "openfoam_hill"
+OPENFOAM_TIME = "341"
+
+
+def test_case_file_of_cell_centres(tmp_path):
+    points = np.array([[0.5, 0.5], [1.5, 0.5], [0.5, 1.5], [1.5, 1.5]])
+    velocity = np.column_stack([points[:, 1], -points[:, 0]])
+    np.savez(
+        tmp_path / "c.npz",
+        points=points,
+        velocity=velocity,
+        period=[2.0, 0.0],
+        meta='{"case": "c"}',
+    )
+    source = read_flow_source(tmp_path / "c.npz")
+    assert source.kind == "case" and source.field == "velocity" and source.time is None
+    np.testing.assert_array_equal(source.points, points)
+    np.testing.assert_array_equal(source.velocity, velocity)
+    np.testing.assert_array_equal(source.period, [2.0, 0.0])
+    meta = source.to_meta()
+    assert meta["num_points"] == 4 and meta["source_case"] == "c" and meta["period"] == [2.0, 0.0]
+    # another field by name; a missing one is named in the error with the keys present
+    np.savez(tmp_path / "d.npz", points=points, U=velocity)
+    assert read_flow_source(tmp_path / "d.npz", field="U").period is None
+    with pytest.raises(FlowSourceError, match=r"no a velocity field 'velocity'.*\['U', 'points'\]"):
+        read_flow_source(tmp_path / "d.npz")
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (
+            {"points": np.zeros((3, 2)), "velocity": np.array([[0, 0], [np.nan, 0], [0, 0]])},
+            "NaN or inf at 1 of 3",
+        ),
+        ({"points": np.zeros((3, 2)), "velocity": np.zeros(3)}, "must be a vector per point"),
+        ({"points": np.zeros((3, 2)), "velocity": np.zeros((3, 4))}, "4 components"),
+        (
+            {"points": np.zeros((3, 2)), "velocity": np.zeros((3, 2)), "period": [-1.0, 0]},
+            "bad period",
+        ),
+    ],
+)
+def test_bad_case_file_sources(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(FlowSourceError, match=message):
+        read_flow_source(tmp_path / "bad.npz")
+
+
+def test_missing_and_unreadable_sources(tmp_path):
+    with pytest.raises(FlowSourceError, match="does not exist"):
+        read_flow_source(tmp_path / "nowhere.vtu")
+    (tmp_path / "junk.vtu").write_text("not a mesh")
+    with pytest.raises(FlowSourceError, match="meshio cannot read"):
+        read_flow_source(tmp_path / "junk.vtu")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FlowSourceError, match="not an OpenFOAM case"):
+        read_flow_source(tmp_path / "folder")
+    np.savez(tmp_path / "x.npz", points=np.zeros((3, 2)), velocity=np.zeros((3, 2)))
+    with pytest.raises(FlowSourceError, match="OpenFOAM cases only"):
+        read_flow_source(tmp_path / "x.npz", time="5")
+
+
+def test_meshio_point_and_cell_data(tmp_path):
+    import meshio
+
+    # two quads of a 2 x 1 strip, 2-D data written as VTK does (3 coordinates, 3 components)
+    points = np.array([[0, 0, 0], [1, 0, 0], [2, 0, 0], [0, 1, 0], [1, 1, 0], [2, 1, 0]], float)
+    quads = np.array([[0, 1, 4, 3], [1, 2, 5, 4]])
+    point_velocity = np.column_stack([points[:, 1], points[:, 0], np.zeros(6)])
+    lines = np.array([[0, 1], [1, 2]])
+    mesh = meshio.Mesh(
+        points,
+        [("quad", quads), ("line", lines)],
+        point_data={"U": point_velocity},
+        cell_data={
+            "velocity": [np.array([[1.0, 2.0, 0.0], [3.0, 4.0, 0.0]]), np.zeros((2, 3))],
+            "p": [np.zeros(2), np.zeros(2)],
+        },
+    )
+    mesh.write(tmp_path / "flow.vtu")
+    nodal = read_flow_source(tmp_path / "flow.vtu")
+    assert nodal.kind == "meshio-points" and nodal.field == "U"
+    np.testing.assert_allclose(nodal.points, points)
+    np.testing.assert_allclose(nodal.velocity, point_velocity)
+    # a cell field: the samples are the centroids of the highest-dimensional cells only
+    cells = read_flow_source(tmp_path / "flow.vtu", field="velocity")
+    assert cells.kind == "meshio-cells" and cells.details["cell_types"] == ["quad"]
+    np.testing.assert_allclose(cells.points, [[0.5, 0.5, 0.0], [1.5, 0.5, 0.0]])
+    np.testing.assert_allclose(cells.velocity[:, :2], [[1, 2], [3, 4]])
+    with pytest.raises(FlowSourceError, match=r"no velocity field 'W'.*point data \['U'\]"):
+        read_flow_source(tmp_path / "flow.vtu", field="W")
+    with pytest.raises(FlowSourceError, match="must be a vector"):
+        read_flow_source(tmp_path / "flow.vtu", field="p")
+
+
+def test_cell_centroids_are_exact():
+    # a trapezoid (a unit square [0, 2] x [0, 1] and a triangle): the vertex mean (1.25, 0.5)
+    # differs from the centroid
+    points = np.array([[0.0, 0.0], [3.0, 0.0], [2.0, 1.0], [0.0, 1.0]])
+    np.testing.assert_allclose(
+        cell_centroids(points, "quad", np.array([[0, 1, 2, 3]])), [[19 / 15, 7 / 15]]
+    )
+    # a non-convex L-shaped polygon (area 3), clockwise, among ragged polygons
+    ell = np.array([[0, 0], [0, 2], [1, 2], [1, 1], [2, 1], [2, 0]], float)
+    square = np.array([[5, 5], [6, 5], [6, 6], [5, 6]], float)
+    both = np.concatenate([ell, square])
+    centres = cell_centroids(both, "polygon", [np.arange(6), np.arange(6, 10)])
+    np.testing.assert_allclose(centres, [[5 / 6, 5 / 6], [5.5, 5.5]])
+    # the same quad tilted into 3-D keeps its centroid
+    rotation = np.array([[1, 0, 0], [0, 0.6, -0.8], [0, 0.8, 0.6]])
+    tilted = np.column_stack([points, np.zeros(4)]) @ rotation.T
+    np.testing.assert_allclose(
+        cell_centroids(tilted, "quad", np.array([[0, 1, 2, 3]])), [rotation @ [19 / 15, 7 / 15, 0]]
+    )
+
+
+# -- OpenFOAM -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def foamlib():
+    return pytest.importorskip("foamlib")
+
+
+def test_openfoam_case_latest_time(foamlib):
+    source = read_flow_source(OPENFOAM_CASE)
+    assert source.kind == "openfoam" and source.field == "U" and source.time == OPENFOAM_TIME
+    assert source.points.shape == (2976, 3) and source.velocity.shape == (2976, 3)
+    assert source.details["cell_centres"] == f"{OPENFOAM_TIME}/C"
+    np.testing.assert_allclose(source.period, [9.0, 0.0, 0.0], rtol=1e-12)
+    # a 2-D case: one layer of cells, no out-of-plane velocity
+    assert np.ptp(source.points[:, 2]) == 0.0 and np.abs(source.velocity[:, 2]).max() < 1e-15
+    assert 0 < source.points[:, 0].min() and source.points[:, 0].max() < 9.0
+    assert np.abs(source.velocity).max() == pytest.approx(1.39, abs=0.03)
+
+
+def test_openfoam_centres_from_polymesh_match_writecellcentres(foamlib, tmp_path):
+    from solvers.openfoam import cyclic_period, polymesh_cell_centres, read_polymesh
+
+    mesh = read_polymesh(OPENFOAM_CASE / "constant" / "polyMesh")
+    written = read_flow_source(OPENFOAM_CASE).points
+    # OpenFOAM wrote C with 10 significant digits
+    np.testing.assert_allclose(polymesh_cell_centres(mesh), written, rtol=0, atol=2e-9)
+    np.testing.assert_allclose(cyclic_period(mesh), [9.0, 0.0, 0.0], rtol=1e-12)
+    # without the C file the reader computes the same centres from the mesh
+    case = tmp_path / "case"
+    shutil.copytree(OPENFOAM_CASE, case)
+    (case / OPENFOAM_TIME / "C.gz").unlink()
+    source = read_flow_source(case, time=OPENFOAM_TIME)
+    assert source.details["cell_centres"] == "constant/polyMesh"
+    np.testing.assert_allclose(source.points, written, rtol=0, atol=2e-9)
+
+
+def test_openfoam_time_selection_and_errors(foamlib, tmp_path):
+    initial = read_flow_source(OPENFOAM_CASE, time="0")  # a uniform field: one value per cell
+    assert initial.time == "0" and initial.points.shape == (2976, 3)
+    np.testing.assert_array_equal(np.unique(initial.velocity, axis=0), [[0.721039, 0.0, 0.0]])
+    assert read_flow_source(OPENFOAM_CASE, time="341.0").time == OPENFOAM_TIME
+    with pytest.raises(FlowSourceError, match=r"has no time '12'; times: \['0', '341'\]"):
+        read_flow_source(OPENFOAM_CASE, time="12")
+    with pytest.raises(FlowSourceError, match="'latest' or a number"):
+        read_flow_source(OPENFOAM_CASE, time="last")
+    with pytest.raises(FlowSourceError, match=r"no velocity field \['W'\]"):
+        read_flow_source(OPENFOAM_CASE, time="341", field="W")
+    # no mesh and no C: nowhere to take cell centres from
+    case = tmp_path / "case"
+    shutil.copytree(OPENFOAM_CASE, case)
+    shutil.rmtree(case / "constant" / "polyMesh")
+    (case / OPENFOAM_TIME / "C.gz").unlink()
+    with pytest.raises(FlowSourceError, match="neither cell centres"):
+        read_flow_source(case)
+    # a velocity with fewer values than cells
+    case2 = tmp_path / "case2"
+    shutil.copytree(OPENFOAM_CASE, case2)
+    text = gzip.decompress((case2 / OPENFOAM_TIME / "U.gz").read_bytes()).decode()
+    text = text.replace("\n2976\n(", "\n2975\n(", 1).replace("\n)\n", "\n)\n", 1)
+    lines = text.split("\n")
+    start = lines.index("2975") + 2
+    del lines[start]
+    (case2 / OPENFOAM_TIME / "U.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    with pytest.raises(FlowSourceError, match="2975 values but there are 2976 cells"):
+        read_flow_source(case2)
