@@ -1,9 +1,10 @@
 """Dataset generation: mesh -> flow -> derived fields -> tau -> case files, XDMF and figures.
 
 :func:`run_generate` is what ``vcnn generate`` runs. For each case (one per hill slope factor
-alpha, or one for a user mesh) it solves the flow and the closure transport, gathers the nodal
-data at the P1 points on rank 0 and writes the case file of DESIGN 4 atomically, an XDMF file
-of mesh and fields for ParaView and a PNG. A case that fails is reported and skipped; complete
+alpha, or one for a user mesh) it solves the flow (or, with ``flow_from``, takes it from
+another code: :mod:`solvers.flow_import`) and the closure transport, gathers the nodal data at
+the P1 points on rank 0 and writes the case file of DESIGN 4 atomically, an XDMF file of mesh
+and fields for ParaView and a PNG. A case that fails is reported and skipped; complete
 cases are not recomputed unless ``overwrite`` is set.
 """
 
@@ -119,6 +120,12 @@ class GenerateConfig:
         mesh: see :class:`MeshConfig`.
         physics: the constants of :class:`vcnn.physics.Physics`; its ``production`` and
             ``c_k`` are the top-level ``production`` and ``c_k`` of this config.
+        flow_from: take the velocity from this source instead of solving for it: a case
+            file (``.npz``), a meshio-readable file with point or cell data, or an OpenFOAM
+            case directory (see :mod:`solvers.flow_import`). Incompatible with c_k > 0.
+        flow_time: OpenFOAM source: ``"latest"`` or a time directory (e.g. ``"341"``).
+        flow_field: name of the velocity field of the source (default ``U``, then
+            ``velocity``).
         boundaries: file mesh only: boundary roles by name, e.g.
             ``{walls = ["walls", "cylinder"], outlets = ["outlet"],
             inlets = {inlet = {profile = "parabolic", mean_velocity = 1.0}},
@@ -139,6 +146,9 @@ class GenerateConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     physics: Physics = field(default_factory=Physics)
     boundaries: dict[str, Any] = field(default_factory=dict)
+    flow_from: str | None = None
+    flow_time: str = "latest"
+    flow_field: str | None = None
 
     def __post_init__(self) -> None:
         if self.production not in PRODUCTION_MODES:
@@ -151,6 +161,14 @@ class GenerateConfig:
             self.physics = self.physics.with_overrides(production=self.production, c_k=self.c_k)
         except ValueError as error:
             raise ConfigError(str(error)) from error
+        if self.flow_from is not None:
+            self.flow_from = str(self.flow_from)
+            if self.c_k > 0:
+                raise ConfigError(
+                    "flow_from takes the flow from a source, so it cannot be coupled to tau: "
+                    "c_k must be 0"
+                )
+        self.flow_time = str(self.flow_time)
         self.alphas = [float(a) for a in self.alphas]
         self.output = str(self.output)
         if self.name is not None:
@@ -498,6 +516,7 @@ def generate_case(
     flow, tau_solution, coupling_iterations = solve_physics(
         config, mesh, facet_tags, spec, V1, distance, constraint, lap=lap
     )
+    imported = config.flow_from is not None
     strain = strain_rate_magnitude(flow.u, V1, constraint=constraint)
     volumes = nodal_volumes(V1, constraint=constraint)
     lap("derived fields")
@@ -507,6 +526,12 @@ def generate_case(
         from solvers.diagnostics import hill_flow_reversal
 
         reversal = hill_flow_reversal(flow.u, alpha)
+    flow_statistics = {}  # an imported flow has no solver statistics; its source is in meta
+    if not imported:
+        flow_statistics = {
+            "flow_newton_iterations": flow.newton_iterations,
+            "flow_residuals": list(flow.residual_history),
+        }
     meta = {
         "case": name,
         "alpha": alpha,
@@ -521,15 +546,15 @@ def generate_case(
         "tau_p": physics.tau_p,
         "production": physics.production,
         "c_k": physics.c_k,
-        "U_b": physics.bulk_velocity if spec.body_force_driven else None,
+        "U_b": physics.bulk_velocity if spec.body_force_driven and not imported else None,
         "bulk_velocity_measured": flow.bulk_velocity,
-        "body_force": flow.body_force,
+        "body_force": None if imported else flow.body_force,
+        "flow_source": flow.to_meta() if imported else None,
         "tau_integral": tau_solution.integral,
         "separation_x": None if reversal is None else reversal.separation.tolist(),
         "reattachment_x": None if reversal is None else reversal.reattachment.tolist(),
         "solver": {
-            "flow_newton_iterations": flow.newton_iterations,
-            "flow_residuals": list(flow.residual_history),
+            **flow_statistics,
             "tau_newton_iterations": tau_solution.newton_iterations,
             "tau_residuals": list(tau_solution.residual_history),
             "coupling_iterations": coupling_iterations,
@@ -550,7 +575,8 @@ def generate_case(
     output = Path(config.output)
     on_root(comm, lambda: write_case(output / f"{name}.npz", case))
     if config.xdmf:
-        write_xdmf(output / f"{name}.xdmf", mesh, {**fields, "pressure": flow.p})
+        pressure = {} if imported else {"pressure": flow.p}
+        write_xdmf(output / f"{name}.xdmf", mesh, {**fields, **pressure})
 
     def draw() -> None:
         if config.plots and case.dim == 2:
@@ -565,7 +591,7 @@ def generate_case(
         alpha,
         "written",
         num_points=case.num_points if comm.rank == 0 else 0,
-        flow_iterations=flow.newton_iterations,
+        flow_iterations=0 if imported else flow.newton_iterations,
         tau_iterations=tau_solution.newton_iterations,
         tau_integral=tau_solution.integral,
         stage_times=times,
@@ -575,10 +601,12 @@ def generate_case(
 def solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint, *, lap=None):
     """Flow and tau: one-way (flow, then tau) or two-way coupled when c_k > 0.
 
+    With ``config.flow_from`` the flow is not solved but interpolated from that source
+    (:func:`solvers.flow_import.import_flow`), then tau is solved on it.
     ``lap(stage)`` is called after each stage (for timing and progress).
 
     Returns:
-        (FlowSolution, TauSolution, number of coupling iterations).
+        (FlowSolution or ImportedFlow, TauSolution, number of coupling iterations).
     """
     from solvers.fields import strain_rate_expression
     from solvers.flow import solve_flow
@@ -608,8 +636,19 @@ def solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint, *, l
         )
         lap("coupled flow and tau")
         return coupled.flow, coupled.tau, coupled.iterations
-    flow = solve_flow(mesh, facet_tags, spec, nu=physics.nu, bulk_velocity=physics.bulk_velocity)
-    lap("flow")
+    if config.flow_from is not None:
+        from solvers.flow_import import import_flow, load_flow_source
+
+        source = load_flow_source(
+            config.flow_from, field=config.flow_field, time=config.flow_time, comm=mesh.comm
+        )
+        flow = import_flow(source, mesh, facet_tags, spec)
+        lap("flow import")
+    else:
+        flow = solve_flow(
+            mesh, facet_tags, spec, nu=physics.nu, bulk_velocity=physics.bulk_velocity
+        )
+        lap("flow")
     tau = solve_tau(
         V1,
         flow.u,

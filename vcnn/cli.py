@@ -117,6 +117,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "overwrite": True if args.overwrite else None,
         "plots": False if args.no_plots else None,
         "xdmf": False if args.no_xdmf else None,
+        "flow_from": args.flow_from,
+        "flow_time": args.flow_time,
+        "flow_field": args.flow_field,
         "mesh": {
             "kind": mesh_kind,
             "resolution": args.resolution,
@@ -280,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
     generate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient (0: one-way)")
+    generate.add_argument(
+        "--flow-from",
+        help="take the velocity from this source instead of solving for it: a case file "
+        "(.npz), a meshio-readable file with point or cell data, or an OpenFOAM case directory",
+    )
+    generate.add_argument(
+        "--flow-time", help="OpenFOAM source: 'latest' (default) or a time directory, e.g. 341"
+    )
+    generate.add_argument(
+        "--flow-field", help="velocity field name in the source (default: U, then velocity)"
+    )
     generate.add_argument("--out", type=Path, help="output folder of the case files")
     generate.add_argument("--overwrite", action="store_true", help="recompute complete cases")
     generate.add_argument("--no-plots", action="store_true", help="skip the PNG per case")
