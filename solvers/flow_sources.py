@@ -207,9 +207,7 @@ def _read_case_file(path: Path, field: str | None) -> FlowSource:
         raise FlowSourceError(f"cannot read case file {str(path)!r}: {error}") from None
     name = _pick_field([k for k in arrays if k != "points"], field or "velocity")
     if name is None or "points" not in arrays:
-        missing = (
-            "points" if "points" not in arrays else f"a velocity field {field or 'velocity'!r}"
-        )
+        missing = "points" if "points" not in arrays else f"velocity field {field or 'velocity'!r}"
         raise FlowSourceError(
             f"case file {str(path)!r} has no {missing}; it holds {sorted(arrays)}"
         )

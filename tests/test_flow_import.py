@@ -158,6 +158,7 @@ def subcell_centres(tagged, flow, m):
     return points, velocity
 
 
+@pytest.mark.slow
 def test_tau_on_imported_copies_converges_to_tau_on_the_solved_flow(solved):
     tagged, _, flow, reference, out = solved
     errors = {}

@@ -33,7 +33,7 @@ def test_case_file_of_cell_centres(tmp_path):
     # another field by name; a missing one is named in the error with the keys present
     np.savez(tmp_path / "d.npz", points=points, U=velocity)
     assert read_flow_source(tmp_path / "d.npz", field="U").period is None
-    with pytest.raises(FlowSourceError, match=r"no a velocity field 'velocity'.*\['U', 'points'\]"):
+    with pytest.raises(FlowSourceError, match=r"no velocity field 'velocity'.*\['U', 'points'\]"):
         read_flow_source(tmp_path / "d.npz")
 
 
