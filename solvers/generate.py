@@ -147,7 +147,7 @@ class GenerateConfig:
     physics: Physics = field(default_factory=Physics)
     boundaries: dict[str, Any] = field(default_factory=dict)
     flow_from: str | None = None
-    flow_time: str = "latest"
+    flow_time: str | float = "latest"
     flow_field: str | None = None
 
     def __post_init__(self) -> None:
@@ -163,6 +163,11 @@ class GenerateConfig:
             raise ConfigError(str(error)) from error
         if self.flow_from is not None:
             self.flow_from = str(self.flow_from)
+            if not Path(self.flow_from).exists():
+                raise ConfigError(
+                    f"flow source {self.flow_from!r} (--flow-from / [generate] flow_from) does "
+                    "not exist"
+                )
             if self.c_k > 0:
                 raise ConfigError(
                     "flow_from takes the flow from a source, so it cannot be coupled to tau: "

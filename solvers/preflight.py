@@ -183,12 +183,30 @@ def case_differences(meta: dict[str, Any], config: GenerateConfig, alpha: float 
                 found.append(f"mesh {key} {mesh.get(key)!r} vs {value!r}")
     elif Path(str(mesh.get("path"))).name != Path(str(wanted.file)).name:
         found.append(f"mesh file {mesh.get('path')!r} vs {wanted.file!r}")
+    found += _flow_source_differences(meta, config)
     try:
         physics = Physics.from_case_meta(meta)
     except (TypeError, ValueError) as error:
         found.append(f"physics unreadable ({error})")
     else:
         found += [f"physics {d}" for d in physics.differences(config.physics)]
+    return found
+
+
+def _flow_source_differences(meta: dict[str, Any], config: GenerateConfig) -> list[str]:
+    """A solved flow against an imported one, or another source (by file name) or time."""
+    source = meta.get("flow_source") if isinstance(meta.get("flow_source"), dict) else None
+    if source is None and config.flow_from is None:
+        return []
+    if source is None or config.flow_from is None:
+        was = "solved" if source is None else repr(source.get("path"))
+        wanted = "solved" if config.flow_from is None else repr(config.flow_from)
+        return [f"flow {was} vs {wanted}"]
+    found = []
+    if Path(str(source.get("path"))).name != Path(config.flow_from).name:
+        found.append(f"flow source {source.get('path')!r} vs {config.flow_from!r}")
+    if config.flow_time != "latest" and str(source.get("time")) != config.flow_time:
+        found.append(f"flow time {source.get('time')!r} vs {config.flow_time!r}")
     return found
 
 

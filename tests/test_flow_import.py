@@ -284,7 +284,9 @@ def test_sources_that_do_not_fit_the_mesh(solved):
     with pytest.raises(FlowImportError, match="z component up to 0.01"):
         attempt(source(np.column_stack([points, np.zeros(len(points))]), swirling))
     with pytest.raises(ConfigError, match="c_k must be 0"):
-        GenerateConfig.from_dict({"flow_from": "x.npz", "c_k": 0.1})
+        GenerateConfig.from_dict({"flow_from": str(OPENFOAM_CASE), "c_k": 0.1})
+    with pytest.raises(ConfigError, match="flow source 'nowhere.npz' .* does not exist"):
+        GenerateConfig.from_dict({"flow_from": "nowhere.npz"})
 
 
 def test_failures_are_reported_by_the_command_line(tmp_path, capsys):
@@ -331,6 +333,19 @@ def test_openfoam_hill_gives_the_tau_of_our_solved_flow(solved, tmp_path):
     assert relative_l2(case, case.tau, reference.tau) < 0.025
     assert case.tau_integral() == pytest.approx(reference.tau_integral(), rel=0.005)
     assert case.meta["bulk_velocity_measured"] == pytest.approx(0.721039, rel=0.005)
+    # the complete case is skipped when asked for again, but not taken for another flow
+    again = run_generate(
+        GenerateConfig.from_dict(settings(tmp_path / "openfoam", flow_from=str(OPENFOAM_CASE)))
+    )
+    assert again.cases[0].status == "skipped"
+    with pytest.raises(ConfigError, match="flow time '341' vs '0'"):
+        run_generate(
+            GenerateConfig.from_dict(
+                settings(tmp_path / "openfoam", flow_from=str(OPENFOAM_CASE), flow_time="0")
+            )
+        )
+    with pytest.raises(ConfigError, match=r"flow '.*openfoam_hill' vs solved"):
+        run_generate(GenerateConfig.from_dict(settings(tmp_path / "openfoam")))
     # the initial field (a uniform plug flow) is another flow altogether
     plug = generate_from(OPENFOAM_CASE, tmp_path / "plug", flow_time="0")
     assert plug.meta["flow_source"]["time"] == "0"

@@ -60,6 +60,7 @@ USER_ERROR_CLASSES: tuple[tuple[str, str], ...] = (
     ("meshes.tagged", "MeshError"),
     ("solvers.linalg", "SolverDivergedError"),
     ("solvers.periodic", "PeriodicPairingError"),
+    ("solvers.flow_sources", "FlowSourceError"),
 )
 
 #: errno values of OS errors that are about a path or the file system, not about the code.
