@@ -111,14 +111,17 @@ class InterpolationResult:
 class VelocityInterpolator:
     """Piecewise-linear interpolation of scattered velocity samples in a periodic box.
 
-    See the module docstring for the method. Pure numpy/scipy: no mesh is needed.
+    See the module docstring for the method. Pure numpy/scipy: no mesh is needed. Any set of
+    fields interpolates alike (e.g. velocity, |S| and tau of a solution sampled at the cell
+    centres of another mesh): pass them as the columns of ``velocity``.
 
     Args:
         points: (M, d) float64 sample coordinates.
-        velocity: (M, d) float64 velocity at the samples.
+        velocity: (M, c) float64 velocity (c = d), or any c fields, at the samples.
         period: (d,) float64 periodic lengths, 0 where not periodic.
         origin: (d,) float64 lower bound of the domain (where the wrapped period starts).
-        wall_points: (W, d) float64 points on no-slip walls, added as samples with u = 0.
+        wall_points: (W, d) float64 points on no-slip walls, added as samples with every
+            field 0.
     """
 
     def __init__(
@@ -158,7 +161,7 @@ class VelocityInterpolator:
             gap, _ = self._source_tree.query(walls, k=1)
             walls = walls[gap > 1e-9 * max(self.spacing, 1e-300)]
             samples = np.concatenate([samples, walls])
-            values = np.concatenate([values, np.zeros((walls.shape[0], dim))])
+            values = np.concatenate([values, np.zeros((walls.shape[0], values.shape[1]))])
             self.num_wall_samples = int(walls.shape[0])
         self.num_samples = int(samples.shape[0])
         try:
