@@ -40,6 +40,7 @@ from solvers.boundaries import BoundarySpec
 from solvers.linalg import (
     SolverDivergedError,
     create_direct_solver,
+    destroy_solver,
     format_history,
     solve_linear,
 )
@@ -47,7 +48,7 @@ from solvers.periodic import PeriodicConstraint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FlowSolution", "solve_flow"]
+__all__ = ["FlowSolution", "FlowSolver", "solve_flow"]
 
 #: A Newton step that cut the residual by this factor or more shows Newton in its quadratic
 #: regime; the next step then reuses the factorised Jacobian (a chord step).
@@ -68,11 +69,12 @@ class FlowSolution:
             (of ``u_x`` when not body-force driven).
         newton_iterations: Newton steps taken.
         residual_history: residual norm before each step and after the last one.
-        wall_time: seconds spent in :func:`solve_flow`.
+        wall_time: seconds spent in the solve (with set-up for :func:`solve_flow`).
         num_dofs: global number of velocity + pressure dofs.
         factorizations: number of Jacobian assemblies and LU factorisations; smaller than
             ``newton_iterations`` when chord steps reused a factorisation.
-        timings: seconds per phase on rank 0: ``setup`` (spaces, forms, periodic pairing),
+        timings: seconds per phase on rank 0: ``setup`` (spaces, forms, periodic pairing;
+            0 for the solves of a :class:`FlowSolver` after its construction),
             ``assembly`` (residual and Jacobian), ``restriction`` (``K^T J K``) and ``solve``
             (LU factorisation and triangular solves).
     """
@@ -104,15 +106,8 @@ def _log(comm: MPI.Comm, message: str, *args: object) -> None:
         logger.info(message, *args)
 
 
-def _check_inputs(
-    mesh: dolfinx.mesh.Mesh,
-    *,
-    nu: float,
-    bulk_velocity: float,
-    nu_t: dolfinx.fem.Function | ufl.core.expr.Expr | None,
-    degree: int,
-    rtol: float,
-    max_iterations: int,
+def _check_parameters(
+    *, nu: float, bulk_velocity: float, degree: int, rtol: float, atol: float, max_iterations: int
 ) -> None:
     """Raise ValueError on unusable parameters (NaN, negative viscosity, bad degree)."""
     for name, value in (("nu", nu), ("bulk_velocity", bulk_velocity), ("rtol", rtol)):
@@ -122,13 +117,26 @@ def _check_inputs(
         raise ValueError(f"nu must be positive, got {nu}")
     if rtol <= 0:
         raise ValueError(f"rtol must be positive, got {rtol}")
+    if not atol >= 0:
+        raise ValueError(f"atol must be a non-negative number, got {atol}")
     if degree < 2:
         raise ValueError(f"Taylor-Hood needs a velocity degree >= 2, got degree={degree}")
     if max_iterations < 1:
         raise ValueError(f"max_iterations must be at least 1, got {max_iterations}")
+
+
+def _check_eddy_viscosity(
+    nu_t: dolfinx.fem.Function | ufl.core.expr.Expr | None,
+    comm: MPI.Comm,
+    square_integral: dolfinx.fem.Form | None,
+) -> None:
+    """Raise ValueError when nu_t has NaN/inf values or (a Function) negative dof values.
+
+    ``square_integral`` is the compiled form of ``nu_t**2 dx``, used for a UFL expression,
+    which cannot be inspected pointwise cheaply: its integral reveals NaN/inf.
+    """
     if nu_t is None:
         return
-    comm = mesh.comm
     if isinstance(nu_t, dolfinx.fem.Function):
         values = nu_t.x.array
         bad = comm.allreduce(int(np.count_nonzero(~np.isfinite(values))), op=MPI.SUM)
@@ -138,8 +146,7 @@ def _check_inputs(
         if minimum < 0:
             raise ValueError(f"nu_t must be non-negative, its minimum dof value is {minimum}")
         return
-    # A UFL expression cannot be inspected pointwise cheaply; its integrals reveal NaN/inf.
-    integral = dolfinx.fem.assemble_scalar(dolfinx.fem.form(ufl.as_ufl(nu_t) ** 2 * ufl.dx(mesh)))
+    integral = dolfinx.fem.assemble_scalar(square_integral)
     if not math.isfinite(comm.allreduce(integral, op=MPI.SUM)):
         raise ValueError("nu_t evaluates to NaN/inf on the mesh; fix the closure that produced it")
 
@@ -186,6 +193,402 @@ def _pressure_pin(
     return [pinned] if start <= pinned < end else []
 
 
+class FlowSolver:
+    """Steady Navier-Stokes on one mesh: set up once, solved repeatedly and warm-started.
+
+    The Taylor-Hood space, the forms (compiled once), the Dirichlet conditions, the periodic
+    constraint of the mixed space, the forcing vectors, the Jacobian's sparsity and the LU
+    solver are built in the constructor and reused by every :meth:`solve`. A coupled run
+    changes the eddy viscosity between solves by writing into the ``nu_t`` Function it passed
+    in (its values, not its identity), then calls :meth:`solve` again: Newton starts from the
+    previous solution, so late solves of a converging loop take one or two steps.
+
+    Free the PETSc objects with :meth:`close` (or use the solver as a context manager).
+
+    Attributes:
+        mesh: the mesh.
+        spec: the boundary roles.
+        velocity: the current velocity, a vector Lagrange Function of degree ``degree``; its
+            values change with every solve (forms built on it follow the flow).
+        pressure: the current pressure (degree ``degree - 1``).
+        body_force: the current driving body force (0 when not body-force driven).
+        num_dofs: global number of velocity + pressure dofs.
+        setup_time: seconds spent in the constructor.
+    """
+
+    def __init__(
+        self,
+        mesh: dolfinx.mesh.Mesh,
+        facet_tags: dolfinx.mesh.MeshTags,
+        spec: BoundarySpec,
+        *,
+        nu: float = 0.01,
+        bulk_velocity: float = 0.721039,
+        nu_t: dolfinx.fem.Function | ufl.core.expr.Expr | None = None,
+        degree: int = 2,
+        petsc_options: Mapping[str, object] | None = None,
+    ) -> None:
+        """Build the spaces, forms, boundary conditions and periodic constraint.
+
+        Args:
+            mesh: the dolfinx mesh (triangles or quadrilaterals, any dimension).
+            facet_tags: facet markers used by ``spec``.
+            spec: walls (no slip), inlets (velocity profile), outlets (do-nothing) and
+                periodic pairs. Body-force driven when periodic without inlet.
+            nu: kinematic viscosity.
+            bulk_velocity: target area average of the streamwise velocity (body-force driven
+                flows only).
+            nu_t: optional non-negative eddy viscosity, a Function or UFL expression on
+                ``mesh``; the forms hold it, so new values in the same Function take effect
+                at the next solve.
+            degree: velocity degree; the pressure gets ``degree - 1`` (Taylor-Hood).
+            petsc_options: overrides of the MUMPS LU options, see
+                :func:`solvers.linalg.create_direct_solver`.
+
+        Raises:
+            ValueError: on NaN/inf or otherwise invalid parameters or inlet profiles.
+        """
+        start_time = time.perf_counter()
+        _check_parameters(
+            nu=nu,
+            bulk_velocity=bulk_velocity,
+            degree=degree,
+            rtol=1.0,
+            atol=0.0,
+            max_iterations=1,
+        )
+        self.mesh = mesh
+        self.spec = spec
+        self.comm: MPI.Comm = mesh.comm
+        self._nu_t = nu_t
+        self._petsc_options = petsc_options
+        gdim = mesh.geometry.dim
+        velocity_element = basix.ufl.element("Lagrange", mesh.basix_cell(), degree, shape=(gdim,))
+        pressure_element = basix.ufl.element("Lagrange", mesh.basix_cell(), degree - 1)
+        W = dolfinx.fem.functionspace(
+            mesh, basix.ufl.mixed_element([velocity_element, pressure_element])
+        )
+        self.W = W
+        self.num_dofs = W.dofmap.index_map.size_global * W.dofmap.index_map_bs
+
+        # The translation maps a slave point onto its master (hill: right -> left, -L), so the
+        # flow leaving through the slave side and re-entering at the master side runs along -t.
+        self.driven = spec.body_force_driven
+        direction = np.zeros(gdim)
+        if self.driven:
+            translation = np.asarray(spec.periodic[0].translation, dtype=float)
+            direction = -translation / np.linalg.norm(translation)
+        else:
+            direction[0] = 1.0
+
+        self._w = dolfinx.fem.Function(W)
+        u, p = ufl.split(self._w)
+        v, q = ufl.TestFunctions(W)
+        viscous = nu * ufl.inner(ufl.grad(u), ufl.grad(v))
+        self._nu_t_check_form = None
+        if nu_t is not None:
+            viscous += nu_t * ufl.inner(ufl.grad(u) + ufl.grad(u).T, ufl.grad(v))
+            if not isinstance(nu_t, dolfinx.fem.Function):
+                self._nu_t_check_form = dolfinx.fem.form(ufl.as_ufl(nu_t) ** 2 * ufl.dx(mesh))
+        residual_ufl = (
+            viscous + ufl.inner(ufl.dot(ufl.grad(u), u), v) - p * ufl.div(v) - q * ufl.div(u)
+        ) * ufl.dx
+        e = dolfinx.fem.Constant(mesh, direction)
+        self._residual_form = dolfinx.fem.form(residual_ufl)
+        self._jacobian_form = dolfinx.fem.form(ufl.derivative(residual_ufl, self._w))
+        forcing_form = dolfinx.fem.form(ufl.inner(e, v) * ufl.dx)
+        self._area = self.comm.allreduce(
+            dolfinx.fem.assemble_scalar(dolfinx.fem.form(1.0 * ufl.dx(mesh))), op=MPI.SUM
+        )
+
+        # Collapsing is costly on large meshes: once per sub-space, the maps serve all later uses.
+        velocity_space, velocity_maps = W.sub(0).collapse()
+        pressure_space, pressure_maps = W.sub(1).collapse()
+        self._velocity_dofs = np.asarray(velocity_maps[0])
+        self._pressure_dofs = np.asarray(pressure_maps[0])
+        self.velocity = dolfinx.fem.Function(velocity_space, name="velocity")
+        self.pressure = dolfinx.fem.Function(pressure_space, name="pressure")
+        self._flux_form = dolfinx.fem.form(ufl.inner(e, self.velocity) * ufl.dx)
+        self._bcs, self._bc_dofs = _velocity_bcs(W, velocity_space, facet_tags, spec)
+        self.constraint = PeriodicConstraint(
+            W,
+            facet_tags,
+            spec.periodic,
+            excluded_dofs=self._bc_dofs,
+            collapsed_subspaces=[
+                (velocity_space, self._velocity_dofs),
+                (pressure_space, self._pressure_dofs),
+            ],
+        )
+        self._pin_pressure = not spec.outlets
+        self._pinned = (
+            _pressure_pin(W, self._pressure_dofs, self.constraint) if self._pin_pressure else []
+        )
+
+        # Forcing vector b = integral(e . v); c = b is also the constraint's functional. The
+        # copy used as right-hand side vanishes on Dirichlet rows so the increment stays zero.
+        constraint = self.constraint
+        self._forcing = dolfinx.fem.petsc.assemble_vector(forcing_form)
+        self._forcing.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        forcing_rhs = self._forcing.copy()
+        with forcing_rhs.localForm() as local:
+            local.array[self._bc_dofs] = 0.0
+        self._forcing_reduced = constraint.restrict_vector(forcing_rhs)
+        self._constraint_reduced = constraint.restrict_vector(self._forcing)
+        forcing_rhs.destroy()
+        for vec in (self._forcing_reduced, self._constraint_reduced):
+            if self._pinned:
+                vec.setValues(self._pinned, [0.0])
+            vec.assemble()
+        self._target_flux = bulk_velocity * self._area
+
+        self._jacobian = dolfinx.fem.petsc.create_matrix(self._jacobian_form)
+        self._jacobian_reduced: PETSc.Mat | None = None
+        self._residual = dolfinx.fem.petsc.create_vector(W)
+        self._residual_reduced = constraint.create_reduced_vector()
+        self._rhs = constraint.create_reduced_vector()
+        self._step_residual = constraint.create_reduced_vector()
+        self._step_forcing = constraint.create_reduced_vector()
+        self._increment = dolfinx.fem.petsc.create_vector(W)
+        # Created at the first Newton step: a solve that starts converged leaves no options.
+        self._ksp: PETSc.KSP | None = None
+        self.body_force = 0.0
+        self._has_solution = False
+        self._closed = False
+        self.setup_time = time.perf_counter() - start_time
+
+    def __enter__(self) -> FlowSolver:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Destroy the PETSc objects and remove the solver's options; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        destroy_solver(self._ksp)
+        self._ksp = None
+        for petsc_object in (
+            self._jacobian_reduced,
+            self._jacobian,
+            self._residual,
+            self._residual_reduced,
+            self._rhs,
+            self._step_residual,
+            self._step_forcing,
+            self._increment,
+            self._forcing,
+            self._forcing_reduced,
+            self._constraint_reduced,
+        ):
+            if petsc_object is not None:
+                petsc_object.destroy()
+        self.constraint.destroy()
+
+    def solve(
+        self,
+        *,
+        initial_guess: FlowSolution | None = None,
+        rtol: float = 1e-10,
+        atol: float = 1e-12,
+        max_iterations: int = 30,
+    ) -> FlowSolution:
+        """Solve for the current ``nu_t`` by Newton's method.
+
+        Args:
+            initial_guess: a solution on the same mesh to start from; by default Newton
+                starts from the previous solve's solution (a warm start), or from rest before
+                the first solve (so its first step is a Stokes solve).
+            rtol: convergence when the residual norm (momentum, continuity and bulk
+                constraint) falls below ``rtol`` times its initial value, or when a Newton step
+                changes the solution by less than ``rtol`` relative (which also ends a solve
+                started from an already converged state).
+            atol: convergence as well when the residual norm falls below ``atol``.
+            max_iterations: maximum number of Newton steps.
+
+        Returns:
+            The converged :class:`FlowSolution` (its ``u`` and ``p`` are copies: later solves
+            do not change them).
+
+        Raises:
+            ValueError: on NaN/inf or otherwise invalid inputs (nu_t included).
+            SolverDivergedError: when Newton does not converge within ``max_iterations``,
+                the residual becomes NaN/inf, or a linear solve fails. The solver then keeps
+                the state it started from, so a later solve can start from it again.
+        """
+        if self._closed:
+            raise RuntimeError("FlowSolver.solve called after close()")
+        start_time = time.perf_counter()
+        _check_parameters(
+            nu=1.0,
+            bulk_velocity=0.0,
+            degree=2,
+            rtol=rtol,
+            atol=atol,
+            max_iterations=max_iterations,
+        )
+        _check_eddy_viscosity(self._nu_t, self.comm, self._nu_t_check_form)
+        x = self._w.x.petsc_vec
+        if initial_guess is not None:
+            self._w.sub(0).interpolate(initial_guess.u)
+            self._w.sub(1).interpolate(initial_guess.p)
+            self.body_force = float(initial_guess.body_force) if self.driven else 0.0
+        elif not self._has_solution:
+            self._w.x.array[:] = 0.0
+            self.body_force = 0.0
+        dolfinx.fem.petsc.set_bc(x, self._bcs)
+        x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
+        self.constraint.make_periodic(x)
+        start_state = (self._w.x.array.copy(), self.body_force)
+        timings: dict[str, float] = {"setup": 0.0}
+        try:
+            history, iterations, factorizations = self._newton(
+                rtol=rtol, atol=atol, max_iterations=max_iterations, timings=timings
+            )
+        except BaseException:
+            self._w.x.array[:], self.body_force = start_state
+            raise
+        self._has_solution = True
+        self.velocity.x.array[:] = self._w.x.array[self._velocity_dofs]
+        self.pressure.x.array[:] = self._w.x.array[self._pressure_dofs]
+        flux = self.comm.allreduce(dolfinx.fem.assemble_scalar(self._flux_form), op=MPI.SUM)
+        wall_time = time.perf_counter() - start_time
+        _log(
+            self.comm,
+            "flow converged in %d Newton steps, %.2f s (%s), %d dofs, body force %.8e, bulk %.8e",
+            iterations,
+            wall_time,
+            ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in timings.items()),
+            self.num_dofs,
+            self.body_force,
+            flux / self._area,
+        )
+        velocity = self.velocity.copy()
+        velocity.name = "velocity"
+        pressure = self.pressure.copy()
+        pressure.name = "pressure"
+        return FlowSolution(
+            u=velocity,
+            p=pressure,
+            body_force=self.body_force,
+            bulk_velocity=flux / self._area,
+            newton_iterations=iterations,
+            residual_history=history,
+            wall_time=wall_time,
+            num_dofs=self.num_dofs,
+            timings=timings,
+            factorizations=factorizations,
+        )
+
+    def _newton(
+        self, *, rtol: float, atol: float, max_iterations: int, timings: dict[str, float]
+    ) -> tuple[list[float], int, int]:
+        """Newton steps from the current state; returns (history, steps, factorisations)."""
+        comm = self.comm
+        constraint = self.constraint
+        x = self._w.x.petsc_vec
+        residual, residual_reduced = self._residual, self._residual_reduced
+        pinned = self._pinned
+        history: list[float] = []
+        iterations = 0
+        factorizations = 0
+        step_is_small = False
+        fresh_jacobian = False
+        while True:
+            with residual.localForm() as local:
+                local.set(0.0)
+            with _timed(timings, "assembly"):
+                dolfinx.fem.petsc.assemble_vector(residual, self._residual_form)
+            residual.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+            if self.driven:
+                residual.axpy(-self.body_force, self._forcing)
+            # Dirichlet rows carry x - g, so the step restores the boundary values.
+            dolfinx.fem.petsc.set_bc(residual, self._bcs, x, -1.0)
+            constraint.restrict_vector(residual, out=residual_reduced)
+            if pinned:
+                residual_reduced.setValues(pinned, [0.0])
+            residual_reduced.assemble()
+            flux_defect = self._target_flux - self._forcing.dot(x) if self.driven else 0.0
+            norm = math.hypot(residual_reduced.norm(), flux_defect)
+            history.append(norm)
+            _log(
+                comm, "Newton %d: residual %.3e, body force %.6e", iterations, norm, self.body_force
+            )
+            if not math.isfinite(norm):
+                raise SolverDivergedError(
+                    f"Newton diverged: residual is {norm} (history {format_history(history)})",
+                    history,
+                )
+            if norm <= max(rtol * history[0], atol) or step_is_small:
+                return history, iterations, factorizations
+            if iterations == max_iterations:
+                raise SolverDivergedError(
+                    f"Newton did not reach rtol={rtol} in {max_iterations} iterations "
+                    f"(residual history {format_history(history)})",
+                    history,
+                )
+
+            # Modified Newton: once Newton is in its quadratic regime (the last step cut the
+            # residual by REUSE_CONTRACTION or more), the factorised Jacobian of the previous
+            # step is accurate enough and the next step costs back-substitutions only. The
+            # first step of every solve refactorises: nu_t may have changed since the last.
+            contraction = history[-1] / history[-2] if len(history) > 2 else 1.0
+            refresh = not fresh_jacobian or contraction > REUSE_CONTRACTION
+            if refresh:
+                self._factorize(timings)
+                fresh_jacobian = True
+                factorizations += 1
+
+            ksp = self._ksp
+            residual_reduced.copy(self._rhs)
+            self._rhs.scale(-1.0)
+            with _timed(timings, "solve"):
+                solve_linear(
+                    ksp, self._rhs, self._step_residual, context=f"the Newton step {iterations}"
+                )
+            if self.driven:
+                if refresh:
+                    with _timed(timings, "solve"):
+                        solve_linear(
+                            ksp,
+                            self._forcing_reduced,
+                            self._step_forcing,
+                            context=f"the body-force response {iterations}",
+                        )
+                force_step = (
+                    flux_defect - self._constraint_reduced.dot(self._step_residual)
+                ) / self._constraint_reduced.dot(self._step_forcing)
+                self._step_residual.axpy(force_step, self._step_forcing)
+                self.body_force += force_step
+            constraint.prolong(self._step_residual, self._increment)
+            x.axpy(1.0, self._increment)
+            step_is_small = self._increment.norm() <= rtol * x.norm()
+            x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
+            iterations += 1
+
+    def _factorize(self, timings: dict[str, float]) -> None:
+        """Assemble the Jacobian at the current state, restrict it and hand it to the LU."""
+        with _timed(timings, "assembly"):
+            self._jacobian.zeroEntries()
+            dolfinx.fem.petsc.assemble_matrix(self._jacobian, self._jacobian_form, bcs=self._bcs)
+            self._jacobian.assemble()
+        with _timed(timings, "restriction"):
+            # Same sparsity at every assembly: the reduced matrix is refilled in place.
+            self._jacobian_reduced = self.constraint.restrict_matrix(
+                self._jacobian, out=self._jacobian_reduced
+            )
+            if self._pin_pressure:
+                # Collective: every rank calls it, only the owner names the row.
+                self._jacobian_reduced.zeroRowsColumns(self._pinned, diag=1.0)
+        if self._ksp is None:
+            self._ksp = create_direct_solver(
+                self.comm, petsc_options=self._petsc_options, name="flow"
+            )
+        self._ksp.setOperators(self._jacobian_reduced)
+
+
 def solve_flow(
     mesh: dolfinx.mesh.Mesh,
     facet_tags: dolfinx.mesh.MeshTags,
@@ -201,7 +604,10 @@ def solve_flow(
     max_iterations: int = 30,
     petsc_options: Mapping[str, object] | None = None,
 ) -> FlowSolution:
-    """Solve the steady incompressible Navier-Stokes equations with Newton's method.
+    """Solve the steady incompressible Navier-Stokes equations once (a :class:`FlowSolver`).
+
+    Repeated solves on one mesh (a coupled run) should keep a :class:`FlowSolver` instead,
+    which builds the spaces, forms and periodic constraint once.
 
     Args:
         mesh: the dolfinx mesh (triangles or quadrilaterals, any dimension).
@@ -215,17 +621,14 @@ def solve_flow(
         degree: velocity degree; the pressure gets ``degree - 1`` (Taylor-Hood).
         initial_guess: a previous solution on the same mesh (e.g. before a closure update);
             by default Newton starts from rest, so its first step is a Stokes solve.
-        rtol: convergence when the residual norm (momentum, continuity and bulk constraint)
-            falls below ``rtol`` times its initial value, or when a Newton step changes the
-            solution by less than ``rtol`` relative (which also ends a solve started from an
-            already converged ``initial_guess``).
+        rtol: relative tolerance, see :meth:`FlowSolver.solve`.
         atol: convergence as well when the residual norm falls below ``atol``.
         max_iterations: maximum number of Newton steps.
         petsc_options: overrides of the MUMPS LU options, see
             :func:`solvers.linalg.create_direct_solver`.
 
     Returns:
-        The converged :class:`FlowSolution`.
+        The converged :class:`FlowSolution`; ``timings["setup"]`` holds the set-up time.
 
     Raises:
         ValueError: on NaN/inf or otherwise invalid inputs.
@@ -233,218 +636,27 @@ def solve_flow(
             residual becomes NaN/inf, or a linear solve fails.
     """
     start_time = time.perf_counter()
-    comm = mesh.comm
-    _check_inputs(
+    _check_parameters(
+        nu=nu,
+        bulk_velocity=bulk_velocity,
+        degree=degree,
+        rtol=rtol,
+        atol=atol,
+        max_iterations=max_iterations,
+    )
+    with FlowSolver(
         mesh,
+        facet_tags,
+        spec,
         nu=nu,
         bulk_velocity=bulk_velocity,
         nu_t=nu_t,
         degree=degree,
-        rtol=rtol,
-        max_iterations=max_iterations,
-    )
-    if not atol >= 0:
-        raise ValueError(f"atol must be a non-negative number, got {atol}")
-    gdim = mesh.geometry.dim
-    velocity_element = basix.ufl.element("Lagrange", mesh.basix_cell(), degree, shape=(gdim,))
-    pressure_element = basix.ufl.element("Lagrange", mesh.basix_cell(), degree - 1)
-    W = dolfinx.fem.functionspace(
-        mesh, basix.ufl.mixed_element([velocity_element, pressure_element])
-    )
-    num_dofs = W.dofmap.index_map.size_global * W.dofmap.index_map_bs
-
-    # The translation maps a slave point onto its master (hill: right -> left, -L), so the
-    # flow leaving through the slave side and re-entering at the master side runs along -t.
-    driven = spec.body_force_driven
-    direction = np.zeros(gdim)
-    if driven:
-        translation = np.asarray(spec.periodic[0].translation, dtype=float)
-        direction = -translation / np.linalg.norm(translation)
-    else:
-        direction[0] = 1.0
-
-    w = dolfinx.fem.Function(W)
-    u, p = ufl.split(w)
-    v, q = ufl.TestFunctions(W)
-    viscous = nu * ufl.inner(ufl.grad(u), ufl.grad(v))
-    if nu_t is not None:
-        viscous += nu_t * ufl.inner(ufl.grad(u) + ufl.grad(u).T, ufl.grad(v))
-    residual_ufl = (
-        viscous + ufl.inner(ufl.dot(ufl.grad(u), u), v) - p * ufl.div(v) - q * ufl.div(u)
-    ) * ufl.dx
-    e = dolfinx.fem.Constant(mesh, direction)
-    residual_form = dolfinx.fem.form(residual_ufl)
-    jacobian_form = dolfinx.fem.form(ufl.derivative(residual_ufl, w))
-    forcing_form = dolfinx.fem.form(ufl.inner(e, v) * ufl.dx)
-    flux_form = dolfinx.fem.form(ufl.inner(e, u) * ufl.dx)
-    area = comm.allreduce(
-        dolfinx.fem.assemble_scalar(dolfinx.fem.form(1.0 * ufl.dx(mesh))), op=MPI.SUM
-    )
-
-    # Collapsing is costly on large meshes: once per sub-space, the maps serve all later uses.
-    velocity_space, velocity_maps = W.sub(0).collapse()
-    pressure_space, pressure_maps = W.sub(1).collapse()
-    velocity_dofs = np.asarray(velocity_maps[0])
-    pressure_dofs = np.asarray(pressure_maps[0])
-    bcs, bc_dofs = _velocity_bcs(W, velocity_space, facet_tags, spec)
-    constraint = PeriodicConstraint(
-        W,
-        facet_tags,
-        spec.periodic,
-        excluded_dofs=bc_dofs,
-        collapsed_subspaces=[(velocity_space, velocity_dofs), (pressure_space, pressure_dofs)],
-    )
-    pin_pressure = not spec.outlets
-    pinned = _pressure_pin(W, pressure_dofs, constraint) if pin_pressure else []
-
-    body_force = 0.0
-    x = w.x.petsc_vec
-    if initial_guess is not None:
-        w.sub(0).interpolate(initial_guess.u)
-        w.sub(1).interpolate(initial_guess.p)
-        body_force = float(initial_guess.body_force) if driven else 0.0
-    dolfinx.fem.petsc.set_bc(x, bcs)
-    x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
-    constraint.make_periodic(x)
-
-    # Forcing vector b = integral(e . v); c = b is also the constraint's functional. The
-    # copy used as right-hand side vanishes on Dirichlet rows so the increment stays zero there.
-    forcing = dolfinx.fem.petsc.assemble_vector(forcing_form)
-    forcing.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-    forcing_rhs = forcing.copy()
-    with forcing_rhs.localForm() as local:
-        local.array[bc_dofs] = 0.0
-    forcing_reduced = constraint.restrict_vector(forcing_rhs)
-    constraint_reduced = constraint.restrict_vector(forcing)
-    for vec in (forcing_reduced, constraint_reduced):
-        if pinned:
-            vec.setValues(pinned, [0.0])
-        vec.assemble()
-    target_flux = bulk_velocity * area
-
-    jacobian = dolfinx.fem.petsc.create_matrix(jacobian_form)
-    jacobian_reduced: PETSc.Mat | None = None
-    residual = dolfinx.fem.petsc.create_vector(W)
-    residual_reduced = constraint.create_reduced_vector()
-    rhs = constraint.create_reduced_vector()
-    step_residual = constraint.create_reduced_vector()
-    step_forcing = constraint.create_reduced_vector()
-    increment = dolfinx.fem.petsc.create_vector(W)
-    # Created at the first step: a solve that starts converged must not leave unused options.
-    ksp: PETSc.KSP | None = None
-
-    history: list[float] = []
-    iterations = 0
-    factorizations = 0
-    step_is_small = False
-    timings: dict[str, float] = {"setup": time.perf_counter() - start_time}
-    try:
-        while True:
-            with residual.localForm() as local:
-                local.set(0.0)
-            with _timed(timings, "assembly"):
-                dolfinx.fem.petsc.assemble_vector(residual, residual_form)
-            residual.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
-            if driven:
-                residual.axpy(-body_force, forcing)
-            # Dirichlet rows carry x - g, so the step restores the boundary values.
-            dolfinx.fem.petsc.set_bc(residual, bcs, x, -1.0)
-            constraint.restrict_vector(residual, out=residual_reduced)
-            if pinned:
-                residual_reduced.setValues(pinned, [0.0])
-            residual_reduced.assemble()
-            flux_defect = target_flux - forcing.dot(x) if driven else 0.0
-            norm = math.hypot(residual_reduced.norm(), flux_defect)
-            history.append(norm)
-            _log(comm, "Newton %d: residual %.3e, body force %.6e", iterations, norm, body_force)
-            if not math.isfinite(norm):
-                raise SolverDivergedError(
-                    f"Newton diverged: residual is {norm} (history {format_history(history)})",
-                    history,
-                )
-            if norm <= max(rtol * history[0], atol) or step_is_small:
-                break
-            if iterations == max_iterations:
-                raise SolverDivergedError(
-                    f"Newton did not reach rtol={rtol} in {max_iterations} iterations "
-                    f"(residual history {format_history(history)})",
-                    history,
-                )
-
-            # Modified Newton: once Newton is in its quadratic regime (the last step cut the
-            # residual by REUSE_CONTRACTION or more), the factorised Jacobian of the previous
-            # step is accurate enough and the next step costs back-substitutions only.
-            contraction = history[-1] / history[-2] if len(history) > 2 else 1.0
-            refresh = jacobian_reduced is None or contraction > REUSE_CONTRACTION
-            if refresh:
-                with _timed(timings, "assembly"):
-                    jacobian.zeroEntries()
-                    dolfinx.fem.petsc.assemble_matrix(jacobian, jacobian_form, bcs=bcs)
-                    jacobian.assemble()
-                with _timed(timings, "restriction"):
-                    jacobian_reduced = constraint.restrict_matrix(jacobian, out=jacobian_reduced)
-                    if pin_pressure:
-                        # Collective: every rank calls it, only the owner names the row.
-                        jacobian_reduced.zeroRowsColumns(pinned, diag=1.0)
-                if ksp is None:
-                    ksp = create_direct_solver(comm, petsc_options=petsc_options, name="flow")
-                ksp.setOperators(jacobian_reduced)
-                factorizations += 1
-
-            residual_reduced.copy(rhs)
-            rhs.scale(-1.0)
-            with _timed(timings, "solve"):
-                solve_linear(ksp, rhs, step_residual, context=f"the Newton step {iterations}")
-            if driven:
-                if refresh:
-                    with _timed(timings, "solve"):
-                        solve_linear(
-                            ksp,
-                            forcing_reduced,
-                            step_forcing,
-                            context=f"the body-force response {iterations}",
-                        )
-                force_step = (
-                    flux_defect - constraint_reduced.dot(step_residual)
-                ) / constraint_reduced.dot(step_forcing)
-                step_residual.axpy(force_step, step_forcing)
-                body_force += force_step
-            constraint.prolong(step_residual, increment)
-            x.axpy(1.0, increment)
-            step_is_small = increment.norm() <= rtol * x.norm()
-            x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
-            iterations += 1
-    finally:
-        # Explicit frees: coupled runs call this many times and PETSc memory is not Python's.
-        for petsc_object in (ksp, jacobian_reduced, jacobian, constraint.K):
-            if petsc_object is not None:
-                petsc_object.destroy()
-
-    velocity = dolfinx.fem.Function(velocity_space, name="velocity")
-    velocity.x.array[:] = w.x.array[velocity_dofs]
-    pressure = dolfinx.fem.Function(pressure_space, name="pressure")
-    pressure.x.array[:] = w.x.array[pressure_dofs]
-    flux = comm.allreduce(dolfinx.fem.assemble_scalar(flux_form), op=MPI.SUM)
-    wall_time = time.perf_counter() - start_time
-    _log(
-        comm,
-        "flow converged in %d Newton steps, %.2f s (%s), %d dofs, body force %.8e, bulk %.8e",
-        iterations,
-        wall_time,
-        ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in timings.items()),
-        num_dofs,
-        body_force,
-        flux / area,
-    )
-    return FlowSolution(
-        u=velocity,
-        p=pressure,
-        body_force=body_force,
-        bulk_velocity=flux / area,
-        newton_iterations=iterations,
-        residual_history=history,
-        wall_time=wall_time,
-        num_dofs=num_dofs,
-        timings=timings,
-        factorizations=factorizations,
-    )
+        petsc_options=petsc_options,
+    ) as solver:
+        solution = solver.solve(
+            initial_guess=initial_guess, rtol=rtol, atol=atol, max_iterations=max_iterations
+        )
+        solution.timings["setup"] = solver.setup_time
+    solution.wall_time = time.perf_counter() - start_time
+    return solution

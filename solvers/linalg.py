@@ -16,9 +16,11 @@ __all__ = [
     "SolverDivergedError",
     "check_linear_solve",
     "create_direct_solver",
+    "destroy_solver",
     "format_history",
     "is_interrupt",
     "reason_name",
+    "release_options",
     "solve_linear",
 ]
 
@@ -70,7 +72,8 @@ def create_direct_solver(
         name: readable part of the options prefix (the prefix gets a unique suffix).
 
     Returns:
-        The KSP; set its operators with ``ksp.setOperators(A)``.
+        The KSP; set its operators with ``ksp.setOperators(A)``. Free it with
+        :func:`destroy_solver`, which also removes its entries from the options table.
     """
     prefix = f"{name}_{next(_prefix_counter)}_"
     options = PETSc.Options()
@@ -103,6 +106,30 @@ def reason_name(enum: type, code: int) -> str:
         if not name.startswith("_") and isinstance(value, int) and value == code
     )
     return "/".join(names) if names else str(code)
+
+
+def release_options(prefix: str) -> None:
+    """Remove every entry of the global PETSc options table that starts with ``prefix``.
+
+    Solvers configured through a private prefix leave their entries in the table (MUMPS reads
+    its ICNTLs at factorisation, so they must stay while the solver lives); their owner calls
+    this when it destroys them, so that repeated solves do not grow the table.
+    """
+    if not prefix:
+        return
+    options = PETSc.Options()
+    for key in list(options.getAll()):
+        if key.startswith(prefix):
+            options.delValue(key)
+
+
+def destroy_solver(solver: PETSc.KSP | PETSc.SNES | None) -> None:
+    """Destroy a KSP or SNES and remove its options (those under its prefix) from the table."""
+    if solver is None:
+        return
+    prefix = solver.getOptionsPrefix() or ""
+    solver.destroy()
+    release_options(prefix)
 
 
 def check_linear_solve(ksp: PETSc.KSP, *, context: str) -> None:

@@ -47,6 +47,7 @@ from solvers.fields import mixing_length
 from solvers.linalg import (
     SolverDivergedError,
     create_direct_solver,
+    destroy_solver,
     format_history,
     solve_linear,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "NewtonResult",
     "SolverDivergedError",
     "TauSolution",
+    "TauSolver",
     "dirichlet_dofs",
     "regularized_abs_power",
     "regularized_sqrt",
@@ -244,7 +246,7 @@ class _NewtonSolver:
         self.history: list[float] = []
 
     def destroy(self) -> None:
-        self.ksp.destroy()
+        destroy_solver(self.ksp)
         if self.reduced_matrix is not None:
             self.reduced_matrix.destroy()
         self.matrix.destroy()
@@ -298,8 +300,8 @@ class _NewtonSolver:
             bc.set(self.unknown.x.array)
         self.unknown.x.scatter_forward()
         reduced, norm = self._residual()
-        history = self.history
-        history.append(norm)
+        # A fresh history per solve: the solver is reused across the solves of a coupled run.
+        self.history = history = [norm]
         target = max(rtol * norm, atol)
         iterations = 0
         while not norm <= target:
@@ -445,6 +447,238 @@ def tau_residual_form(
     )
 
 
+def _check_coefficients(
+    production: str,
+    *,
+    diffusivity: float,
+    zeta: float,
+    reaction_exponent: float,
+    gamma: float,
+    tau_p: float,
+) -> None:
+    """Raise ValueError on an unknown production mode or unusable coefficients."""
+    if production not in PRODUCTION_MODES:
+        raise ValueError(f"unknown production mode {production!r}: use one of {PRODUCTION_MODES}")
+    for name, value in (
+        ("diffusivity", diffusivity),
+        ("zeta", zeta),
+        ("reaction_exponent", reaction_exponent),
+        ("gamma", gamma),
+        ("tau_p", tau_p),
+    ):
+        _check_finite(name, value)
+        strictly = name in ("diffusivity", "reaction_exponent")
+        if value < 0 or (strictly and value == 0):
+            raise ValueError(
+                f"{name} must be {'positive' if strictly else 'non-negative'}, got {value}"
+            )
+
+
+class TauSolver:
+    """The steady tau equation on one P1 space: set up once, solved repeatedly.
+
+    The residual form is built on the given velocity, strain rate and wall distance (their
+    Functions, not their values), so a coupled run that updates the velocity in place solves
+    the new problem with the same compiled forms, Jacobian sparsity and LU solver. The
+    equation and its numerics are those of :func:`solve_tau`.
+
+    Free the PETSc objects with :meth:`close` (or use it as a context manager).
+
+    Attributes:
+        tau: the P1 Function of tau; holds the last solution (the warm start of the next).
+        V: the P1 space.
+    """
+
+    def __init__(
+        self,
+        V: fem.FunctionSpace,
+        u: fem.Function | ufl.core.expr.Expr,
+        strain_rate: fem.Function | ufl.core.expr.Expr,
+        wall_distance: fem.Function | ufl.core.expr.Expr,
+        facet_tags: dolfinx.mesh.MeshTags,
+        spec: BoundarySpec,
+        *,
+        production: str = "frozen",
+        diffusivity: float = 0.1,
+        zeta: float = 3.0,
+        reaction_exponent: float = 1.0,
+        gamma: float = 200.0,
+        tau_p: float = 0.001,
+        regularization: float = 1e-8,
+        constraint=None,
+    ) -> None:
+        """Build the form, the boundary condition and the Newton solver.
+
+        Args: as :func:`solve_tau` (``constraint``: a PeriodicConstraint on V, which the
+        caller keeps ownership of; built, owned and freed here when None and the spec is
+        periodic).
+        """
+        _check_coefficients(
+            production,
+            diffusivity=diffusivity,
+            zeta=zeta,
+            reaction_exponent=reaction_exponent,
+            gamma=gamma,
+            tau_p=tau_p,
+        )
+        if V.dofmap.index_map_bs != 1 or V.element.basix_element.degree != 1:
+            raise ValueError("tau lives in a scalar P1 space: functionspace(mesh, ('Lagrange', 1))")
+        self.V = V
+        self._inputs = {"velocity": u, "strain_rate": strain_rate, "wall_distance": wall_distance}
+        for name, value in self._inputs.items():
+            _check_finite(name, value)
+        self._facet_tags = facet_tags
+        self._spec = spec
+        self._coefficients = dict(
+            diffusivity=diffusivity,
+            zeta=zeta,
+            reaction_exponent=reaction_exponent,
+            gamma=gamma,
+            regularization=regularization,
+        )
+        self.production = production
+        self.tau_p = tau_p
+        boundary_dofs = dirichlet_dofs(V, facet_tags, spec.dirichlet_tags)
+        zero = fem.Constant(V.mesh, PETSc.ScalarType(0.0))
+        self._bcs = [fem.dirichletbc(zero, boundary_dofs, V)]
+        self._owns_constraint = constraint is None and bool(spec.periodic)
+        if self._owns_constraint:
+            from solvers.periodic import PeriodicConstraint
+
+            constraint = PeriodicConstraint(
+                V, facet_tags, spec.periodic, excluded_dofs=boundary_dofs
+            )
+        self.constraint = constraint
+        self.tau = fem.Function(V, name="tau")
+        residual = tau_residual_form(
+            self.tau,
+            u,
+            strain_rate,
+            wall_distance,
+            production=production,
+            tau_p=tau_p,
+            **self._coefficients,
+        )
+        self._newton = _NewtonSolver(residual, self.tau, self._bcs, constraint=constraint)
+        self._integral_form = fem.form(self.tau * ufl.dx)
+        self._frozen_solver: TauSolver | None = None
+        self._closed = False
+
+    def __enter__(self) -> TauSolver:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Destroy the PETSc objects and remove the solver's options; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._newton.destroy()
+        if self._frozen_solver is not None:
+            self._frozen_solver.close()
+        if self._owns_constraint:
+            self.constraint.destroy()
+
+    def solve(
+        self,
+        *,
+        initial_guess: fem.Function | None = None,
+        warm_start: bool = False,
+        rtol: float = 1e-10,
+        atol: float = 1e-13,
+        max_iterations: int = 30,
+    ) -> TauSolution:
+        """Solve for the current velocity, strain rate and wall distance.
+
+        Args:
+            initial_guess: starting tau (interpolated when not on V; periodic copies are
+                averaged).
+            warm_start: without ``initial_guess``, start from the last solution held in
+                :attr:`tau`. Otherwise the cold start of :func:`solve_tau`: zero for
+                ``frozen``, the local-equilibrium scaling of a frozen solution for ``coupled``.
+            rtol: relative tolerance on the residual norm.
+            atol: absolute tolerance on the residual norm.
+            max_iterations: Newton iterations at most (per Newton solve).
+
+        Returns:
+            TauSolution; its ``tau`` is :attr:`tau` (the solver's Function).
+
+        Raises:
+            ValueError: NaN/inf inputs.
+            SolverDivergedError: Newton failed.
+        """
+        if self._closed:
+            raise RuntimeError("TauSolver.solve called after close()")
+        start = time.perf_counter()
+        for name, value in (*self._inputs.items(), ("initial_guess", initial_guess)):
+            _check_finite(name, value)
+        tau = self.tau
+        iterations = 0
+        if initial_guess is not None:
+            if initial_guess.function_space is not self.V:
+                tau.interpolate(initial_guess)
+            else:
+                tau.x.array[:] = initial_guess.x.array
+            tau.x.scatter_forward()
+            if self.constraint is not None:
+                _average_periodic_copies(tau, self.constraint)
+        elif not warm_start:
+            iterations += self._cold_start(rtol=rtol, atol=atol, max_iterations=max_iterations)
+        result = self._newton.solve(rtol=rtol, atol=atol, max_iterations=max_iterations)
+        iterations += result.iterations
+        comm = self.V.mesh.comm
+        integral = comm.allreduce(fem.assemble_scalar(self._integral_form), op=MPI.SUM)
+        wall_time = time.perf_counter() - start
+        _log(
+            comm,
+            logging.INFO,
+            "tau (%s): %d Newton iterations, integral %.6g, %.2f s",
+            self.production,
+            iterations,
+            integral,
+            wall_time,
+        )
+        return TauSolution(
+            tau=tau,
+            newton_iterations=iterations,
+            residual_history=result.residual_history,
+            integral=float(integral),
+            wall_time=wall_time,
+        )
+
+    def _cold_start(self, *, rtol: float, atol: float, max_iterations: int) -> int:
+        """Write the cold-start guess into :attr:`tau`; returns the Newton steps it took."""
+        if self.production == "frozen":
+            self.tau.x.array[:] = 0.0
+            return 0
+        # tau = 0 solves the coupled equation too, and Newton started near it stalls or lands
+        # on that trivial branch. Where production balances destruction locally, frozen gives
+        # tau_f^(1+p) ~ c sqrt(tau_p) and coupled tau_c^(1+p) ~ c sqrt(tau_c), hence
+        # tau_c^(p+1/2) ~ tau_f^(1+p) / sqrt(tau_p). tau_p plays no role in the coupled
+        # equation; it only sets the level of the frozen solve.
+        guess_level = self.tau_p if self.tau_p > 0 else 0.001
+        if self._frozen_solver is None:
+            self._frozen_solver = TauSolver(
+                self.V,
+                self._inputs["velocity"],
+                self._inputs["strain_rate"],
+                self._inputs["wall_distance"],
+                self._facet_tags,
+                self._spec,
+                production="frozen",
+                tau_p=guess_level,
+                constraint=self.constraint,
+                **self._coefficients,
+            )
+        frozen = self._frozen_solver.solve(rtol=rtol, atol=atol, max_iterations=max_iterations)
+        exponent = self._coefficients["reaction_exponent"]
+        level = np.maximum(frozen.tau.x.array, 0.0) ** (1.0 + exponent)
+        self.tau.x.array[:] = (level / np.sqrt(guess_level)) ** (1.0 / (exponent + 0.5))
+        return frozen.newton_iterations
+
+
 def solve_tau(
     V: fem.FunctionSpace,
     u: fem.Function | ufl.core.expr.Expr,
@@ -466,11 +700,12 @@ def solve_tau(
     regularization: float = 1e-8,
     constraint=None,
 ) -> TauSolution:
-    """Solve the steady tau equation of DESIGN 3.3 on a scalar P1 space.
+    """Solve the steady tau equation of DESIGN 3.3 on a scalar P1 space, once.
 
     ``u . grad(tau) - div(D grad tau) + zeta |tau|^p tau = gamma l_m sqrt(tau_P) |S|^2``,
     ``l_m = min(0.41 d, 0.135)``; tau = 0 on ``spec.dirichlet_tags``, zero flux on outlets,
-    periodic on ``spec.periodic``.
+    periodic on ``spec.periodic``. Repeated solves on one space (a coupled run) should keep a
+    :class:`TauSolver` instead, which compiles the form and sets up the solver once.
 
     Args:
         V: scalar P1 space of tau.
@@ -500,92 +735,20 @@ def solve_tau(
             is periodic); pass it when solving repeatedly on the same space.
 
     Returns:
-        TauSolution.
+        TauSolution (its wall time includes the set-up).
 
     Raises:
         ValueError: NaN/inf inputs, unknown production mode, bad coefficients.
         SolverDivergedError: Newton failed.
     """
     start = time.perf_counter()
-    if production not in PRODUCTION_MODES:
-        raise ValueError(f"unknown production mode {production!r}: use one of {PRODUCTION_MODES}")
-    if V.dofmap.index_map_bs != 1 or V.element.basix_element.degree != 1:
-        raise ValueError("tau lives in a scalar P1 space: functionspace(mesh, ('Lagrange', 1))")
-    for name, value in (
-        ("diffusivity", diffusivity),
-        ("zeta", zeta),
-        ("reaction_exponent", reaction_exponent),
-        ("gamma", gamma),
-        ("tau_p", tau_p),
-    ):
-        _check_finite(name, value)
-        strictly = name in ("diffusivity", "reaction_exponent")
-        if value < 0 or (strictly and value == 0):
-            raise ValueError(
-                f"{name} must be {'positive' if strictly else 'non-negative'}, got {value}"
-            )
-    for name, value in (
-        ("velocity", u),
-        ("strain_rate", strain_rate),
-        ("wall_distance", wall_distance),
-        ("initial_guess", initial_guess),
-    ):
-        _check_finite(name, value)
-    comm = V.mesh.comm
-
-    boundary_dofs = dirichlet_dofs(V, facet_tags, spec.dirichlet_tags)
-    zero = fem.Constant(V.mesh, PETSc.ScalarType(0.0))
-    bcs = [fem.dirichletbc(zero, boundary_dofs, V)]
-    if constraint is None and spec.periodic:
-        from solvers.periodic import PeriodicConstraint
-
-        constraint = PeriodicConstraint(V, facet_tags, spec.periodic, excluded_dofs=boundary_dofs)
-
-    tau = fem.Function(V, name="tau")
-    iterations = 0
-    if initial_guess is not None:
-        if initial_guess.function_space is not V:
-            tau.interpolate(initial_guess)
-        else:
-            tau.x.array[:] = initial_guess.x.array
-        tau.x.scatter_forward()
-        if constraint is not None:
-            _average_periodic_copies(tau, constraint)
-    elif production == "coupled":
-        # tau_p plays no role in the coupled equation; it only sets the level of the frozen
-        # solve that provides the initial guess.
-        guess_level = tau_p if tau_p > 0 else 0.001
-        frozen = solve_tau(
-            V,
-            u,
-            strain_rate,
-            wall_distance,
-            facet_tags,
-            spec,
-            production="frozen",
-            diffusivity=diffusivity,
-            zeta=zeta,
-            reaction_exponent=reaction_exponent,
-            gamma=gamma,
-            tau_p=guess_level,
-            rtol=rtol,
-            atol=atol,
-            max_iterations=max_iterations,
-            regularization=regularization,
-            constraint=constraint,
-        )
-        # Where production balances destruction locally, frozen gives
-        # tau_f^(1+p) ~ c sqrt(tau_p) and coupled tau_c^(1+p) ~ c sqrt(tau_c), hence
-        # tau_c^(p+1/2) ~ tau_f^(1+p) / sqrt(tau_p).
-        level = np.maximum(frozen.tau.x.array, 0.0) ** (1.0 + reaction_exponent)
-        tau.x.array[:] = (level / np.sqrt(guess_level)) ** (1.0 / (reaction_exponent + 0.5))
-        iterations += frozen.newton_iterations
-
-    residual = tau_residual_form(
-        tau,
+    with TauSolver(
+        V,
         u,
         strain_rate,
         wall_distance,
+        facet_tags,
+        spec,
         production=production,
         diffusivity=diffusivity,
         zeta=zeta,
@@ -593,32 +756,10 @@ def solve_tau(
         gamma=gamma,
         tau_p=tau_p,
         regularization=regularization,
-    )
-    result = solve_nonlinear(
-        residual,
-        tau,
-        bcs,
         constraint=constraint,
-        rtol=rtol,
-        atol=atol,
-        max_iterations=max_iterations,
-    )
-    iterations += result.iterations
-    integral = comm.allreduce(fem.assemble_scalar(fem.form(tau * ufl.dx)), op=MPI.SUM)
-    wall_time = time.perf_counter() - start
-    _log(
-        comm,
-        logging.INFO,
-        "tau (%s): %d Newton iterations, integral %.6g, %.2f s",
-        production,
-        iterations,
-        integral,
-        wall_time,
-    )
-    return TauSolution(
-        tau=tau,
-        newton_iterations=iterations,
-        residual_history=result.residual_history,
-        integral=float(integral),
-        wall_time=wall_time,
-    )
+    ) as solver:
+        solution = solver.solve(
+            initial_guess=initial_guess, rtol=rtol, atol=atol, max_iterations=max_iterations
+        )
+    solution.wall_time = time.perf_counter() - start
+    return solution
