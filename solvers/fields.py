@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "KAPPA",
+    "LumpedProjector",
     "MIXING_LENGTH_CAP",
     "distance_to_facets",
     "lumped_projection",
@@ -63,9 +64,9 @@ def _require_scalar_p1(V: fem.FunctionSpace) -> None:
         )
 
 
-def _assemble_lumped(form: ufl.Form, V: fem.FunctionSpace) -> dolfinx.la.Vector:
+def _assemble_lumped(form: ufl.Form | fem.Form, V: fem.FunctionSpace) -> dolfinx.la.Vector:
     """Assemble a linear form on V and accumulate the ghost contributions on their owners."""
-    vector = fem.assemble_vector(fem.form(form))
+    vector = fem.assemble_vector(form if isinstance(form, fem.Form) else fem.form(form))
     vector.scatter_reverse(dolfinx.la.InsertMode.add)
     vector.scatter_forward()
     return vector
@@ -92,13 +93,64 @@ def _combine_periodic(values: np.ndarray, V: fem.FunctionSpace, constraint) -> n
     return full.x.array.copy()
 
 
+class LumpedProjector:
+    """The lumped L2 projection of one UFL expression onto P1, compiled once, rerun on demand.
+
+    The expression's coefficients (e.g. a velocity Function that a coupled run updates in
+    place) are read at every :meth:`project`, so a loop reprojects without recompiling.
+
+    Attributes:
+        result: the P1 Function that :meth:`project` writes, ``f_i = int(q phi_i) / int(phi_i)``.
+    """
+
+    def __init__(
+        self,
+        expression: ufl.core.expr.Expr,
+        V: fem.FunctionSpace,
+        *,
+        constraint: PeriodicConstraint | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Compile the form and assemble the lumped mass.
+
+        Args:
+            expression: scalar UFL expression on ``V.mesh`` (may be discontinuous).
+            V: scalar P1 space.
+            constraint: when given, the patches of periodic copies are joined (numerator and
+                denominator summed across the periodic boundary) so both copies get the same
+                value, the average over the whole periodic patch.
+            name: name of :attr:`result`.
+        """
+        _require_scalar_p1(V)
+        self.V = V
+        self._constraint = constraint
+        test = ufl.TestFunction(V)
+        self._numerator_form = fem.form(expression * test * ufl.dx)
+        denominator = _assemble_lumped(test * ufl.dx, V).array
+        if constraint is not None:
+            denominator = _combine_periodic(denominator, V, constraint)
+        self._denominator = denominator
+        self.result = fem.Function(V, name=name)
+
+    def project(self) -> fem.Function:
+        """Assemble the numerator for the current coefficients; returns :attr:`result`."""
+        numerator = _assemble_lumped(self._numerator_form, self.V).array
+        if self._constraint is not None:
+            numerator = _combine_periodic(numerator, self.V, self._constraint)
+        self.result.x.array[:] = numerator / self._denominator
+        self.result.x.scatter_forward()
+        return self.result
+
+
 def lumped_projection(
     expression: ufl.core.expr.Expr,
     V: fem.FunctionSpace,
     *,
     constraint: PeriodicConstraint | None = None,
 ) -> fem.Function:
-    """L2-project a scalar UFL expression onto P1 with the lumped mass matrix.
+    """L2-project a scalar UFL expression onto P1 with the lumped mass matrix (once).
+
+    See :class:`LumpedProjector`, which compiles the form once for repeated projections.
 
     Args:
         expression: scalar UFL expression on ``V.mesh`` (may be discontinuous).
@@ -110,17 +162,7 @@ def lumped_projection(
     Returns:
         P1 Function with ``f_i = int(q phi_i) / int(phi_i)`` (ghosts updated).
     """
-    _require_scalar_p1(V)
-    test = ufl.TestFunction(V)
-    numerator = _assemble_lumped(expression * test * ufl.dx, V).array
-    denominator = _assemble_lumped(test * ufl.dx, V).array
-    if constraint is not None:
-        numerator = _combine_periodic(numerator, V, constraint)
-        denominator = _combine_periodic(denominator, V, constraint)
-    result = fem.Function(V)
-    result.x.array[:] = numerator / denominator
-    result.x.scatter_forward()
-    return result
+    return LumpedProjector(expression, V, constraint=constraint).project()
 
 
 def strain_rate_expression(u: fem.Function | ufl.core.expr.Expr) -> ufl.core.expr.Expr:

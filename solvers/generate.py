@@ -30,7 +30,7 @@ from solvers.collective import on_root
 from solvers.linalg import is_interrupt
 from solvers.preflight import ALPHA_RANGE, check_case_size, check_existing_case, machine_memory
 from vcnn.atomic import atomic_write_text
-from vcnn.casefile import Case, write_case
+from vcnn.casefile import write_case
 from vcnn.config import ConfigError, check_keys, check_types, merge, write_resolved_config
 from vcnn.expressions import ExpressionError, compile_expression
 from vcnn.outputs import check_output_dir
@@ -488,16 +488,16 @@ def generate_case(
     """
     from dolfinx import fem
 
-    from solvers.coupled import periodic_lengths
-    from solvers.fields import nodal_volumes, strain_rate_magnitude, wall_distance_function
+    from solvers.closures import PdeClosure
+    from solvers.problem import ClosureProblem
 
     times: dict[str, float] = {}
     clock = time.perf_counter()
 
-    def lap(stage: str) -> None:
+    def lap(stage: str, *, seconds: float | None = None) -> None:
         nonlocal clock
         now = time.perf_counter()
-        times[stage] = now - clock
+        times[stage] = now - clock if seconds is None else seconds
         clock = now
         if comm.rank == 0:
             logger.info("%s: %s done in %.1f s", log_prefix, stage, times[stage])
@@ -508,80 +508,86 @@ def generate_case(
     else:
         tagged, spec = prepared
     lap("mesh")
-    mesh, facet_tags = tagged.mesh, tagged.facet_tags
-    # A file mesh knows no period; the boundary spec's translations give it (and the hills').
-    period = np.asarray(periodic_lengths(spec, mesh.geometry.dim), dtype=np.float64)
-    V1 = fem.functionspace(mesh, ("Lagrange", 1))
-    constraint = p1_constraint(V1, facet_tags, spec)
     physics = config.physics
-    lap("setup")
-
-    distance = wall_distance_function(V1, facet_tags, spec.walls, period=period)
-    lap("wall distance")
-    flow, tau_solution, coupling_iterations = solve_physics(
-        config, mesh, facet_tags, spec, V1, distance, constraint, lap=lap
-    )
     imported = config.flow_from is not None
-    strain = strain_rate_magnitude(flow.u, V1, constraint=constraint)
-    volumes = nodal_volumes(V1, constraint=constraint)
-    lap("derived fields")
+    with (
+        ClosureProblem.from_tagged_mesh(
+            tagged, spec, physics, flow="given" if imported else "solve"
+        ) as problem,
+        PdeClosure(problem) as closure,
+    ):
+        setup = problem.setup_seconds
+        lap("setup", seconds=setup["P1 space, periodic map, closure points"])
+        lap("wall distance", seconds=setup["wall distance, volumes"])
+        # The flow solver's set-up (spaces, forms, periodic pairing) counts as flow time.
+        clock -= setup["flow solver"]
+        result, coupling_iterations = solve_physics(config, problem, closure, lap=lap)
+        strain = problem.strain_rate()
+        lap("derived fields")
+        flow = result.flow
+        tau = problem.to_function(result.tau, fem.Function(problem.V, name="tau"))
+        tau_integral = problem.integral(tau)
+        tau_residuals = closure.last_solution.residual_history
 
-    reversal = None
-    if alpha is not None and mesh.geometry.dim == 2:
-        from solvers.diagnostics import hill_flow_reversal
+        reversal = None
+        if alpha is not None and problem.mesh.geometry.dim == 2:
+            from solvers.diagnostics import hill_flow_reversal
 
-        reversal = hill_flow_reversal(flow.u, alpha)
-    flow_statistics = {}  # an imported flow has no solver statistics; its source is in meta
-    if not imported:
-        flow_statistics = {
-            "flow_newton_iterations": flow.newton_iterations,
-            "flow_residuals": list(flow.residual_history),
+            reversal = hill_flow_reversal(flow.u, alpha)
+        flow_statistics = {}  # an imported flow has no solver statistics; its source is in meta
+        if not imported:
+            flow_statistics = {
+                "flow_newton_iterations": flow.newton_iterations,
+                "flow_residuals": list(flow.residual_history),
+            }
+        meta = {
+            "case": name,
+            "alpha": alpha,
+            "mesh": {**tagged.info, "kind": tagged.kind, "num_cells": _num_cells(problem.mesh)},
+            "physics": physics.to_dict(),
+            # the flat keys of earlier case files, kept for readers that know only those
+            "nu": physics.nu,
+            "D": physics.diffusivity,
+            "zeta": physics.zeta,
+            "reaction_exponent": physics.reaction_exponent,
+            "gamma": physics.gamma,
+            "tau_p": physics.tau_p,
+            "production": physics.production,
+            "c_k": physics.c_k,
+            "U_b": physics.bulk_velocity if spec.body_force_driven and not imported else None,
+            "bulk_velocity_measured": flow.bulk_velocity,
+            "body_force": None if imported else flow.body_force,
+            "flow_source": flow.to_meta() if imported else None,
+            "tau_integral": tau_integral,
+            "separation_x": None if reversal is None else reversal.separation.tolist(),
+            "reattachment_x": None if reversal is None else reversal.reattachment.tolist(),
+            "solver": {
+                **flow_statistics,
+                "tau_newton_iterations": result.closure_iterations,
+                "tau_residuals": list(tau_residuals),
+                "coupling_iterations": coupling_iterations,
+                "coupling_method": result.method if coupling_iterations else None,
+                "num_processes": comm.size,
+                "stage_seconds": dict(times),
+            },
+            "seed": None,  # generation is deterministic: nothing random is drawn
+            "versions": package_versions(),
         }
-    meta = {
-        "case": name,
-        "alpha": alpha,
-        "mesh": {**tagged.info, "kind": tagged.kind, "num_cells": _num_cells(mesh)},
-        "physics": physics.to_dict(),
-        # the flat keys of earlier case files, kept for readers that know only those
-        "nu": physics.nu,
-        "D": physics.diffusivity,
-        "zeta": physics.zeta,
-        "reaction_exponent": physics.reaction_exponent,
-        "gamma": physics.gamma,
-        "tau_p": physics.tau_p,
-        "production": physics.production,
-        "c_k": physics.c_k,
-        "U_b": physics.bulk_velocity if spec.body_force_driven and not imported else None,
-        "bulk_velocity_measured": flow.bulk_velocity,
-        "body_force": None if imported else flow.body_force,
-        "flow_source": flow.to_meta() if imported else None,
-        "tau_integral": tau_solution.integral,
-        "separation_x": None if reversal is None else reversal.separation.tolist(),
-        "reattachment_x": None if reversal is None else reversal.reattachment.tolist(),
-        "solver": {
-            **flow_statistics,
-            "tau_newton_iterations": tau_solution.newton_iterations,
-            "tau_residuals": list(tau_solution.residual_history),
-            "coupling_iterations": coupling_iterations,
-            "num_processes": comm.size,
-            "stage_seconds": dict(times),
-        },
-        "seed": None,  # generation is deterministic: nothing random is drawn
-        "versions": package_versions(),
-    }
-    fields = {
-        "velocity": flow.u,
-        "tau": tau_solution.tau,
-        "strain_rate": strain,
-        "wall_distance": distance,
-        "nodal_volume": volumes,
-    }
-    case = gather_case(V1, constraint, fields, facet_tags, spec, period, meta, name=name)
-    output = Path(config.output)
-    on_root(comm, lambda: write_case(output / f"{name}.npz", case))
-    if config.xdmf:
-        pressure = {} if imported else {"pressure": flow.p}
-        write_xdmf(output / f"{name}.xdmf", mesh, {**fields, **pressure})
+        case = problem.case(result.tau, name=name, meta=meta)
+        output = Path(config.output)
+        on_root(comm, lambda: write_case(output / f"{name}.npz", case))
+        if config.xdmf:
+            fields = {
+                "velocity": flow.u,
+                **({} if imported else {"pressure": flow.p}),
+                "tau": tau,
+                "strain_rate": strain,
+                "wall_distance": problem.wall_distance,
+                "nodal_volume": problem.volumes,
+            }
+            if problem.two_way:
+                fields["nu_t"] = problem.eddy_viscosity
+            write_xdmf(output / f"{name}.xdmf", problem.mesh, fields)
 
     def draw() -> None:
         if config.plots and case.dim == 2:
@@ -597,75 +603,54 @@ def generate_case(
         "written",
         num_points=case.num_points if comm.rank == 0 else 0,
         flow_iterations=0 if imported else flow.newton_iterations,
-        tau_iterations=tau_solution.newton_iterations,
-        tau_integral=tau_solution.integral,
+        tau_iterations=result.closure_iterations,
+        tau_integral=tau_integral,
         stage_times=times,
     )
 
 
-def solve_physics(config, mesh, facet_tags, spec, V1, distance, constraint, *, lap=None):
+def solve_physics(config: GenerateConfig, problem, closure, *, lap=None):
     """Flow and tau: one-way (flow, then tau) or two-way coupled when c_k > 0.
 
     With ``config.flow_from`` the flow is not solved but interpolated from that source
-    (:func:`solvers.flow_import.import_flow`), then tau is solved on it.
-    ``lap(stage)`` is called after each stage (for timing and progress).
+    (:func:`solvers.flow_import.import_flow`) into the problem's velocity, then tau is solved
+    on it.
+
+    Args:
+        config: the run's configuration.
+        problem: the case's :class:`solvers.problem.ClosureProblem` (built with
+            ``flow="given"`` for an imported flow).
+        closure: its :class:`solvers.closures.PdeClosure`.
+        lap: ``lap(stage)`` is called after each stage (for timing and progress).
 
     Returns:
-        (FlowSolution or ImportedFlow, TauSolution, number of coupling iterations).
+        (:class:`solvers.closure_loop.LoopResult`, number of coupling iterations); its flow is
+        a :class:`solvers.flow.FlowSolution` or a :class:`solvers.flow_import.ImportedFlow`.
     """
-    from solvers.fields import strain_rate_expression
-    from solvers.flow import solve_flow
-    from solvers.transport import solve_tau
+    from solvers.closure_loop import OuterOptions, solve_one_way, solve_two_way
 
     lap = lap or (lambda stage: None)
-    physics = config.physics
-    transport = {
-        "production": physics.production,
-        "diffusivity": physics.diffusivity,
-        "zeta": physics.zeta,
-        "reaction_exponent": physics.reaction_exponent,
-        "gamma": physics.gamma,
-        "tau_p": physics.tau_p,
-    }
     if config.c_k > 0:
-        from solvers.coupled import solve_coupled
-
-        coupled = solve_coupled(
-            mesh,
-            facet_tags,
-            spec,
-            c_k=config.c_k,
-            nu=physics.nu,
-            bulk_velocity=physics.bulk_velocity,
-            **transport,
-        )
+        # The tau PDE's undershoots on coarse meshes are discretisation error: no check.
+        options = OuterOptions(negative_tolerance=None)
+        result = solve_two_way(problem, closure, options)
         lap("coupled flow and tau")
-        return coupled.flow, coupled.tau, coupled.iterations
+        return result, result.evaluations
     if config.flow_from is not None:
         from solvers.flow_import import import_flow, load_flow_source
 
         source = load_flow_source(
-            config.flow_from, field=config.flow_field, time=config.flow_time, comm=mesh.comm
+            config.flow_from, field=config.flow_field, time=config.flow_time, comm=problem.comm
         )
-        flow = import_flow(source, mesh, facet_tags, spec)
+        flow = import_flow(source, problem.mesh, problem.facet_tags, problem.spec)
+        problem.set_velocity(flow.u)
         lap("flow import")
     else:
-        flow = solve_flow(
-            mesh, facet_tags, spec, nu=physics.nu, bulk_velocity=physics.bulk_velocity
-        )
+        flow = problem.solve_flow()
         lap("flow")
-    tau = solve_tau(
-        V1,
-        flow.u,
-        strain_rate_expression(flow.u),
-        distance,
-        facet_tags,
-        spec,
-        constraint=constraint,
-        **transport,
-    )
+    result = solve_one_way(problem, closure, flow=flow)
     lap("tau")
-    return flow, tau, 0
+    return result, 0
 
 
 def build_mesh(mesh_config: MeshConfig, alpha: float | None, *, comm: MPI.Comm):
@@ -795,134 +780,6 @@ def _inlet_geometry(tagged, facet_tag: int) -> tuple[np.ndarray, np.ndarray, np.
     if (inside - centre) @ normal < 0:
         normal = -normal
     return start, end, normal
-
-
-def p1_constraint(V1, facet_tags, spec: BoundarySpec):
-    """The periodic constraint of the P1 space (None when nothing is periodic)."""
-    if not spec.periodic:
-        return None
-    from solvers.periodic import PeriodicConstraint
-    from solvers.transport import dirichlet_dofs
-
-    return PeriodicConstraint(
-        V1,
-        facet_tags,
-        spec.periodic,
-        excluded_dofs=dirichlet_dofs(V1, facet_tags, spec.dirichlet_tags),
-    )
-
-
-def gather_case(
-    V1,
-    constraint,
-    fields: Mapping[str, Any],
-    facet_tags,
-    spec: BoundarySpec,
-    period: np.ndarray,
-    meta: dict[str, Any],
-    *,
-    name: str,
-) -> Case | None:
-    """Collect the nodal data of the closure points on rank 0 as a :class:`Case`.
-
-    The closure points are the owned P1 dofs that are not periodic slaves (a slave is the same
-    point of the periodic domain as its master). They are ordered by the reduced global index,
-    so the order does not depend on the number of processes' partition of the work beyond
-    dolfinx's dof numbering. ``cells`` (P1 cells as point indices) is stored for plotting.
-
-    Returns:
-        The case on rank 0, None on the other ranks.
-    """
-    from solvers.fields import nodal_values
-    from solvers.transport import dirichlet_dofs
-
-    comm = V1.mesh.comm
-    gdim = V1.mesh.geometry.dim
-    index_map = V1.dofmap.index_map
-    num_owned = index_map.size_local
-    num_local = num_owned + index_map.num_ghosts
-    if constraint is not None:
-        reduced = np.asarray(constraint.reduced_index, dtype=np.int64)
-        slave = np.asarray(constraint.slave_mask, dtype=bool)
-    else:
-        reduced = index_map.local_range[0] + np.arange(num_owned, dtype=np.int64)
-        slave = np.zeros(num_owned, dtype=bool)
-    # Dofs on a slave boundary are copies of master points. Most are eliminated slaves; those
-    # kept out of the slave set by a Dirichlet condition (wall corners) are copies as well.
-    on_slave_side = np.zeros(num_local, dtype=bool)
-    on_slave_side[dirichlet_dofs(V1, facet_tags, [pair.slave for pair in spec.periodic])] = True
-    copy = on_slave_side[:num_owned] & ~slave
-    keep = ~on_slave_side[:num_owned]
-    values = {key: nodal_values(function, V1) for key, function in fields.items()}
-    wall = np.zeros(num_local, dtype=bool)
-    wall[dirichlet_dofs(V1, facet_tags, spec.walls)] = True
-    coordinates = V1.tabulate_dof_coordinates()[:num_owned, :gdim]
-    local = {
-        "index": reduced[keep],
-        "points": coordinates[keep],
-        "is_wall": wall[:num_owned][keep],
-        **{key: array[keep] for key, array in values.items()},
-    }
-    copies = (reduced[copy], coordinates[copy], values["nodal_volume"][copy, 0])
-    # Cells as reduced indices: owned and ghost dofs map through the owners' reduced index.
-    reduced_all = _reduced_index_with_ghosts(V1, reduced)
-    local_cells = reduced_all[V1.dofmap.list[: V1.mesh.topology.index_map(gdim).size_local]]
-    gathered = comm.gather((local, local_cells, copies), root=0)
-    if comm.rank != 0:
-        return None
-    merged = {key: np.concatenate([part[0][key] for part in gathered]) for key in local}
-    order = np.argsort(merged["index"], kind="stable")
-    data = {key: array[order] for key, array in merged.items() if key != "index"}
-    lookup = dict(zip(merged["index"][order].tolist(), range(order.size), strict=True))
-    copy_index, copy_points, copy_volume = (
-        np.concatenate([part[2][i] for part in gathered]) for i in range(3)
-    )
-    if copy_index.size:
-        matches = _match_periodic_copies(copy_points, data["points"], spec)
-        np.add.at(data["nodal_volume"][:, 0], matches, copy_volume)
-        lookup.update(zip(copy_index.tolist(), matches.tolist(), strict=True))
-    cells = np.concatenate([part[1] for part in gathered])
-    cells = np.vectorize(lookup.__getitem__, otypes=[np.int64])(cells)
-    return Case(
-        points=data["points"],
-        velocity=data["velocity"],
-        tau=data["tau"][:, 0],
-        strain_rate=data["strain_rate"][:, 0],
-        wall_distance=data["wall_distance"][:, 0],
-        nodal_volume=data["nodal_volume"][:, 0],
-        is_wall=data["is_wall"],
-        period=np.asarray(period, dtype=np.float64),
-        meta=meta,
-        extra={"cells": cells},
-        name=name,
-    )
-
-
-def _match_periodic_copies(
-    copies: np.ndarray, points: np.ndarray, spec: BoundarySpec, tol: float = 1e-8
-) -> np.ndarray:
-    """Index of the point that each copy on a slave boundary stands for (copy + translation)."""
-    from scipy.spatial import cKDTree
-
-    tree = cKDTree(points)
-    matches = np.full(len(copies), -1, dtype=np.int64)
-    for pair in spec.periodic:
-        distance, index = tree.query(copies + np.asarray(pair.translation), k=1)
-        found = (matches < 0) & (distance < tol)
-        matches[found] = index[found]
-    if np.any(matches < 0):
-        raise RuntimeError(f"{np.count_nonzero(matches < 0)} periodic copies have no master")
-    return matches
-
-
-def _reduced_index_with_ghosts(V1, reduced_owned: np.ndarray) -> np.ndarray:
-    """Reduced index of every local dof (owned and ghost) via a scatter of the owners' values."""
-    from dolfinx import fem
-
-    carrier = fem.Function(V1)
-    carrier.x.array[: reduced_owned.size] = reduced_owned.astype(np.float64)
-    carrier.x.scatter_forward()
-    return np.rint(carrier.x.array).astype(np.int64)
 
 
 def write_xdmf(path: Path, mesh, functions: Mapping[str, Any]) -> None:
