@@ -307,14 +307,14 @@ class SimulationPhysics:
     Attributes:
         physics: the constants of the flow and the tau equation, and C_k.
         eps: the cloud threshold of the network (None for the PDE closure).
-        dimension: spatial dimension.
+        dimension: spatial dimension (None when not known before the mesh is read).
         mismatches: the constants where the simulation differs from the closure's record
             (non-empty only when a mismatch was allowed).
     """
 
     physics: Physics
     eps: float | None
-    dimension: int
+    dimension: int | None
     mismatches: tuple[str, ...] = ()
 
 
@@ -322,7 +322,7 @@ def resolve_physics(
     requested: Mapping[str, Any],
     closure_physics: Mapping[str, Any] | None,
     *,
-    dimension: int,
+    dimension: int | None,
     coupling: str,
     allow_mismatch: bool = False,
 ) -> SimulationPhysics:
@@ -333,7 +333,7 @@ def resolve_physics(
             ``eps``); unset ones are absent or None.
         closure_physics: the closure's ``.physics`` record, or None for the PDE closure
             (then the defaults of :class:`Physics` fill what the user did not set).
-        dimension: the mesh's spatial dimension.
+        dimension: the mesh's spatial dimension (None: not known yet, not checked).
         coupling: ``"one-way"`` (C_k plays no role: the flow does not see tau, so it is not
             compared and is set to 0) or ``"two-way"``.
         allow_mismatch: run although requested constants differ from the closure's.
@@ -359,7 +359,11 @@ def resolve_physics(
         return SimulationPhysics(Physics.from_dict(values), eps, dimension)
     record = dict(closure_physics)
     trained_dimension = record.get("dimension")
-    if trained_dimension is not None and int(trained_dimension) != dimension:
+    if (
+        trained_dimension is not None
+        and dimension is not None
+        and int(trained_dimension) != dimension
+    ):
         raise PhysicsMismatchError(
             f"the closure was trained in {int(trained_dimension)}-D, the mesh is {dimension}-D"
         )

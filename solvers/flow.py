@@ -387,6 +387,10 @@ class FlowSolver:
                 petsc_object.destroy()
         self.constraint.destroy()
 
+    def reset(self) -> None:
+        """Forget the current solution: the next solve starts from rest (a cold start)."""
+        self._has_solution = False
+
     def solve(
         self,
         *,

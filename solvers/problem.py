@@ -232,6 +232,15 @@ class ClosureProblem:
 
     # -- flow ---------------------------------------------------------------------------------
 
+    def reset(self) -> None:
+        """Back to the state after set-up: no flow, nu_t = 0; the next flow solve starts cold.
+
+        Two runs on one problem (a network and the PDE truth) each start from rest, so
+        neither inherits the other's converged flow as its warm start.
+        """
+        self.flow_solver.reset()
+        self.eddy_viscosity.x.array[:] = 0.0
+
     def solve_flow(self, **newton_options: Any) -> FlowSolution:
         """Solve the flow for the current eddy viscosity, from the previous flow.
 

@@ -2,7 +2,8 @@
 
 ``vcnn generate`` solves cases with the FEniCSx solvers and writes case files; ``vcnn train``
 fits a vector-cloud network to case files; ``vcnn evaluate`` measures a trained model on
-case files (a priori); ``vcnn plot`` draws case files. Each verb takes a TOML config (``--config``) and/or flags; flags win, and
+case files (a priori); ``vcnn simulate`` runs a trained closure inside the flow solver
+(one-way or two-way, a posteriori, against the PDE truth); ``vcnn plot`` draws case files. Each verb takes a TOML config (``--config``) and/or flags; flags win, and
 the resolved configuration is written into the verb's output folder.
 """
 
@@ -129,6 +130,46 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     }
     config = GenerateConfig.from_dict(_section(args, "generate"), overrides=flags)
     summary = run_generate(config)
+    return 0 if summary.all_succeeded else 1
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    try:
+        from solvers.closures import ClosureError
+        from solvers.simulate import SimulateConfig, run_simulate
+    except ImportError as error:
+        logger.error("%s (%s)", FEM_HINT, error)
+        return 2
+    flags = {
+        "alphas": args.alphas,
+        "output": args.out,
+        "model": args.model,
+        "closure": args.closure,
+        "coupling": args.coupling,
+        "compare": True if args.compare else None,
+        "production": args.production,
+        "c_k": args.c_k,
+        "outer": args.outer,
+        "relaxation": args.relaxation,
+        "tol": args.tol,
+        "max_iterations": args.max_iterations,
+        "allow_physics_mismatch": True if args.allow_physics_mismatch else None,
+        "device": args.device,
+        "plots": False if args.no_plots else None,
+        "xdmf": False if args.no_xdmf else None,
+        "mesh": {
+            "kind": args.mesh,
+            "resolution": args.resolution,
+            "size": args.size,
+            "file": args.mesh_file,
+        },
+    }
+    config = SimulateConfig.from_dict(_section(args, "simulate"), overrides=flags)
+    try:
+        summary = run_simulate(config)
+    except ClosureError as error:
+        logger.error("error: %s", error)
+        return 2
     return 0 if summary.all_succeeded else 1
 
 
@@ -264,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vcnn`` command."""
     parser = _Parser(
         prog="vcnn",
-        description="Learned nonlocal closures: generate cases, train and evaluate networks.",
+        description=(
+            "Learned nonlocal closures: generate cases, train and evaluate networks, "
+            "simulate with them in the loop."
+        ),
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="less output")
@@ -299,6 +343,44 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-plots", action="store_true", help="skip the PNG per case")
     generate.add_argument("--no-xdmf", action="store_true", help="skip the XDMF per case")
     generate.set_defaults(handler=_cmd_generate)
+
+    simulate = verbs.add_parser(
+        "simulate", help="a closure in the loop of the flow solver, against the PDE truth"
+    )
+    simulate.add_argument("--config", type=Path, help="TOML file ([simulate] table)")
+    simulate.add_argument("--alphas", type=float, nargs="+", help="hill slope factors")
+    simulate.add_argument(
+        "--mesh", choices=["structured", "unstructured", "file"], help="mesh kind"
+    )
+    simulate.add_argument("--resolution", type=float, help="structured: factor on 200a x 200")
+    simulate.add_argument("--size", type=float, help="unstructured: target cell size")
+    simulate.add_argument("--mesh-file", type=Path, help="file: a .msh or meshio-readable mesh")
+    simulate.add_argument("--model", type=Path, help="trained closure (best.pt or exported)")
+    simulate.add_argument(
+        "--closure", choices=["network", "pde"], help="network (default) or the tau PDE"
+    )
+    simulate.add_argument(
+        "--coupling", choices=["one-way", "two-way"], help="flow fixed, or nu_t from tau"
+    )
+    simulate.add_argument("--compare", action="store_true", help="also solve the PDE truth")
+    simulate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
+    simulate.add_argument("--c-k", type=float, help="eddy-viscosity coefficient C_k")
+    simulate.add_argument(
+        "--outer", choices=["anderson", "ngmres", "picard"], help="two-way outer iteration"
+    )
+    simulate.add_argument("--relaxation", type=float, help="omega of relaxed Picard (0.7)")
+    simulate.add_argument("--tol", type=float, help="relative change to converge (1e-6)")
+    simulate.add_argument("--max-iterations", type=int, help="flow solves at most per run")
+    simulate.add_argument(
+        "--allow-physics-mismatch",
+        action="store_true",
+        help="run although the physics differs from the closure's record",
+    )
+    simulate.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device")
+    simulate.add_argument("--out", type=Path, help="output folder")
+    simulate.add_argument("--no-plots", action="store_true", help="skip the PNG per case")
+    simulate.add_argument("--no-xdmf", action="store_true", help="skip the XDMF per case")
+    simulate.set_defaults(handler=_cmd_simulate)
 
     train = verbs.add_parser("train", help="train a vector-cloud network on case files")
     train.add_argument("--config", type=Path, help="TOML file ([train] table)")

@@ -1,0 +1,712 @@
+"""``vcnn simulate``: a closure in the loop of the flow solver, against the PDE truth.
+
+For each case (a hill slope factor, or the user's mesh) :func:`run_simulate` builds one
+:class:`solvers.problem.ClosureProblem` and runs on it
+
+- one-way: the flow once, then tau from the closure (and from the tau PDE with ``compare``);
+- two-way: the closure's tau feeds nu_t = C_k l_m sqrt(max(tau, 0)) back into the momentum
+  equation, to a fixed point (:func:`solvers.closure_loop.solve_two_way`); with ``compare``
+  the fully coupled PDE solution through the same loop code first (the truth), the network on
+  the truth's flow (the a-priori error), then the network in the loop (the a-posteriori
+  error). Each run starts from rest: none inherits another's flow.
+
+The closure is a trained network (``model``: a checkpoint for ``vcnn.load_closure``, or an
+object with the same contract passed to :func:`run_simulate`) or the tau PDE itself
+(``closure = "pde"``). The physics defaults to what the network records; asking for other
+constants is refused unless ``allow_physics_mismatch``.
+
+Outputs in ``output``: per case a case file (the closure's tau and the flow; the truth's
+fields under ``tau_truth``, ``velocity_truth``, ``strain_rate_truth``, ``nu_t_truth`` and the
+a-priori prediction under ``tau_a_priori``), an XDMF file, a PNG (closure against truth), and
+for a run that failed the last state under ``failed/``; ``metrics.json`` (one entry per case,
+see :data:`solvers.simulate_metrics.METRIC_KEYS`), ``summary.md`` and the resolved
+``config.toml``.
+"""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+import json
+import logging
+import math
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from solvers.generate import (
+    MeshConfig,
+    boundary_spec,
+    build_mesh,
+    hill_case_name,
+    package_versions,
+    write_xdmf,
+)
+from solvers.simulate_metrics import (
+    METRIC_KEYS,
+    periodic_distance,
+    relative_error,
+    relative_l2_percent,
+    summary_table,
+)
+from vcnn.atomic import atomic_write_text
+from vcnn.casefile import write_case
+from vcnn.config import ConfigError, check_keys, merge, write_resolved_config
+from vcnn.physics import PRODUCTION_MODES, Physics
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CLOSURES", "COUPLINGS", "SimulateConfig", "SimulateSummary", "run_simulate"]
+
+COUPLINGS = ("one-way", "two-way")
+CLOSURES = ("network", "pde")
+DEVICES = ("auto", "cpu", "cuda")
+
+#: The ``[simulate.physics]`` table: constants of :class:`vcnn.physics.Physics` (except the
+#: production mode and C_k, top-level keys and flags) and the network's cloud threshold eps.
+PHYSICS_TABLE_KEYS = frozenset(
+    {name for name in Physics.__dataclass_fields__ if name not in ("production", "c_k")} | {"eps"}
+)
+
+
+@dataclass
+class SimulateConfig:
+    """Configuration of ``vcnn simulate`` (the ``[simulate]`` table of a TOML file).
+
+    Attributes:
+        alphas: hill slope factors, one case each (ignored for a file mesh).
+        output: folder of the outputs.
+        model: checkpoint of the network closure (``closure = "network"``).
+        closure: ``network`` (a trained model) or ``pde`` (the tau PDE in the loop, no model).
+        coupling: ``one-way`` (flow fixed) or ``two-way`` (nu_t from tau).
+        compare: also solve the PDE truth and report the errors against it.
+        production: tau production mode (default: the closure's; ``frozen`` for ``pde``).
+        c_k: eddy-viscosity coefficient (default: the closure's; required > 0 two-way).
+        outer: outer iteration of a two-way run: ``anderson``, ``ngmres`` or ``picard``.
+        relaxation: omega of relaxed Picard (``picard`` and the fallback of the others).
+        tol: converged when the relative changes of tau and velocity are below it.
+        max_iterations: closure evaluations (flow solves) at most per run.
+        history_size: past iterates mixed by ``anderson`` and ``ngmres``.
+        negative_tau_tolerance: a network's tau below ``-tolerance * max(tau)`` where it
+            feeds nu_t stops a two-way run.
+        allow_physics_mismatch: run although the requested physics differs from the
+            network's record.
+        device: inference device, ``auto``, ``cpu`` or ``cuda``.
+        plots: write a PNG per case.
+        xdmf: write an XDMF file per case.
+        name: case name for a file mesh (default: the file's stem).
+        mesh: see :class:`solvers.generate.MeshConfig`.
+        physics: constants the user sets (names of :class:`vcnn.physics.Physics` and
+            ``eps``); the rest come from the closure's record (or the defaults for ``pde``).
+        boundaries: file mesh only: boundary roles, as in ``[generate.boundaries]``.
+    """
+
+    alphas: list[float] = field(default_factory=lambda: [1.0])
+    output: str = "results/simulate"
+    model: str | None = None
+    closure: str = "network"
+    coupling: str = "two-way"
+    compare: bool = False
+    production: str | None = None
+    c_k: float | None = None
+    outer: str = "anderson"
+    relaxation: float = 0.7
+    tol: float = 1e-6
+    max_iterations: int = 40
+    history_size: int = 10
+    negative_tau_tolerance: float = 0.05
+    allow_physics_mismatch: bool = False
+    device: str = "auto"
+    plots: bool = True
+    xdmf: bool = True
+    name: str | None = None
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    physics: dict[str, float] = field(default_factory=dict)
+    boundaries: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from solvers.closure_loop import OUTER_METHODS
+
+        choices = {
+            "closure": CLOSURES,
+            "coupling": COUPLINGS,
+            "outer": OUTER_METHODS,
+            "device": DEVICES,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.production is not None and self.production not in PRODUCTION_MODES:
+            raise ConfigError(
+                f"production must be one of {PRODUCTION_MODES}, got {self.production!r}"
+            )
+        if self.c_k is not None and not (math.isfinite(self.c_k) and self.c_k >= 0):
+            raise ConfigError(f"c_k must be >= 0, got {self.c_k}")
+        if self.closure == "network" and not self.model:
+            raise ConfigError(
+                "a network closure needs a model (--model best.pt); or run --closure pde"
+            )
+        if self.closure == "pde" and self.compare:
+            raise ConfigError(
+                "--compare solves the PDE truth beside a network; with --closure pde the "
+                "run is the truth: leave --compare out"
+            )
+        if not 0 < self.relaxation <= 1:
+            raise ConfigError(f"relaxation must lie in (0, 1], got {self.relaxation}")
+        if not self.tol > 0:
+            raise ConfigError(f"tol must be positive, got {self.tol}")
+        if self.max_iterations < 1:
+            raise ConfigError(f"max_iterations must be at least 1, got {self.max_iterations}")
+        if not self.negative_tau_tolerance >= 0:
+            raise ConfigError("negative_tau_tolerance must be >= 0")
+        self.alphas = [float(a) for a in self.alphas]
+        if self.mesh.kind != "file":
+            bad = [a for a in self.alphas if not (math.isfinite(a) and a > 0)]
+            if not self.alphas or bad:
+                raise ConfigError(f"hill slope factors must be positive, got {self.alphas}")
+        elif not self.boundaries:
+            raise ConfigError("a file mesh needs a [simulate.boundaries] table naming its walls")
+        check_keys(self.physics, set(PHYSICS_TABLE_KEYS), "[simulate.physics]")
+
+    @classmethod
+    def from_dict(
+        cls, values: Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None
+    ) -> SimulateConfig:
+        """Build from a ``[simulate]`` table, with flag ``overrides`` (None = not given)."""
+        values = merge(values, overrides or {})
+        check_keys(values, set(cls.__dataclass_fields__), "[simulate]")
+        mesh = dict(values.pop("mesh", {}))
+        check_keys(mesh, set(MeshConfig.__dataclass_fields__), "[simulate.mesh]")
+        for key in ("model", "output"):
+            if values.get(key) is not None:
+                values[key] = str(values[key])
+        if mesh.get("file") is not None:
+            mesh["file"] = str(mesh["file"])
+        return cls(**values, mesh=MeshConfig(**mesh))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain TOML-friendly dictionary (the resolved config)."""
+        return asdict(self)
+
+    def requested_physics(self) -> dict[str, Any]:
+        """The constants the user set (physics table, production, C_k)."""
+        requested = dict(self.physics)
+        if self.production is not None:
+            requested["production"] = self.production
+        if self.c_k is not None:
+            requested["c_k"] = self.c_k
+        return requested
+
+
+@dataclass
+class SimulateSummary:
+    """The metrics of every case and where the outputs are."""
+
+    entries: list[dict[str, Any]]
+    output: Path
+
+    @property
+    def all_succeeded(self) -> bool:
+        """True when every case ran to its end (converged two-way runs)."""
+        return all(entry.get("error") is None and entry.get("converged") for entry in self.entries)
+
+    def table(self) -> str:
+        """The summary as a Markdown table."""
+        return summary_table(self.entries)
+
+
+class SimulationError(RuntimeError):
+    """A case of a simulation failed; ``entry`` holds what is known (its metrics entry)."""
+
+    def __init__(self, message: str, entry: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.entry = entry
+
+
+def run_simulate(
+    config: SimulateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD, model: Any = None
+) -> SimulateSummary:
+    """Run every case of ``config`` and write its outputs (collective over ``comm``).
+
+    Args:
+        config: the run's configuration.
+        comm: the communicator of the solvers.
+        model: a network closure object to use instead of loading ``config.model`` (rank 0;
+            anything with ``.physics`` and ``.predict(case)``, see
+            :class:`solvers.closures.ClosureModel`).
+
+    Returns:
+        The summary; failed cases are listed with their error, not raised.
+
+    Raises:
+        PhysicsMismatchError: the requested physics differs from the closure's record.
+        ClosureError: the model cannot be loaded.
+        ConfigError: an unusable configuration (e.g. two-way with C_k = 0).
+    """
+    from solvers.closures import load_network_closure, resolve_physics
+
+    output = Path(config.output)
+    closure_physics = None
+    if config.closure == "network":
+        if model is not None:
+            record = dict(model.physics) if comm.rank == 0 else None
+            closure_physics = comm.bcast(record, root=0)
+        else:
+            model, closure_physics = load_network_closure(config.model, comm, device=config.device)
+    # Hills are 2-D; a file mesh's dimension is checked against the closure per case.
+    dimension = 2 if config.mesh.kind != "file" else None
+    resolved = resolve_physics(
+        config.requested_physics(),
+        closure_physics,
+        dimension=dimension,
+        coupling=config.coupling,
+        allow_mismatch=config.allow_physics_mismatch,
+    )
+    if resolved.mismatches and comm.rank == 0:
+        logger.warning(
+            "running with physics that differs from the closure's record (allowed): %s",
+            "; ".join(resolved.mismatches),
+        )
+    if config.coupling == "two-way" and not resolved.physics.c_k > 0:
+        raise ConfigError(
+            "two-way coupling needs C_k > 0"
+            + (
+                " and the closure records C_k = 0 (trained on one-way data): give --c-k "
+                "with --allow-physics-mismatch to couple it anyway"
+                if closure_physics is not None
+                else ": give --c-k"
+            )
+        )
+    if comm.rank == 0:
+        resolved_config = config.to_dict()
+        physics_values = resolved.physics.to_dict()
+        resolved_config["production"] = physics_values.pop("production")
+        resolved_config["c_k"] = physics_values.pop("c_k")
+        if resolved.eps is not None:
+            physics_values["eps"] = resolved.eps
+        resolved_config["physics"] = physics_values
+        write_resolved_config(output, {"simulate": resolved_config})
+    comm.barrier()
+
+    jobs: list[tuple[str, float | None]]
+    if config.mesh.kind == "file":
+        jobs = [(config.name or Path(config.mesh.file).stem, None)]
+    else:
+        jobs = [(hill_case_name(alpha), alpha) for alpha in config.alphas]
+    entries = []
+    for number, (name, alpha) in enumerate(jobs, start=1):
+        prefix = f"[{number}/{len(jobs)}] {name}"
+        start = time.perf_counter()
+        try:
+            entry = simulate_case(
+                config, resolved, closure_physics, model, name, alpha, comm=comm, prefix=prefix
+            )
+        except Exception as error:  # one failed case must not lose the others
+            message = f"{type(error).__name__}: {error}"
+            entry = getattr(error, "entry", None) or _empty_entry(name, alpha, config)
+            entry["error"] = message
+            entry["wall_seconds"] = entry.get("wall_seconds") or time.perf_counter() - start
+            if comm.rank == 0:
+                logger.error("%s: FAILED: %s", prefix, message)
+                logger.debug("%s", traceback.format_exc())
+        entries.append(entry)
+    summary = SimulateSummary(entries, output)
+    if comm.rank == 0:
+        text = json.dumps(entries, indent=2, allow_nan=True)
+        atomic_write_text(output / "metrics.json", text + "\n")
+        table = summary.table()
+        atomic_write_text(output / "summary.md", table + "\n")
+        logger.info(
+            "\n%s\n\ncase files, figures, XDMF and metrics.json in %s", table, output.resolve()
+        )
+    return summary
+
+
+def _empty_entry(name: str, alpha: float | None, config: SimulateConfig) -> dict[str, Any]:
+    entry: dict[str, Any] = dict.fromkeys(METRIC_KEYS)
+    entry.update(
+        case=name,
+        alpha=alpha,
+        closure=config.closure,
+        coupling=config.coupling,
+        outer=config.outer if config.coupling == "two-way" else "one-way",
+        converged=False,
+    )
+    return entry
+
+
+@dataclass
+class _RunState:
+    """The state of a finished run at the owned closure points (and its flow)."""
+
+    tau: np.ndarray
+    velocity: np.ndarray
+    strain_rate: np.ndarray
+    nu_t: np.ndarray
+    flow: Any
+    result: Any
+    separation: float | None
+    reattachment: float | None
+
+
+def _capture(problem, result, alpha: float | None) -> _RunState:
+    """The problem's current state after ``result`` (collective)."""
+    separation = reattachment = None
+    if alpha is not None and problem.mesh.geometry.dim == 2:
+        from meshes.hills import hill_period
+        from solvers.diagnostics import hill_flow_reversal, main_recirculation
+
+        reversal = hill_flow_reversal(result.flow.u, alpha)
+        separation, reattachment = main_recirculation(
+            reversal.separation, reversal.reattachment, period=hill_period(alpha)
+        )
+    return _RunState(
+        tau=result.tau,
+        velocity=problem.velocity_values(),
+        strain_rate=problem.values(problem.strain_rate()),
+        nu_t=problem.values(problem.eddy_viscosity),
+        flow=result.flow,
+        result=result,
+        separation=None if separation is None or math.isnan(separation) else separation,
+        reattachment=None if reattachment is None or math.isnan(reattachment) else reattachment,
+    )
+
+
+def simulate_case(
+    config: SimulateConfig,
+    resolved,
+    closure_physics: Mapping[str, Any] | None,
+    model: Any,
+    name: str,
+    alpha: float | None,
+    *,
+    comm: MPI.Comm = MPI.COMM_WORLD,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Run one case and write its outputs; returns its metrics entry (collective).
+
+    Raises:
+        SimulationError: a run failed; its last state is written under ``failed/``.
+    """
+    from solvers.closure_loop import (
+        CoupledDivergedError,
+        OuterOptions,
+        solve_one_way,
+        solve_two_way,
+    )
+    from solvers.closures import ClosureError, NetworkClosure, PdeClosure
+    from solvers.linalg import SolverDivergedError
+    from solvers.problem import ClosureProblem
+    from vcnn.physics import PhysicsMismatchError
+
+    start = time.perf_counter()
+    output = Path(config.output)
+    entry = _empty_entry(name, alpha, config)
+    tagged = build_mesh(config.mesh, alpha, comm=comm)
+    spec = boundary_spec(config, tagged)
+    dimension = tagged.mesh.geometry.dim
+    trained_dimension = (closure_physics or {}).get("dimension")
+    if trained_dimension is not None and int(trained_dimension) != dimension:
+        raise PhysicsMismatchError(
+            f"the closure was trained in {int(trained_dimension)}-D, the mesh is {dimension}-D"
+        )
+    physics = resolved.physics
+    two_way = config.coupling == "two-way"
+    options = OuterOptions(
+        method=config.outer,
+        relaxation=config.relaxation,
+        tol=config.tol,
+        max_iterations=config.max_iterations,
+        history_size=config.history_size,
+        negative_tolerance=config.negative_tau_tolerance,
+    )
+    # The tau PDE's undershoots on coarse meshes are discretisation error, not divergence.
+    truth_options = OuterOptions(**{**asdict(options), "negative_tolerance": None})
+    with ClosureProblem.from_tagged_mesh(tagged, spec, physics, two_way=two_way) as problem:
+        entry["num_points"] = problem.points.num_points
+        entry["setup_seconds"] = sum(problem.setup_seconds.values())
+        if comm.rank == 0:
+            logger.info(
+                "%s: %d closure points, set-up %.1f s",
+                prefix,
+                problem.points.num_points,
+                entry["setup_seconds"],
+            )
+        pde = PdeClosure(problem) if (config.closure == "pde" or config.compare) else None
+        network = NetworkClosure(model, comm, name=name) if config.closure == "network" else None
+        closure = network if network is not None else pde
+        truth = None
+        a_priori = None
+        try:
+            if not two_way:
+                clock = time.perf_counter()
+                flow = problem.solve_flow()
+                flow_seconds = time.perf_counter() - clock
+                run = _guarded(
+                    lambda: solve_one_way(problem, closure, flow=flow),
+                    problem,
+                    config,
+                    name,
+                    alpha,
+                    physics,
+                    "closure",
+                )
+                state = _capture(problem, run, alpha)
+                entry["wall_seconds"] = flow_seconds + run.wall_time
+                if config.compare:
+                    truth_run = _guarded(
+                        lambda: solve_one_way(problem, pde, flow=flow),
+                        problem,
+                        config,
+                        name,
+                        alpha,
+                        physics,
+                        "truth",
+                    )
+                    truth = _capture(problem, truth_run, alpha)
+                    entry["truth_wall_seconds"] = flow_seconds + truth_run.wall_time
+                    a_priori = state.tau
+            else:
+                if config.compare:
+                    if comm.rank == 0:
+                        logger.info("%s: the PDE truth (two-way, %s)", prefix, config.outer)
+                    problem.reset()
+                    truth_run = _guarded(
+                        lambda: solve_two_way(problem, pde, truth_options),
+                        problem,
+                        config,
+                        name,
+                        alpha,
+                        physics,
+                        "truth",
+                    )
+                    truth = _capture(problem, truth_run, alpha)
+                    entry["truth_wall_seconds"] = truth_run.wall_time
+                    # The network on the truth's flow (the problem holds it): a priori.
+                    a_priori = network.evaluate(problem).tau
+                    if comm.rank == 0:
+                        logger.info("%s: the closure in the loop (%s)", prefix, closure.kind)
+                problem.reset()
+                run = _guarded(
+                    lambda: solve_two_way(
+                        problem, closure, options if closure is network else truth_options
+                    ),
+                    problem,
+                    config,
+                    name,
+                    alpha,
+                    physics,
+                    "closure",
+                )
+                state = _capture(problem, run, alpha)
+                entry["wall_seconds"] = run.wall_time
+        except (CoupledDivergedError, ClosureError, SolverDivergedError) as error:
+            entry["wall_seconds"] = time.perf_counter() - start
+            if isinstance(error, CoupledDivergedError):
+                entry["iterations"] = len(error.steps)
+            raise SimulationError(str(error), entry) from error
+        finally:
+            if pde is not None:
+                pde.close()
+        _fill_entry(entry, problem, state, truth, a_priori, alpha)
+        mesh_info = {**tagged.info, "kind": tagged.kind}
+        _write_outputs(
+            config,
+            problem,
+            state,
+            truth,
+            a_priori,
+            entry,
+            name,
+            alpha,
+            physics,
+            resolved,
+            output,
+            mesh_info,
+        )
+    if comm.rank == 0:
+        logger.info(
+            "%s: done in %.1f s (%s, %s iterations)",
+            prefix,
+            time.perf_counter() - start,
+            entry["outer"],
+            entry["iterations"],
+        )
+    return entry
+
+
+def _guarded(run, problem, config, name, alpha, physics, label):
+    """Run ``run()``; on failure write the last state under ``failed/`` and re-raise."""
+    from solvers.closure_loop import CoupledDivergedError
+
+    try:
+        return run()
+    except Exception as error:
+        tau = getattr(error, "tau", None) if isinstance(error, CoupledDivergedError) else None
+        if tau is None:
+            tau = np.zeros(problem.points.local_dofs.size)
+        suffix = "" if label == "closure" else f"_{label}"
+        meta = _base_meta(name, alpha, physics, config)
+        meta["failure"] = {
+            "run": label,
+            "error": f"{type(error).__name__}: {error}",
+            "history": [asdict(step) for step in getattr(error, "steps", [])],
+            "state": "the last flow and the last tau the closure produced",
+        }
+        try:
+            case = problem.case(tau, name=f"{name}{suffix}", meta=meta)
+            if problem.comm.rank == 0:
+                path = Path(config.output) / "failed" / f"{name}{suffix}.npz"
+                write_case(path, case)
+                logger.error("the last state of the failed run is in %s", path)
+        except Exception as write_error:  # the original failure matters more
+            if problem.comm.rank == 0:
+                logger.error("could not write the last state: %s", write_error)
+        raise
+
+
+def _base_meta(name: str, alpha: float | None, physics: Physics, config: SimulateConfig):
+    return {
+        "case": name,
+        "alpha": alpha,
+        "physics": physics.to_dict(),
+        # the flat keys of the case files of vcnn generate
+        "nu": physics.nu,
+        "D": physics.diffusivity,
+        "zeta": physics.zeta,
+        "reaction_exponent": physics.reaction_exponent,
+        "gamma": physics.gamma,
+        "tau_p": physics.tau_p,
+        "production": physics.production,
+        "c_k": physics.c_k,
+        "U_b": physics.bulk_velocity,
+        "simulate": {
+            "closure": config.closure,
+            "model": config.model,
+            "coupling": config.coupling,
+            "outer": config.outer,
+            "relaxation": config.relaxation,
+            "tol": config.tol,
+            "max_iterations": config.max_iterations,
+        },
+        "versions": package_versions(),
+    }
+
+
+def _fill_entry(entry, problem, state, truth, a_priori, alpha) -> None:
+    """Metrics of the run (and against the truth), computed on rank 0, shared by all."""
+    result = state.result
+    period = float(problem.period[0])
+    entry.update(
+        outer=result.method,
+        converged=bool(result.converged),
+        iterations=int(result.evaluations),
+        out_of_range_fraction=result.out_of_range_fraction,
+        body_force=float(result.flow.body_force),
+        tau_integral=problem.tau_integral(state.tau),
+        reattachment_x=state.reattachment,
+        separation_x=state.separation,
+    )
+    if truth is None:
+        return
+    gather = problem.points.gather
+    tau, tau_truth = gather(state.tau), gather(truth.tau)
+    velocity, velocity_truth = gather(state.velocity), gather(truth.velocity)
+    prediction = gather(a_priori)
+    truth_integral = problem.tau_integral(truth.tau)
+    values = None
+    if problem.comm.rank == 0:
+        values = {
+            "tau_rel_l2_percent": relative_l2_percent(tau, tau_truth),
+            "a_priori_tau_rel_l2_percent": relative_l2_percent(prediction, tau_truth),
+            "velocity_rel_l2_percent": relative_l2_percent(velocity, velocity_truth),
+        }
+    entry.update(problem.comm.bcast(values, root=0))
+    entry.update(
+        tau_integral_rel_error=relative_error(entry["tau_integral"], truth_integral),
+        body_force_rel_error=relative_error(entry["body_force"], truth.flow.body_force),
+        reattachment_x_error=periodic_distance(state.reattachment, truth.reattachment, period),
+        separation_x_error=periodic_distance(state.separation, truth.separation, period),
+        truth_iterations=int(truth.result.evaluations),
+    )
+
+
+def _write_outputs(
+    config,
+    problem,
+    state,
+    truth,
+    a_priori,
+    entry,
+    name,
+    alpha,
+    physics,
+    resolved,
+    output,
+    mesh_info,
+) -> None:
+    """Case file, XDMF and PNG of one case (collective)."""
+    from dolfinx import fem
+
+    meta = _base_meta(name, alpha, physics, config)
+    meta.update(
+        mesh={**mesh_info, "num_points": problem.points.num_points},
+        body_force=entry["body_force"],
+        tau_integral=entry["tau_integral"],
+        separation_x=entry["separation_x"],
+        reattachment_x=entry["reattachment_x"],
+        metrics=dict(entry),
+    )
+    meta["simulate"].update(
+        eps=resolved.eps,
+        physics_mismatches=list(resolved.mismatches),
+        converged=entry["converged"],
+        iterations=entry["iterations"],
+        history=[asdict(step) for step in state.result.history],
+        num_processes=problem.comm.size,
+    )
+    extra = {"nu_t": state.nu_t}
+    if truth is not None:
+        meta["truth"] = {
+            "iterations": truth.result.evaluations,
+            "outer": truth.result.method,
+            "history": [asdict(step) for step in truth.result.history],
+            "body_force": float(truth.flow.body_force),
+            "reattachment_x": truth.reattachment,
+            "separation_x": truth.separation,
+        }
+        extra.update(
+            tau_truth=truth.tau,
+            velocity_truth=truth.velocity,
+            strain_rate_truth=truth.strain_rate,
+            nu_t_truth=truth.nu_t,
+            tau_a_priori=a_priori,
+        )
+    case = problem.case(
+        state.tau,
+        name=name,
+        meta=meta,
+        extra=extra,
+        velocity=state.velocity,
+        strain_rate=state.strain_rate,
+    )
+    if problem.comm.rank == 0:
+        write_case(output / f"{name}.npz", case)
+    if config.xdmf:
+        functions = {"velocity": state.flow.u, "pressure": state.flow.p}
+        nodal = {"tau": state.tau, "nu_t": state.nu_t}
+        if truth is not None:
+            functions.update(velocity_truth=truth.flow.u, pressure_truth=truth.flow.p)
+            nodal.update(tau_truth=truth.tau, nu_t_truth=truth.nu_t)
+        for key, values in nodal.items():
+            functions[key] = problem.to_function(values, fem.Function(problem.V, name=key))
+        write_xdmf(output / f"{name}.xdmf", problem.mesh, functions)
+    if problem.comm.rank == 0 and config.plots and case.dim == 2:
+        from vcnn.plotting_simulation import plot_simulation
+
+        plot_simulation(case, output / f"{name}.png")

@@ -1,0 +1,166 @@
+"""Figure of a coupled run: the closure in the loop against the PDE truth (matplotlib Agg).
+
+:func:`plot_simulation` draws a 2-D case written by ``vcnn simulate``: the fields of tau and
+of the speed (closure run, truth, difference) and profiles of the streamwise velocity and of
+tau at ten stations across the domain (closure solid, truth dashed). Without the truth (a run
+without ``--compare``) only the closure run's fields and profiles are drawn.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.tri import LinearTriInterpolator
+
+from vcnn.casefile import Case
+from vcnn.plotting import case_triangulation, save_figure
+
+__all__ = ["NUM_STATIONS", "plot_simulation", "station_profiles"]
+
+#: Profile stations across the domain.
+NUM_STATIONS = 10
+
+
+def station_profiles(
+    case: Case, values: np.ndarray, *, num_stations: int = NUM_STATIONS, samples: int = 120
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A field sampled along vertical lines at evenly spaced stations.
+
+    The stations are ``x_k = x_min + (k + 1/2) (x_max - x_min) / num_stations``; each line
+    runs over the points' y range, and samples outside the domain are NaN.
+
+    Args:
+        case: a 2-D case (with ``cells`` for an exact triangulation).
+        values: (N,) float64 nodal values at the case's points.
+        num_stations: number of stations.
+        samples: samples per line.
+
+    Returns:
+        (stations (S,), y (samples,), profiles (S, samples)) float64.
+    """
+    triangulation, source = case_triangulation(case)
+    interpolator = LinearTriInterpolator(triangulation, np.asarray(values)[source])
+    x_min, y_min = case.points.min(axis=0)
+    x_max, y_max = case.points.max(axis=0)
+    if case.period[0] > 0:
+        x_max = x_min + case.period[0]
+    stations = x_min + (np.arange(num_stations) + 0.5) * (x_max - x_min) / num_stations
+    y = np.linspace(y_min, y_max, samples)
+    profiles = np.empty((num_stations, samples))
+    for k, x in enumerate(stations):
+        sampled = interpolator(np.full_like(y, x), y)
+        profiles[k] = np.ma.filled(sampled.astype(np.float64), np.nan)
+    return stations, y, profiles
+
+
+def plot_simulation(case: Case, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Fields and station profiles of a coupled run, against the truth when the case has it.
+
+    Args:
+        case: a 2-D case from ``vcnn simulate``; the truth is read from its extra keys
+            ``tau_truth`` and ``velocity_truth`` when present.
+        path: PNG file to write.
+        title: figure title (default: the case name and its alpha).
+
+    Returns:
+        The path written.
+    """
+    truth_tau = case.extra.get("tau_truth")
+    truth_velocity = case.extra.get("velocity_truth")
+    has_truth = truth_tau is not None and truth_velocity is not None
+    triangulation, source = case_triangulation(case)
+    speed = np.linalg.norm(case.velocity, axis=1)
+    extent = np.ptp(case.points, axis=0)
+    aspect = extent[1] / max(extent[0], 1e-12)
+    columns = 3 if has_truth else 1
+    width = 15 if has_truth else 8
+    field_height = width / columns * aspect + 0.6
+    figure = plt.figure(figsize=(width, 2 * field_height + 2 * 2.6), constrained_layout=True)
+    grid = figure.add_gridspec(4, columns, height_ratios=[field_height] * 2 + [2.6, 2.6])
+
+    rows = [("tau", case.tau, "magma"), ("|u|", speed, "viridis")]
+    truths = [truth_tau, np.linalg.norm(truth_velocity, axis=1)] if has_truth else [None, None]
+    for row, ((label, values, colormap), truth) in enumerate(zip(rows, truths, strict=True)):
+        levels = np.linspace(
+            *_range(values if truth is None else np.concatenate([values, truth])), 41
+        )
+        panels = [(f"{label}, closure in the loop", values, colormap, levels)]
+        if has_truth:
+            difference = values - truth
+            bound = max(float(np.abs(difference).max()), 1e-30)
+            panels += [
+                (f"{label}, PDE truth", truth, colormap, levels),
+                (
+                    f"{label} difference (closure - truth)",
+                    difference,
+                    "RdBu_r",
+                    np.linspace(-bound, bound, 41),
+                ),
+            ]
+        for column, (name, field, cmap, field_levels) in enumerate(panels):
+            axis = figure.add_subplot(grid[row, column])
+            image = axis.tricontourf(
+                triangulation, field[source], levels=field_levels, cmap=cmap, extend="both"
+            )
+            figure.colorbar(image, ax=axis, shrink=0.9)
+            axis.set_title(name, fontsize=9)
+            axis.set_aspect("equal")
+            axis.tick_params(labelsize=7)
+
+    profile_rows = [
+        ("u_x", case.velocity[:, 0], None if not has_truth else truth_velocity[:, 0]),
+        ("tau", case.tau, truth_tau),
+    ]
+    for row, (label, values, truth) in enumerate(profile_rows, start=2):
+        axis = figure.add_subplot(grid[row, :])
+        stations, y, profiles = station_profiles(case, values)
+        reference = profiles
+        if truth is not None:
+            _, _, truth_profiles = station_profiles(case, truth)
+            reference = truth_profiles
+        spacing = stations[1] - stations[0] if stations.size > 1 else 1.0
+        peak = np.nanmax(np.abs(reference)) if np.isfinite(reference).any() else 1.0
+        scale = 0.8 * spacing / max(peak, 1e-30)
+        for k, x in enumerate(stations):
+            axis.axvline(x, color="0.85", linewidth=0.6)
+            axis.plot(
+                x + scale * profiles[k],
+                y,
+                color="C0",
+                linewidth=1.2,
+                label="closure in the loop" if k == 0 else None,
+            )
+            if truth is not None:
+                axis.plot(
+                    x + scale * truth_profiles[k],
+                    y,
+                    "--",
+                    color="C3",
+                    linewidth=1.0,
+                    label="PDE truth" if k == 0 else None,
+                )
+        axis.set_xlabel(f"x + {scale:.3g} {label}", fontsize=8)
+        axis.set_ylabel("y", fontsize=8)
+        axis.set_title(f"{label} at {stations.size} stations", fontsize=9)
+        axis.legend(fontsize=7, loc="upper right")
+        axis.tick_params(labelsize=7)
+    if title is None:
+        title = case.name
+        if case.meta.get("alpha") is not None:
+            title += f"  (alpha = {case.meta['alpha']:g})"
+    figure.suptitle(title, fontsize=11)
+    return save_figure(figure, path, dpi=110)
+
+
+def _range(values: np.ndarray) -> tuple[float, float]:
+    low, high = float(np.min(values)), float(np.max(values))
+    if high <= low:
+        high = low + 1e-12
+    return low, high
