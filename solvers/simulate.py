@@ -253,7 +253,8 @@ def run_simulate(
     output = Path(config.output)
     closure_physics = None
     if config.closure == "network":
-        if model is not None:
+        # The model lives on rank 0: whether one was passed in is rank 0's to say.
+        if comm.bcast(model is not None, root=0):
             record = dict(model.physics) if comm.rank == 0 else None
             closure_physics = comm.bcast(record, root=0)
         else:

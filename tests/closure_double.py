@@ -28,8 +28,8 @@ class LocalEquilibriumClosure:
         dimension: the dimension recorded in ``physics``.
         nan_from_call: from this call on (1-based), predict NaN at a few points.
         negative_from_call: from this call on, predict tau of the opposite sign.
-        growing: multiply the output by (1 + growing * (-3)^k) at call k, an oscillation
-            that grows (the fixed-point map is made to diverge).
+        growing: multiply the output by exp(growing * (-3)^k) at call k, a positive
+            oscillation that grows (the fixed-point map is made to diverge).
     """
 
     def __init__(
@@ -67,7 +67,7 @@ class LocalEquilibriumClosure:
         self.calls += 1
         tau = self._equilibrium(case)
         if self._growing:
-            tau = tau * (1.0 + self._growing * (-3.0) ** self.calls)
+            tau = tau * np.exp(self._growing * (-3.0) ** self.calls)
         if self._negative_from_call is not None and self.calls >= self._negative_from_call:
             tau = -tau
         if self._nan_from_call is not None and self.calls >= self._nan_from_call:

@@ -1,0 +1,165 @@
+"""``vcnn simulate``: outputs, metrics, the one inference path, errors, MPI agreement."""
+
+from mpi4py import MPI
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from petsc4py import PETSc
+
+from solvers.simulate import SimulateConfig, run_simulate
+from solvers.simulate_metrics import METRIC_KEYS
+from tests.closure_double import LocalEquilibriumClosure
+from tests.mpi_scripts import simulate_double
+from vcnn.casefile import read_case
+from vcnn.cli import main as vcnn_main
+from vcnn.physics import PhysicsMismatchError
+
+COMM = MPI.COMM_WORLD
+RESOLUTION = 0.1
+SCRIPT = Path(__file__).parent / "mpi_scripts" / "simulate_double.py"
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
+
+
+def _config(out, **values):
+    base = {"alphas": [1.0], "output": str(out), "model": "test double",
+            "mesh": {"resolution": RESOLUTION}}
+    return SimulateConfig.from_dict({**base, **values})
+
+
+@pytest.fixture(scope="module")
+def two_way_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_way")
+    options_before = PETSc.Options().getAll()
+    summary = run_simulate(
+        _config(out, coupling="two-way", compare=True),
+        model=LocalEquilibriumClosure({"c_k": 0.15}),
+    )
+    return summary, out, options_before
+
+
+def test_two_way_outputs_and_metrics(two_way_run):
+    summary, out, options_before = two_way_run
+    assert summary.all_succeeded
+    assert PETSc.Options().getAll() == options_before
+    for name in ("config.toml", "metrics.json", "summary.md", "hill_a1.000.npz",
+                 "hill_a1.000.xdmf", "hill_a1.000.png"):
+        assert (out / name).is_file(), name
+    (entry,) = json.loads((out / "metrics.json").read_text())
+    assert set(METRIC_KEYS) <= set(entry)
+    assert entry["converged"] and entry["outer"] == "anderson" and entry["error"] is None
+    assert 3 <= entry["iterations"] <= 15 and entry["truth_iterations"] <= 15
+    for key in ("tau_rel_l2_percent", "a_priori_tau_rel_l2_percent", "velocity_rel_l2_percent",
+                "tau_integral_rel_error", "body_force_rel_error", "reattachment_x_error",
+                "wall_seconds", "truth_wall_seconds"):
+        assert isinstance(entry[key], float) and np.isfinite(entry[key]), key
+    case = read_case(out / "hill_a1.000.npz")
+    for key in ("tau_truth", "velocity_truth", "strain_rate_truth", "nu_t_truth",
+                "tau_a_priori", "nu_t", "cells"):
+        assert key in case.extra, key
+    # the metrics are those of the stored fields
+    error = np.linalg.norm(case.tau - case.extra["tau_truth"]) / np.linalg.norm(
+        case.extra["tau_truth"])
+    assert 100 * error == pytest.approx(entry["tau_rel_l2_percent"], rel=1e-9)
+    prior = np.linalg.norm(case.extra["tau_a_priori"] - case.extra["tau_truth"]) / np.linalg.norm(
+        case.extra["tau_truth"])
+    assert 100 * prior == pytest.approx(entry["a_priori_tau_rel_l2_percent"], rel=1e-9)
+    # the network in the loop differs from the truth: the a posteriori flow is not the truth's
+    assert entry["velocity_rel_l2_percent"] > 0.1
+    assert case.meta["simulate"]["converged"] and case.meta["physics"]["c_k"] == 0.15
+    resolved = tomllib.loads((out / "config.toml").read_text())["simulate"]
+    assert resolved["c_k"] == 0.15 and resolved["physics"]["eps"] == 0.2
+
+
+def test_one_way_tau_is_the_models_predict_on_the_written_flow(tmp_path):
+    model = LocalEquilibriumClosure()
+    summary = run_simulate(_config(tmp_path, coupling="one-way", compare=True, xdmf=False),
+                           model=model)
+    assert summary.all_succeeded
+    case = read_case(tmp_path / "hill_a1.000.npz")
+    case.tau = np.zeros_like(case.tau)  # predict must not read it
+    prediction = model.predict(case)
+    stored = read_case(tmp_path / "hill_a1.000.npz").tau
+    np.testing.assert_allclose(stored, prediction, rtol=1e-6, atol=1e-6 * np.abs(stored).max())
+    (entry,) = summary.entries
+    assert entry["iterations"] == 1 and entry["velocity_rel_l2_percent"] == 0.0
+    assert entry["tau_rel_l2_percent"] == pytest.approx(entry["a_priori_tau_rel_l2_percent"])
+
+
+def test_mismatched_physics_is_refused_before_any_solve(tmp_path):
+    model = LocalEquilibriumClosure({"c_k": 0.15})
+    with pytest.raises(PhysicsMismatchError, match=r"c_k: 0.15 \(closure\) vs 0.3 \(requested\)"):
+        run_simulate(_config(tmp_path, c_k=0.3), model=model)
+    assert not list(tmp_path.glob("*.npz"))
+    with pytest.raises(ValueError, match="C_k > 0"):
+        run_simulate(_config(tmp_path), model=LocalEquilibriumClosure())
+
+
+def test_nan_from_the_model_fails_the_case_and_keeps_the_last_state(tmp_path):
+    model = LocalEquilibriumClosure({"c_k": 0.15}, nan_from_call=3)
+    summary = run_simulate(_config(tmp_path, xdmf=False, plots=False), model=model)
+    assert not summary.all_succeeded
+    (entry,) = summary.entries
+    assert "NaN or inf tau" in entry["error"] and entry["iterations"] == 2
+    last = read_case(tmp_path / "failed" / "hill_a1.000.npz")
+    assert "NaN" in last.meta["failure"]["error"]
+    assert len(last.meta["failure"]["history"]) == 2 and np.all(np.isfinite(last.tau))
+    assert json.loads((tmp_path / "metrics.json").read_text())[0]["converged"] is False
+
+
+def test_cli_pde_closure_and_config_errors(tmp_path):
+    out = tmp_path / "pde"
+    code = vcnn_main(["simulate", "--closure", "pde", "--coupling", "two-way", "--c-k", "0.15",
+                      "--outer", "picard", "--alphas", "1", "--resolution", str(RESOLUTION),
+                      "--out", str(out), "--no-xdmf", "--no-plots"])
+    assert code == 0
+    (entry,) = json.loads((out / "metrics.json").read_text())
+    assert entry["closure"] == "pde" and entry["outer"] == "picard" and entry["converged"]
+    assert entry["tau_rel_l2_percent"] is None  # no truth to compare with
+    # a network without a model, two-way without C_k, --compare of the truth with itself
+    assert vcnn_main(["simulate", "--out", str(tmp_path / "a")]) == 2
+    assert vcnn_main(["simulate", "--closure", "pde", "--out", str(tmp_path / "b")]) == 2
+    assert vcnn_main(["simulate", "--closure", "pde", "--compare", "--c-k", "0.1",
+                      "--out", str(tmp_path / "c")]) == 2
+    assert vcnn_main(["simulate", "--model", str(tmp_path / "missing.pt"), "--out",
+                      str(tmp_path / "d")]) == 2
+
+
+def _by_position(case, *keys):
+    order = np.lexsort((case.points[:, 1], case.points[:, 0]))
+    return [case.points[order]] + [
+        (getattr(case, key) if hasattr(case, key) else case.extra[key])[order] for key in keys
+    ]
+
+
+@pytest.mark.mpi
+def test_serial_and_two_ranks_agree(tmp_path):
+    if COMM.size > 1:
+        pytest.skip("launches its own MPI runs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    arguments = ["simulate", "--closure", "pde", "--c-k", "0.15", "--alphas", "1",
+                 "--resolution", str(RESOLUTION), "--tol", "1e-9", "--no-plots", "--no-xdmf"]
+    launcher = [str(MPIEXEC), "-n", "2", sys.executable]
+    runs = {  # the network stand-in (rank 0) with the truth, and the CLI with the tau PDE
+        "double": ([str(SCRIPT)], simulate_double.run),
+        "cli": (["-m", "vcnn.cli", *arguments, "--out"],
+                lambda out: vcnn_main([*arguments, "--out", str(out)])),
+    }
+    for label, (command, serial_run) in runs.items():
+        serial_run(tmp_path / f"{label}_1")
+        result = subprocess.run([*launcher, *command, str(tmp_path / f"{label}_2")],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        serial, parallel = (read_case(tmp_path / f"{label}_{n}" / "hill_a1.000.npz")
+                            for n in (1, 2))
+        assert parallel.meta["simulate"]["num_processes"] == 2
+        keys = ["tau", "velocity"] + (["tau_truth", "tau_a_priori"] if label == "double" else [])
+        for a, b in zip(_by_position(serial, *keys), _by_position(parallel, *keys), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7 * np.abs(a).max())
+        assert parallel.meta["body_force"] == pytest.approx(serial.meta["body_force"], rel=1e-7)
