@@ -319,7 +319,9 @@ class _FixedPointMap:
         evaluation = self.evaluations + 1
         try:
             viscosity_change = problem.set_eddy_viscosity(x)
-            flow = problem.solve_flow(rtol=self.tolerances.next_rtol(viscosity_change))
+            flow = problem.solve_flow(
+                rtol=self.tolerances.next_rtol(viscosity_change), reuse_factorization=True
+            )
             self.tolerances.record(flow.residual_history[0], viscosity_change)
             output = self.closure.evaluate(problem)
         except (SolverDivergedError, ClosureError, ValueError) as error:

@@ -398,6 +398,7 @@ class FlowSolver:
         rtol: float = 1e-10,
         atol: float = 1e-12,
         max_iterations: int = 30,
+        reuse_factorization: bool = False,
     ) -> FlowSolution:
         """Solve for the current ``nu_t`` by Newton's method.
 
@@ -411,6 +412,10 @@ class FlowSolver:
                 started from an already converged state).
             atol: convergence as well when the residual norm falls below ``atol``.
             max_iterations: maximum number of Newton steps.
+            reuse_factorization: take the first step with the Jacobian factorised by the
+                previous solve (a chord step), refactorising only when a step cuts the
+                residual by less than :data:`REUSE_CONTRACTION`. Worth it in a coupled loop,
+                where nu_t changes little between solves; the converged solution is the same.
 
         Returns:
             The converged :class:`FlowSolution` (its ``u`` and ``p`` are copies: later solves
@@ -449,7 +454,14 @@ class FlowSolver:
         timings: dict[str, float] = {"setup": 0.0}
         try:
             history, iterations, factorizations = self._newton(
-                rtol=rtol, atol=atol, max_iterations=max_iterations, timings=timings
+                rtol=rtol,
+                atol=atol,
+                max_iterations=max_iterations,
+                timings=timings,
+                # a start from rest is too far from the last factorised state to reuse it
+                stale_start=reuse_factorization
+                and self._ksp is not None
+                and (self._has_solution or initial_guess is not None),
             )
         except BaseException:
             self._w.x.array[:], self.body_force = start_state
@@ -487,9 +499,18 @@ class FlowSolver:
         )
 
     def _newton(
-        self, *, rtol: float, atol: float, max_iterations: int, timings: dict[str, float]
+        self,
+        *,
+        rtol: float,
+        atol: float,
+        max_iterations: int,
+        timings: dict[str, float],
+        stale_start: bool,
     ) -> tuple[list[float], int, int]:
-        """Newton steps from the current state; returns (history, steps, factorisations)."""
+        """Newton steps from the current state; returns (history, steps, factorisations).
+
+        ``stale_start``: the first step uses the factorisation of the previous solve.
+        """
         comm = self.comm
         constraint = self.constraint
         x = self._w.x.petsc_vec
@@ -499,7 +520,6 @@ class FlowSolver:
         iterations = 0
         factorizations = 0
         step_is_small = False
-        fresh_jacobian = False
         while True:
             with residual.localForm() as local:
                 local.set(0.0)
@@ -536,13 +556,18 @@ class FlowSolver:
 
             # Modified Newton: once Newton is in its quadratic regime (the last step cut the
             # residual by REUSE_CONTRACTION or more), the factorised Jacobian of the previous
-            # step is accurate enough and the next step costs back-substitutions only. The
-            # first step of every solve refactorises: nu_t may have changed since the last.
-            contraction = history[-1] / history[-2] if len(history) > 2 else 1.0
-            refresh = not fresh_jacobian or contraction > REUSE_CONTRACTION
+            # step is accurate enough and the next step costs back-substitutions only. Without
+            # a stale start the first two steps refactorise: the first from a new state says
+            # nothing about the regime (from rest it is a Stokes step).
+            if iterations == 0:
+                refresh = not stale_start
+            else:
+                contraction = history[-1] / history[-2]
+                if iterations == 1 and not stale_start:
+                    contraction = 1.0
+                refresh = contraction > REUSE_CONTRACTION
             if refresh:
                 self._factorize(timings)
-                fresh_jacobian = True
                 factorizations += 1
 
             ksp = self._ksp

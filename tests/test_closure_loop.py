@@ -184,3 +184,24 @@ def test_physics_defaults_to_the_closure_and_mismatches_are_named():
         resolve_physics({}, record, dimension=3, coupling="two-way", allow_mismatch=True)
     pde = resolve_physics({"c_k": 0.1}, None, dimension=2, coupling="two-way")
     assert pde.physics == Physics(c_k=0.1) and pde.eps is None
+
+
+def test_flow_solver_is_set_up_once_and_warm_started(hill):
+    from solvers.flow import FlowSolver, solve_flow
+
+    tagged, spec = hill
+    before = PETSc.Options().getAll()
+    V = fem.functionspace(tagged.mesh, ("Lagrange", 1))
+    nu_t = fem.Function(V)
+    nu_t.x.array[:] = 0.002
+    with FlowSolver(tagged.mesh, tagged.facet_tags, spec, nu_t=nu_t) as solver:
+        first = solver.solve()
+        assert first.newton_iterations >= 4
+        nu_t.x.array[:] = 0.0021  # a small change of nu_t, as late in a coupled loop
+        warm = solver.solve(rtol=1e-12, reuse_factorization=True)
+        assert warm.newton_iterations <= 6 and warm.factorizations <= 1
+        assert first.u.x.array is not warm.u.x.array  # solutions are copies
+    fresh = solve_flow(tagged.mesh, tagged.facet_tags, spec, nu_t=nu_t)
+    assert warm.body_force == pytest.approx(fresh.body_force, rel=1e-9)
+    np.testing.assert_allclose(warm.u.x.array, fresh.u.x.array, atol=1e-9)
+    assert PETSc.Options().getAll() == before
