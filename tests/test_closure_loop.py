@@ -203,5 +203,5 @@ def test_flow_solver_is_set_up_once_and_warm_started(hill):
         assert first.u.x.array is not warm.u.x.array  # solutions are copies
     fresh = solve_flow(tagged.mesh, tagged.facet_tags, spec, nu_t=nu_t)
     assert warm.body_force == pytest.approx(fresh.body_force, rel=1e-9)
-    np.testing.assert_allclose(warm.u.x.array, fresh.u.x.array, atol=1e-9)
+    np.testing.assert_allclose(warm.u.x.array, fresh.u.x.array, atol=1e-8)  # fresh: rtol 1e-10
     assert PETSc.Options().getAll() == before
