@@ -472,10 +472,19 @@ def solve_two_way(
                 _Reason.DIVERGED_MAX_IT: f"no fixed point in {options.max_iterations} evaluations",
             }.get(reason, f"PETSc SNES reason {reason}")
             changes = ", ".join(f"{step.change:.2e}" for step in fixed_point.steps[-8:])
+            smallest = min(step.change for step in fixed_point.steps)
+            hint = "lower --relaxation, try --outer picard, or raise --max-iterations"
+            if smallest < 1e3 * options.tol:
+                # A network evaluates in single precision: its tau carries round-off of
+                # about 1e-7 relative, below which the change cannot fall.
+                hint = (
+                    f"the change came within {smallest / options.tol:.0f}x of tol: a "
+                    "network's single-precision round-off (about 1e-7 relative) may keep it "
+                    "there; raise --tol"
+                )
             raise fixed_point.fail(
                 f"coupled run ({' then '.join(methods)}) did not converge: {what} (last "
-                f"changes {changes}); lower --relaxation, try --outer picard, or raise "
-                "--max-iterations"
+                f"changes {changes}; smallest {smallest:.2e}, tol {options.tol:g}); {hint}"
             )
         solution = x.getArray(readonly=True).copy()
         evaluated_last = bool(np.array_equal(fixed_point.recent[-1][0], solution))

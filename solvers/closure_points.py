@@ -45,6 +45,7 @@ class ClosurePoints:
         copy_dofs: (m,) int32 owned dofs that are copies on a slave boundary but not slaves.
         points: (N, d) float64 coordinates, on rank 0 (None elsewhere).
         is_wall: (N,) bool, points on the walls of ``spec``, on rank 0 (None elsewhere).
+        local_is_wall: (n,) bool, the owned closure points on the walls.
         cells: (num_cells, vertices) int64 P1 cells as closure-point indices, on rank 0.
     """
 
@@ -103,6 +104,7 @@ class ClosurePoints:
 
         wall = np.zeros(num_local, dtype=bool)
         wall[dirichlet_dofs(V, facet_tags, spec.walls)] = True
+        self.local_is_wall = wall[:num_owned][keep]
         coordinates = V.tabulate_dof_coordinates()[:num_owned, :gdim]
         gathered = comm.gather(
             (

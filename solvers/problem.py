@@ -304,9 +304,16 @@ class ClosureProblem:
         return function
 
     def velocity_values(self) -> np.ndarray:
-        """The current velocity at the owned closure points, (n, d) float64."""
+        """The current velocity at the owned closure points, (n, d) float64.
+
+        Exactly zero at wall points: no slip holds there, and the interpolation would leave
+        round-off of ~1e-17 whose direction is noise (a closure input built on the direction
+        of u, such as the upstream cosine, would change with the rank count).
+        """
         self._velocity_p1.interpolate(self.velocity)
-        return self.points.values(self._velocity_p1)
+        values = self.points.values(self._velocity_p1)
+        values[self.points.local_is_wall] = 0.0
+        return values
 
     def weighted_norm(self, local: np.ndarray) -> float:
         """Discrete L2 norm ``sqrt(sum_i V_i a_i^2)`` over the closure points (collective).

@@ -2,6 +2,7 @@
 
 from mpi4py import MPI
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,15 +17,35 @@ from petsc4py import PETSc
 from solvers.simulate import SimulateConfig, run_simulate
 from solvers.simulate_metrics import METRIC_KEYS
 from tests.closure_double import LocalEquilibriumClosure
-from tests.mpi_scripts import simulate_double
+from vcnn import load_closure
 from vcnn.casefile import read_case
 from vcnn.cli import main as vcnn_main
 from vcnn.physics import PhysicsMismatchError
 
 COMM = MPI.COMM_WORLD
 RESOLUTION = 0.1
-SCRIPT = Path(__file__).parent / "mpi_scripts" / "simulate_double.py"
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
+
+
+@pytest.fixture(scope="module")
+def coupled_model(tmp_path_factory):
+    """A tiny closure trained for a few epochs on three coarse two-way coupled hill cases."""
+    from solvers.generate import GenerateConfig, run_generate
+    from vcnn.training import TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("coupled_model")
+    cases = GenerateConfig.from_dict(
+        {"alphas": [0.9, 1.0, 1.2], "output": str(folder / "cases"), "c_k": 0.15,
+         "plots": False, "xdmf": False, "mesh": {"resolution": RESOLUTION}}
+    )
+    assert run_generate(cases).all_succeeded
+    train(TrainConfig.from_dict(
+        {"data_dir": str(folder / "cases"), "out_dir": str(folder / "run"),
+         "validation_alphas": [1.0], "epochs": 4, "batch_size": 64, "cloud_size": 32,
+         "learning_rate": 3e-3, "device": "cpu", "num_threads": 1,
+         "model": {"embedding": [8, 16], "fitting": [32]}}
+    ))
+    return folder / "run" / "best.pt"
 
 
 def _config(out, **values):
@@ -138,28 +159,73 @@ def _by_position(case, *keys):
     ]
 
 
+def test_trained_network_in_the_loop_converges_against_the_truth(coupled_model, tmp_path):
+    out = tmp_path / "network"
+    code = vcnn_main(["simulate", "--model", str(coupled_model), "--alphas", "1.45",
+                      "--resolution", str(RESOLUTION), "--compare", "--device", "cpu",
+                      "--out", str(out), "--no-xdmf"])
+    assert code == 0
+    (entry,) = json.loads((out / "metrics.json").read_text())
+    assert entry["converged"] and entry["iterations"] <= 20 and entry["error"] is None
+    assert entry["outer"] == "anderson"
+    # a few epochs of training: a rough closure, but a finite, consistent a posteriori run
+    assert 0 < entry["a_priori_tau_rel_l2_percent"] < 60
+    assert 0 < entry["tau_rel_l2_percent"] < 60 and entry["velocity_rel_l2_percent"] < 5
+    assert 0 <= entry["out_of_range_fraction"] < 0.5
+    case = read_case(out / "hill_a1.450.npz")
+    assert case.meta["simulate"]["eps"] == 0.2 and case.meta["physics"]["c_k"] == 0.15
+    # the one inference path: the stored a-priori tau is load_closure's predict on the truth
+    closure = load_closure(coupled_model, device="cpu")
+    truth = dataclasses.replace(case, velocity=case.extra["velocity_truth"],
+                                strain_rate=case.extra["strain_rate_truth"],
+                                tau=np.zeros(case.num_points))
+    np.testing.assert_allclose(case.extra["tau_a_priori"], closure.predict(truth), rtol=1e-6,
+                               atol=1e-6 * np.abs(case.tau).max())
+
+
+def test_one_way_cli_equals_the_closures_predict(coupled_model, tmp_path):
+    out = tmp_path / "one_way"
+    code = vcnn_main(["simulate", "--model", str(coupled_model), "--coupling", "one-way",
+                      "--alphas", "1.3", "--resolution", str(RESOLUTION), "--device", "cpu",
+                      "--out", str(out), "--no-xdmf", "--no-plots"])
+    assert code == 0
+    case = read_case(out / "hill_a1.300.npz")
+    prediction = load_closure(coupled_model, device="cpu").predict(
+        dataclasses.replace(case, tau=np.zeros(case.num_points)))
+    np.testing.assert_allclose(case.tau, prediction, rtol=1e-6, atol=1e-6 * prediction.max())
+    assert case.meta["physics"]["c_k"] == 0.0  # one-way: the flow does not see tau
+
+
+def test_checkpoint_with_other_physics_is_refused(coupled_model, tmp_path, capsys):
+    out = tmp_path / "mismatch"
+    arguments = ["simulate", "--model", str(coupled_model), "--alphas", "1",
+                 "--resolution", str(RESOLUTION), "--device", "cpu", "--out", str(out),
+                 "--no-xdmf", "--no-plots", "--c-k", "0.3", "--production", "coupled"]
+    assert vcnn_main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "c_k: 0.15 (closure) vs 0.3 (requested)" in error
+    assert "production: 'frozen' (closure) vs 'coupled' (requested)" in error
+    assert not out.exists() or not list(out.glob("*.npz"))
+
+
 @pytest.mark.mpi
-def test_serial_and_two_ranks_agree(tmp_path):
+def test_serial_and_two_ranks_agree(coupled_model, tmp_path):
     if COMM.size > 1:
         pytest.skip("launches its own MPI runs")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    arguments = ["simulate", "--closure", "pde", "--c-k", "0.15", "--alphas", "1",
-                 "--resolution", str(RESOLUTION), "--tol", "1e-9", "--no-plots", "--no-xdmf"]
-    launcher = [str(MPIEXEC), "-n", "2", sys.executable]
-    runs = {  # the network stand-in (rank 0) with the truth, and the CLI with the tau PDE
-        "double": ([str(SCRIPT)], simulate_double.run),
-        "cli": (["-m", "vcnn.cli", *arguments, "--out"],
-                lambda out: vcnn_main([*arguments, "--out", str(out)])),
-    }
-    for label, (command, serial_run) in runs.items():
-        serial_run(tmp_path / f"{label}_1")
-        result = subprocess.run([*launcher, *command, str(tmp_path / f"{label}_2")],
-                                capture_output=True, text=True, timeout=300, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
-        serial, parallel = (read_case(tmp_path / f"{label}_{n}" / "hill_a1.000.npz")
-                            for n in (1, 2))
-        assert parallel.meta["simulate"]["num_processes"] == 2
-        keys = ["tau", "velocity"] + (["tau_truth", "tau_a_priori"] if label == "double" else [])
-        for a, b in zip(_by_position(serial, *keys), _by_position(parallel, *keys), strict=True):
-            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7 * np.abs(a).max())
-        assert parallel.meta["body_force"] == pytest.approx(serial.meta["body_force"], rel=1e-7)
+    arguments = ["simulate", "--model", str(coupled_model), "--compare", "--alphas", "1",
+                 "--resolution", str(RESOLUTION), "--tol", "1e-7", "--device", "cpu",
+                 "--no-plots", "--no-xdmf", "--out"]
+    assert vcnn_main([*arguments, str(tmp_path / "serial")]) == 0
+    command = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "vcnn.cli", *arguments,
+               str(tmp_path / "parallel")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    serial, parallel = (read_case(tmp_path / run / "hill_a1.000.npz")
+                        for run in ("serial", "parallel"))
+    assert parallel.meta["simulate"]["num_processes"] == 2
+    keys = ["tau", "velocity", "tau_truth", "velocity_truth", "tau_a_priori"]
+    for a, b in zip(_by_position(serial, *keys), _by_position(parallel, *keys), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7 * np.abs(a).max())
+    assert parallel.meta["body_force"] == pytest.approx(serial.meta["body_force"], rel=1e-7)
+    assert parallel.meta["metrics"]["iterations"] == serial.meta["metrics"]["iterations"]
