@@ -119,22 +119,15 @@ class ClosurePoints:
         )
         positions_per_rank = None
         self.points = self.is_wall = self.cells = None
+        message = None
         if comm.rank == 0:
-            kept_reduced = np.concatenate([part[0] for part in gathered])
-            self.points = np.concatenate([part[1] for part in gathered])
-            self.is_wall = np.concatenate([part[2] for part in gathered])
-            if np.any(np.diff(kept_reduced) <= 0):
-                raise RuntimeError("internal error: closure points are not in reduced order")
-            position_of_reduced = np.full(num_reduced, -1, dtype=np.int64)
-            position_of_reduced[kept_reduced] = np.arange(kept_reduced.size)
-            copy_reduced = np.concatenate([part[3] for part in gathered])
-            if copy_reduced.size:
-                copy_points = np.concatenate([part[4] for part in gathered])
-                matches = _match_periodic_copies(copy_points, self.points, spec, match_tol)
-                position_of_reduced[copy_reduced] = matches
-            positions_per_rank = [position_of_reduced[part[5]] for part in gathered]
-            if any(np.any(p < 0) for p in positions_per_rank):
-                raise RuntimeError("internal error: a dof maps to no closure point")
+            try:
+                positions_per_rank = self._number_on_root(gathered, num_reduced, spec, match_tol)
+            except RuntimeError as error:  # sent to every rank: all must stop together
+                message = str(error)
+        message = comm.bcast(message, root=0)
+        if message is not None:
+            raise RuntimeError(message)
         self.dof_points = np.asarray(comm.scatter(positions_per_rank, root=0), dtype=np.int64)
 
         # Cells as closure points: ghost dofs learn their point from their owner.
@@ -156,6 +149,27 @@ class ClosurePoints:
         )
         self._to_dofs = PETSc.Scatter().create(self._vector, source, self._owned_values, None)
         source.destroy()
+
+    def _number_on_root(
+        self, gathered: list, num_reduced: int, spec: BoundarySpec, match_tol: float
+    ) -> list[np.ndarray]:
+        """On rank 0: points, walls, copies matched; the closure point of every rank's dofs."""
+        kept_reduced = np.concatenate([part[0] for part in gathered])
+        self.points = np.concatenate([part[1] for part in gathered])
+        self.is_wall = np.concatenate([part[2] for part in gathered])
+        if np.any(np.diff(kept_reduced) <= 0):
+            raise RuntimeError("internal error: closure points are not in reduced order")
+        position_of_reduced = np.full(num_reduced, -1, dtype=np.int64)
+        position_of_reduced[kept_reduced] = np.arange(kept_reduced.size)
+        copy_reduced = np.concatenate([part[3] for part in gathered])
+        if copy_reduced.size:
+            copy_points = np.concatenate([part[4] for part in gathered])
+            matches = _match_periodic_copies(copy_points, self.points, spec, match_tol)
+            position_of_reduced[copy_reduced] = matches
+        positions_per_rank = [position_of_reduced[part[5]] for part in gathered]
+        if any(np.any(positions < 0) for positions in positions_per_rank):
+            raise RuntimeError("internal error: a dof maps to no closure point")
+        return positions_per_rank
 
     def create_vector(self) -> PETSc.Vec:
         """A zero PETSc vector over the closure points, distributed like them."""

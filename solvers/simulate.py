@@ -32,10 +32,10 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -58,6 +58,11 @@ from vcnn.atomic import atomic_write_text
 from vcnn.casefile import write_case
 from vcnn.config import ConfigError, check_keys, merge, write_resolved_config
 from vcnn.physics import PRODUCTION_MODES, Physics
+
+if TYPE_CHECKING:
+    from solvers.closure_loop import LoopResult
+    from solvers.closures import SimulationPhysics
+    from solvers.problem import ClosureProblem
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +360,7 @@ class _RunState:
     reattachment: float | None
 
 
-def _capture(problem, result, alpha: float | None) -> _RunState:
+def _capture(problem: ClosureProblem, result: LoopResult, alpha: float | None) -> _RunState:
     """The problem's current state after ``result`` (collective)."""
     separation = reattachment = None
     if alpha is not None and problem.mesh.geometry.dim == 2:
@@ -380,7 +385,7 @@ def _capture(problem, result, alpha: float | None) -> _RunState:
 
 def simulate_case(
     config: SimulateConfig,
-    resolved,
+    resolved: SimulationPhysics,
     closure_physics: Mapping[str, Any] | None,
     model: Any,
     name: str,
@@ -541,7 +546,15 @@ def simulate_case(
     return entry
 
 
-def _guarded(run, problem, config, name, alpha, physics, label):
+def _guarded(
+    run: Callable[[], LoopResult],
+    problem: ClosureProblem,
+    config: SimulateConfig,
+    name: str,
+    alpha: float | None,
+    physics: Physics,
+    label: str,
+) -> LoopResult:
     """Run ``run()``; on failure write the last state under ``failed/`` and re-raise."""
     from solvers.closure_loop import CoupledDivergedError
 
@@ -571,7 +584,9 @@ def _guarded(run, problem, config, name, alpha, physics, label):
         raise
 
 
-def _base_meta(name: str, alpha: float | None, physics: Physics, config: SimulateConfig):
+def _base_meta(
+    name: str, alpha: float | None, physics: Physics, config: SimulateConfig
+) -> dict[str, Any]:
     return {
         "case": name,
         "alpha": alpha,
@@ -599,7 +614,14 @@ def _base_meta(name: str, alpha: float | None, physics: Physics, config: Simulat
     }
 
 
-def _fill_entry(entry, problem, state, truth, a_priori, alpha) -> None:
+def _fill_entry(
+    entry: dict[str, Any],
+    problem: ClosureProblem,
+    state: _RunState,
+    truth: _RunState | None,
+    a_priori: np.ndarray | None,
+    alpha: float | None,
+) -> None:
     """Metrics of the run (and against the truth), computed on rank 0, shared by all."""
     result = state.result
     period = float(problem.period[0])
@@ -638,18 +660,18 @@ def _fill_entry(entry, problem, state, truth, a_priori, alpha) -> None:
 
 
 def _write_outputs(
-    config,
-    problem,
-    state,
-    truth,
-    a_priori,
-    entry,
-    name,
-    alpha,
-    physics,
-    resolved,
-    output,
-    mesh_info,
+    config: SimulateConfig,
+    problem: ClosureProblem,
+    state: _RunState,
+    truth: _RunState | None,
+    a_priori: np.ndarray | None,
+    entry: dict[str, Any],
+    name: str,
+    alpha: float | None,
+    physics: Physics,
+    resolved: SimulationPhysics,
+    output: Path,
+    mesh_info: dict[str, Any],
 ) -> None:
     """Case file, XDMF and PNG of one case (collective)."""
     from dolfinx import fem
