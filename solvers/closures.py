@@ -32,6 +32,7 @@ from solvers.fields import strain_rate_expression
 from solvers.linalg import SolverDivergedError
 from solvers.problem import ClosureProblem
 from vcnn.casefile import Case
+from vcnn.errors import UserError
 from vcnn.physics import Physics, PhysicsMismatchError
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,11 @@ __all__ = [
 CLOUD_KEYS = ("eps", "dimension")
 
 
-class ClosureError(RuntimeError):
-    """A closure could not produce a usable tau (NaN or inf, wrong shape, a failed solve)."""
+class ClosureError(UserError, RuntimeError):
+    """A closure could not produce a usable tau (NaN or inf, wrong shape, a failed solve).
+
+    A user error (reported in one line by the command line): the message says what failed.
+    """
 
 
 class ClosureModel(Protocol):

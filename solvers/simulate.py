@@ -39,14 +39,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from solvers.collective import on_root
 from solvers.generate import (
     MeshConfig,
     boundary_spec,
     build_mesh,
+    check_boundaries_table,
+    check_case_name,
     hill_case_name,
     package_versions,
     write_xdmf,
 )
+from solvers.linalg import is_interrupt
+from solvers.preflight import check_case_size, machine_memory
 from solvers.simulate_metrics import (
     METRIC_KEYS,
     periodic_distance,
@@ -56,7 +61,8 @@ from solvers.simulate_metrics import (
 )
 from vcnn.atomic import atomic_write_text
 from vcnn.casefile import write_case
-from vcnn.config import ConfigError, check_keys, merge, write_resolved_config
+from vcnn.config import ConfigError, check_keys, check_types, merge, write_resolved_config
+from vcnn.outputs import check_output_dir
 from vcnn.physics import PRODUCTION_MODES, Physics
 
 if TYPE_CHECKING:
@@ -176,6 +182,10 @@ class SimulateConfig:
                 raise ConfigError(f"hill slope factors must be positive, got {self.alphas}")
         elif not self.boundaries:
             raise ConfigError("a file mesh needs a [simulate.boundaries] table naming its walls")
+        else:
+            check_boundaries_table(self.boundaries)
+        if self.name is not None:
+            check_case_name(self.name, where="[simulate] name")
         check_keys(self.physics, set(PHYSICS_TABLE_KEYS), "[simulate.physics]")
 
     @classmethod
@@ -185,8 +195,10 @@ class SimulateConfig:
         """Build from a ``[simulate]`` table, with flag ``overrides`` (None = not given)."""
         values = merge(values, overrides or {})
         check_keys(values, set(cls.__dataclass_fields__), "[simulate]")
+        check_types(values, cls, "[simulate]")
         mesh = dict(values.pop("mesh", {}))
         check_keys(mesh, set(MeshConfig.__dataclass_fields__), "[simulate.mesh]")
+        check_types(mesh, MeshConfig, "[simulate.mesh]")
         for key in ("model", "output"):
             if values.get(key) is not None:
                 values[key] = str(values[key])
@@ -256,6 +268,18 @@ def run_simulate(
     from solvers.closures import load_network_closure, resolve_physics
 
     output = Path(config.output)
+    # Everything that can be checked is checked before a model is loaded or a file written.
+    on_root(comm, lambda: check_output_dir(output, flag="--out (output)"))
+    jobs = _case_jobs(config)
+    if config.mesh.kind != "file":
+        memory = machine_memory(comm)
+        processes = comm.size
+
+        def check_sizes() -> None:
+            for _, alpha in jobs:
+                check_case_size(config.mesh, alpha, processes=processes, memory=memory)
+
+        on_root(comm, check_sizes)
     closure_physics = None
     if config.closure == "network":
         # The model lives on rank 0: whether one was passed in is rank 0's to say.
@@ -288,22 +312,15 @@ def run_simulate(
                 else ": give --c-k"
             )
         )
-    if comm.rank == 0:
-        resolved_config = config.to_dict()
-        physics_values = resolved.physics.to_dict()
-        resolved_config["production"] = physics_values.pop("production")
-        resolved_config["c_k"] = physics_values.pop("c_k")
-        if resolved.eps is not None:
-            physics_values["eps"] = resolved.eps
-        resolved_config["physics"] = physics_values
-        write_resolved_config(output, {"simulate": resolved_config})
-    comm.barrier()
+    resolved_config = config.to_dict()
+    physics_values = resolved.physics.to_dict()
+    resolved_config["production"] = physics_values.pop("production")
+    resolved_config["c_k"] = physics_values.pop("c_k")
+    if resolved.eps is not None:
+        physics_values["eps"] = resolved.eps
+    resolved_config["physics"] = physics_values
+    on_root(comm, lambda: write_resolved_config(output, {"simulate": resolved_config}))
 
-    jobs: list[tuple[str, float | None]]
-    if config.mesh.kind == "file":
-        jobs = [(config.name or Path(config.mesh.file).stem, None)]
-    else:
-        jobs = [(hill_case_name(alpha), alpha) for alpha in config.alphas]
     entries = []
     for number, (name, alpha) in enumerate(jobs, start=1):
         prefix = f"[{number}/{len(jobs)}] {name}"
@@ -312,7 +329,11 @@ def run_simulate(
             entry = simulate_case(
                 config, resolved, closure_physics, model, name, alpha, comm=comm, prefix=prefix
             )
+        except ConfigError:
+            raise  # a config error fails every case: stop, with the one message
         except Exception as error:  # one failed case must not lose the others
+            if is_interrupt(error):
+                raise KeyboardInterrupt(f"interrupted in case {name}") from error
             message = f"{type(error).__name__}: {error}"
             entry = getattr(error, "entry", None) or _empty_entry(name, alpha, config)
             entry["error"] = message
@@ -322,7 +343,8 @@ def run_simulate(
                 logger.debug("%s", traceback.format_exc())
         entries.append(entry)
     summary = SimulateSummary(entries, output)
-    if comm.rank == 0:
+
+    def write_summary() -> None:
         text = json.dumps(entries, indent=2, allow_nan=True)
         atomic_write_text(output / "metrics.json", text + "\n")
         table = summary.table()
@@ -330,7 +352,18 @@ def run_simulate(
         logger.info(
             "\n%s\n\ncase files, figures, XDMF and metrics.json in %s", table, output.resolve()
         )
+
+    on_root(comm, write_summary)
     return summary
+
+
+def _case_jobs(config: SimulateConfig) -> list[tuple[str, float | None]]:
+    """(case name, alpha) of every case; alpha is None for a file mesh."""
+    if config.mesh.kind == "file":
+        name = config.name or Path(config.mesh.file).stem
+        check_case_name(name, where="case name (set [simulate] name)")
+        return [(name, None)]
+    return [(hill_case_name(alpha), alpha) for alpha in config.alphas]
 
 
 def _empty_entry(name: str, alpha: float | None, config: SimulateConfig) -> dict[str, Any]:
@@ -574,11 +607,13 @@ def _guarded(
         }
         try:
             case = problem.case(tau, name=f"{name}{suffix}", meta=meta)
+            path = Path(config.output) / "failed" / f"{name}{suffix}.npz"
+            on_root(problem.comm, lambda: write_case(path, case))
             if problem.comm.rank == 0:
-                path = Path(config.output) / "failed" / f"{name}{suffix}.npz"
-                write_case(path, case)
                 logger.error("the last state of the failed run is in %s", path)
         except Exception as write_error:  # the original failure matters more
+            if is_interrupt(write_error):
+                raise
             if problem.comm.rank == 0:
                 logger.error("could not write the last state: %s", write_error)
         raise
@@ -718,8 +753,7 @@ def _write_outputs(
         velocity=state.velocity,
         strain_rate=state.strain_rate,
     )
-    if problem.comm.rank == 0:
-        write_case(output / f"{name}.npz", case)
+    on_root(problem.comm, lambda: write_case(output / f"{name}.npz", case))
     if config.xdmf:
         functions = {"velocity": state.flow.u, "pressure": state.flow.p}
         nodal = {"tau": state.tau, "nu_t": state.nu_t}
@@ -729,7 +763,11 @@ def _write_outputs(
         for key, values in nodal.items():
             functions[key] = problem.to_function(values, fem.Function(problem.V, name=key))
         write_xdmf(output / f"{name}.xdmf", problem.mesh, functions)
-    if problem.comm.rank == 0 and config.plots and case.dim == 2:
-        from vcnn.plotting_simulation import plot_simulation
 
-        plot_simulation(case, output / f"{name}.png")
+    def draw() -> None:
+        if config.plots and case.dim == 2:
+            from vcnn.plotting_simulation import plot_simulation
+
+            plot_simulation(case, output / f"{name}.png")
+
+    on_root(problem.comm, draw)

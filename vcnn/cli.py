@@ -135,15 +135,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     try:
-        from solvers.closures import ClosureError
+        from mpi4py import MPI  # noqa: F401  (MPI before dolfinx and PETSc)
+
+        import dolfinx  # noqa: F401
+        from petsc4py import PETSc  # noqa: F401
+
         from solvers.simulate import SimulateConfig, run_simulate
     except ImportError as error:
-        logger.error("%s (%s)", FEM_HINT, error)
-        return 2
+        raise UsageError(f"{FEM_HINT} ({error})") from error
+    raise_on_sigterm()  # SIGTERM stops the run like Ctrl-C, complete cases kept
+    mesh_kind = args.mesh
+    if args.mesh_file is not None:
+        if mesh_kind not in (None, "file"):
+            raise UsageError(
+                f"--mesh-file is for --mesh file, but --mesh is {mesh_kind!r}: drop one of them"
+            )
+        mesh_kind = "file"
     flags = {
         "alphas": args.alphas,
-        "output": args.out,
-        "model": args.model,
+        "output": None if args.out is None else str(args.out),
+        "model": None if args.model is None else str(args.model),
         "closure": args.closure,
         "coupling": args.coupling,
         "compare": True if args.compare else None,
@@ -158,18 +169,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         "plots": False if args.no_plots else None,
         "xdmf": False if args.no_xdmf else None,
         "mesh": {
-            "kind": args.mesh,
+            "kind": mesh_kind,
             "resolution": args.resolution,
             "size": args.size,
-            "file": args.mesh_file,
+            "file": None if args.mesh_file is None else str(args.mesh_file),
         },
     }
     config = SimulateConfig.from_dict(_section(args, "simulate"), overrides=flags)
-    try:
-        summary = run_simulate(config)
-    except ClosureError as error:
-        logger.error("error: %s", error)
-        return 2
+    summary = run_simulate(config)
     return 0 if summary.all_succeeded else 1
 
 
@@ -348,13 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate", help="a closure in the loop of the flow solver, against the PDE truth"
     )
     simulate.add_argument("--config", type=Path, help="TOML file ([simulate] table)")
-    simulate.add_argument("--alphas", type=float, nargs="+", help="hill slope factors")
+    simulate.add_argument("--alphas", type=_number, nargs="+", help="hill slope factors")
     simulate.add_argument(
         "--mesh", choices=["structured", "unstructured", "file"], help="mesh kind"
     )
-    simulate.add_argument("--resolution", type=float, help="structured: factor on 200a x 200")
-    simulate.add_argument("--size", type=float, help="unstructured: target cell size")
-    simulate.add_argument("--mesh-file", type=Path, help="file: a .msh or meshio-readable mesh")
+    simulate.add_argument("--resolution", type=_number, help="structured: factor on 200a x 200")
+    simulate.add_argument("--size", type=_number, help="unstructured: target cell size")
+    simulate.add_argument(
+        "--mesh-file", type=Path, help="a .msh or meshio-readable mesh (implies --mesh file)"
+    )
     simulate.add_argument("--model", type=Path, help="trained closure (best.pt or exported)")
     simulate.add_argument(
         "--closure", choices=["network", "pde"], help="network (default) or the tau PDE"
@@ -364,13 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--compare", action="store_true", help="also solve the PDE truth")
     simulate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
-    simulate.add_argument("--c-k", type=float, help="eddy-viscosity coefficient C_k")
+    simulate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient C_k")
     simulate.add_argument(
         "--outer", choices=["anderson", "ngmres", "picard"], help="two-way outer iteration"
     )
-    simulate.add_argument("--relaxation", type=float, help="omega of relaxed Picard (0.7)")
-    simulate.add_argument("--tol", type=float, help="relative change to converge (1e-6)")
-    simulate.add_argument("--max-iterations", type=int, help="flow solves at most per run")
+    simulate.add_argument("--relaxation", type=_number, help="omega of relaxed Picard (0.7)")
+    simulate.add_argument("--tol", type=_number, help="relative change to converge (1e-6)")
+    simulate.add_argument(
+        "--max-iterations", type=_count(1), help="flow solves at most per run (40)"
+    )
     simulate.add_argument(
         "--allow-physics-mismatch",
         action="store_true",
