@@ -11,7 +11,8 @@ Taylor-Hood space, forms, boundary conditions and periodic constraint are built 
 - sets the eddy viscosity nu_t = C_k l_m sqrt(max(tau, 0)) from tau at the closure points
   (:meth:`set_eddy_viscosity`);
 - gathers the current state at the closure points into a :class:`vcnn.Case` on rank 0
-  (:meth:`case`), and writes closure-point values back into P1 Functions
+  (:meth:`case`), and writes closure-point values back into P1 Functions: an (N,) array on
+  rank 0 in the case's order (:meth:`scatter`) or each rank's owned part
   (:meth:`to_function`).
 
 ``vcnn generate``, the PDE-coupled solve and ``vcnn simulate`` all run on it. Free its PETSc
@@ -302,6 +303,21 @@ class ClosureProblem:
             function = fem.Function(self.V)
         self.points.to_function(local, function)
         return function
+
+    def scatter(
+        self, values: np.ndarray | None, function: fem.Function | None = None
+    ) -> fem.Function:
+        """Values of all closure points held by rank 0 into a scalar P1 Function (collective).
+
+        Args:
+            values: (N,) float64 in the case's point order on rank 0 (ignored elsewhere), e.g.
+                a network's prediction on :meth:`case`.
+            function: the Function to write (a new one on :attr:`V` when None).
+
+        Returns:
+            The Function, every dof set (periodic copies take their point's value).
+        """
+        return self.to_function(self.points.distribute(values), function)
 
     def velocity_values(self) -> np.ndarray:
         """The current velocity at the owned closure points, (n, d) float64.

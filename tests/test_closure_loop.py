@@ -49,6 +49,8 @@ def test_closure_points_round_trip(hill):
         np.testing.assert_allclose(back.x.array, function.x.array, atol=1e-12)
         gathered = points.gather(local)
         np.testing.assert_array_equal(points.distribute(gathered), local)
+        scattered = problem.scatter(gathered)  # (N,) on rank 0, case order -> P1 Function
+        np.testing.assert_allclose(scattered.x.array, function.x.array, atol=1e-12)
         case = problem.case(local, name="probe")
         if COMM.rank == 0:
             np.testing.assert_allclose(case.tau, np.cos(2 * np.pi * case.points[:, 0] / 9.0),
