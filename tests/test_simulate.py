@@ -229,3 +229,13 @@ def test_serial_and_two_ranks_agree(coupled_model, tmp_path):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7 * np.abs(a).max())
     assert parallel.meta["body_force"] == pytest.approx(serial.meta["body_force"], rel=1e-7)
     assert parallel.meta["metrics"]["iterations"] == serial.meta["metrics"]["iterations"]
+
+
+def test_unstructured_mesh_run_and_figure(tmp_path):
+    config = _config(tmp_path, coupling="one-way", compare=True, xdmf=False,
+                     mesh={"kind": "unstructured", "size": 0.4})
+    summary = run_simulate(config, model=LocalEquilibriumClosure())
+    assert summary.all_succeeded
+    assert (tmp_path / "hill_a1.000.png").is_file()  # triangles: the figure draws them thrice
+    case = read_case(tmp_path / "hill_a1.000.npz")
+    assert case.extra["cells"].shape[1] == 3 and case.extra["cells"].max() < case.num_points

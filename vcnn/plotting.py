@@ -67,7 +67,8 @@ def case_triangulation(case: Case) -> CaseTriangulation:
             if length > 0:
                 mask |= np.ptp(points[triangles, axis], axis=1) > 0.5 * length
         return CaseTriangulation(Triangulation(*points.T, triangles, mask=mask), source)
-    triangles = np.asarray(cells, dtype=np.int64)
+    # a copy: the periodic wrap below rewrites it, and the case's cells must stay as they are
+    triangles = np.array(cells, dtype=np.int64)
     if triangles.shape[1] == 4:  # quadrilaterals in dolfinx's tensor-product vertex order
         triangles = np.concatenate([triangles[:, [0, 1, 3]], triangles[:, [0, 3, 2]]])
     nodes = points.copy()

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.tri import LinearTriInterpolator
 
 from vcnn.casefile import Case
-from vcnn.plotting import case_triangulation, save_figure
+from vcnn.plotting import CaseTriangulation, case_triangulation, save_figure
 
 __all__ = ["NUM_STATIONS", "plot_simulation", "station_profiles"]
 
@@ -29,7 +29,12 @@ NUM_STATIONS = 10
 
 
 def station_profiles(
-    case: Case, values: np.ndarray, *, num_stations: int = NUM_STATIONS, samples: int = 120
+    case: Case,
+    values: np.ndarray,
+    *,
+    num_stations: int = NUM_STATIONS,
+    samples: int = 120,
+    triangulation: CaseTriangulation | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A field sampled along vertical lines at evenly spaced stations.
 
@@ -41,12 +46,13 @@ def station_profiles(
         values: (N,) float64 nodal values at the case's points.
         num_stations: number of stations.
         samples: samples per line.
+        triangulation: the case's :func:`vcnn.plotting.case_triangulation` (built when None).
 
     Returns:
         (stations (S,), y (samples,), profiles (S, samples)) float64.
     """
-    triangulation, source = case_triangulation(case)
-    interpolator = LinearTriInterpolator(triangulation, np.asarray(values)[source])
+    mesh, source = triangulation or case_triangulation(case)
+    interpolator = LinearTriInterpolator(mesh, np.asarray(values)[source])
     x_min, y_min = case.points.min(axis=0)
     x_max, y_max = case.points.max(axis=0)
     if case.period[0] > 0:
@@ -75,7 +81,8 @@ def plot_simulation(case: Case, path: str | os.PathLike, *, title: str | None = 
     truth_tau = case.extra.get("tau_truth")
     truth_velocity = case.extra.get("velocity_truth")
     has_truth = truth_tau is not None and truth_velocity is not None
-    triangulation, source = case_triangulation(case)
+    shared = case_triangulation(case)
+    triangulation, source = shared
     speed = np.linalg.norm(case.velocity, axis=1)
     extent = np.ptp(case.points, axis=0)
     aspect = extent[1] / max(extent[0], 1e-12)
@@ -120,10 +127,10 @@ def plot_simulation(case: Case, path: str | os.PathLike, *, title: str | None = 
     ]
     for row, (label, values, truth) in enumerate(profile_rows, start=2):
         axis = figure.add_subplot(grid[row, :])
-        stations, y, profiles = station_profiles(case, values)
+        stations, y, profiles = station_profiles(case, values, triangulation=shared)
         reference = profiles
         if truth is not None:
-            _, _, truth_profiles = station_profiles(case, truth)
+            _, _, truth_profiles = station_profiles(case, truth, triangulation=shared)
             reference = truth_profiles
         spacing = stations[1] - stations[0] if stations.size > 1 else 1.0
         peak = np.nanmax(np.abs(reference)) if np.isfinite(reference).any() else 1.0
