@@ -188,7 +188,8 @@ class LoopResult:
 
     Attributes:
         tau: (n,) float64 tau of the closure at the final flow (owned closure points).
-        flow: the final flow (copies of the velocity and pressure).
+        flow: the final flow: a :class:`solvers.flow.FlowSolution` (copies of the velocity
+            and pressure), or the given flow of a one-way run (e.g. an imported one).
         converged: True when the fixed point was reached (always True one-way).
         evaluations: closure evaluations (= flow solves of a two-way run).
         method: the outer method, ``"one-way"``, or e.g. ``"anderson, then picard"``.
@@ -199,7 +200,7 @@ class LoopResult:
     """
 
     tau: np.ndarray
-    flow: FlowSolution
+    flow: FlowSolution | Any
     converged: bool
     evaluations: int
     method: str
@@ -248,14 +249,15 @@ def _flow_if_needed(problem: ClosureProblem, flow: FlowSolution | None) -> FlowS
 
 
 def solve_one_way(
-    problem: ClosureProblem, closure: Closure, *, flow: FlowSolution | None = None
+    problem: ClosureProblem, closure: Closure, *, flow: FlowSolution | Any | None = None
 ) -> LoopResult:
     """Tau from the closure on a fixed flow (collective).
 
     Args:
         problem: the problem; its flow is solved first unless ``flow`` says it holds one.
         closure: the closure.
-        flow: the flow the problem holds already (e.g. solved or imported by the caller).
+        flow: the flow the problem holds already (solved, or imported and given to the
+            problem with :meth:`ClosureProblem.set_velocity`).
 
     Returns:
         The result (one evaluation).

@@ -115,6 +115,11 @@ class SimulateConfig:
         physics: constants the user sets (names of :class:`vcnn.physics.Physics` and
             ``eps``); the rest come from the closure's record (or the defaults for ``pde``).
         boundaries: file mesh only: boundary roles, as in ``[generate.boundaries]``.
+        flow_from: one-way only: take the fixed flow from this source instead of solving it
+            (a case file, a meshio file or an OpenFOAM case, see :mod:`solvers.flow_import`).
+        flow_time: OpenFOAM source: ``"latest"`` or a time directory.
+        flow_field: name of the velocity field of the source (default ``U``, then
+            ``velocity``).
     """
 
     alphas: list[float] = field(default_factory=lambda: [1.0])
@@ -139,6 +144,9 @@ class SimulateConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     physics: dict[str, float] = field(default_factory=dict)
     boundaries: dict[str, Any] = field(default_factory=dict)
+    flow_from: str | None = None
+    flow_time: str | float = "latest"
+    flow_field: str | None = None
 
     def __post_init__(self) -> None:
         from solvers.closure_loop import OUTER_METHODS
@@ -187,6 +195,18 @@ class SimulateConfig:
         if self.name is not None:
             check_case_name(self.name, where="[simulate] name")
         check_keys(self.physics, set(PHYSICS_TABLE_KEYS), "[simulate.physics]")
+        self.flow_time = str(self.flow_time)
+        if self.flow_from is not None:
+            self.flow_from = str(self.flow_from)
+            if not Path(self.flow_from).exists():
+                raise ConfigError(
+                    f"flow source {self.flow_from!r} (--flow-from / [simulate] flow_from) does "
+                    "not exist"
+                )
+            if self.coupling != "one-way":
+                raise ConfigError(
+                    "flow_from fixes the flow, so tau cannot feed it back: use --coupling one-way"
+                )
 
     @classmethod
     def from_dict(
@@ -466,7 +486,11 @@ def simulate_case(
     )
     # The tau PDE's undershoots on coarse meshes are discretisation error, not divergence.
     truth_options = OuterOptions(**{**asdict(options), "negative_tolerance": None})
-    with ClosureProblem.from_tagged_mesh(tagged, spec, physics, two_way=two_way) as problem:
+    imported = config.flow_from is not None
+    flow_kind = "given" if imported else "solve"
+    with ClosureProblem.from_tagged_mesh(
+        tagged, spec, physics, two_way=two_way, flow=flow_kind
+    ) as problem:
         entry["num_points"] = problem.points.num_points
         entry["setup_seconds"] = sum(problem.setup_seconds.values())
         if comm.rank == 0:
@@ -484,7 +508,19 @@ def simulate_case(
         try:
             if not two_way:
                 clock = time.perf_counter()
-                flow = problem.solve_flow()
+                if imported:
+                    from solvers.flow_import import import_flow, load_flow_source
+
+                    source = load_flow_source(
+                        config.flow_from,
+                        field=config.flow_field,
+                        time=config.flow_time,
+                        comm=comm,
+                    )
+                    flow = import_flow(source, problem.mesh, problem.facet_tags, spec)
+                    problem.set_velocity(flow.u)
+                else:
+                    flow = problem.solve_flow()
                 flow_seconds = time.perf_counter() - clock
                 run = _guarded(
                     lambda: solve_one_way(problem, closure, flow=flow),
@@ -649,6 +685,12 @@ def _base_meta(
     }
 
 
+def _body_force(flow: Any) -> float | None:
+    """The driving body force of a solved flow (None for an imported one)."""
+    force = getattr(flow, "body_force", None)
+    return None if force is None else float(force)
+
+
 def _fill_entry(
     entry: dict[str, Any],
     problem: ClosureProblem,
@@ -665,7 +707,7 @@ def _fill_entry(
         converged=bool(result.converged),
         iterations=int(result.evaluations),
         out_of_range_fraction=result.out_of_range_fraction,
-        body_force=float(result.flow.body_force),
+        body_force=_body_force(result.flow),
         tau_integral=problem.tau_integral(state.tau),
         reattachment_x=state.reattachment,
         separation_x=state.separation,
@@ -687,7 +729,7 @@ def _fill_entry(
     entry.update(problem.comm.bcast(values, root=0))
     entry.update(
         tau_integral_rel_error=relative_error(entry["tau_integral"], truth_integral),
-        body_force_rel_error=relative_error(entry["body_force"], truth.flow.body_force),
+        body_force_rel_error=relative_error(entry["body_force"], _body_force(truth.flow)),
         reattachment_x_error=periodic_distance(state.reattachment, truth.reattachment, period),
         separation_x_error=periodic_distance(state.separation, truth.separation, period),
         truth_iterations=int(truth.result.evaluations),
@@ -719,6 +761,8 @@ def _write_outputs(
         separation_x=entry["separation_x"],
         reattachment_x=entry["reattachment_x"],
         metrics=dict(entry),
+        # an imported flow records its source (a solved one has none)
+        flow_source=state.flow.to_meta() if hasattr(state.flow, "to_meta") else None,
     )
     meta["simulate"].update(
         eps=resolved.eps,
@@ -734,7 +778,7 @@ def _write_outputs(
             "iterations": truth.result.evaluations,
             "outer": truth.result.method,
             "history": [asdict(step) for step in truth.result.history],
-            "body_force": float(truth.flow.body_force),
+            "body_force": _body_force(truth.flow),
             "reattachment_x": truth.reattachment,
             "separation_x": truth.separation,
         }
@@ -755,10 +799,14 @@ def _write_outputs(
     )
     on_root(problem.comm, lambda: write_case(output / f"{name}.npz", case))
     if config.xdmf:
-        functions = {"velocity": state.flow.u, "pressure": state.flow.p}
+        functions = {"velocity": state.flow.u}
+        if getattr(state.flow, "p", None) is not None:  # an imported flow has no pressure
+            functions["pressure"] = state.flow.p
         nodal = {"tau": state.tau, "nu_t": state.nu_t}
         if truth is not None:
-            functions.update(velocity_truth=truth.flow.u, pressure_truth=truth.flow.p)
+            functions["velocity_truth"] = truth.flow.u
+            if getattr(truth.flow, "p", None) is not None:
+                functions["pressure_truth"] = truth.flow.p
             nodal.update(tau_truth=truth.tau, nu_t_truth=truth.nu_t)
         for key, values in nodal.items():
             functions[key] = problem.to_function(values, fem.Function(problem.V, name=key))

@@ -239,3 +239,21 @@ def test_unstructured_mesh_run_and_figure(tmp_path):
     assert (tmp_path / "hill_a1.000.png").is_file()  # triangles: the figure draws them thrice
     case = read_case(tmp_path / "hill_a1.000.npz")
     assert case.extra["cells"].shape[1] == 3 and case.extra["cells"].max() < case.num_points
+
+
+def test_one_way_on_a_flow_from_a_case_file(coupled_model, tmp_path):
+    source = coupled_model.parent.parent / "cases" / "hill_a1.000.npz"
+    out = tmp_path / "imported"
+    config = _config(out, alphas=[1.0], coupling="one-way", compare=True, flow_from=str(source),
+                     xdmf=True, plots=False)
+    summary = run_simulate(config, model=LocalEquilibriumClosure())
+    assert summary.all_succeeded
+    (entry,) = summary.entries
+    assert entry["body_force"] is None and entry["velocity_rel_l2_percent"] == 0.0
+    case, original = read_case(out / "hill_a1.000.npz"), read_case(source)
+    # the same mesh: the imported flow at the points is the source's
+    np.testing.assert_allclose(case.velocity, original.velocity, atol=1e-10)
+    assert case.meta["flow_source"]["path"].endswith("hill_a1.000.npz")
+    assert (out / "hill_a1.000.xdmf").is_file()
+    with pytest.raises(ValueError, match="one-way"):
+        _config(out, coupling="two-way", flow_from=str(source))

@@ -166,6 +166,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         "max_iterations": args.max_iterations,
         "allow_physics_mismatch": True if args.allow_physics_mismatch else None,
         "device": args.device,
+        "flow_from": args.flow_from,
+        "flow_time": args.flow_time,
+        "flow_field": args.flow_field,
         "plots": False if args.no_plots else None,
         "xdmf": False if args.no_xdmf else None,
         "mesh": {
@@ -372,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--coupling", choices=["one-way", "two-way"], help="flow fixed, or nu_t from tau"
     )
     simulate.add_argument("--compare", action="store_true", help="also solve the PDE truth")
+    simulate.add_argument(
+        "--flow-from",
+        help="one-way: take the fixed flow from this source (case file, meshio file, OpenFOAM "
+        "case) instead of solving it",
+    )
+    simulate.add_argument("--flow-time", help="OpenFOAM source: 'latest' or a time directory")
+    simulate.add_argument("--flow-field", help="velocity field name in the source")
     simulate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
     simulate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient C_k")
     simulate.add_argument(
