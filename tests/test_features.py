@@ -207,3 +207,29 @@ def test_bad_inputs(case_and_clouds):
     with pytest.raises(ValueError, match="keys"):
         FeatureNormalizer().load_state_dict({"scalar_mean": []})
     assert isinstance(raw, CloudBatch)
+
+
+def test_upstream_cosine_is_continuous_where_the_velocity_vanishes():
+    # Round-off in a wall velocity (1e-15 in any direction) must not flip the feature: the
+    # cosine fades out below speeds of about the spec's floor instead of jumping.
+    rng = np.random.default_rng(3)
+    fields = random_fields(rng, 300, 2)
+    spec = FeatureSpec(pair_scalars=("upstream_cosine",))
+    values = []
+    for speed in (1e-15, -1e-15, 1e-9, 0.0):
+        case = dict(fields, velocity=fields["velocity"].copy())
+        case["velocity"][5] = [speed, speed]
+        table = FieldTable.from_cases([case], spec=spec, options=OPTIONS, dtype=torch.float64)
+        raw = entry_inputs(table, torch.tensor([0]), torch.tensor([5]))
+        values.append(float(raw.scal[0, -1]))
+    assert max(abs(v) for v in values) < 1e-5
+    fast = FieldTable.from_cases([fields], spec=spec, options=OPTIONS, dtype=torch.float64)
+    raw = entry_inputs(fast, torch.zeros(300, dtype=torch.int64), torch.arange(300))
+    cosine = raw.scal[:, -1].numpy()
+    relative = fields["points"] - fields["points"][0]
+    speed = np.linalg.norm(fields["velocity"], axis=1)
+    exact = np.einsum("ij,ij->i", relative, fields["velocity"]) / np.maximum(
+        np.linalg.norm(relative, axis=1) * speed, 1e-300
+    )
+    moving = speed > 0.1
+    np.testing.assert_allclose(cosine[moving][1:], exact[moving][1:], rtol=1e-4, atol=1e-6)

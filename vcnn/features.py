@@ -87,6 +87,9 @@ class FeatureSpec:
         vectors: per-point vectors, names of (N, d) fields; "velocity" is u_i.
         wall_distance_cap: wall feature = min(d, cap) / cap (the mixing-length saturation).
         proximity_length: length L of the proximity feature.
+        upstream_speed_floor: f of the upstream cosine r . u / (|r| sqrt(|u|^2 + f^2)): the
+            cosine fades out smoothly below speeds of about f instead of jumping with the
+            direction of a vanishing velocity (at a wall, round-off decides that direction).
     """
 
     point_scalars: tuple[str, ...] = ("strain_rate", "wall_feature", "speed")
@@ -94,6 +97,7 @@ class FeatureSpec:
     vectors: tuple[str, ...] = ("velocity",)
     wall_distance_cap: float = _DEFAULT_WALL_CAP
     proximity_length: float = _DEFAULT_PROXIMITY_LENGTH
+    upstream_speed_floor: float = 1e-3
 
     def __post_init__(self) -> None:
         for name in ("point_scalars", "pair_scalars", "vectors"):
@@ -109,7 +113,7 @@ class FeatureSpec:
         names = self.scalar_names
         if len(set(names)) != len(names) or len(set(self.vectors)) != len(self.vectors):
             raise ValueError(f"feature names must be distinct, got {names} and {self.vectors}")
-        for name in ("wall_distance_cap", "proximity_length"):
+        for name in ("wall_distance_cap", "proximity_length", "upstream_speed_floor"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -339,6 +343,7 @@ class FieldTable:
     coordinates: torch.Tensor = field(init=False, repr=False)
     periodic_axes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
     direction: torch.Tensor = field(init=False, repr=False)
+    upstream_direction: torch.Tensor = field(init=False, repr=False)
     inverse_along_squared: torch.Tensor | None = field(init=False, repr=False)
     volume_lowp: torch.Tensor = field(init=False, repr=False)
 
@@ -352,9 +357,15 @@ class FieldTable:
             if bool((length > 0).any()):
                 inverse = torch.where(length > 0, 1.0 / length.clamp_min(1e-300), 0.0)
                 self.periodic_axes[axis] = (length.contiguous(), inverse.contiguous())
-        speed = torch.linalg.vector_norm(self.velocity.to(torch.float64), dim=1, keepdim=True)
-        direction = torch.where(speed > 0, self.velocity / speed.clamp_min(1e-300), 0.0)
+        velocity = self.velocity.to(torch.float64)
+        speed = torch.linalg.vector_norm(velocity, dim=1, keepdim=True)
+        direction = torch.where(speed > 0, velocity / speed.clamp_min(1e-300), 0.0)
         self.direction = direction.T.to(self.dtype).contiguous()
+        # The upstream cosine uses u / sqrt(|u|^2 + floor^2): continuous where u vanishes
+        # (walls), so round-off in a wall velocity cannot flip the feature.
+        floor = self.spec.upstream_speed_floor
+        smooth = velocity / torch.sqrt(speed * speed + floor * floor)
+        self.upstream_direction = smooth.T.to(self.dtype).contiguous()
         self.inverse_along_squared = (
             None if self.along is None else (1.0 / self.along**2).to(self.dtype)
         )
@@ -498,7 +509,8 @@ def entry_inputs(
     * proximity = exp(-|r| / L), distance = |r|;
     * normalised radius = sqrt((r . e)^2 / a^2 + (|r|^2 - (r . e)^2) / b^2) (1 on the region
       boundary);
-    * upstream cosine = r . u_i / (|r| |u_i|) (0 where either vanishes);
+    * upstream cosine = r . u_i / (|r| sqrt(|u_i|^2 + f^2)) (0 where either vanishes; the
+      floor f = ``spec.upstream_speed_floor`` makes it continuous where u_i vanishes);
     * cutoff weight = the smooth switch of the normalised radius;
     * volume = V_i / V_0.
 
@@ -552,8 +564,11 @@ def entry_inputs(
         elif name == "normalized_radius":
             assert radius is not None
             columns.append(radius)
-        else:  # upstream_cosine; the direction is zero where the velocity is
-            dot = sum(relative[axis] * _take(table.direction[axis], points) for axis in range(dim))
+        else:  # upstream_cosine, with the smoothed direction (zero where the velocity is)
+            dot = sum(
+                relative[axis] * _take(table.upstream_direction[axis], points)
+                for axis in range(dim)
+            )
             columns.append(torch.where(distance > 0, dot / distance.clamp_min(1e-30), 0.0))
     pair = (
         torch.stack(columns, dim=-1)
