@@ -32,6 +32,7 @@ from solvers.fields import strain_rate_expression
 from solvers.linalg import SolverDivergedError
 from solvers.problem import ClosureProblem
 from vcnn.casefile import Case
+from vcnn.closure import Closure as VcnnClosure
 from vcnn.errors import UserError
 from vcnn.physics import Physics, PhysicsMismatchError
 
@@ -239,7 +240,12 @@ class NetworkClosure(Closure):
         detailed = getattr(self.model, "predict_detailed", None)
         fraction = None
         if detailed is not None:
-            result = detailed(case)
+            # a vcnn closure's out-of-range warning would repeat every outer iteration; the
+            # loop reports the fraction in its progress lines and metrics instead
+            if isinstance(self.model, VcnnClosure):
+                result = detailed(case, warn=False)
+            else:
+                result = detailed(case)
             tau = result.tau
             fraction = getattr(result, "out_of_range_fraction", None)
             fraction = None if fraction is None else float(fraction)

@@ -18,3 +18,6 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (tmp_path / "run" / "best.pt").is_file()
     assert (tmp_path / "run" / "lcurve.tsv").read_text().count("\n") >= 2
     assert (tmp_path / "cases" / "hill_a1.000.png").is_file()
+    (entry,) = json.loads((tmp_path / "simulate" / "metrics.json").read_text())
+    assert entry["converged"] and entry["alpha"] == 1.45
+    assert entry["tau_rel_l2_percent"] < QUICK.simulate_tolerance_percent

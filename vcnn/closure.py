@@ -174,6 +174,7 @@ class Closure:
         seed: int = 0,
         frame: np.ndarray | None = None,
         engine: str = "auto",
+        warn: bool = True,
     ) -> ClosurePrediction:
         """:meth:`predict` with the input-range diagnostics and stage timings.
 
@@ -184,6 +185,9 @@ class Closure:
             frame: see :meth:`predict`.
             engine: ``"auto"``, ``"sparse"`` or ``"padded"`` (see
                 :func:`vcnn.inference.predict_full_clouds`).
+            warn: log a warning when much of the input lies outside the training range (a
+                caller that reports the fraction itself, e.g. every iteration of a coupled
+                run, turns it off).
 
         Returns:
             The prediction and its diagnostics.
@@ -222,7 +226,7 @@ class Closure:
         entries = max(result.num_entries, 1)
         fraction = result.out_of_range_entries / entries if known else math.nan
         by_input = {name: count / entries for name, count in result.out_of_range_by_input.items()}
-        if known and fraction > OUT_OF_RANGE_WARNING:
+        if warn and known and fraction > OUT_OF_RANGE_WARNING:
             worst = sorted(by_input.items(), key=lambda item: -item[1])[:3]
             logger.warning(
                 "case %s: %.1f %% of the cloud entries have an input outside the training range "
