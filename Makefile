@@ -27,11 +27,13 @@ test: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Benchmarks print Markdown tables (and keep a copy under results/); BENCH_ARGS=--quick for a short run.
+# The closure benchmark compares with the inference code and model of BASELINE (a git revision).
 BENCH_ARGS ?=
+BASELINE ?= 6b28f81
 bench: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_pipeline.py
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_clouds.py $(BENCH_ARGS)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_inference.py $(BENCH_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_closure.py --baseline $(BASELINE) $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,252 @@
+"""The closure's cost against the tau PDE it replaces, in one run on one machine.
+
+On the alpha = 1 hill at the published resolution (``--resolution 1``: 40,200 closure points,
+about 28 M cloud entries) it solves the flow once, then measures:
+
+* the tau Newton solve (cold start, forms compiled beforehand; best of 2): what the closure
+  replaces in a coupled run;
+* the closure (``vcnn.load_closure(...).predict``, full clouds): clouds, inputs, network and
+  total (best of 3), and the ratio to the tau solve;
+* the reference padded pass of the same model (``engine="padded"``) and the largest relative
+  difference of the two (goal: 1e-5);
+* with ``--baseline REV``: the full-cloud prediction of the inference code and shipped model
+  of an earlier revision on the same case (a temporary git worktree, a fresh process): the
+  speed-up of the closure over it (goal: 20x);
+* inference throughput in clouds per second, full clouds and 150-point clouds;
+* rebuilding the clouds of a new velocity field (sampler + full clouds), as a coupled run
+  does at every outer iteration, and its share of the closure;
+* training throughput (clouds per second, 150-point clouds, case-grouped batches) of the model's
+  configuration on a few cases;
+* the network's FLOP rate against the measured float32 matmul rate of this machine.
+
+Prints a Markdown table (and writes it to results/bench/closure.md).
+
+Usage::
+
+    python experiments/bench_closure.py [--model experiments/published/model/best.pt]
+        [--resolution 1.0] [--threads 2] [--baseline 6b28f81] [--quick]
+"""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meshes.structured import structured_hill_mesh
+from solvers.boundaries import hill_boundary_spec
+from solvers.closures import PdeClosure
+from solvers.problem import ClosureProblem
+from vcnn.casefile import write_case
+from vcnn.closure import load_closure
+from vcnn.physics import Physics
+from vcnn.system import machine_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASELINE = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+from vcnn.checkpoint import load_model
+from vcnn.datasets import CaseSource
+from vcnn.evaluation import predict_case
+loaded = load_model(sys.argv[1])
+best = None
+for _ in range(int(sys.argv[4])):
+    start = time.perf_counter()
+    result = predict_case(loaded, CaseSource(sys.argv[2]))
+    seconds = time.perf_counter() - start
+    best = seconds if best is None else min(best, seconds)
+print("RESULT " + json.dumps({"seconds": best, "rel_l2": result.metrics.rel_l2_percent}))
+"""
+
+
+def best_of(repeats: int, function):
+    """(best wall time, last result) of ``repeats`` calls."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def matmul_rate(threads: int) -> float:
+    """Measured float32 matmul rate (FLOP/s) at 2048^3."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    seconds, _ = best_of(3, lambda: a @ b)
+    return 2 * 2048**3 / seconds
+
+
+def network_flops_per_entry(closure) -> float:
+    """FLOPs per cloud entry of the sparse pass: pair kernels and the sparse products."""
+    config = closure.model.config
+    widths = [layer.in_features * layer.out_features for layer in closure.model.pair_embedding.layers]
+    m, dim, vectors = config.embedding[-1], config.dim, config.num_vectors
+    return 2.0 * sum(widths) + 2.0 * m * (1 + vectors * dim + dim)
+
+
+def run_baseline(revision: str, case_path: Path, threads: int, repeats: int) -> dict:
+    """Full-cloud prediction of an earlier revision's code and shipped model (fresh process)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch) / "baseline"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "-q", str(tree), revision], cwd=ROOT, check=True
+        )
+        try:
+            model = tree / "experiments" / "published" / "model" / "best.pt"
+            completed = subprocess.run(
+                [sys.executable, "-c", BASELINE, str(model), str(case_path), str(threads),
+                 str(repeats)],
+                cwd=tree,
+                env=dict(os.environ, PYTHONPATH=str(tree)),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"baseline failed:\n{completed.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def training_throughput(model_path: Path, threads: int, quick: bool) -> float:
+    """Clouds per second of a short training of the model's configuration (150-point clouds)."""
+    from vcnn.training import TrainConfig, train
+
+    closure = load_closure(model_path, device="cpu")
+    train_config = dict(closure.metadata.get("train_config", {}))
+    data = ROOT / "data" / "published_r0.5" / "all"
+    if not data.is_dir():
+        return float("nan")
+    with tempfile.TemporaryDirectory() as scratch:
+        config = TrainConfig.from_dict(
+            {
+                "data_dir": str(data),
+                "out_dir": scratch,
+                "train_alphas": [1.0, 1.5, 2.0],
+                "epochs": 2,
+                "queries_per_case": 300 if quick else 1500,
+                "batch_size": int(train_config.get("batch_size", 256)),
+                "cloud_size": 150,
+                "batch_grouping": train_config.get("batch_grouping", "case"),
+                "num_threads": threads,
+                "device": "cpu",
+                "model": dict(train_config.get("model", {"preset": "default"})),
+            }
+        )
+        return train(config).clouds_per_second
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", type=Path, default=ROOT / "experiments" / "published" / "model" / "best.pt"
+    )
+    parser.add_argument("--resolution", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline", help="git revision whose inference and model to compare")
+    parser.add_argument("--quick", action="store_true", help="resolution 0.25, fewer repeats")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    args = parser.parse_args(argv)
+    resolution = 0.25 if args.quick else args.resolution
+    repeats = 1 if args.quick else 3
+    torch.set_num_threads(args.threads)
+    start_summary = machine_summary()
+
+    tagged = structured_hill_mesh(1.0, resolution=resolution, comm=MPI.COMM_WORLD)
+    spec = hill_boundary_spec(tagged.boundaries, tagged.period)
+    with ClosureProblem.from_tagged_mesh(tagged, spec, Physics()) as problem:
+        problem.solve_flow()
+        with PdeClosure(problem) as pde:
+            pde.evaluate(problem)  # forms compiled, first factorisation
+            solver = pde._solver
+            tau_seconds, solution = best_of(
+                2 if not args.quick else 1, lambda: solver.solve(warm_start=False)
+            )
+            newton = solution.newton_iterations
+            tau = problem.values(solution.tau)
+        case = problem.case(tau, name="hill_a1.000", meta={"alpha": 1.0, "physics": Physics().to_dict()})
+
+    closure = load_closure(args.model, device="cpu")
+    closure.predict_detailed(case)  # warm-up
+    total, fast = best_of(repeats, lambda: closure.predict_detailed(case))
+    padded_seconds, padded = best_of(1, lambda: closure.predict_detailed(case, engine="padded"))
+    difference = float(np.max(np.abs(fast.tau - padded.tau)) / np.max(np.abs(padded.tau)))
+    error = 100 * np.linalg.norm(fast.tau - case.tau) / np.linalg.norm(case.tau)
+    sample_seconds, sampled = best_of(repeats, lambda: closure.predict_detailed(case, cloud_size=150))
+
+    perturbed = case.velocity * (1.0 + 0.05 * np.sin(case.points[:, :1]))
+    rebuild_seconds, _ = best_of(
+        repeats,
+        lambda: closure.cloud_options.sampler(case.points, perturbed, case.period).full_clouds(),
+    )
+    flops = network_flops_per_entry(closure) * fast.num_entries if closure.model.is_factorised else float("nan")
+    rate = matmul_rate(args.threads)
+    training = training_throughput(args.model, args.threads, args.quick)
+
+    baseline = None
+    if args.baseline:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = write_case(Path(scratch) / "hill_a1.000.npz", case)
+            baseline = run_baseline(args.baseline, path, args.threads, 1 if args.quick else 2)
+
+    n = case.num_points
+    rows = [
+        ("closure points / cloud entries", f"{n:,} / {fast.num_entries:,}", ""),
+        ("tau PDE solve (Newton, cold start)", f"{tau_seconds:.2f} s", f"{newton} Newton steps"),
+        ("closure, full clouds: total", f"{total:.2f} s",
+         f"**{total / tau_seconds:.2f} x the tau solve**"),
+        ("  clouds (sampler + full clouds)", f"{fast.seconds['clouds']:.2f} s", ""),
+        ("  inputs (one input path)", f"{fast.seconds['inputs']:.2f} s", ""),
+        ("  network (point tables, pair kernels, sparse products, fitting)",
+         f"{fast.seconds['network']:.2f} s", ""),
+        ("reference padded pass of the same model", f"{padded_seconds:.2f} s",
+         f"max relative difference {difference:.1e}"),
+        ("closure a priori error on this case", f"{error:.2f} %", "full clouds, rel L2"),
+    ]
+    if baseline is not None:
+        rows.append(
+            (f"{args.baseline}: its inference and shipped model, full clouds",
+             f"{baseline['seconds']:.2f} s",
+             f"**speed-up {baseline['seconds'] / total:.1f}x**")
+        )
+    rows += [
+        ("inference throughput, full clouds", f"{n / total:,.0f} clouds/s", ""),
+        ("inference throughput, 150-point clouds", f"{n / sample_seconds:,.0f} clouds/s",
+         f"{sampled.num_entries:,} entries"),
+        ("rebuild clouds of a new velocity field", f"{rebuild_seconds:.2f} s",
+         f"{100 * rebuild_seconds / total:.0f} % of the closure"),
+        ("training, 150-point clouds", f"{training:,.0f} clouds/s", "2 epochs, 3 cases"),
+        ("float32 matmul rate (2048^3)", f"{rate / 1e9:.1f} GFLOP/s", ""),
+        ("network FLOP rate, full clouds", f"{flops / fast.seconds['network'] / 1e9:.1f} GFLOP/s",
+         f"{100 * flops / fast.seconds['network'] / rate:.0f} % of the matmul rate"),
+    ]
+    lines = ["| step | time / rate | notes |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    text = (
+        f"Closure benchmark, alpha = 1, resolution {resolution:g}; model {args.model}; "
+        f"{args.threads} torch threads, float32, CPU. {start_summary} at the start, "
+        f"{machine_summary()} at the end.\n\n" + "\n".join(lines)
+    )
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "closure.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
