@@ -579,7 +579,8 @@ def entry_inputs(
     if radius is not None and table.options.cutoff_start is not None:
         weight = smooth_switch(radius, start=table.options.cutoff_start)
     return EntryInputs(
-        pos=torch.stack(relative, dim=-1),
+        # component-major storage: the sparse pass reads each component as a contiguous row
+        pos=torch.stack(relative, dim=0).movedim(0, -1),
         vec=_take(table.vectors, points) if vectors else None,
         scal=torch.cat([_take(table.point_scalars, points), pair], dim=-1) if point_scalars else pair,
         weight=weight,

@@ -334,8 +334,9 @@ def _sparse_chunk(
     )
     if bool((total <= 0).any()):
         raise ValueError("a cloud has no point with a positive weight: widen the cloud region")
-    scaled = weight[:, None] * pair  # (E, K)
-    position = model.position_channel(pos)  # (E, d)
+    # Kernel-major (K, E) and component-major (d, E): every row below is contiguous.
+    scaled = pair.T * weight[None, :]
+    position = model.position_channel(pos).T
 
     # One sparsity pattern (queries x points) serves every product of the chunk.
     crow = local_offsets.to(torch.int32)
@@ -359,12 +360,12 @@ def _sparse_chunk(
     # from [A, A x V], the position channel from A, one product per position component.
     mean_parts, vector_parts, position_parts = [], [], []
     for kernel in range(kernels):
-        values = scaled[:, kernel]
+        values = scaled[kernel]
         moments = product(values, vector_part[kernel])
         mean_parts.append(moments[:, :width])
         vector_parts.append(moments[:, width:].reshape(num_queries, width, -1))
         components = [
-            product(values * position[:, axis], point_part[kernel]) for axis in range(dim)
+            product(values * position[axis], point_part[kernel]) for axis in range(dim)
         ]
         position_parts.append(torch.stack(components, dim=-1))  # (Q, m_k, d)
     mean_features = torch.cat(mean_parts, dim=1)  # (Q, m)
