@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from vcnn.checkpoint import load_model
+from vcnn.closure import load_closure
 from vcnn.datasets import discover_cases, select_by_alpha
 from vcnn.evaluation import evaluate
 from vcnn.system import machine_summary
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--full-alphas", type=float, nargs="*", default=list(TEST_ALPHAS))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    metadata = load_model(args.model).metadata
+    metadata = load_closure(args.model, device="cpu").metadata
     sources = select_by_alpha(discover_cases(args.data), list(TEST_ALPHAS))
     start = time.perf_counter()
     sampled = evaluate(args.model, sources, args.out / "n150", cloud_size=150, device=args.device)
@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     full_by_alpha = {m.alpha: m for m in full}
     rows = [
         "| alpha | split | points | rel L2 % (n = 150) | rel L2 % (full clouds) | "
-        "integral rel error (full or 150) | published rel L2 % |",
-        "|---|---|---|---|---|---|---|",
+        "integral rel error (full or 150) | inputs out of range % (full) | "
+        "full-cloud prediction s | published rel L2 % |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in sampled:
         split = "validation" if m.alpha == 0.5 else "test"
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
         full_text = f"{full_by_alpha[m.alpha].rel_l2_percent:.2f}" if m.alpha in full_by_alpha else ""
         rows.append(
             f"| {m.alpha:g} | {split} | {m.num_points} | {m.rel_l2_percent:.2f} | {full_text} | "
-            f"{best.integral_rel_error:.2e} | {PUBLISHED.get(m.alpha, '')} |"
+            f"{best.integral_rel_error:.2e} | {100 * best.out_of_range_fraction:.2g} | "
+            f"{best.seconds:.2f} | {PUBLISHED.get(m.alpha, '')} |"
         )
     best = metadata.get("best", {})
     history = (args.model.parent / "lcurve.tsv").read_text().splitlines()
