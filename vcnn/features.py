@@ -803,12 +803,12 @@ class FeatureNormalizer:
         if not self.has_ranges:
             return torch.zeros_like(scal, dtype=torch.bool)
         columns = columns or slice(None)
-        low = torch.tensor(self.scalar_min[columns], dtype=torch.float64, device=scal.device)
-        high = torch.tensor(self.scalar_max[columns], dtype=torch.float64, device=scal.device)
+        low = torch.tensor(self.scalar_min[columns], dtype=torch.float64)
+        high = torch.tensor(self.scalar_max[columns], dtype=torch.float64)
         # A margin of 1e-6 of the column's spread: round-off at the range's ends is not "out".
         margin = 1e-6 * (high - low).clamp_min(1e-12)
-        values = scal.to(torch.float64)
-        return (values < low - margin) | (values > high + margin)
+        options = {"dtype": scal.dtype, "device": scal.device}
+        return (scal < (low - margin).to(**options)) | (scal > (high + margin).to(**options))
 
     def state_dict(self) -> dict[str, Any]:
         """Plain floats and lists (loadable with ``torch.load(weights_only=True)``)."""

@@ -182,7 +182,7 @@ def predict_full_clouds(
         point_part = tables = None
         if engine == "sparse":
             start = time.perf_counter()
-            point_part, tables = _point_tables(model, table, normalizer)
+            point_part, tables, point_scalars = _point_tables(model, table, normalizer)
             seconds["network"] += time.perf_counter() - start
         for rows in _chunks(offsets, chunk_entries):
             chunk_offsets = offsets[rows.start : rows.stop + 1]
@@ -200,16 +200,22 @@ def predict_full_clouds(
                     table,
                     entry_queries,
                     entry_points,
-                    point_scalars=model.config.point_scalars_in_kernels,
+                    point_scalars=False,
                     vectors=model.config.use_angle_feature,
                 )
-                counter.add(
-                    raw.scal, entry_points, pair_only=not model.config.point_scalars_in_kernels
-                )
+                counter.add(raw.scal, entry_points, pair_only=True)
                 seconds["inputs"] += time.perf_counter() - start
                 start = time.perf_counter()
                 values = _sparse_chunk(
-                    model, table, normalizer, raw, entry_points, local_offsets, point_part, tables
+                    model,
+                    table,
+                    normalizer,
+                    raw,
+                    entry_points,
+                    local_offsets,
+                    point_part,
+                    tables,
+                    point_scalars,
                 )
                 seconds["network"] += time.perf_counter() - start
             else:
@@ -238,7 +244,12 @@ def _chunks(offsets: np.ndarray, chunk_entries: int) -> Iterator[slice]:
 
 
 class _RangeCounter:
-    """Counts cloud entries whose raw scalar inputs lie outside the training range."""
+    """Counts cloud entries whose raw scalar inputs lie outside the training range.
+
+    Point scalars are tested once per point; an entry's point columns are then counted through
+    the number of entries of each point (a bincount), and only the pair columns are tested per
+    entry.
+    """
 
     def __init__(self, table: FieldTable, normalizer: FeatureNormalizer | None) -> None:
         self.names = table.spec.scalar_names
@@ -248,10 +259,9 @@ class _RangeCounter:
         self.entries = 0
         self.per_input = torch.zeros(len(self.names), dtype=torch.int64)
         if self.enabled:
-            # Point scalars are per point: test them once, then count entries by lookup.
-            self.point_outside = normalizer.outside_range(
-                table.point_scalars, slice(0, self.point_columns)
-            )
+            outside = normalizer.outside_range(table.point_scalars, slice(0, self.point_columns))
+            self.point_outside = outside.to(torch.int64)  # (N, s_point)
+            self.point_any = outside.any(dim=1)  # (N,)
 
     def add(
         self, raw_scalars: torch.Tensor, entry_points: torch.Tensor, *, pair_only: bool = False
@@ -261,9 +271,11 @@ class _RangeCounter:
             return
         pair_scalars = raw_scalars if pair_only else raw_scalars[:, self.point_columns :]
         pair = self.normalizer.outside_range(pair_scalars, slice(self.point_columns, None))
-        outside = torch.cat([self.point_outside[entry_points], pair], dim=1)
-        self.entries += int(outside.any(dim=1).sum())
-        self.per_input += outside.sum(dim=0).cpu()
+        any_outside = pair.any(dim=1) | self.point_any.index_select(0, entry_points)
+        self.entries += int(any_outside.sum())
+        uses = torch.bincount(entry_points, minlength=self.point_outside.shape[0])
+        point_counts = uses @ self.point_outside  # entries outside, per point column
+        self.per_input += torch.cat([point_counts, pair.sum(dim=0)]).cpu()
 
     def by_input(self) -> dict[str, int]:
         """Entries outside the range, per scalar input name (empty without ranges)."""
@@ -274,12 +286,13 @@ class _RangeCounter:
 
 def _point_tables(
     model: VectorCloudNet, table: FieldTable, normalizer: FeatureNormalizer | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-point tables of the sparse pass, one per kernel.
 
     Returns:
-        ``point_part`` (K, N, m_k): A of every kernel's channels, and ``vector_part``
-        (K, N, m_k (1 + k d)): [A, A x V] per kernel (V the normalised point vectors).
+        ``point_part`` (K, N, m_k): A of every kernel's channels, ``vector_part``
+        (K, N, m_k (1 + k d)): [A, A x V] per kernel (V the normalised point vectors), and
+        the normalised point scalars (N, s_point) that the pair kernels may read.
     """
     config = model.config
     kernels = config.num_kernels
@@ -291,7 +304,10 @@ def _point_tables(
     grouped = embedded.reshape(count, kernels, width).transpose(0, 1)  # (K, N, m_k)
     outer = grouped[..., None] * vectors.reshape(count, -1)[None, :, None, :]  # (K, N, m_k, kd)
     vector_part = torch.cat([grouped, outer.reshape(kernels, count, -1)], dim=-1)
-    return grouped.contiguous(), vector_part.contiguous()
+    scalars = table.point_scalars
+    if normalizer is not None:
+        scalars = normalizer.scalars(scalars, slice(0, scalars.shape[-1]))
+    return grouped.contiguous(), vector_part.contiguous(), scalars.to(embedded.dtype)
 
 
 def _sparse_chunk(
@@ -303,6 +319,7 @@ def _sparse_chunk(
     local_offsets: torch.Tensor,
     point_part: torch.Tensor,
     vector_part: torch.Tensor,
+    point_scalar_table: torch.Tensor,
 ) -> torch.Tensor:
     """Network output of one chunk of full clouds by sparse-dense products (module docstring)."""
     config = model.config
@@ -313,16 +330,14 @@ def _sparse_chunk(
     num_entries = entry_points.numel()
     dtype = point_part.dtype
     point_count = table.point_scalars.shape[-1]
-    pos, vec = raw.pos, raw.vec
-    with_points = config.point_scalars_in_kernels
-    pair_scalars = raw.scal[:, point_count:] if with_points else raw.scal
-    point_scalars = raw.scal[:, :point_count] if with_points else None
+    pos, vec, pair_scalars = raw.pos, raw.vec, raw.scal
+    point_scalars = None
+    if config.point_scalars_in_kernels:
+        point_scalars = point_scalar_table.index_select(0, entry_points)
     if normalizer is not None:
         pos = normalizer.positions(pos)
         vec = None if vec is None else normalizer.vectors(vec)
         pair_scalars = normalizer.scalars(pair_scalars, slice(point_count, None))
-        if point_scalars is not None:
-            point_scalars = normalizer.scalars(point_scalars, slice(0, point_count))
     pair = model.pair_kernels(model.pair_inputs(pair_scalars, pos, vec, point_scalars))  # (E, K)
     valid = torch.ones(num_entries, dtype=torch.bool, device=pos.device)
     weight = model.pooling_weights(valid[None], _row(raw.weight), _row(raw.volume), dtype=dtype)[0]
