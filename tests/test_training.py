@@ -208,3 +208,28 @@ def test_a_folder_that_holds_a_run_is_resumed_or_replaced_never_mixed(data_dir, 
     replaced = train(_config(data_dir, out, epochs=1, overwrite=True, seed=4))
     assert [r.epoch for r in replaced.history] == [1]
     assert torch.load(out / "last.pt", weights_only=True)["seed"] == 4
+
+
+def test_weight_average_is_what_is_validated_saved_and_resumed(data_dir, tmp_path):
+    from vcnn.checkpoint import load_checkpoint
+
+    full = train(_config(data_dir, tmp_path / "full", epochs=3, ema_decay=0.9))
+    checkpoint = load_checkpoint(tmp_path / "full" / "last.pt")
+    averaged, raw = checkpoint["model_state"], checkpoint["training_model_state"]
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged)
+    assert all(torch.equal(v, full.model.state_dict()[k]) for k, v in averaged.items())
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_one(record):
+        if record.epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(_config(data_dir, tmp_path / "cut", epochs=3, ema_decay=0.9), on_epoch_end=stop_after_one)
+    resumed = train(_config(data_dir, tmp_path / "cut", epochs=3, ema_decay=0.9, resume=True))
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        _config(data_dir, tmp_path / "x", ema_decay=1.0)

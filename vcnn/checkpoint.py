@@ -251,6 +251,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
             "optimizer_state",
             "scheduler_state",
             "rng_state",
+            "training_model_state",
             "feature_normalizer",
         )
     }
@@ -263,7 +264,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
 
 
 #: Entries only a resumed training run needs; an exported model leaves them out.
-TRAINING_ONLY_KEYS = ("optimizer_state", "scheduler_state", "rng_state")
+TRAINING_ONLY_KEYS = ("optimizer_state", "scheduler_state", "rng_state", "training_model_state")
+#: What every resumable checkpoint holds (``training_model_state`` only with a weight average).
+_RESUME_KEYS = ("optimizer_state", "scheduler_state", "rng_state")
 
 
 def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -293,7 +296,7 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def is_exported(payload: dict[str, Any]) -> bool:
     """Whether a checkpoint is an inference-only export (it cannot resume training)."""
-    return "exported_from" in payload or any(key not in payload for key in TRAINING_ONLY_KEYS)
+    return "exported_from" in payload or any(key not in payload for key in _RESUME_KEYS)
 
 
 def capture_rng_state() -> dict[str, Any]:

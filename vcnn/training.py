@@ -28,6 +28,7 @@ summed over the ranks, and only rank 0 writes files and logs.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -128,6 +129,10 @@ class TrainConfig:
         batch_grouping: ``"case"`` (each batch comes from one case: fewer distinct points
             per batch, so a factorised net embeds each point once per batch at a fraction of
             the cost) or ``"random"`` (every batch mixes all cases).
+        ema_decay: when given (e.g. 0.998), validate, select and save an exponential moving
+            average of the weights, ``w_avg <- decay w_avg + (1 - decay) w`` after every
+            optimiser step (the raw weights are kept in ``last.pt`` to resume): the average
+            is smoother than the last iterate and usually generalises better.
         resume: continue from ``out_dir/last.pt`` when it exists; the run's settings must
             match the checkpoint's (only ``epochs`` may grow), see :mod:`vcnn.resume`.
         overwrite: replace the run that ``out_dir`` holds (without it, and without
@@ -172,6 +177,7 @@ class TrainConfig:
     min_delta: float = 0.0
     volume_weighted_metrics: bool = False
     batch_grouping: str = "case"
+    ema_decay: float | None = None
     resume: bool = False
     overwrite: bool = False
     progress: bool | None = None
@@ -196,6 +202,8 @@ class TrainConfig:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must lie in (0, 1) or be absent, got {self.ema_decay}")
         if self.batch_grouping not in BATCH_GROUPINGS:
             raise ConfigError(
                 f"batch_grouping must be one of {BATCH_GROUPINGS}, got {self.batch_grouping!r}"
@@ -540,6 +548,13 @@ def _predict(
     return output.float()
 
 
+def _update_average(averaged: nn.Module, model: nn.Module, decay: float) -> None:
+    """One step of the exponential moving average of the weights."""
+    with torch.no_grad():
+        for mean, value in zip(averaged.parameters(), model.parameters(), strict=True):
+            mean.mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+
+
 def _data_physics(split: CaseSplit) -> Physics | None:
     """The physics of the training data; every case of every split must share it.
 
@@ -712,6 +727,8 @@ def _train(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     scheduler = _build_scheduler(optimizer, config)
+    # The model that is validated, selected and saved: the weights' moving average, or them.
+    averaged = copy.deepcopy(model) if config.ema_decay is not None else model
 
     start_epoch = 1
     best = {"epoch": 0, "rel_l2_percent": math.inf, "epochs_without_improvement": 0}
@@ -727,7 +744,8 @@ def _train(
             model_config=model.to_config(),
         )
         try:
-            model.load_state_dict(checkpoint["model_state"])
+            model.load_state_dict(checkpoint.get("training_model_state", checkpoint["model_state"]))
+            averaged.load_state_dict(checkpoint["model_state"])
         except RuntimeError as error:
             raise CheckpointError(
                 f"--resume: the weights in {str(last_path)!r} do not fit the network: {error}"
@@ -807,6 +825,8 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if averaged is not model:
+                _update_average(averaged, model, config.ema_decay)
             sums.add(
                 prediction,
                 batch.target,
@@ -823,7 +843,7 @@ def _train(
         validation_sums = _Sums()
         if validation_data is not None and validation_plan is not None:
             validation_sums = _evaluate_plan(
-                model,
+                averaged,
                 validation_data,
                 validation_plan,
                 batch_size=config.batch_size,
@@ -885,7 +905,7 @@ def _train(
             payload = {
                 "model_kind": type(model).__name__,
                 "model_config": model.to_config(),
-                "model_state": model.state_dict(),
+                "model_state": averaged.state_dict(),
                 "feature_normalizer": normalizer.state_dict(),
                 "feature_spec": spec.to_dict(),
                 "target_scale": target_scaler.scale,
@@ -895,6 +915,7 @@ def _train(
                 "cloud_size": config.cloud_size,
                 "optimizer_state": optimizer.state_dict(),
                 "scheduler_state": scheduler.state_dict(),
+                **({} if averaged is model else {"training_model_state": model.state_dict()}),
                 "rng_state": capture_rng_state(),
                 "epoch": epoch,
                 "seed": config.seed,
@@ -953,7 +974,7 @@ def _train(
         seed=config.seed,
         clouds_per_second=trained_clouds / train_seconds if train_seconds > 0 else math.nan,
         split=split.names(),
-        model=model,
+        model=averaged,
     )
 
 
