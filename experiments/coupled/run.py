@@ -15,7 +15,8 @@ Steps (each skips what is already complete, so an interrupted run continues):
    ``simulate_unstructured.toml`` on unstructured triangles (alpha = 1.45);
 
 then prints the a posteriori table against the goals of the study and writes it to
-results/coupled/aposteriori.md.
+results/coupled/aposteriori.md; the comparison figure of alpha = 0.5 (the hardest case) is
+copied to experiments/coupled/figures/ for the README.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mpi4py import MPI  # noqa: F401  (before dolfinx)
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from vcnn.cli import main as vcnn_main
@@ -114,6 +116,10 @@ def main(argv=None) -> int:
     out = ROOT / "results" / "coupled"
     out.mkdir(parents=True, exist_ok=True)
     (out / "aposteriori.md").write_text(text + "\n")
+    figure = outputs["structured x0.5"] / "hill_a0.500.png"
+    if figure.is_file():
+        (HERE / "figures").mkdir(exist_ok=True)
+        shutil.copyfile(figure, HERE / "figures" / figure.name)
     return 0
 
 
