@@ -262,6 +262,8 @@ class _RangeCounter:
             outside = normalizer.outside_range(table.point_scalars, slice(0, self.point_columns))
             self.point_outside = outside.to(torch.int64)  # (N, s_point)
             self.point_any = outside.any(dim=1)  # (N,)
+            # entries per point, summed over the chunks (the point columns are counted once)
+            self.uses = torch.zeros(outside.shape[0], dtype=torch.int64, device=outside.device)
 
     def add(
         self, raw_scalars: torch.Tensor, entry_points: torch.Tensor, *, pair_only: bool = False
@@ -273,15 +275,16 @@ class _RangeCounter:
         pair = self.normalizer.outside_range(pair_scalars, slice(self.point_columns, None))
         any_outside = pair.any(dim=1) | self.point_any.index_select(0, entry_points)
         self.entries += int(any_outside.sum())
-        uses = torch.bincount(entry_points, minlength=self.point_outside.shape[0])
-        point_counts = uses @ self.point_outside  # entries outside, per point column
-        self.per_input += torch.cat([point_counts, pair.sum(dim=0)]).cpu()
+        self.uses += torch.bincount(entry_points, minlength=self.uses.shape[0])
+        self.per_input[self.point_columns :] += pair.sum(dim=0).cpu()
 
     def by_input(self) -> dict[str, int]:
         """Entries outside the range, per scalar input name (empty without ranges)."""
         if not self.enabled:
             return {}
-        return {name: int(count) for name, count in zip(self.names, self.per_input, strict=True)}
+        counts = self.per_input.clone()
+        counts[: self.point_columns] = (self.uses[:, None] * self.point_outside).sum(dim=0).cpu()
+        return {name: int(count) for name, count in zip(self.names, counts, strict=True)}
 
 
 def _point_tables(
