@@ -73,6 +73,69 @@ def test_fast_path_equals_the_reference_padded_path(trained, preset):
             closure.predict_detailed(case, engine="sparse")
 
 
+def _compiler_available() -> bool:
+    import shutil
+
+    return shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+@pytest.mark.skipif(not _compiler_available(), reason="torch.compile needs a C++ compiler")
+def test_compiled_per_entry_stage_equals_the_eager_one(trained):
+    from vcnn import inference
+
+    _, runs = trained
+    closure = load_closure(runs["default"], device="cpu")
+    case = channel_case(1.3, nx=24, ny=10)
+    eager = closure.predict_detailed(case, compile=False)
+    compiled = closure.predict_detailed(case, compile=True)
+    assert not inference._COMPILE_FAILED, "torch.compile fell back to the eager stage"
+    scale = np.abs(eager.tau).max()
+    np.testing.assert_allclose(compiled.tau, eager.tau, rtol=1e-5, atol=1e-6 * scale)
+    assert compiled.out_of_range_fraction == eager.out_of_range_fraction
+    assert compiled.out_of_range_by_input == eager.out_of_range_by_input
+    assert set(compiled.seconds) >= {"clouds", "entries", "products", "total"}
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_stage(trained, monkeypatch, caplog):
+    from vcnn import inference
+
+    def broken_compile(function, **options):
+        def run(*args):
+            raise RuntimeError("no C++ compiler here")
+
+        return run
+
+    monkeypatch.setattr(inference, "_COMPILED_STAGE", None)
+    monkeypatch.setattr(inference, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(inference.torch, "compile", broken_compile)
+    _, runs = trained
+    closure = load_closure(runs["default"], device="cpu")
+    case = channel_case(1.3, nx=20, ny=9)
+    eager = closure.predict_detailed(case, compile=False)
+    with caplog.at_level(logging.WARNING, logger="vcnn.inference"):
+        fallback = closure.predict_detailed(case, compile=True)
+    np.testing.assert_array_equal(fallback.tau, eager.tau)
+    assert "torch.compile" in caplog.text and "no C++ compiler here" in caplog.text
+    assert inference._COMPILE_FAILED
+
+
+def test_an_input_error_is_not_mistaken_for_a_compiler_failure(monkeypatch):
+    from vcnn import inference
+
+    def failing(*args):
+        raise RuntimeError("compiled stage failed")
+
+    def invalid_input(*args):
+        raise IndexError("index 99 is out of bounds")
+
+    monkeypatch.setattr(inference, "_COMPILED_STAGE", failing)
+    monkeypatch.setattr(inference, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(inference, "_entry_stage", invalid_input)
+    with pytest.raises(IndexError, match="out of bounds"):
+        inference._run_compiled()
+    assert not inference._COMPILE_FAILED
+
+
 def test_chunking_does_not_change_the_prediction(trained):
     from vcnn.features import FieldTable
     from vcnn.inference import predict_full_clouds

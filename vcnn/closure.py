@@ -72,7 +72,8 @@ class ClosurePrediction:
         out_of_range_by_input: per input name, the fraction of entries outside its range.
         num_entries: cloud entries (query, point) evaluated.
         cloud_size: points per cloud (None: full clouds).
-        seconds: wall time per stage: ``clouds``, ``inputs``, ``network``, ``total``.
+        seconds: wall time per stage: ``clouds``, ``total`` and those of
+            :attr:`vcnn.inference.FullCloudResult.seconds`.
     """
 
     tau: np.ndarray
@@ -174,6 +175,7 @@ class Closure:
         seed: int = 0,
         frame: np.ndarray | None = None,
         engine: str = "auto",
+        compile: bool | str = "auto",
         warn: bool = True,
     ) -> ClosurePrediction:
         """:meth:`predict` with the input-range diagnostics and stage timings.
@@ -184,6 +186,9 @@ class Closure:
             seed: see :meth:`predict`.
             frame: see :meth:`predict`.
             engine: ``"auto"``, ``"sparse"`` or ``"padded"`` (see
+                :func:`vcnn.inference.predict_full_clouds`).
+            compile: compile the per-entry stage of the sparse pass: True, False or
+                ``"auto"`` (large meshes on the CPU; see
                 :func:`vcnn.inference.predict_full_clouds`).
             warn: log a warning when much of the input lies outside the training range (a
                 caller that reports the fraction itself, e.g. every iteration of a coupled
@@ -218,7 +223,14 @@ class Closure:
             [case], spec=self.spec, options=self.cloud_options, device=self.device, frame=rotation
         )
         result = predict_full_clouds(
-            self.model, table, self.normalizer, offsets, indices, queries, engine=engine
+            self.model,
+            table,
+            self.normalizer,
+            offsets,
+            indices,
+            queries,
+            engine=engine,
+            compile=compile,
         )
         tau = np.empty(case.num_points)
         tau[queries] = result.output * self.target_scale

@@ -47,7 +47,7 @@ class CaseMetrics:
         cloud_size: points per cloud (None: full clouds).
         out_of_range_fraction: fraction of cloud entries with an input outside the training
             range (NaN when the checkpoint records no ranges).
-        seconds: wall time of the prediction (clouds, inputs, network).
+        seconds: wall time of the prediction.
     """
 
     case: str
