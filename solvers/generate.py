@@ -450,11 +450,17 @@ def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> 
     return summary
 
 
-def case_jobs(config: GenerateConfig) -> list[tuple[str, float | None]]:
-    """(case name, alpha) of every case of a run; alpha is None for a file mesh."""
+def case_jobs(config: Any, *, section: str = "generate") -> list[tuple[str, float | None]]:
+    """(case name, alpha) of every case of a run; alpha is None for a file mesh.
+
+    Args:
+        config: a run configuration with ``mesh``, ``alphas`` and ``name`` (generate's or
+            simulate's).
+        section: the configuration section that names the case (for the error message).
+    """
     if config.mesh.kind == "file":
         name = config.name or Path(config.mesh.file).stem
-        check_case_name(name, where="case name (set [generate] name)")
+        check_case_name(name, where=f"case name (set [{section}] name)")
         return [(name, None)]
     return [(hill_case_name(alpha), alpha) for alpha in config.alphas]
 
@@ -545,15 +551,7 @@ def generate_case(
             "alpha": alpha,
             "mesh": {**tagged.info, "kind": tagged.kind, "num_cells": _num_cells(problem.mesh)},
             "physics": physics.to_dict(),
-            # the flat keys of earlier case files, kept for readers that know only those
-            "nu": physics.nu,
-            "D": physics.diffusivity,
-            "zeta": physics.zeta,
-            "reaction_exponent": physics.reaction_exponent,
-            "gamma": physics.gamma,
-            "tau_p": physics.tau_p,
-            "production": physics.production,
-            "c_k": physics.c_k,
+            **physics.flat_case_meta(),
             "U_b": physics.bulk_velocity if spec.body_force_driven and not imported else None,
             "bulk_velocity_measured": flow.bulk_velocity,
             "body_force": None if imported else flow.body_force,

@@ -44,9 +44,9 @@ from solvers.generate import (
     MeshConfig,
     boundary_spec,
     build_mesh,
+    case_jobs,
     check_boundaries_table,
     check_case_name,
-    hill_case_name,
     package_versions,
     write_xdmf,
 )
@@ -290,7 +290,7 @@ def run_simulate(
     output = Path(config.output)
     # Everything that can be checked is checked before a model is loaded or a file written.
     on_root(comm, lambda: check_output_dir(output, flag="--out (output)"))
-    jobs = _case_jobs(config)
+    jobs = case_jobs(config, section="simulate")
     if config.mesh.kind != "file":
         memory = machine_memory(comm)
         processes = comm.size
@@ -375,15 +375,6 @@ def run_simulate(
 
     on_root(comm, write_summary)
     return summary
-
-
-def _case_jobs(config: SimulateConfig) -> list[tuple[str, float | None]]:
-    """(case name, alpha) of every case; alpha is None for a file mesh."""
-    if config.mesh.kind == "file":
-        name = config.name or Path(config.mesh.file).stem
-        check_case_name(name, where="case name (set [simulate] name)")
-        return [(name, None)]
-    return [(hill_case_name(alpha), alpha) for alpha in config.alphas]
 
 
 def _empty_entry(name: str, alpha: float | None, config: SimulateConfig) -> dict[str, Any]:
@@ -662,15 +653,7 @@ def _base_meta(
         "case": name,
         "alpha": alpha,
         "physics": physics.to_dict(),
-        # the flat keys of the case files of vcnn generate
-        "nu": physics.nu,
-        "D": physics.diffusivity,
-        "zeta": physics.zeta,
-        "reaction_exponent": physics.reaction_exponent,
-        "gamma": physics.gamma,
-        "tau_p": physics.tau_p,
-        "production": physics.production,
-        "c_k": physics.c_k,
+        **physics.flat_case_meta(),
         "U_b": physics.bulk_velocity,
         "simulate": {
             "closure": config.closure,

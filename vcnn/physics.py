@@ -100,6 +100,23 @@ class Physics:
         """Plain JSON/TOML-friendly dictionary."""
         return asdict(self)
 
+    def flat_case_meta(self) -> dict[str, Any]:
+        """The flat physics keys of a case file's meta (beside its ``physics`` dictionary).
+
+        Case files have carried them since the first release (``D`` for the diffusivity);
+        readers that know only those keep working.
+        """
+        return {
+            "nu": self.nu,
+            "D": self.diffusivity,
+            "zeta": self.zeta,
+            "reaction_exponent": self.reaction_exponent,
+            "gamma": self.gamma,
+            "tau_p": self.tau_p,
+            "production": self.production,
+            "c_k": self.c_k,
+        }
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Physics:
         """Build from a mapping; unknown keys raise ValueError naming the known ones."""
