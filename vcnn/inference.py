@@ -23,7 +23,6 @@ they differ only in how the moments ``L = sum_i w_i G_i Q_i / sum_i w_i`` are su
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -221,7 +220,7 @@ def predict_full_clouds(
             if engine == "sparse":
                 start = time.perf_counter()
                 entry_queries = torch.repeat_interleave(chunk_queries, sizes)
-                values = stage(model, table, constants, entry_queries, entry_points)
+                values = stage(model, table, normalizer, constants, entry_queries, entry_points)
                 counter.add_counts(
                     values.outside_entries, values.outside_by_pair_column, entry_points
                 )
@@ -341,20 +340,10 @@ def _point_tables(
 
 @dataclass
 class _StageConstants:
-    """Tensors the per-entry stage reads besides the table: normalisation and input ranges.
+    """Per-point tensors the per-entry stage reads besides the table and the normaliser."""
 
-    Plain tensors (no normaliser object) so that a compiled stage guards on nothing but
-    shapes and dtypes, and is compiled once per process for every case and model of a kind.
-    """
-
-    pair_mean: torch.Tensor  # (s_pair,) standardisation of the pair scalars
-    pair_std: torch.Tensor  # (s_pair,)
-    position_scale: torch.Tensor  # () relative positions are divided by it
-    vector_scale: torch.Tensor  # (k,) per vector type
     point_scalars: torch.Tensor  # (N, s_point) normalised point scalars
-    low: torch.Tensor  # (s_pair,) raw pair scalars below it are outside the training range
-    high: torch.Tensor  # (s_pair,)
-    point_outside: torch.Tensor  # (N,) bool: some point scalar outside the range
+    point_outside: torch.Tensor  # (N,) bool: some point scalar outside the training range
 
     @classmethod
     def build(
@@ -365,41 +354,12 @@ class _StageConstants:
         *,
         dtype: torch.dtype,
     ) -> _StageConstants:
-        device = table.points.device
-        point_count = table.point_scalars.shape[-1]
-        pair_count = len(table.spec.scalar_names) - point_count
-        options = {"dtype": dtype, "device": device}
         scalars = table.point_scalars
-        if normalizer is None:
-            mean, std = torch.zeros(pair_count, **options), torch.ones(pair_count, **options)
-            position_scale = torch.ones((), **options)
-            vector_scale = torch.ones(table.vectors.shape[-2], **options)
-        else:
-            columns = slice(point_count, None)
-            mean = torch.as_tensor(normalizer.scalar_mean[columns], **options)
-            std = torch.as_tensor(normalizer.scalar_std[columns], **options)
-            position_scale = torch.as_tensor(normalizer.position_scale, **options)
-            vector_scale = torch.as_tensor(normalizer.vector_scale, **options)
-            scalars = normalizer.scalars(scalars, slice(0, point_count))
-        low = torch.full((pair_count,), -math.inf, **options)
-        high = torch.full((pair_count,), math.inf, **options)
-        if counter.enabled:
-            # the bounds outside_range tests against, margin included
-            probe = torch.tensor(
-                [normalizer.scalar_min[point_count:], normalizer.scalar_max[point_count:]],
-                dtype=torch.float64,
-            )
-            margin = 1e-6 * (probe[1] - probe[0]).clamp_min(1e-12)
-            low, high = (probe[0] - margin).to(**options), (probe[1] + margin).to(**options)
+        if normalizer is not None:
+            scalars = normalizer.scalars(scalars, slice(0, scalars.shape[-1]))
         return cls(
-            pair_mean=mean,
-            pair_std=std,
-            position_scale=position_scale,
-            vector_scale=vector_scale,
-            point_scalars=scalars.to(**options),
-            low=low,
-            high=high,
-            point_outside=counter.point_any.to(device),
+            point_scalars=scalars.to(dtype),
+            point_outside=counter.point_any.to(table.points.device),
         )
 
 
@@ -425,6 +385,7 @@ class _EntryValues:
 def _entry_stage(
     model: VectorCloudNet,
     table: FieldTable,
+    normalizer: FeatureNormalizer | None,
     constants: _StageConstants,
     entry_queries: torch.Tensor,
     entry_points: torch.Tensor,
@@ -438,10 +399,13 @@ def _entry_stage(
     raw = entry_inputs(
         table, entry_queries, entry_points, point_scalars=False, vectors=config.use_angle_feature
     )
-    dtype = constants.pair_mean.dtype
-    pos = raw.pos.to(dtype) / constants.position_scale
-    vec = None if raw.vec is None else raw.vec.to(dtype) / constants.vector_scale[:, None]
-    pair_scalars = (raw.scal.to(dtype) - constants.pair_mean) / constants.pair_std
+    dtype = constants.point_scalars.dtype
+    point_count = table.point_scalars.shape[-1]
+    pos, vec, pair_scalars = raw.pos, raw.vec, raw.scal
+    if normalizer is not None:
+        pos = normalizer.positions(pos)
+        vec = None if vec is None else normalizer.vectors(vec)
+        pair_scalars = normalizer.scalars(pair_scalars, slice(point_count, None))
     point_scalars = None
     if config.point_scalars_in_kernels:
         point_scalars = constants.point_scalars.index_select(0, entry_points)
@@ -452,7 +416,11 @@ def _entry_stage(
     scaled = pair.T * weight[None, :]
     position = model.position_channel(pos).T  # (d, E)
     positioned = scaled[:, None, :] * position[None, :, :]
-    outside = (raw.scal < constants.low) | (raw.scal > constants.high)  # (E, s_pair)
+    outside = (
+        normalizer.outside_range(raw.scal, slice(point_count, None))
+        if normalizer is not None
+        else torch.zeros_like(raw.scal, dtype=torch.bool)
+    )  # (E, s_pair)
     any_outside = outside.any(dim=1) | constants.point_outside.index_select(0, entry_points)
     return _EntryValues(
         scaled=scaled.contiguous(),
