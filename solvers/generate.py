@@ -611,8 +611,7 @@ def solve_physics(config: GenerateConfig, problem, closure, *, lap=None):
     """Flow and tau: one-way (flow, then tau) or two-way coupled when c_k > 0.
 
     With ``config.flow_from`` the flow is not solved but interpolated from that source
-    (:func:`solvers.flow_import.import_flow`) into the problem's velocity, then tau is solved
-    on it.
+    (:meth:`solvers.problem.ClosureProblem.import_flow`), then tau is solved on it.
 
     Args:
         config: the run's configuration.
@@ -635,13 +634,9 @@ def solve_physics(config: GenerateConfig, problem, closure, *, lap=None):
         lap("coupled flow and tau")
         return result, result.evaluations
     if config.flow_from is not None:
-        from solvers.flow_import import import_flow, load_flow_source
-
-        source = load_flow_source(
-            config.flow_from, field=config.flow_field, time=config.flow_time, comm=problem.comm
+        flow = problem.import_flow(
+            config.flow_from, field=config.flow_field, time=config.flow_time
         )
-        flow = import_flow(source, problem.mesh, problem.facet_tags, problem.spec)
-        problem.set_velocity(flow.u)
         lap("flow import")
     else:
         flow = problem.solve_flow()

@@ -24,6 +24,7 @@ from __future__ import annotations
 from mpi4py import MPI
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -264,6 +265,29 @@ class ClosureProblem:
             raise RuntimeError("this problem solves its flow: build it with flow='given'")
         self.velocity.interpolate(velocity)
         self.velocity.x.scatter_forward()
+
+    def import_flow(
+        self, source: str | os.PathLike[str], *, field: str | None = None, time: str = "latest"
+    ):
+        """Read a velocity field of another code and take it as this problem's flow.
+
+        The source is interpolated onto the mesh (:func:`solvers.flow_import.import_flow`)
+        and set with :meth:`set_velocity` (a problem built with ``flow="given"``).
+
+        Args:
+            source: a case file, a meshio-readable file or an OpenFOAM case directory.
+            field: the velocity field's name (None: ``U``, then ``velocity``).
+            time: OpenFOAM source: ``"latest"`` or a time directory.
+
+        Returns:
+            The :class:`solvers.flow_import.ImportedFlow` (velocity and its provenance).
+        """
+        from solvers.flow_import import import_flow, load_flow_source
+
+        loaded = load_flow_source(source, field=field, time=time, comm=self.comm)
+        flow = import_flow(loaded, self.mesh, self.facet_tags, self.spec)
+        self.set_velocity(flow.u)
+        return flow
 
     def set_eddy_viscosity(self, tau: np.ndarray) -> float:
         """Set nu_t = C_k l_m sqrt(max(tau, 0)) from tau at the owned closure points.

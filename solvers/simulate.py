@@ -496,44 +496,25 @@ def simulate_case(
         closure = network if network is not None else pde
         truth = None
         a_priori = None
+
+        def guarded(run: Callable[[], LoopResult], label: str) -> LoopResult:
+            return _guarded(run, problem, config, name, alpha, physics, label)
+
         try:
             if not two_way:
                 clock = time.perf_counter()
                 if imported:
-                    from solvers.flow_import import import_flow, load_flow_source
-
-                    source = load_flow_source(
-                        config.flow_from,
-                        field=config.flow_field,
-                        time=config.flow_time,
-                        comm=comm,
+                    flow = problem.import_flow(
+                        config.flow_from, field=config.flow_field, time=config.flow_time
                     )
-                    flow = import_flow(source, problem.mesh, problem.facet_tags, spec)
-                    problem.set_velocity(flow.u)
                 else:
                     flow = problem.solve_flow()
                 flow_seconds = time.perf_counter() - clock
-                run = _guarded(
-                    lambda: solve_one_way(problem, closure, flow=flow),
-                    problem,
-                    config,
-                    name,
-                    alpha,
-                    physics,
-                    "closure",
-                )
+                run = guarded(lambda: solve_one_way(problem, closure, flow=flow), "closure")
                 state = _capture(problem, run, alpha)
                 entry["wall_seconds"] = flow_seconds + run.wall_time
                 if config.compare:
-                    truth_run = _guarded(
-                        lambda: solve_one_way(problem, pde, flow=flow),
-                        problem,
-                        config,
-                        name,
-                        alpha,
-                        physics,
-                        "truth",
-                    )
+                    truth_run = guarded(lambda: solve_one_way(problem, pde, flow=flow), "truth")
                     truth = _capture(problem, truth_run, alpha)
                     entry["truth_wall_seconds"] = flow_seconds + truth_run.wall_time
                     a_priori = state.tau
@@ -542,15 +523,7 @@ def simulate_case(
                     if comm.rank == 0:
                         logger.info("%s: the PDE truth (two-way, %s)", prefix, config.outer)
                     problem.reset()
-                    truth_run = _guarded(
-                        lambda: solve_two_way(problem, pde, truth_options),
-                        problem,
-                        config,
-                        name,
-                        alpha,
-                        physics,
-                        "truth",
-                    )
+                    truth_run = guarded(lambda: solve_two_way(problem, pde, truth_options), "truth")
                     truth = _capture(problem, truth_run, alpha)
                     entry["truth_wall_seconds"] = truth_run.wall_time
                     # The network on the truth's flow (the problem holds it): a priori.
@@ -558,17 +531,8 @@ def simulate_case(
                     if comm.rank == 0:
                         logger.info("%s: the closure in the loop (%s)", prefix, closure.kind)
                 problem.reset()
-                run = _guarded(
-                    lambda: solve_two_way(
-                        problem, closure, options if closure is network else truth_options
-                    ),
-                    problem,
-                    config,
-                    name,
-                    alpha,
-                    physics,
-                    "closure",
-                )
+                loop_options = options if closure is network else truth_options
+                run = guarded(lambda: solve_two_way(problem, closure, loop_options), "closure")
                 state = _capture(problem, run, alpha)
                 entry["wall_seconds"] = run.wall_time
         except (CoupledDivergedError, ClosureError, SolverDivergedError) as error:
