@@ -26,7 +26,7 @@ from solvers.boundaries import BoundarySpec
 from solvers.flow import FlowSolution
 from solvers.problem import periodic_lengths
 from solvers.transport import TauSolution
-from vcnn.physics import PRODUCTION_MODES, Physics
+from vcnn.physics import DEFAULT_PHYSICS, PRODUCTION_MODES, Physics
 
 __all__ = ["CoupledSolution", "CoupledStep", "periodic_lengths", "solve_coupled"]
 
@@ -86,17 +86,17 @@ def solve_coupled(
     spec: BoundarySpec,
     *,
     c_k: float,
-    nu: float = 0.01,
-    bulk_velocity: float = 0.721039,
-    production: str = "frozen",
+    nu: float = DEFAULT_PHYSICS.nu,
+    bulk_velocity: float = DEFAULT_PHYSICS.bulk_velocity,
+    production: str = DEFAULT_PHYSICS.production,
     relaxation: float = 0.7,
     tol: float = 1e-8,
     max_iterations: int = 60,
-    diffusivity: float = 0.1,
-    zeta: float = 3.0,
-    reaction_exponent: float = 1.0,
-    gamma: float = 200.0,
-    tau_p: float = 0.001,
+    diffusivity: float = DEFAULT_PHYSICS.diffusivity,
+    zeta: float = DEFAULT_PHYSICS.zeta,
+    reaction_exponent: float = DEFAULT_PHYSICS.reaction_exponent,
+    gamma: float = DEFAULT_PHYSICS.gamma,
+    tau_p: float = DEFAULT_PHYSICS.tau_p,
     warm_rtol: float = 1e-6,
     outer: str = "picard",
     period: np.ndarray | None = None,

@@ -45,6 +45,7 @@ from solvers.linalg import (
     solve_linear,
 )
 from solvers.periodic import PeriodicConstraint
+from vcnn.physics import DEFAULT_PHYSICS
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +223,8 @@ class FlowSolver:
         facet_tags: dolfinx.mesh.MeshTags,
         spec: BoundarySpec,
         *,
-        nu: float = 0.01,
-        bulk_velocity: float = 0.721039,
+        nu: float = DEFAULT_PHYSICS.nu,
+        bulk_velocity: float = DEFAULT_PHYSICS.bulk_velocity,
         nu_t: dolfinx.fem.Function | ufl.core.expr.Expr | None = None,
         degree: int = 2,
         petsc_options: Mapping[str, object] | None = None,
@@ -623,8 +624,8 @@ def solve_flow(
     facet_tags: dolfinx.mesh.MeshTags,
     spec: BoundarySpec,
     *,
-    nu: float = 0.01,
-    bulk_velocity: float = 0.721039,
+    nu: float = DEFAULT_PHYSICS.nu,
+    bulk_velocity: float = DEFAULT_PHYSICS.bulk_velocity,
     nu_t: dolfinx.fem.Function | ufl.core.expr.Expr | None = None,
     degree: int = 2,
     initial_guess: FlowSolution | None = None,

@@ -51,7 +51,7 @@ from solvers.linalg import (
     format_history,
     solve_linear,
 )
-from vcnn.physics import PRODUCTION_MODES
+from vcnn.physics import DEFAULT_PHYSICS, PRODUCTION_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -422,12 +422,12 @@ def tau_residual_form(
     strain_rate: ufl.core.expr.Expr,
     wall_distance: ufl.core.expr.Expr,
     *,
-    production: str = "frozen",
-    diffusivity: float = 0.1,
-    zeta: float = 3.0,
-    reaction_exponent: float = 1.0,
-    gamma: float = 200.0,
-    tau_p: float = 0.001,
+    production: str = DEFAULT_PHYSICS.production,
+    diffusivity: float = DEFAULT_PHYSICS.diffusivity,
+    zeta: float = DEFAULT_PHYSICS.zeta,
+    reaction_exponent: float = DEFAULT_PHYSICS.reaction_exponent,
+    gamma: float = DEFAULT_PHYSICS.gamma,
+    tau_p: float = DEFAULT_PHYSICS.tau_p,
     regularization: float = 1e-8,
 ) -> ufl.Form:
     """Residual form of the tau equation of DESIGN 3.3 (see :func:`solve_tau`)."""
@@ -498,12 +498,12 @@ class TauSolver:
         facet_tags: dolfinx.mesh.MeshTags,
         spec: BoundarySpec,
         *,
-        production: str = "frozen",
-        diffusivity: float = 0.1,
-        zeta: float = 3.0,
-        reaction_exponent: float = 1.0,
-        gamma: float = 200.0,
-        tau_p: float = 0.001,
+        production: str = DEFAULT_PHYSICS.production,
+        diffusivity: float = DEFAULT_PHYSICS.diffusivity,
+        zeta: float = DEFAULT_PHYSICS.zeta,
+        reaction_exponent: float = DEFAULT_PHYSICS.reaction_exponent,
+        gamma: float = DEFAULT_PHYSICS.gamma,
+        tau_p: float = DEFAULT_PHYSICS.tau_p,
         regularization: float = 1e-8,
         constraint=None,
     ) -> None:
@@ -687,12 +687,12 @@ def solve_tau(
     facet_tags: dolfinx.mesh.MeshTags,
     spec: BoundarySpec,
     *,
-    production: str = "frozen",
-    diffusivity: float = 0.1,
-    zeta: float = 3.0,
-    reaction_exponent: float = 1.0,
-    gamma: float = 200.0,
-    tau_p: float = 0.001,
+    production: str = DEFAULT_PHYSICS.production,
+    diffusivity: float = DEFAULT_PHYSICS.diffusivity,
+    zeta: float = DEFAULT_PHYSICS.zeta,
+    reaction_exponent: float = DEFAULT_PHYSICS.reaction_exponent,
+    gamma: float = DEFAULT_PHYSICS.gamma,
+    tau_p: float = DEFAULT_PHYSICS.tau_p,
     initial_guess: fem.Function | None = None,
     rtol: float = 1e-10,
     atol: float = 1e-13,

@@ -53,6 +53,7 @@ from vcnn._regions import (
     region_covariance,
     smooth_switch,
 )
+from vcnn.physics import DEFAULT_PHYSICS
 
 logger = logging.getLogger(__name__)
 
@@ -284,8 +285,8 @@ class CloudSampler:
         *,
         period: np.ndarray | None = None,
         region: RegionKind = "ellipse",
-        diffusivity: float = 0.1,
-        zeta: float = 3.0,
+        diffusivity: float = DEFAULT_PHYSICS.diffusivity,
+        zeta: float = DEFAULT_PHYSICS.zeta,
         eps: float = 0.2,
         radius: float | None = None,
         k: int | None = None,
@@ -1242,8 +1243,9 @@ class CloudOptions:
             velocity,
             period=period,
             region=self.region,
-            diffusivity=self.diffusivity if self.diffusivity is not None else 0.1,
-            zeta=self.zeta if self.zeta is not None else 3.0,
+            # an ellipse is resolved above; the other regions do not read the operator
+            diffusivity=DEFAULT_PHYSICS.diffusivity if self.diffusivity is None else self.diffusivity,
+            zeta=DEFAULT_PHYSICS.zeta if self.zeta is None else self.zeta,
             eps=self.eps,
             radius=self.radius,
             k=self.k,

@@ -175,3 +175,7 @@ class Physics:
             if not same:
                 out.append(f"{item.name}: {mine!r} vs {theirs!r}")
         return out
+
+
+#: The default constants: the defaults of every solver signature come from here.
+DEFAULT_PHYSICS = Physics()
