@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=0.0)
     parser.add_argument("--quick", action="store_true", help="fewer clouds per epoch")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     from vcnn.system import machine_summary
 
     queries = 100 if args.quick else 400

@@ -66,6 +66,7 @@ __all__ = [
     "VelocityInterpolator",
     "import_flow",
     "load_flow_source",
+    "subcell_centre_samples",
 ]
 
 logger = logging.getLogger(__name__)
@@ -452,3 +453,32 @@ def _bulk_velocity(u: fem.Function, spec: BoundarySpec) -> float:
         fem.assemble_scalar(fem.form(fem.Constant(mesh, 1.0) * ufl.dx(domain=mesh))), op=MPI.SUM
     )
     return float(flux / area)
+
+
+def subcell_centre_samples(
+    velocity: fem.Function, subdivisions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A velocity sampled at the centres of an m x m subdivision of every quadrilateral.
+
+    Cell-centred data like a finite-volume code's (no sample on a wall), made from a field of
+    our own: the test data of the import's convergence under refinement of the source.
+
+    Args:
+        velocity: a vector Function on a quadrilateral mesh (this rank's cells are sampled).
+        subdivisions: m, the sub-cells per cell and direction.
+
+    Returns:
+        (n, 2) float64 sample points and (n, 2) float64 velocity there, n = cells m^2.
+    """
+    mesh = velocity.function_space.mesh
+    if mesh.topology.cell_name() != "quadrilateral":
+        raise ValueError("sub-cell samples need a quadrilateral mesh")
+    # dolfinx quadrilaterals list their nodes as (0,0) (1,0) (0,1) (1,1) of the reference square
+    nodes = mesh.geometry.x[mesh.geometry.dofmaps[0]][:, :, :2]
+    centres = (np.arange(subdivisions) + 0.5) / subdivisions
+    s, t = (grid.ravel() for grid in np.meshgrid(centres, centres))
+    shape = np.stack([(1 - s) * (1 - t), s * (1 - t), (1 - s) * t, s * t], axis=1)
+    points = np.einsum("ki,cig->ckg", shape, nodes).reshape(-1, 2)
+    cells = np.repeat(np.arange(nodes.shape[0], dtype=np.int32), subdivisions**2)
+    values = velocity.eval(np.column_stack([points, np.zeros(len(points))]), cells)
+    return points, np.asarray(values, dtype=np.float64)

@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 
 from meshes.hills import hill_period
-from solvers.flow_import import FlowImportError, VelocityInterpolator, import_flow
+from solvers.flow_import import (
+    FlowImportError,
+    VelocityInterpolator,
+    import_flow,
+    subcell_centre_samples,
+)
 from solvers.flow_sources import FlowSource
 from solvers.generate import GenerateConfig, run_generate
 from vcnn.casefile import read_case
@@ -145,25 +150,12 @@ def relative_l2(case, values, reference):
     )
 
 
-def subcell_centres(tagged, flow, m):
-    """Our flow at the centres of an m x m subdivision of every quadrilateral (FV-like data)."""
-    mesh = tagged.mesh
-    # dolfinx quadrilaterals list their nodes as (0,0) (1,0) (0,1) (1,1) of the reference square
-    nodes = mesh.geometry.x[mesh.geometry.dofmaps[0]][:, :, :2]
-    s, t = (g.ravel() for g in np.meshgrid((np.arange(m) + 0.5) / m, (np.arange(m) + 0.5) / m))
-    shape = np.stack([(1 - s) * (1 - t), s * (1 - t), (1 - s) * t, s * t], axis=1)
-    points = np.einsum("ki,cig->ckg", shape, nodes).reshape(-1, 2)
-    cells = np.repeat(np.arange(nodes.shape[0], dtype=np.int32), m * m)
-    velocity = flow.u.eval(np.column_stack([points, np.zeros(len(points))]), cells)
-    return points, velocity
-
-
 @pytest.mark.slow
 def test_tau_on_imported_copies_converges_to_tau_on_the_solved_flow(solved):
     tagged, _, flow, reference, out = solved
     errors = {}
     for m in (1, 2, 4):
-        points, velocity = subcell_centres(tagged, flow, m)
+        points, velocity = subcell_centre_samples(flow.u, m)
         source = out / f"centres_{m}.npz"
         np.savez(source, points=points, velocity=velocity, period=tagged.period)
         case = generate_from(source, out / f"imported_{m}")
@@ -256,7 +248,7 @@ def source(points, velocity, **more):
 
 def test_sources_that_do_not_fit_the_mesh(solved):
     tagged, spec, flow, _, _ = solved
-    points, velocity = subcell_centres(tagged, flow, 1)
+    points, velocity = subcell_centre_samples(flow.u, 1)
 
     def attempt(src):
         return import_flow(src, tagged.mesh, tagged.facet_tags, spec)

@@ -16,33 +16,18 @@ from mpi4py import MPI  # noqa: F401  (initialise MPI before dolfinx)
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from meshes.structured import structured_hill_mesh  # noqa: E402
-from solvers.boundaries import hill_boundary_spec  # noqa: E402
-from solvers.flow import solve_flow  # noqa: E402
-from solvers.generate import GenerateConfig, run_generate  # noqa: E402
-from vcnn.casefile import read_case  # noqa: E402
-
-
-def subcell_centres(tagged, u, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """``u`` at the centres of an m x m subdivision of every quadrilateral: (n, 2), (n, 2)."""
-    mesh = tagged.mesh
-    # dolfinx quadrilaterals list their nodes as (0,0) (1,0) (0,1) (1,1) of the reference square
-    nodes = mesh.geometry.x[mesh.geometry.dofmaps[0]][:, :, :2]
-    s, t = (g.ravel() for g in np.meshgrid((np.arange(m) + 0.5) / m, (np.arange(m) + 0.5) / m))
-    shape = np.stack([(1 - s) * (1 - t), s * (1 - t), (1 - s) * t, s * t], axis=1)
-    points = np.einsum("ki,cig->ckg", shape, nodes).reshape(-1, 2)
-    cells = np.repeat(np.arange(nodes.shape[0], dtype=np.int32), m * m)
-    return points, u.eval(np.column_stack([points, np.zeros(len(points))]), cells)
+from meshes.structured import structured_hill_mesh
+from solvers.boundaries import hill_boundary_spec
+from solvers.flow import solve_flow
+from solvers.flow_import import subcell_centre_samples
+from solvers.generate import GenerateConfig, run_generate
+from vcnn.casefile import read_case
 
 
 def relative_l2(case, values, reference) -> float:
@@ -60,7 +45,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     tagged = structured_hill_mesh(1.0, resolution=args.resolution)
     spec = hill_boundary_spec(tagged.boundaries, tagged.period)
-    flow = solve_flow(tagged.mesh, tagged.facet_tags, spec, nu=0.01, bulk_velocity=0.721039)
+    flow = solve_flow(tagged.mesh, tagged.facet_tags, spec)
     base = {"alphas": [1.0], "mesh": {"resolution": args.resolution}, "plots": False, "xdmf": False}
     lines = [
         "| samples per cell | samples | u rel L2 | abs(S) rel L2 | tau rel L2 | tau rate | import s |",
@@ -72,7 +57,7 @@ def main() -> None:
         run_generate(GenerateConfig.from_dict({**base, "output": str(work / "solved")}))
         reference = read_case(work / "solved" / "hill_a1.000.npz")
         for m in args.subdivisions:
-            points, velocity = subcell_centres(tagged, flow.u, m)
+            points, velocity = subcell_centre_samples(flow.u, m)
             source = work / f"centres_{m}.npz"
             np.savez(source, points=points, velocity=velocity, period=tagged.period)
             out = work / f"imported_{m}"

@@ -17,19 +17,17 @@ from mpi4py import MPI  # noqa: F401  (initialise MPI before dolfinx)
 
 import argparse
 import logging
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from solvers import flow_import
+from solvers.generate import GenerateConfig, run_generate
+from vcnn.casefile import read_case
 
-from solvers import flow_import  # noqa: E402
-from solvers.generate import GenerateConfig, run_generate  # noqa: E402
-from vcnn.casefile import read_case  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 CASE = ROOT / "tests" / "data" / "openfoam_hill"
 

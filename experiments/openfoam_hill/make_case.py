@@ -24,20 +24,19 @@ import gzip
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from meshes.hills import TOP_WALL_HEIGHT, hill_flank_length, hill_period, hill_profile
+from vcnn.physics import DEFAULT_PHYSICS
 
-from meshes.hills import TOP_WALL_HEIGHT, hill_flank_length, hill_period, hill_profile  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 ALPHA = 1.0
-NU = 0.01
-BULK_VELOCITY = 0.721039
+NU = DEFAULT_PHYSICS.nu
+BULK_VELOCITY = DEFAULT_PHYSICS.bulk_velocity
 #: Cells along the two flank blocks, the floor block, and across the channel.
 FLANK_CELLS, FLOOR_CELLS, CROSS_CELLS = 14, 34, 48
 #: Ratio of the cell size in the middle of the channel to the one at each wall.
