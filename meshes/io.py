@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     import dolfinx.mesh
 
-__all__ = ["CELL_TAG_KEYS", "MeshError", "read_mesh"]
+__all__ = ["CELL_TAG_KEYS", "MeshError", "read_mesh", "read_meshio"]
 
 logger = logging.getLogger(__name__)
 
@@ -275,18 +275,32 @@ def _entity_tags(
     return tags
 
 
-def _meshio_arrays(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Load a file with meshio and extract first-order cells, tagged facets and names."""
+def read_meshio(path: Path, *, error: type[Exception] = MeshError, what: str = "") -> Any:
+    """``meshio.read(path)``, with every failure raised as one ``error`` that says why.
+
+    Args:
+        path: the file.
+        error: the exception class to raise.
+        what: words put before the path in the message (e.g. ``"flow source "``).
+
+    Returns:
+        The ``meshio.Mesh``.
+    """
     import meshio
 
     messages = io.StringIO()
     try:
         # meshio reports some failures by printing and calling sys.exit, hence SystemExit.
         with contextlib.redirect_stdout(messages), contextlib.redirect_stderr(messages):
-            data = meshio.read(path)
+            return meshio.read(path)
     except (Exception, SystemExit) as exc:
         detail = messages.getvalue().strip() or str(exc) or type(exc).__name__
-        raise MeshError(f"meshio cannot read {str(path)!r}: {detail}") from None
+        raise error(f"meshio cannot read {what}{str(path)!r}: {detail}") from None
+
+
+def _meshio_arrays(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Load a file with meshio and extract first-order cells, tagged facets and names."""
+    data = read_meshio(path)
 
     blocks = [(block.type, np.asarray(block.data)) for block in data.cells]
     domain_types = {cell_type for cell_type, _ in blocks if cell_type in _MESHIO_DOMAIN_CELLS}

@@ -20,7 +20,6 @@ source holds.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -227,16 +226,9 @@ def _read_case_file(path: Path, field: str | None) -> FlowSource:
 
 
 def _read_meshio(path: Path, field: str | None) -> FlowSource:
-    import meshio
+    from meshes.io import read_meshio
 
-    messages = io.StringIO()
-    try:
-        # meshio reports some failures by printing and calling sys.exit, hence SystemExit.
-        with contextlib.redirect_stdout(messages), contextlib.redirect_stderr(messages):
-            data = meshio.read(path)
-    except (Exception, SystemExit) as error:
-        detail = messages.getvalue().strip() or str(error) or type(error).__name__
-        raise FlowSourceError(f"meshio cannot read flow source {str(path)!r}: {detail}") from None
+    data = read_meshio(path, error=FlowSourceError, what="flow source ")
     points = np.asarray(data.points, dtype=np.float64)
     name = _pick_field(list(data.point_data), field)
     if name is not None:
