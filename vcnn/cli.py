@@ -90,6 +90,34 @@ def _section(args: argparse.Namespace, name: str) -> dict[str, Any]:
     return dict(table)
 
 
+def _mesh_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``mesh`` overrides of generate's and simulate's mesh flags."""
+    kind = args.mesh
+    if args.mesh_file is not None:
+        if kind not in (None, "file"):
+            raise UsageError(
+                f"--mesh-file is for --mesh file, but --mesh is {kind!r}: drop one of them"
+            )
+        kind = "file"  # a mesh file given on the command line is the mesh to solve on
+    return {
+        "kind": kind,
+        "resolution": args.resolution,
+        "size": args.size,
+        "file": None if args.mesh_file is None else str(args.mesh_file),
+    }
+
+
+def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
+    """The hill and mesh flags that generate and simulate share."""
+    parser.add_argument("--alphas", type=_number, nargs="+", help="hill slope factors")
+    parser.add_argument("--mesh", choices=["structured", "unstructured", "file"], help="mesh kind")
+    parser.add_argument("--resolution", type=_number, help="structured: factor on 200a x 200")
+    parser.add_argument("--size", type=_number, help="unstructured: target cell size")
+    parser.add_argument(
+        "--mesh-file", type=Path, help="a .msh or meshio-readable mesh (implies --mesh file)"
+    )
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     try:
         from mpi4py import MPI  # noqa: F401  (MPI before dolfinx and PETSc)
@@ -103,13 +131,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # PETSc's signal handler aborts the process on SIGTERM: take it back, so that SIGTERM
     # stops the run like Ctrl-C (complete cases kept) on every rank.
     raise_on_sigterm()
-    mesh_kind = args.mesh
-    if args.mesh_file is not None:
-        if mesh_kind not in (None, "file"):
-            raise UsageError(
-                f"--mesh-file is for --mesh file, but --mesh is {mesh_kind!r}: drop one of them"
-            )
-        mesh_kind = "file"  # a mesh file given on the command line is the mesh to solve on
     flags = {
         "alphas": args.alphas,
         "output": None if args.out is None else str(args.out),
@@ -121,12 +142,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "flow_from": args.flow_from,
         "flow_time": args.flow_time,
         "flow_field": args.flow_field,
-        "mesh": {
-            "kind": mesh_kind,
-            "resolution": args.resolution,
-            "size": args.size,
-            "file": None if args.mesh_file is None else str(args.mesh_file),
-        },
+        "mesh": _mesh_flags(args),
     }
     config = GenerateConfig.from_dict(_section(args, "generate"), overrides=flags)
     summary = run_generate(config)
@@ -144,13 +160,6 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise UsageError(f"{FEM_HINT} ({error})") from error
     raise_on_sigterm()  # SIGTERM stops the run like Ctrl-C, complete cases kept
-    mesh_kind = args.mesh
-    if args.mesh_file is not None:
-        if mesh_kind not in (None, "file"):
-            raise UsageError(
-                f"--mesh-file is for --mesh file, but --mesh is {mesh_kind!r}: drop one of them"
-            )
-        mesh_kind = "file"
     flags = {
         "alphas": args.alphas,
         "output": None if args.out is None else str(args.out),
@@ -171,12 +180,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         "flow_field": args.flow_field,
         "plots": False if args.no_plots else None,
         "xdmf": False if args.no_xdmf else None,
-        "mesh": {
-            "kind": mesh_kind,
-            "resolution": args.resolution,
-            "size": args.size,
-            "file": None if args.mesh_file is None else str(args.mesh_file),
-        },
+        "mesh": _mesh_flags(args),
     }
     config = SimulateConfig.from_dict(_section(args, "simulate"), overrides=flags)
     summary = run_simulate(config)
@@ -326,15 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = verbs.add_parser("generate", help="solve cases and write case files")
     generate.add_argument("--config", type=Path, help="TOML file ([generate] table)")
-    generate.add_argument("--alphas", type=_number, nargs="+", help="hill slope factors")
-    generate.add_argument(
-        "--mesh", choices=["structured", "unstructured", "file"], help="mesh kind"
-    )
-    generate.add_argument("--resolution", type=_number, help="structured: factor on 200a x 200")
-    generate.add_argument("--size", type=_number, help="unstructured: target cell size")
-    generate.add_argument(
-        "--mesh-file", type=Path, help="a .msh or meshio-readable mesh (implies --mesh file)"
-    )
+    _add_mesh_options(generate)
     generate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
     generate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient (0: one-way)")
     generate.add_argument(
@@ -358,15 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate", help="a closure in the loop of the flow solver, against the PDE truth"
     )
     simulate.add_argument("--config", type=Path, help="TOML file ([simulate] table)")
-    simulate.add_argument("--alphas", type=_number, nargs="+", help="hill slope factors")
-    simulate.add_argument(
-        "--mesh", choices=["structured", "unstructured", "file"], help="mesh kind"
-    )
-    simulate.add_argument("--resolution", type=_number, help="structured: factor on 200a x 200")
-    simulate.add_argument("--size", type=_number, help="unstructured: target cell size")
-    simulate.add_argument(
-        "--mesh-file", type=Path, help="a .msh or meshio-readable mesh (implies --mesh file)"
-    )
+    _add_mesh_options(simulate)
     simulate.add_argument("--model", type=Path, help="trained closure (best.pt or exported)")
     simulate.add_argument(
         "--closure", choices=["network", "pde"], help="network (default) or the tau PDE"
