@@ -15,9 +15,10 @@ they differ only in how the moments ``L = sum_i w_i G_i Q_i / sum_i w_i`` are su
       L[q, a, x] = sum_{e in q} (s[e, k(a)] r_e) A[i_e, a]              (position channel)
 
   are sparse (queries x points) matrices with one value per entry times dense per-point
-  tables: two sparse-dense products per chunk of queries do all the per-entry work that is
-  m wide. Per entry only the pair kernels (a tiny MLP of a few invariants) are evaluated.
-  Other nets fall back to the padded pass over clouds bucketed by size.
+  tables: 1 + d sparse-dense products per kernel and chunk of queries do all the per-entry
+  work that is m wide. Per entry only the inputs, the pair kernels (a tiny MLP of a few
+  invariants) and the pooling weights are evaluated, in one function that ``torch.compile``
+  fuses on large meshes. Other nets fall back to the padded pass over clouds bucketed by size.
 """
 
 from __future__ import annotations
