@@ -66,9 +66,11 @@ def test_fast_path_equals_the_reference_padded_path(trained, preset):
     np.testing.assert_allclose(auto.tau, padded.tau, rtol=1e-5, atol=1e-7 * np.abs(padded.tau).max())
     assert auto.num_entries == padded.num_entries > case.num_points
     if preset == "default":
+        assert auto.engine == "fused"
         sparse = closure.predict_detailed(case, engine="sparse")
-        np.testing.assert_array_equal(sparse.tau, auto.tau)
+        np.testing.assert_allclose(sparse.tau, auto.tau, rtol=1e-5, atol=1e-7 * np.abs(auto.tau).max())
     else:
+        assert auto.engine == "padded"
         with pytest.raises(ValueError, match="factorised"):
             closure.predict_detailed(case, engine="sparse")
 
@@ -86,8 +88,8 @@ def test_compiled_per_entry_stage_equals_the_eager_one(trained):
     _, runs = trained
     closure = load_closure(runs["default"], device="cpu")
     case = channel_case(1.3, nx=24, ny=10)
-    eager = closure.predict_detailed(case, compile=False)
-    compiled = closure.predict_detailed(case, compile=True)
+    eager = closure.predict_detailed(case, engine="sparse", compile=False)
+    compiled = closure.predict_detailed(case, engine="sparse", compile=True)
     assert not inference._COMPILE_FAILED, "torch.compile fell back to the eager stage"
     scale = np.abs(eager.tau).max()
     np.testing.assert_allclose(compiled.tau, eager.tau, rtol=1e-5, atol=1e-6 * scale)
@@ -111,9 +113,9 @@ def test_a_failing_compiler_falls_back_to_the_eager_stage(trained, monkeypatch, 
     _, runs = trained
     closure = load_closure(runs["default"], device="cpu")
     case = channel_case(1.3, nx=20, ny=9)
-    eager = closure.predict_detailed(case, compile=False)
+    eager = closure.predict_detailed(case, engine="sparse", compile=False)
     with caplog.at_level(logging.WARNING, logger="vcnn.inference"):
-        fallback = closure.predict_detailed(case, compile=True)
+        fallback = closure.predict_detailed(case, engine="sparse", compile=True)
     np.testing.assert_array_equal(fallback.tau, eager.tau)
     assert "torch.compile" in caplog.text and "no C++ compiler here" in caplog.text
     assert inference._COMPILE_FAILED
@@ -146,8 +148,8 @@ def test_chunking_does_not_change_the_prediction(trained):
     clouds = closure.cloud_options.sampler(case.points, case.velocity, case.period).full_clouds()
     table = FieldTable.from_cases([case], spec=closure.spec, options=closure.cloud_options)
     args = (closure.model, table, closure.normalizer, clouds.offsets, clouds.indices, clouds.queries)
-    whole = predict_full_clouds(*args, chunk_entries=10**9).output
-    pieces = predict_full_clouds(*args, chunk_entries=997).output
+    whole = predict_full_clouds(*args, engine="sparse", chunk_entries=10**9).output
+    pieces = predict_full_clouds(*args, engine="sparse", chunk_entries=997).output
     np.testing.assert_allclose(pieces, whole, rtol=1e-6, atol=1e-9)
 
 

@@ -74,6 +74,7 @@ class ClosurePrediction:
         cloud_size: points per cloud (None: full clouds).
         seconds: wall time per stage: ``clouds``, ``total`` and those of
             :attr:`vcnn.inference.FullCloudResult.seconds`.
+        engine: the pass that ran (``"fused"``, ``"sparse"`` or ``"padded"``).
     """
 
     tau: np.ndarray
@@ -82,6 +83,7 @@ class ClosurePrediction:
     num_entries: int = 0
     cloud_size: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    engine: str = ""
 
 
 class Closure:
@@ -185,7 +187,8 @@ class Closure:
             cloud_size: see :meth:`predict`.
             seed: see :meth:`predict`.
             frame: see :meth:`predict`.
-            engine: ``"auto"``, ``"sparse"`` or ``"padded"`` (see
+            engine: ``"auto"`` (the fused kernel on the CPU where it can run),
+                ``"fused"``, ``"sparse"`` or ``"padded"`` (see
                 :func:`vcnn.inference.predict_full_clouds`).
             compile: compile the per-entry stage of the sparse pass: True, False or
                 ``"auto"`` (large meshes on the CPU; see
@@ -256,6 +259,7 @@ class Closure:
             num_entries=result.num_entries,
             cloud_size=cloud_size,
             seconds=seconds,
+            engine=result.engine,
         )
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from vcnn.features import CloudBatch, FeatureNormalizer, FieldTable, entry_inputs, gather_inputs
+from vcnn.fused import FusedPass, KernelUnavailable
 from vcnn.network import VectorCloudNet
 
 logger = logging.getLogger(__name__)
@@ -123,9 +124,12 @@ class FullCloudResult:
         out_of_range_entries: entries with at least one scalar input outside the training
             range (0 when the ranges are unknown).
         out_of_range_by_input: per scalar input name, entries outside its range.
-        seconds: wall time per stage. Sparse pass: ``entries`` (everything per cloud entry:
-            inputs, pair kernels, pooling weights, range test) and ``products`` (point tables,
-            sparse products, fitting net); padded pass: ``inputs`` and ``network``.
+        seconds: wall time per stage. Fused pass: ``tables`` (point embedding and records,
+            kernel build or cache lookup), ``kernel`` (everything per cloud entry) and ``head``
+            (fitting net); sparse pass: ``entries`` (everything per cloud entry: inputs, pair
+            kernels, pooling weights, range test) and ``products`` (point tables, sparse
+            products, fitting net); padded pass: ``inputs`` and ``network``.
+        engine: the pass that ran: ``"fused"``, ``"sparse"`` or ``"padded"``.
     """
 
     output: np.ndarray
@@ -133,6 +137,7 @@ class FullCloudResult:
     out_of_range_entries: int
     out_of_range_by_input: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    engine: str = ""
 
 
 def predict_full_clouds(
@@ -156,8 +161,11 @@ def predict_full_clouds(
         offsets: (Q + 1,) int64 row offsets of the clouds.
         indices: (nnz,) int table rows of the cloud entries.
         queries: (Q,) int table rows of the query points.
-        engine: ``"sparse"`` (factorised nets only), ``"padded"`` (any net: the reference
-            pass over clouds bucketed by size) or ``"auto"`` (sparse when possible).
+        engine: ``"fused"`` (factorised nets on the CPU: the compiled kernel of
+            :mod:`vcnn.fused`), ``"sparse"`` (factorised nets: torch operations and sparse
+            products), ``"padded"`` (any net: the reference pass over clouds bucketed by size)
+            or ``"auto"`` (the first of these that can run; when the fused kernel cannot, the
+            reason is logged once).
         chunk_entries: entries per chunk (bounds memory).
         compile: whether the sparse pass compiles its per-entry stage with
             ``torch.compile``: True, False, or ``"auto"`` (on the CPU, for passes of at least
@@ -168,8 +176,8 @@ def predict_full_clouds(
     Returns:
         The outputs and the input-range counts.
     """
-    if engine not in ("auto", "sparse", "padded"):
-        raise ValueError(f"engine must be 'auto', 'sparse' or 'padded', got {engine!r}")
+    if engine not in ("auto", "fused", "sparse", "padded"):
+        raise ValueError(f"engine must be 'auto', 'fused', 'sparse' or 'padded', got {engine!r}")
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     point_count = table.point_scalars.shape[-1]
@@ -179,13 +187,11 @@ def predict_full_clouds(
         # the sparse pass feeds the spec's pair columns, which follow the point columns
         and model.config.point_scalar_columns == tuple(range(point_count))
     )
-    if engine == "sparse" and not factorised:
+    if engine in ("fused", "sparse") and not factorised:
         raise ValueError(
-            "the sparse engine needs a factorised network whose point columns are the "
+            f"the {engine} engine needs a factorised network whose point columns are the "
             "feature spec's point scalars"
         )
-    if engine == "auto":
-        engine = "sparse" if factorised else "padded"
     offsets = np.asarray(offsets, dtype=np.int64)
     queries = np.asarray(queries, dtype=np.int64)
     if offsets.shape != (queries.size + 1,) or offsets[-1] != len(indices):
@@ -193,9 +199,23 @@ def predict_full_clouds(
     if np.any(np.diff(offsets) < 1):
         raise ValueError("every cloud needs at least one point (the query itself)")
     device = table.points.device
+    counter = _RangeCounter(table, normalizer)
+    if factorised and (engine == "fused" or (engine == "auto" and device.type == "cpu")):
+        start = time.perf_counter()
+        try:
+            fused = FusedPass.build(model, table, normalizer, point_outside=counter.point_any)
+        except KernelUnavailable as error:
+            if engine == "fused":
+                raise
+            _log_unavailable(error)
+        else:
+            return _predict_fused(
+                model, fused, counter, offsets, indices, queries, time.perf_counter() - start
+            )
+    if engine in ("auto", "fused"):
+        engine = "sparse" if factorised else "padded"
     if compile == "auto":
         compile = device.type == "cpu" and int(offsets[-1]) >= COMPILE_MIN_ENTRIES
-    counter = _RangeCounter(table, normalizer)
     output = torch.empty(queries.size, dtype=torch.float64, device=device)
     seconds = (
         {"entries": 0.0, "products": 0.0} if engine == "sparse" else {"inputs": 0.0, "network": 0.0}
@@ -241,6 +261,71 @@ def predict_full_clouds(
         out_of_range_entries=counter.entries,
         out_of_range_by_input=counter.by_input(),
         seconds=seconds,
+        engine=engine,
+    )
+
+
+#: Queries per call of the fitting net in the fused pass (bounds its activations' memory).
+_HEAD_QUERIES = 1 << 14
+
+_UNAVAILABLE_LOGGED: set[str] = set()
+
+
+def _log_unavailable(error: KernelUnavailable) -> None:
+    """Say once per reason why the fused kernel is not used."""
+    reason = str(error)
+    if reason not in _UNAVAILABLE_LOGGED:
+        _UNAVAILABLE_LOGGED.add(reason)
+        logger.warning("fused closure kernel unavailable (%s); using the torch pass", reason)
+
+
+def _predict_fused(
+    model: VectorCloudNet,
+    fused: FusedPass,
+    counter: _RangeCounter,
+    offsets: np.ndarray,
+    indices: np.ndarray,
+    queries: np.ndarray,
+    tables_seconds: float,
+) -> FullCloudResult:
+    """The fused pass: the kernel's moments, then the network's head."""
+    start = time.perf_counter()
+    moments = fused(offsets, indices, queries)
+    kernel_seconds = time.perf_counter() - start
+    if bool((moments.totals <= 0).any()):
+        raise ValueError("a cloud has no point with a positive weight: widen the cloud region")
+    counter.add_totals(moments.outside_entries, moments.outside_by_pair_column, moments.uses)
+    start = time.perf_counter()
+    spec = fused.spec
+    count = moments.totals.shape[0]
+    output = torch.empty(count, dtype=torch.float64)
+    with torch.no_grad():
+        for first in range(0, count, _HEAD_QUERIES):
+            rows = slice(first, min(first + _HEAD_QUERIES, count))
+            sums = moments.sums[rows] / moments.totals[rows, None, None, None]  # (Q, K, c, m_k)
+            size = sums.shape[0]
+            # channels -> (Q, m, c): channel a of kernel k is a = k m_k + j
+            channels = sums.transpose(2, 3).reshape(size, spec.kernels * spec.width, spec.channels)
+            mean_features = channels[:, :, 0]
+            point_vectors = channels[:, :, 1 : 1 + spec.vectors * spec.dim]
+            position = channels[:, :, 1 + spec.vectors * spec.dim :]
+            moment = torch.cat(
+                [position[:, :, None, :], point_vectors.reshape(size, -1, spec.vectors, spec.dim)],
+                dim=2,
+            )  # (Q, m, q, d)
+            head_features = mean_features if model.config.scalar_channel else None
+            output[rows] = model.head(moment, head_features).to(torch.float64)
+    return FullCloudResult(
+        output=output.numpy(),
+        num_entries=int(offsets[-1]),
+        out_of_range_entries=counter.entries,
+        out_of_range_by_input=counter.by_input(),
+        seconds={
+            "tables": tables_seconds,
+            "kernel": kernel_seconds,
+            "head": time.perf_counter() - start,
+        },
+        engine="fused",
     )
 
 
@@ -299,6 +384,17 @@ class _RangeCounter:
         self.per_input[self.point_columns :] += by_pair_column.cpu()
         if self.uses is not None:
             self.uses += torch.bincount(entry_points, minlength=self.uses.shape[0])
+
+    def add_totals(
+        self, entries: int, by_pair_column: torch.Tensor, uses: torch.Tensor | None
+    ) -> None:
+        """Add counts made elsewhere (the fused kernel): entries, per pair column, per point."""
+        if not self.enabled:
+            return
+        self.entries += int(entries)
+        self.per_input[self.point_columns :] += by_pair_column.cpu()
+        if self.uses is not None and uses is not None:
+            self.uses += uses.to(self.uses.device)
 
     def by_input(self) -> dict[str, int]:
         """Entries outside the range, per scalar input name (empty without ranges)."""

@@ -1,0 +1,970 @@
+"""The fused CPU kernel of the full-cloud pass: a cloud's inputs, pair kernels and moments in one loop.
+
+For a factorised net (:mod:`vcnn.inference`), everything that is computed per cloud entry is a
+short chain of arithmetic: the entry's inputs (:func:`vcnn.features.entry_inputs`), their
+normalisation, the pair kernels (a small MLP), the pooling weight ``w``, and the products
+``s[e, k] = w_e P[e, k]`` summed against the point embedding ``A``:
+
+    sums[q, k, c] = sum_{e in q} s[e, k] c_e A[i_e, k, :]      (c_e: 1, the point vectors'
+                                                                components, the position channel)
+
+Done with torch operations, each intermediate makes a round trip through memory and each of the
+``K (1 + k d + d)`` sums re-reads the cloud structure: on two cores that ran at 8 % of the
+machine's matmul rate. This kernel does the same arithmetic per cloud in registers and L1, one
+SIMD vector of entries at a time, and never writes a per-entry value.
+
+The C source is generated for one net, feature spec, normaliser and cloud options (so every loop
+has a fixed trip count and every constant is a literal), compiled with the system C compiler
+(``$CC``, else ``cc``) once per source and machine, and cached on disk (``$VCNN_CACHE_DIR``, else
+``$XDG_CACHE_HOME/vcnn``, else ``~/.cache/vcnn``); compilation takes well under a second.
+
+The formulas mirror :func:`vcnn.features.entry_inputs`, :class:`vcnn.features.FeatureNormalizer`
+and the pair-kernel and pooling methods of :class:`vcnn.network.VectorCloudNet`, which stay the
+reference: ``tests/test_fused.py`` checks the kernel against them for every feature, region,
+pooling and position option it covers (float32 round-off). A configuration it does not cover,
+a missing compiler or a failed build raises :class:`KernelUnavailable` with the reason, and the
+caller keeps the torch pass.
+
+Threads: the queries are split into ``torch.get_num_threads()`` parts of equal entry counts,
+each run in a Python thread (the foreign call releases the GIL), so no second OpenMP runtime is
+loaded next to torch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vcnn.features import FeatureNormalizer, FieldTable
+from vcnn.network import VectorCloudNet
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FusedMoments", "FusedPass", "KernelUnavailable", "kernel_cache_dir"]
+
+#: Compiler flags. No -ffast-math: NaN and inf must propagate, and the exp is the kernel's own.
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
+
+#: Vector forms of the activations (``vexp`` is the kernel's own vectorised exp).
+_ACTIVATION_CODE = {
+    "relu": "blend(x > 0.0f, x, zero)",
+    "silu": "x * reciprocal(1.0f + vexp(-x))",
+    "tanh": "1.0f - 2.0f * reciprocal(vexp(2.0f * x) + 1.0f)",
+}
+#: Activations run lane by lane through libm (correct, slower).
+_SCALAR_ACTIVATION_CODE = {
+    "gelu": "0.5f * v * (1.0f + erff(v * 0.70710678118654752f))",
+    # torch's softplus: beta 1, threshold 20
+    "softplus": "v > 20.0f ? v : log1pf(expf(v))",
+}
+_SOFTENING_SQUARED = 1e-24  # as vcnn.network
+#: Entries per step of the per-entry arithmetic (KernelSpec.entry_lanes), and hidden units
+#: whose activations are evaluated together (KernelSpec.group). Measured on the published
+#: model (2-core AMD EPYC, AVX-512): 8 x 2 took 0.64 s where 8 x 1 took 0.78 s, 16 x 1 0.65 s,
+#: 8 x 4 and 32 x 1 over 1 s (register spills).
+ENTRY_LANES = 8
+GROUP = 2
+
+
+class KernelUnavailable(RuntimeError):
+    """The fused kernel cannot serve this net, table or machine (the message says why)."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything the generated source depends on (hashable: the cache key of the build).
+
+    Attributes:
+        dim: spatial dimension d.
+        vectors: point vector types k.
+        point_scalars: normalised point scalars read by the pair kernels (0 when they read
+            none).
+        pair_names: the spec's pair scalars, in order.
+        proximity_length: L of the proximity feature.
+        periodic: axes with a periodic wrap.
+        frame: (d, d) rotation of the relative positions (row-major), or None.
+        radius: whether the region has a normalised radius (ellipse and ball).
+        across_inverse_squared: 1 / b^2 of the region's cross-flow semi-axis.
+        cutoff_start: start of the smooth cutoff, or None.
+        volume_pooling: weights times the volume ratio.
+        position_direction: position channel x / |x| instead of x.
+        position_scalar: derived pair input |x| (``use_position_scalar_feature``).
+        angle: derived pair input cos(x, v_0) (``use_angle_feature``).
+        position_scale: the normaliser's position scale (1: none).
+        pair_mean: the normaliser's means of the pair scalars.
+        pair_std: their standard deviations.
+        pair_low: lower ends of their training ranges (with the normaliser's margin), or ().
+        pair_high: upper ends, or ().
+        layers: output width of each pair-kernel layer; the last is the number of kernels K.
+        layer_inputs: input width of the first layer.
+        residual: per layer, 0 (none), 1 (add the input) or 2 (add the input twice over).
+        activate_last: whether the last layer is activated.
+        activation: activation name.
+        width: channels per kernel, m_k.
+        lanes: floats per vector of the sums (a divisor of m_k).
+        entry_lanes: entries per step of the per-entry arithmetic.
+        group: hidden units whose activations run together: the exp is a long chain of
+            dependent operations, and GROUP independent chains in program order keep the
+            floating-point units busy.
+    """
+
+    dim: int
+    vectors: int
+    point_scalars: int
+    pair_names: tuple[str, ...]
+    proximity_length: float
+    periodic: tuple[int, ...]
+    frame: tuple[float, ...] | None
+    radius: bool
+    across_inverse_squared: float
+    cutoff_start: float | None
+    volume_pooling: bool
+    position_direction: bool
+    position_scalar: bool
+    angle: bool
+    position_scale: float
+    pair_mean: tuple[float, ...]
+    pair_std: tuple[float, ...]
+    pair_low: tuple[float, ...]
+    pair_high: tuple[float, ...]
+    layers: tuple[int, ...]
+    layer_inputs: int
+    residual: tuple[int, ...]
+    activate_last: bool
+    activation: str
+    width: int
+    lanes: int
+    entry_lanes: int
+    group: int
+
+    @property
+    def kernels(self) -> int:
+        """Number of pair kernels K."""
+        return self.layers[-1]
+
+    @property
+    def channels(self) -> int:
+        """Pooled channels per kernel: the scalar one, ``k d`` vector components, d positions."""
+        return 1 + (self.vectors + 1) * self.dim
+
+    @property
+    def record(self) -> dict[str, tuple[int, int]]:
+        """Layout of the per-point float32 record: name -> (offset, length)."""
+        fields = [
+            ("direction", self.dim),
+            ("inverse_along_squared", 1),
+            ("upstream", self.dim),
+            ("vectors", self.vectors * self.dim),
+            ("point_scalars", self.point_scalars),
+            ("volume", 1),
+            ("outside", 1),
+        ]
+        layout, offset = {}, 0
+        for name, length in fields:
+            layout[name] = (offset, length)
+            offset += length
+        return layout
+
+    @property
+    def record_width(self) -> int:
+        """Floats per point record."""
+        return sum(length for _, length in self.record.values())
+
+
+def kernel_spec(model: VectorCloudNet, table: FieldTable, normalizer: FeatureNormalizer | None) -> KernelSpec:
+    """The kernel spec of a factorised net on a table.
+
+    Raises:
+        KernelUnavailable: for a configuration the kernel does not cover.
+    """
+    config = model.config
+    if not isinstance(model, VectorCloudNet) or not model.is_factorised:
+        raise KernelUnavailable("the network is not factorised")
+    if config.activation not in _ACTIVATION_CODE and config.activation not in _SCALAR_ACTIVATION_CODE:
+        raise KernelUnavailable(f"activation {config.activation!r} has no kernel form")
+    if table.points.device.type != "cpu":
+        raise KernelUnavailable("the table is not on the CPU")
+    if table.dtype != torch.float32 or next(model.parameters()).dtype != torch.float32:
+        raise KernelUnavailable("the kernel computes in float32 only")
+    point_count = table.point_scalars.shape[-1]
+    if config.point_scalar_columns != tuple(range(point_count)):
+        raise KernelUnavailable("the net's point columns are not the feature spec's point scalars")
+    if table.num_points >= 2**31:
+        raise KernelUnavailable("more than 2^31 points")
+    mlp = model.pair_embedding
+    layers = tuple(layer.out_features for layer in mlp.layers)
+    residual, previous = [], mlp.layers[0].in_features
+    for index, out in enumerate(layers):
+        activated = index < len(layers) - 1 or mlp.activate_last
+        kind = 0
+        if mlp.residual and activated:
+            kind = 1 if out == previous else 2 if out == 2 * previous else 0
+        residual.append(kind)
+        previous = out
+    width = config.embedding[-1] // config.num_kernels
+    names = table.spec.pair_scalars
+    radius = table.inverse_along_squared is not None and (
+        "normalized_radius" in names or table.options.cutoff_start is not None
+    )
+    low = high = ()
+    if normalizer is not None and normalizer.has_ranges:
+        # the thresholds of FeatureNormalizer.outside_range, as float32 like the values
+        columns = slice(point_count, None)
+        lower = torch.tensor(normalizer.scalar_min[columns], dtype=torch.float64)
+        upper = torch.tensor(normalizer.scalar_max[columns], dtype=torch.float64)
+        margin = 1e-6 * (upper - lower).clamp_min(1e-12)
+        low = tuple((lower - margin).to(torch.float32).tolist())
+        high = tuple((upper + margin).to(torch.float32).tolist())
+    pair_count = len(names)
+    return KernelSpec(
+        dim=table.dim,
+        vectors=table.vectors.shape[1],
+        point_scalars=point_count if config.point_scalars_in_kernels else 0,
+        pair_names=names,
+        proximity_length=float(table.spec.proximity_length),
+        periodic=tuple(sorted(table.periodic_axes)),
+        frame=None if table.frame is None else tuple(float(v) for v in table.frame.to(torch.float32).reshape(-1)),
+        radius=radius,
+        across_inverse_squared=float(1.0 / table.across**2) if radius else 0.0,
+        cutoff_start=None if not radius else table.options.cutoff_start,
+        volume_pooling=config.pooling == "volume",
+        position_direction=config.position_vector == "direction",
+        position_scalar=config.use_position_scalar_feature,
+        angle=config.use_angle_feature,
+        position_scale=1.0 if normalizer is None else float(normalizer.position_scale),
+        pair_mean=(0.0,) * pair_count if normalizer is None else tuple(normalizer.scalar_mean[point_count:]),
+        pair_std=(1.0,) * pair_count if normalizer is None else tuple(normalizer.scalar_std[point_count:]),
+        pair_low=low,
+        pair_high=high,
+        layers=layers,
+        layer_inputs=mlp.layers[0].in_features,
+        residual=tuple(residual),
+        activate_last=bool(mlp.activate_last),
+        activation=config.activation,
+        width=width,
+        lanes=next(lanes for lanes in (8, 4, 2, 1) if width % lanes == 0),
+        entry_lanes=ENTRY_LANES,
+        group=GROUP,
+    )
+
+
+def _literal(value: float) -> str:
+    """A float32 C literal that is exactly ``value`` rounded to float32."""
+    return f"{float(np.float32(value)).hex()}f"
+
+
+def kernel_source(spec: KernelSpec) -> str:
+    """The C source of the kernel for one spec (GCC/Clang vector extensions)."""
+    lanes, entries = spec.lanes, spec.entry_lanes
+    record = spec.record
+    lines = [
+        "#include <math.h>",
+        "#include <stdint.h>",
+        "#include <string.h>",
+        "#if defined(__AVX512F__)",
+        "#include <immintrin.h>",
+        "#endif",
+        "/* vf, vi: one value per entry of a step; vr: a piece of a row of the embedding */",
+        f"typedef float vf __attribute__((vector_size({4 * entries})));",
+        f"typedef float vfu __attribute__((vector_size({4 * entries}), aligned(4)));",
+        f"typedef int32_t vi __attribute__((vector_size({4 * entries})));",
+        f"typedef float vr __attribute__((vector_size({4 * lanes})));",
+        f"typedef float vru __attribute__((vector_size({4 * lanes}), aligned(4)));",
+        f"#define LANES {entries}",
+        f"#define ROW {lanes}",
+        f"#define DIM {spec.dim}",
+        f"#define KERNELS {spec.kernels}",
+        f"#define WIDTH {spec.width}",
+        f"#define CHANNELS {spec.channels}",
+        f"#define RECORD {spec.record_width}",
+        f"#define PAIRS {len(spec.pair_names)}",
+        f"#define BLOCK {max(64, entries)}",
+        f"#define GROUP {spec.group}",
+        f"typedef float vg __attribute__((vector_size({4 * entries * spec.group})));",
+        f"typedef int32_t vgi __attribute__((vector_size({4 * entries * spec.group})));",
+        f"#define GLANES {entries * spec.group}",
+    ]
+    activation = ["static inline vf activation(vf x) {", "  const vf zero = {};", "  (void)zero;"]
+    if spec.activation in _ACTIVATION_CODE:
+        activation.append(f"  return {_ACTIVATION_CODE[spec.activation]};")
+    else:
+        activation += [
+            "  vf y;",
+            "  for (int b = 0; b < LANES; ++b) {",
+            "    float v = x[b];",
+            f"    y[b] = {_SCALAR_ACTIVATION_CODE[spec.activation]};",
+            "  }",
+            "  return y;",
+        ]
+    activation.append("}")
+    # The same functions on GROUP vectors at once (type vg): each operation becomes GROUP
+    # independent hardware operations in program order, which hides the exp's latency.
+    lines += [_HELPERS, _reciprocal("vf", 4 * entries), _widened(_HELPERS)]
+    lines += [_reciprocal("vg", 4 * entries * spec.group).replace("reciprocal", "reciprocal_g")]
+    lines += ["\n".join(activation), _widened("\n".join(activation))]
+    lines += [*_mlp_source(spec), *_main_source(spec, record), _PROBES]
+    return "\n".join(lines) + "\n"
+
+
+def _reciprocal(kind: str, size: int) -> str:
+    """``1 / d`` for a vector type of ``size`` bytes.
+
+    With AVX-512 a 14-bit estimate and one Newton step (relative error about 2^-27, NaN
+    propagates) is several times cheaper than a division, which otherwise bounds the
+    activations' throughput; elsewhere a division.
+    """
+    guards = {16: ("__AVX512VL__", "_mm_rcp14_ps", "__m128"),
+              32: ("__AVX512VL__", "_mm256_rcp14_ps", "__m256"),
+              64: ("__AVX512F__", "_mm512_rcp14_ps", "__m512")}
+    lines = [f"static inline {kind} reciprocal({kind} d) {{"]
+    if size in guards:
+        guard, intrinsic, native = guards[size]
+        lines += [
+            f"#if defined({guard})",
+            f"  {kind} r = ({kind}){intrinsic}(({native})d);",
+            "  return r * (2.0f - d * r);",
+            "#else",
+            "  return 1.0f / d;",
+            "#endif",
+        ]
+    else:
+        lines.append("  return 1.0f / d;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _widened(code: str) -> str:
+    """The helpers' code for the GROUP-vector type vg (names suffixed ``_g``)."""
+    replacements = {
+        "vf": "vg", "vi": "vgi", "LANES": "GLANES", "blend": "blend_g", "vsqrt": "vsqrt_g",
+        "vexp": "vexp_g", "activation": "activation_g", "reciprocal": "reciprocal_g",
+    }
+    return re.sub(r"\b(" + "|".join(replacements) + r")\b", lambda m: replacements[m.group(1)], code)
+
+
+def _mlp_source(spec: KernelSpec) -> list[str]:
+    """The pair kernels on one vector of entries: scalar weights, broadcast multiply-adds."""
+    body = []
+    offset = 0
+    previous_name, previous_width = "x", spec.layer_inputs
+    for index, width in enumerate(spec.layers):
+        name = f"h{index}"
+        activated = index < len(spec.layers) - 1 or spec.activate_last
+        bias = offset + width * previous_width
+        # unrolled: the units' independent chains overlap (the activation is latency-bound)
+        body += [
+            f"  vf {name}[{width}];",
+            f'  _Pragma("GCC unroll 64") for (int j = 0; j < {width}; ++j) {{',
+            f"    vf sum = zero + params[{bias} + j];",
+            f'    _Pragma("GCC unroll 64") for (int i = 0; i < {previous_width}; ++i)',
+            f"      sum += params[{offset} + j * {previous_width} + i] * {previous_name}[i];",
+        ]
+        body += [f"    {name}[j] = sum;", "  }"]
+        if activated:
+            grouped = width - width % spec.group
+            body += [
+                f"  for (int j = 0; j < {grouped}; j += GROUP) {{",
+                "    vg t;",
+                f"    memcpy(&t, &{name}[j], sizeof t);",
+                "    t = activation_g(t);",
+                f"    memcpy(&{name}[j], &t, sizeof t);",
+                "  }",
+                f"  for (int j = {grouped}; j < {width}; ++j) {name}[j] = activation({name}[j]);",
+            ]
+        kind = spec.residual[index]
+        if kind:
+            source = f"{previous_name}[j]" if kind == 1 else f"{previous_name}[j % {previous_width}]"
+            body.append(f"  for (int j = 0; j < {width}; ++j) {name}[j] += {source};")
+        offset = bias + width
+        previous_name, previous_width = name, width
+    return [
+        "static inline void pair_kernels(const vf* x, const float* params, vf* out) {",
+        "  const vf zero = {};",
+        *body,
+        f"  for (int k = 0; k < KERNELS; ++k) out[k] = {previous_name}[k];",
+        "}",
+    ]
+
+
+def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[str]:
+    """The kernel's entry point: inputs, range test, pair kernels and sums per cloud."""
+    dim = spec.dim
+    f = _literal
+    gather = []  # per-lane loads of point fields
+    for name in ("upstream", "vectors", "point_scalars", "volume", "outside"):
+        start, length = record[name]
+        needed = {
+            "upstream": "upstream_cosine" in spec.pair_names,
+            "vectors": spec.vectors > 0,
+            "point_scalars": spec.point_scalars > 0,
+            "volume": spec.volume_pooling,
+            "outside": bool(spec.pair_low),
+        }[name]
+        if needed and length:
+            gather.append(f"      vf {name}[{length}];")
+            gather.append(f"      for (int b = 0; b < LANES; ++b) for (int i = 0; i < {length}; ++i)")
+            gather.append(f"        {name}[i][b] = records[(int64_t)row[b] * RECORD + {start} + i];")
+    code = [
+        "int vcnn_fused_moments(int64_t first, int64_t last, const int64_t* offsets,",
+        "                       const int32_t* points, const int64_t* queries, const double* coords,",
+        "                       const double* periods, const float* records, const float* params,",
+        "                       const float* table, float* sums, float* totals, int64_t* counts,",
+        "                       int64_t* uses) {",
+        "  const vf zero = {};",
+        "  vf lane;",
+        "  for (int b = 0; b < LANES; ++b) lane[b] = (float)b;",
+        "  float scaled[KERNELS][CHANNELS][BLOCK] __attribute__((aligned(128)));",
+        "  vi outside_any = {};",
+        "  vi outside_pair[PAIRS + 1];",
+        "  for (int j = 0; j < PAIRS + 1; ++j) outside_pair[j] = (vi){};",
+        "  for (int64_t q = first; q < last; ++q) {",
+        "    const int64_t begin = offsets[q], end = offsets[q + 1];",
+        "    const int64_t query = queries[q];",
+        "    const float* own = records + query * RECORD;",
+        "    double origin[DIM], length[DIM], inverse[DIM];",
+        "    for (int a = 0; a < DIM; ++a) {",
+        "      origin[a] = coords[query * DIM + a];",
+        "      length[a] = periods[query * 2 * DIM + 2 * a];",
+        "      inverse[a] = periods[query * 2 * DIM + 2 * a + 1];",
+        "    }",
+        "    (void)own; (void)length; (void)inverse;",
+        "    vr acc[KERNELS][CHANNELS][WIDTH / ROW];",
+        "    memset(acc, 0, sizeof acc);",
+        "    vf total = zero;",
+        "    for (int64_t block = begin; block < end; block += BLOCK) {",
+        "      const int64_t size = end - block < BLOCK ? end - block : BLOCK;",
+        "      for (int64_t v = 0; v < size; v += LANES) {",
+        "      /* lanes past the cloud's end repeat its last entry and weigh nothing */",
+        "      const int64_t e = block + v;",
+        "      const vi valid = lane < (float)(end - e);",
+        "      int32_t row[LANES];",
+        "      for (int b = 0; b < LANES; ++b) row[b] = points[e + b < end ? e + b : end - 1];",
+        "      vf rel[DIM];",
+        "      for (int b = 0; b < LANES; ++b) {",
+        "        const double* c = coords + (int64_t)row[b] * DIM;",
+        "        for (int a = 0; a < DIM; ++a) {",
+        "          double r = c[a] - origin[a];",
+    ]
+    if spec.periodic:
+        axes = " || ".join(f"a == {axis}" for axis in spec.periodic)
+        code.append(f"          if ({axes}) {{ double t = r * inverse[a]; r = r - length[a] * nearbyint(t); }}")
+    code += [
+        "          rel[a][b] = (float)r;",
+        "        }",
+        "      }",
+    ]
+    if spec.frame is not None:
+        code.append("      vf turned[DIM];")
+        for r in range(dim):
+            terms = " + ".join(f"{f(spec.frame[r * dim + c])} * rel[{c}]" for c in range(dim))
+            code.append(f"      turned[{r}] = {terms};")
+        code.append("      memcpy(rel, turned, sizeof rel);")
+    squared = " + ".join(f"rel[{a}] * rel[{a}]" for a in range(dim))
+    code += [f"      const vf distance_squared = {squared};", "      const vf distance = vsqrt(distance_squared);"]
+    if spec.radius:
+        parallel = " + ".join(f"rel[{a}] * own[{record['direction'][0] + a}]" for a in range(dim))
+        across = f(spec.across_inverse_squared)
+        code += [
+            f"      const vf parallel = {parallel};",
+            f"      const vf radius_squared = parallel * parallel * (own[{record['inverse_along_squared'][0]}] - {across})"
+            f" + distance_squared * {across};",
+            "      const vf radius = vsqrt(blend(radius_squared > 0.0f, radius_squared, zero));",
+        ]
+    code += gather
+    # raw pair scalars, in the spec's order
+    code.append("      vf raw[PAIRS + 1];")
+    for index, name in enumerate(spec.pair_names):
+        if name == "proximity":
+            value = f"vexp(distance * {f(-1.0 / spec.proximity_length)})"
+        elif name == "distance":
+            value = "distance"
+        elif name == "normalized_radius":
+            value = "radius"
+        else:
+            dot = " + ".join(f"rel[{a}] * upstream[{a}]" for a in range(dim))
+            value = (
+                f"blend(distance > 0.0f, ({dot}) / blend(distance > 1e-30f, distance, zero + 1e-30f), zero)"
+            )
+        code.append(f"      raw[{index}] = {value};")
+    if spec.pair_low:
+        code.append("      vi any = outside[0] > 0.5f;")
+        for index in range(len(spec.pair_names)):
+            low, high = f(spec.pair_low[index]), f(spec.pair_high[index])
+            code += [
+                f"      const vi out{index} = (raw[{index}] < {low}) | (raw[{index}] > {high});",
+                f"      outside_pair[{index}] -= out{index} & valid;",
+                f"      any |= out{index};",
+            ]
+        code.append("      outside_any -= any & valid;")
+        code.append("      if (uses) for (int b = 0; b < LANES; ++b) if (valid[b]) uses[row[b]] += 1;")
+    # normalised pair-kernel inputs: pair scalars, derived scalars, point scalars
+    position = [f"(rel[{a}] / {f(spec.position_scale)})" for a in range(dim)]
+    code.append(f"      vf position[DIM] = {{{', '.join(position)}}};")
+    inputs = [
+        f"(raw[{index}] - {f(spec.pair_mean[index])}) / {f(spec.pair_std[index])}"
+        for index in range(len(spec.pair_names))
+    ]
+    soft = f(_SOFTENING_SQUARED)
+    position_squared = " + ".join(f"position[{a}] * position[{a}]" for a in range(dim))
+    if spec.position_scalar or spec.angle or spec.position_direction:
+        code.append(f"      const vf softened = {position_squared} + {soft};")
+    if spec.position_scalar:
+        inputs.append("vsqrt(softened)")
+    if spec.angle:
+        first = [f"vectors[{a}]" for a in range(dim)]
+        dot = " + ".join(f"position[{a}] * {first[a]}" for a in range(dim))
+        first_squared = " + ".join(f"{v} * {v}" for v in first)
+        inputs.append(f"({dot}) * (1.0f / vsqrt(softened)) * (1.0f / vsqrt({first_squared} + {soft}))")
+    inputs += [f"point_scalars[{i}]" for i in range(spec.point_scalars)]
+    if len(inputs) != spec.layer_inputs:
+        raise KernelUnavailable(
+            f"the pair kernels read {spec.layer_inputs} inputs, the kernel has {len(inputs)}"
+        )
+    code.append(f"      vf x[{len(inputs)}] = {{{', '.join(inputs)}}};")
+    # pooling weight
+    weight = "zero + 1.0f"
+    if spec.cutoff_start is not None:
+        start = spec.cutoff_start
+        code += [
+            f"      vf t = (radius - {f(start)}) / {f(1.0 - start)};",
+            "      t = blend(t > 1.0f, zero + 1.0f, blend(t > 0.0f, t, zero));",
+            "      vf cut = 1.0f - t * t * t * (t * (6.0f * t - 15.0f) + 10.0f);",
+            "      cut = blend(cut > 1.0f, zero + 1.0f, blend(cut > 0.0f, cut, zero));",
+        ]
+        weight = "cut"
+    if spec.volume_pooling:
+        weight = f"({weight}) * (volume[0] / own[{record['volume'][0]}])"
+    code.append(f"      const vf w = blend(valid, {weight}, zero);")
+    # channels: the point vectors' components, then the position channel
+    extra = [f"vectors[{i}]" for i in range(spec.vectors * dim)]
+    if spec.position_direction:
+        code.append(
+            f"      const vf unit = blend(softened > {f(2 * _SOFTENING_SQUARED)}, 1.0f / vsqrt(softened), zero);"
+        )
+        extra += [f"position[{a}] * unit" for a in range(dim)]
+    else:
+        extra += [f"position[{a}]" for a in range(dim)]
+    code += [
+        f"      const vf extra[CHANNELS - 1] = {{{', '.join(extra)}}};",
+        "      vf out[KERNELS];",
+        "      pair_kernels(x, params, out);",
+        "      total += w;",
+        "      for (int k = 0; k < KERNELS; ++k) {",
+        "        const vf s = w + w * out[k];",
+        "        *(vfu*)(scaled[k][0] + v) = s;",
+        "        for (int c = 1; c < CHANNELS; ++c) *(vfu*)(scaled[k][c] + v) = s * extra[c - 1];",
+        "      }",
+        "      }",
+        "      for (int k = 0; k < KERNELS; ++k) {",
+        "        /* two sets of sums (even and odd entries): the additions of one set wait on",
+        "           each other, two sets keep the multiply-add units busy */",
+        "        vr sum[CHANNELS][WIDTH / ROW], odd[CHANNELS][WIDTH / ROW];",
+        "        memcpy(sum, acc[k], sizeof sum);",
+        "        memset(odd, 0, sizeof odd);",
+        "        const int32_t* rows = points + block;",
+        "        int64_t v = 0;",
+        "        for (; v + 1 < size; v += 2) {",
+        "          const vru* even_row = (const vru*)(table + ((int64_t)rows[v] * KERNELS + k) * WIDTH);",
+        "          const vru* odd_row = (const vru*)(table + ((int64_t)rows[v + 1] * KERNELS + k) * WIDTH);",
+        "          for (int c = 0; c < WIDTH / ROW; ++c) {",
+        "            const vr a = even_row[c], b = odd_row[c];",
+        "            for (int h = 0; h < CHANNELS; ++h) {",
+        "              sum[h][c] += scaled[k][h][v] * a;",
+        "              odd[h][c] += scaled[k][h][v + 1] * b;",
+        "            }",
+        "          }",
+        "        }",
+        "        if (v < size) {",
+        "          const vru* row = (const vru*)(table + ((int64_t)rows[v] * KERNELS + k) * WIDTH);",
+        "          for (int c = 0; c < WIDTH / ROW; ++c)",
+        "            for (int h = 0; h < CHANNELS; ++h) sum[h][c] += scaled[k][h][v] * row[c];",
+        "        }",
+        "        for (int h = 0; h < CHANNELS; ++h)",
+        "          for (int c = 0; c < WIDTH / ROW; ++c) acc[k][h][c] = sum[h][c] + odd[h][c];",
+        "      }",
+        "    }",
+        "    float whole = 0.0f;",
+        "    for (int b = 0; b < LANES; ++b) whole += total[b];",
+        "    totals[q] = whole;",
+        "    memcpy(sums + q * KERNELS * CHANNELS * WIDTH, acc, sizeof acc);",
+        "  }",
+        "  for (int b = 0; b < LANES; ++b) {",
+        "    counts[0] += outside_any[b];",
+        "    for (int j = 0; j < PAIRS; ++j) counts[1 + j] += outside_pair[j][b];",
+        "  }",
+        "  return 0;",
+        "}",
+    ]
+    return code
+
+
+@dataclass
+class FusedMoments:
+    """Un-normalised moments of a set of clouds and their input-range counts.
+
+    Attributes:
+        sums: (Q, K, channels, m_k) float32: per kernel k and channel c,
+            ``sum_e s[e, k] c_e A[i_e, k]`` with ``s = w (1 + P)`` and ``c_e`` 1, the point
+            vectors' components, then the position channel's components.
+        totals: (Q,) float32 total pooling weight ``sum_e w_e``.
+        outside_entries: entries with some raw scalar input outside the training range.
+        outside_by_pair_column: (s_pair,) int64, entries outside per pair scalar.
+        uses: (N,) int64 entries per point, or None (counted only when some point scalar is
+            outside its range).
+    """
+
+    sums: torch.Tensor
+    totals: torch.Tensor
+    outside_entries: int
+    outside_by_pair_column: torch.Tensor
+    uses: torch.Tensor | None
+
+
+class FusedPass:
+    """The fused kernel bound to one net, table and normaliser.
+
+    Build it with :meth:`build`; call it on the clouds of the table's points.
+    """
+
+    def __init__(
+        self,
+        spec: KernelSpec,
+        library: ctypes.CDLL,
+        *,
+        model: VectorCloudNet,
+        table: FieldTable,
+        normalizer: FeatureNormalizer | None,
+        point_outside: torch.Tensor,
+    ) -> None:
+        self.spec = spec
+        self._function = library.vcnn_fused_moments
+        self._function.restype = ctypes.c_int
+        self._function.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 12
+        self.count_uses = bool(point_outside.any())
+        self._coords = table.points.contiguous()
+        periods = torch.zeros(table.num_points, table.dim, 2, dtype=torch.float64)
+        for axis, (length, inverse) in table.periodic_axes.items():
+            periods[:, axis, 0] = length
+            periods[:, axis, 1] = inverse
+        self._periods = periods.contiguous()
+        self._records = _records(spec, model, table, normalizer, point_outside)
+        self._parameters = torch.cat(
+            [t.reshape(-1) for layer in model.pair_embedding.layers for t in (layer.weight, layer.bias)]
+        ).detach().to(torch.float32).contiguous()
+        with torch.no_grad():
+            scalars = table.point_scalars
+            if normalizer is not None:
+                scalars = normalizer.scalars(scalars, slice(0, scalars.shape[-1]))
+            embedded = model.embed_points(scalars)
+        self.table = embedded.reshape(table.num_points, spec.kernels, spec.width).to(torch.float32).contiguous()
+
+    @classmethod
+    def build(
+        cls,
+        model: VectorCloudNet,
+        table: FieldTable,
+        normalizer: FeatureNormalizer | None,
+        *,
+        point_outside: torch.Tensor,
+    ) -> FusedPass:
+        """Generate, compile (or load from the cache) and bind the kernel.
+
+        Args:
+            model: a factorised net (eval mode).
+            table: the per-point tensors (CPU, float32).
+            normalizer: the net's normaliser (None: raw inputs).
+            point_outside: (N,) bool, points with some point scalar outside the training range.
+
+        Raises:
+            KernelUnavailable: see :class:`KernelUnavailable`.
+        """
+        spec = kernel_spec(model, table, normalizer)
+        return cls(
+            spec,
+            _library(spec),
+            model=model,
+            table=table,
+            normalizer=normalizer,
+            point_outside=point_outside,
+        )
+
+    def __call__(
+        self,
+        offsets: np.ndarray,
+        indices: np.ndarray,
+        queries: np.ndarray,
+        *,
+        threads: int | None = None,
+    ) -> FusedMoments:
+        """The moments of Q clouds (validated: offsets, indices and queries of this table).
+
+        Args:
+            offsets: (Q + 1,) int64 entry offsets, offsets[0] == 0.
+            indices: (E,) int table rows of the entries.
+            queries: (Q,) int table rows of the query points.
+            threads: parallel parts (default ``torch.get_num_threads()``).
+
+        Returns:
+            The moments and the range counts.
+        """
+        spec = self.spec
+        count = self._coords.shape[0]
+        offsets = torch.as_tensor(np.ascontiguousarray(offsets, dtype=np.int64))
+        points = torch.as_tensor(np.ascontiguousarray(indices, dtype=np.int32))
+        query_rows = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.int64))
+        entries = points.numel()
+        num_queries = query_rows.numel()
+        if offsets.shape != (num_queries + 1,) or int(offsets[0]) != 0 or int(offsets[-1]) != entries:
+            raise ValueError("offsets, indices and queries do not describe the same clouds")
+        if num_queries and bool((torch.diff(offsets) < 1).any()):
+            raise ValueError("every cloud needs at least one point (the query itself)")
+        for rows in (points, query_rows):
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= count):
+                raise ValueError("a cloud entry or query is not a row of the table")
+        sums = torch.empty(num_queries, spec.kernels, spec.channels, spec.width, dtype=torch.float32)
+        totals = torch.empty(num_queries, dtype=torch.float32)
+        parts = _split(offsets, threads or torch.get_num_threads())
+        counts = torch.zeros(len(parts), 1 + len(spec.pair_names), dtype=torch.int64)
+        uses = torch.zeros(len(parts), count, dtype=torch.int64) if self.count_uses else None
+        shared = [
+            t.data_ptr()
+            for t in (offsets, points, query_rows, self._coords, self._periods, self._records,
+                      self._parameters, self.table, sums, totals)
+        ]
+
+        def run(part: int) -> int:
+            first, last = parts[part]
+            return self._function(
+                first, last, *shared, counts[part].data_ptr(),
+                None if uses is None else uses[part].data_ptr(),
+            )
+
+        if len(parts) == 1:
+            status = [run(0)]
+        else:
+            with ThreadPoolExecutor(len(parts)) as pool:
+                status = list(pool.map(run, range(len(parts))))
+        if any(status):
+            raise RuntimeError(f"the fused kernel failed with status {status}")
+        counts = counts.sum(0)
+        return FusedMoments(
+            sums=sums,
+            totals=totals,
+            outside_entries=int(counts[0]),
+            outside_by_pair_column=counts[1:],
+            uses=None if uses is None else uses.sum(0),
+        )
+
+
+def _records(
+    spec: KernelSpec,
+    model: VectorCloudNet,
+    table: FieldTable,
+    normalizer: FeatureNormalizer | None,
+    point_outside: torch.Tensor,
+) -> torch.Tensor:
+    """The per-point float32 records (layout :attr:`KernelSpec.record`)."""
+    count = table.num_points
+    parts = {
+        "direction": table.direction.T,
+        "inverse_along_squared": (
+            table.inverse_along_squared[:, None]
+            if table.inverse_along_squared is not None
+            else torch.zeros(count, 1)
+        ),
+        "upstream": table.upstream_direction.T,
+        "vectors": (table.vectors if normalizer is None else normalizer.vectors(table.vectors)).reshape(count, -1),
+        "point_scalars": (
+            table.point_scalars
+            if normalizer is None
+            else normalizer.scalars(table.point_scalars, slice(0, table.point_scalars.shape[-1]))
+        )[:, : spec.point_scalars],
+        "volume": table.volume_lowp[:, None],
+        "outside": point_outside.to(torch.float32)[:, None],
+    }
+    columns = [parts[name].to(torch.float32).reshape(count, length) for name, (_, length) in spec.record.items()]
+    return torch.cat(columns, dim=1).contiguous()
+
+
+def probe(spec: KernelSpec, name: str, values: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``exp`` or ``activation`` on float32 values (for tests).
+
+    Args:
+        spec: the kernel.
+        name: ``"exp"`` or ``"activation"``.
+        values: (n,) float32, n a multiple of ``entry_lanes * group``.
+
+    Returns:
+        (n,) float32.
+    """
+    function = getattr(_library(spec), f"vcnn_probe_{name}")
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    values = values.to(torch.float32).contiguous()
+    if values.numel() % (spec.entry_lanes * spec.group):
+        raise ValueError("probe: n must be a multiple of entry_lanes * group")
+    out = torch.empty_like(values)
+    function(values.data_ptr(), out.data_ptr(), values.numel())
+    return out
+
+
+def _split(offsets: torch.Tensor, parts: int) -> list[tuple[int, int]]:
+    """Query ranges of about equal entry counts."""
+    queries = offsets.numel() - 1
+    parts = max(1, min(parts, queries))
+    targets = np.linspace(0, int(offsets[-1]), parts + 1)[1:-1]
+    cuts = np.searchsorted(offsets.numpy(), targets)
+    bounds = [0, *sorted({int(c) for c in cuts} - {0, queries}), queries]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a] or [(0, 0)]
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept between processes."""
+    if os.environ.get("VCNN_CACHE_DIR"):
+        return Path(os.environ["VCNN_CACHE_DIR"]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vcnn" / "kernels"
+
+
+def _machine_key() -> str:
+    """The CPU's instruction-set flags (the kernel is built with -march=native)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+_LIBRARIES: dict[KernelSpec, ctypes.CDLL | KernelUnavailable] = {}
+_LOCK = threading.Lock()
+
+
+def _library(spec: KernelSpec) -> ctypes.CDLL:
+    """The compiled kernel of a spec, built once per process (and cached on disk).
+
+    Raises:
+        KernelUnavailable: no C compiler, or the build failed (remembered for the process).
+    """
+    with _LOCK:
+        known = _LIBRARIES.get(spec)
+        if known is None:
+            try:
+                known = _build(kernel_source(spec))
+            except KernelUnavailable as error:
+                known = error
+            _LIBRARIES[spec] = known
+    if isinstance(known, KernelUnavailable):
+        raise known
+    return known
+
+
+def _build(source: str) -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None or shutil.which(compiler) is None:
+        raise KernelUnavailable(f"no C compiler found ({compiler or 'cc'}; install gcc or set CC)")
+    key = hashlib.sha256("\n".join([source, compiler, " ".join(_FLAGS), _machine_key()]).encode())
+    name = f"fused_{key.hexdigest()[:24]}.so"
+    failures = []
+    for folder in (kernel_cache_dir(), Path(tempfile.gettempdir()) / f"vcnn-kernels-{os.getuid()}"):
+        library = folder / name
+        try:
+            if not library.exists():
+                _compile(compiler, source, folder, library)
+            return ctypes.CDLL(str(library))
+        except OSError as error:  # an unwritable cache, a library that does not load
+            failures.append(f"{folder}: {error}")
+    raise KernelUnavailable("could not build the fused kernel: " + "; ".join(failures))
+
+
+def _compile(compiler: str, source: str, folder: Path, library: Path) -> None:
+    """Compile ``source`` into ``library`` (atomic: concurrent builders write the same file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        source_path = Path(scratch) / "kernel.c"
+        source_path.write_text(source)
+        built = Path(scratch) / "kernel.so"
+        try:
+            result = subprocess.run(
+                [compiler, *_FLAGS, str(source_path), "-o", str(built), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        except subprocess.SubprocessError as error:
+            raise KernelUnavailable(f"compiling the fused kernel with {compiler}: {error}") from error
+        if result.returncode != 0:
+            message = (result.stderr or result.stdout).strip().splitlines()
+            raise KernelUnavailable(
+                f"compiling the fused kernel with {compiler} failed: "
+                + (message[0] if message else f"exit status {result.returncode}")
+            )
+        os.replace(built, library)
+
+
+# Entry points for tests: the kernel's exp and activation on n values (n a multiple of GLANES).
+_PROBES = r"""
+void vcnn_probe_exp(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i + GLANES <= n; i += GLANES) {
+    vg v;
+    memcpy(&v, x + i, sizeof v);
+    v = vexp_g(v);
+    memcpy(y + i, &v, sizeof v);
+  }
+}
+void vcnn_probe_activation(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i + GLANES <= n; i += GLANES) {
+    vg v;
+    memcpy(&v, x + i, sizeof v);
+    v = activation_g(v);
+    memcpy(y + i, &v, sizeof v);
+  }
+}
+"""
+
+_HELPERS = r"""
+static inline vf blend(vi mask, vf yes, vf no) {
+  vi bits = ((vi)yes & mask) | ((vi)no & ~mask);
+  return (vf)bits;
+}
+static inline vf vsqrt(vf x) {
+  vf y;
+  for (int b = 0; b < LANES; ++b) y[b] = __builtin_sqrtf(x[b]);
+  return y;
+}
+/* exp for the activations and the proximity: arguments clamped to [-87, 88] (both saturate
+   there), Cody-Waite reduction, a degree-6 polynomial; about 2 ulp; NaN propagates. */
+static inline vf vexp(vf x) {
+  const vf zero = {};
+  const vf magic = zero + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+  vf clamped = blend(x > 88.0f, zero + 88.0f, blend(x < -87.0f, zero - 87.0f, x));
+  vf shifted = clamped * 1.44269504088896341f + magic;
+  vf n = shifted - magic;
+  vf r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  vi exponent = ((vi)shifted - (vi)magic + 127) << 23;
+  return p * (vf)exponent;
+}
+"""
