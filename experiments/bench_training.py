@@ -5,8 +5,9 @@ Runs, one after the other on this machine, short trainings of
 * the training pipeline of an earlier revision (``--baseline``, checked out in a temporary git
   worktree) with the model it shipped (its ``default`` preset, a dense DeepPot-SE embedding);
 * this tree with the same dense model (``dense`` preset);
-* this tree with its default model (factorised embedding, volume pooling), random batches and
-  case-grouped batches,
+* this tree with its default model (factorised embedding, volume pooling): random batches,
+  case-grouped batches with the C kernels turned off (``VCNN_KERNELS=0``: torch operations),
+  and case-grouped batches (the training kernel of ``vcnn.fused_training``),
 
 on the cases of experiment (a) (150-point clouds, the same split and seed), and prints:
 
@@ -47,8 +48,14 @@ print("RESULT " + json.dumps({
 
 
 def run(tree: Path, config: dict) -> dict:
-    """Train in a fresh process importing the package from ``tree``; returns its numbers."""
+    """Train in a fresh process importing the package from ``tree``; returns its numbers.
+
+    ``config["kernels"] = False`` runs it with the C kernels turned off (``VCNN_KERNELS=0``).
+    """
+    config = dict(config)
     environment = dict(os.environ, PYTHONPATH=str(tree))
+    if not config.pop("kernels", True):
+        environment["VCNN_KERNELS"] = "0"
     completed = subprocess.run(
         [sys.executable, "-c", RUNNER, json.dumps(config)],
         cwd=tree,
@@ -93,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         ("before", f"{args.baseline} (its default: dense embedding)", {"preset": "default"}, {}),
         ("this tree", "dense", {"preset": "dense"}, {}),
         ("this tree", "default (factorised)", {"preset": "default"}, {}),
+        (
+            "this tree",
+            "default (factorised), case-grouped batches, torch operations (VCNN_KERNELS=0)",
+            {"preset": "default"},
+            {"batch_grouping": "case", "kernels": False},
+        ),
         (
             "this tree",
             "default (factorised), case-grouped batches",

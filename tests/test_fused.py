@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.ddp_scripts.synthetic_cases import channel_case
-from vcnn import fused
+from vcnn import fused, kernels
 from vcnn.clouds import CloudOptions
 from vcnn.features import FeatureNormalizer, FeatureSpec, FieldTable, gather_inputs
 from vcnn.inference import predict_full_clouds
@@ -173,7 +173,7 @@ def test_without_a_compiler_auto_falls_back_and_fused_says_why(monkeypatch, tmp_
     model, table, normalizer, clouds = _setup("published")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("VCNN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(fused, "_LIBRARIES", {})
+    monkeypatch.setattr(kernels, "_LIBRARIES", {})
     monkeypatch.setattr(inference, "_UNAVAILABLE_LOGGED", set())
     args = (model, table, normalizer, clouds.offsets, clouds.indices, clouds.queries)
     with caplog.at_level(logging.WARNING, logger="vcnn.inference"):
@@ -187,11 +187,11 @@ def test_without_a_compiler_auto_falls_back_and_fused_says_why(monkeypatch, tmp_
 def test_kernels_are_cached_on_disk(monkeypatch, tmp_path):
     model, table, normalizer, clouds = _setup("published")
     monkeypatch.setenv("VCNN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(fused, "_LIBRARIES", {})
+    monkeypatch.setattr(kernels, "_LIBRARIES", {})
     predict_full_clouds(
         model, table, normalizer, clouds.offsets, clouds.indices, clouds.queries, engine="fused"
     )
-    built = list((tmp_path / "kernels").glob("fused_*.so"))
+    built = list((tmp_path / "kernels").glob("kernel_*.so"))
     assert len(built) == 1
     assert not [p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]  # no leftovers
 

@@ -26,38 +26,35 @@ a missing compiler or a failed build raises :class:`KernelUnavailable` with the 
 caller keeps the torch pass.
 
 Threads: the queries are split into ``torch.get_num_threads()`` parts of equal entry counts,
-each run in a Python thread (the foreign call releases the GIL), so no second OpenMP runtime is
-loaded next to torch's.
+run by the threads of torch's own OpenMP runtime (:func:`vcnn.kernels.c_parallel_driver`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import re
-import shutil
-import subprocess
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from vcnn.features import FeatureNormalizer, FieldTable
+from vcnn.kernels import (
+    C_HELPERS,
+    ENTRY_LANES,
+    GROUP,
+    KernelUnavailable,
+    c_parallel_driver,
+    c_reciprocal,
+    c_widened,
+    compiled_library,
+    split_queries,
+)
 from vcnn.network import VectorCloudNet
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FusedMoments", "FusedPass", "KernelUnavailable", "kernel_cache_dir"]
-
-#: Compiler flags. No -ffast-math: NaN and inf must propagate, and the exp is the kernel's own.
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
+__all__ = ["FusedMoments", "FusedPass", "KernelUnavailable", "kernel_spec"]
 
 #: Vector forms of the activations (``vexp`` is the kernel's own vectorised exp).
 _ACTIVATION_CODE = {
@@ -72,16 +69,7 @@ _SCALAR_ACTIVATION_CODE = {
     "softplus": "v > 20.0f ? v : log1pf(expf(v))",
 }
 _SOFTENING_SQUARED = 1e-24  # as vcnn.network
-#: Entries per step of the per-entry arithmetic (KernelSpec.entry_lanes), and hidden units
-#: whose activations are evaluated together (KernelSpec.group). Measured on the published
-#: model (2-core AMD EPYC, AVX-512): 8 x 2 took 0.64 s where 8 x 1 took 0.78 s, 16 x 1 0.65 s,
-#: 8 x 4 and 32 x 1 over 1 s (register spills).
-ENTRY_LANES = 8
-GROUP = 2
 
-
-class KernelUnavailable(RuntimeError):
-    """The fused kernel cannot serve this net, table or machine (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -313,47 +301,17 @@ def kernel_source(spec: KernelSpec) -> str:
     activation.append("}")
     # The same functions on GROUP vectors at once (type vg): each operation becomes GROUP
     # independent hardware operations in program order, which hides the exp's latency.
-    lines += [_HELPERS, _reciprocal("vf", 4 * entries), _widened(_HELPERS)]
-    lines += [_reciprocal("vg", 4 * entries * spec.group).replace("reciprocal", "reciprocal_g")]
-    lines += ["\n".join(activation), _widened("\n".join(activation))]
+    lines += [C_HELPERS, c_reciprocal("vf", 4 * entries), c_widened(C_HELPERS)]
+    lines += [c_reciprocal("vg", 4 * entries * spec.group).replace("reciprocal", "reciprocal_g")]
+    lines += ["\n".join(activation), c_widened("\n".join(activation))]
     lines += [*_mlp_source(spec), *_main_source(spec, record), _PROBES]
     return "\n".join(lines) + "\n"
 
 
-def _reciprocal(kind: str, size: int) -> str:
-    """``1 / d`` for a vector type of ``size`` bytes.
-
-    With AVX-512 a 14-bit estimate and one Newton step (relative error about 2^-27, NaN
-    propagates) is several times cheaper than a division, which otherwise bounds the
-    activations' throughput; elsewhere a division.
-    """
-    guards = {16: ("__AVX512VL__", "_mm_rcp14_ps", "__m128"),
-              32: ("__AVX512VL__", "_mm256_rcp14_ps", "__m256"),
-              64: ("__AVX512F__", "_mm512_rcp14_ps", "__m512")}
-    lines = [f"static inline {kind} reciprocal({kind} d) {{"]
-    if size in guards:
-        guard, intrinsic, native = guards[size]
-        lines += [
-            f"#if defined({guard})",
-            f"  {kind} r = ({kind}){intrinsic}(({native})d);",
-            "  return r * (2.0f - d * r);",
-            "#else",
-            "  return 1.0f / d;",
-            "#endif",
-        ]
-    else:
-        lines.append("  return 1.0f / d;")
-    lines.append("}")
-    return "\n".join(lines)
 
 
-def _widened(code: str) -> str:
-    """The helpers' code for the GROUP-vector type vg (names suffixed ``_g``)."""
-    replacements = {
-        "vf": "vg", "vi": "vgi", "LANES": "GLANES", "blend": "blend_g", "vsqrt": "vsqrt_g",
-        "vexp": "vexp_g", "activation": "activation_g", "reciprocal": "reciprocal_g",
-    }
-    return re.sub(r"\b(" + "|".join(replacements) + r")\b", lambda m: replacements[m.group(1)], code)
+
+
 
 
 def _mlp_source(spec: KernelSpec) -> list[str]:
@@ -419,11 +377,14 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
             gather.append(f"      for (int b = 0; b < LANES; ++b) for (int i = 0; i < {length}; ++i)")
             gather.append(f"        {name}[i][b] = records[(int64_t)row[b] * RECORD + {start} + i];")
     code = [
-        "int vcnn_fused_moments(int64_t first, int64_t last, const int64_t* offsets,",
-        "                       const int32_t* points, const int64_t* queries, const double* coords,",
-        "                       const double* periods, const float* records, const float* params,",
-        "                       const float* table, float* sums, float* totals, int64_t* counts,",
-        "                       int64_t* uses) {",
+        "/* The clouds first..last-1; counts and uses: this part's own (see c_parallel_driver). */",
+        "static int moments_part(int64_t first, int64_t last, int64_t part, const int64_t* offsets,",
+        "                        const int32_t* points, const int64_t* queries, const double* coords,",
+        "                        const double* periods, const float* records, const float* params,",
+        "                        const float* table, float* sums, float* totals, int64_t* counts,",
+        "                        int64_t* uses, int64_t rows_count) {",
+        "  counts += part * (PAIRS + 1);",
+        "  if (uses) uses += part * rows_count;",
         "  const vf zero = {};",
         "  vf lane;",
         "  for (int b = 0; b < LANES; ++b) lane[b] = (float)b;",
@@ -608,6 +569,16 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
         "  }",
         "  return 0;",
         "}",
+        c_parallel_driver(
+            "vcnn_fused_moments",
+            "moments_part",
+            "const int64_t* offsets, const int32_t* points, const int64_t* queries, "
+            "const double* coords, const double* periods, const float* records, "
+            "const float* params, const float* table, float* sums, float* totals, "
+            "int64_t* counts, int64_t* uses, int64_t rows_count",
+            "offsets, points, queries, coords, periods, records, params, table, sums, totals, "
+            "counts, uses, rows_count",
+        ),
     ]
     return code
 
@@ -653,7 +624,7 @@ class FusedPass:
         self.spec = spec
         self._function = library.vcnn_fused_moments
         self._function.restype = ctypes.c_int
-        self._function.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 12
+        self._function.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 13 + [ctypes.c_int64]
         self.count_uses = bool(point_outside.any())
         self._coords = table.points.contiguous()
         periods = torch.zeros(table.num_points, table.dim, 2, dtype=torch.float64)
@@ -695,7 +666,7 @@ class FusedPass:
         spec = kernel_spec(model, table, normalizer)
         return cls(
             spec,
-            _library(spec),
+            compiled_library(kernel_source(spec)),
             model=model,
             table=table,
             normalizer=normalizer,
@@ -737,28 +708,22 @@ class FusedPass:
                 raise ValueError("a cloud entry or query is not a row of the table")
         sums = torch.empty(num_queries, spec.kernels, spec.channels, spec.width, dtype=torch.float32)
         totals = torch.empty(num_queries, dtype=torch.float32)
-        parts = _split(offsets, threads or torch.get_num_threads())
-        counts = torch.zeros(len(parts), 1 + len(spec.pair_names), dtype=torch.int64)
-        uses = torch.zeros(len(parts), count, dtype=torch.int64) if self.count_uses else None
-        shared = [
-            t.data_ptr()
-            for t in (offsets, points, query_rows, self._coords, self._periods, self._records,
-                      self._parameters, self.table, sums, totals)
-        ]
-
-        def run(part: int) -> int:
-            first, last = parts[part]
-            return self._function(
-                first, last, *shared, counts[part].data_ptr(),
-                None if uses is None else uses[part].data_ptr(),
-            )
-
-        if len(parts) == 1:
-            status = [run(0)]
-        else:
-            with ThreadPoolExecutor(len(parts)) as pool:
-                status = list(pool.map(run, range(len(parts))))
-        if any(status):
+        bounds = split_queries(offsets, threads or torch.get_num_threads())
+        parts = bounds.numel() - 1
+        counts = torch.zeros(parts, 1 + len(spec.pair_names), dtype=torch.int64)
+        uses = torch.zeros(parts, count, dtype=torch.int64) if self.count_uses else None
+        status = self._function(
+            parts,
+            bounds.data_ptr(),
+            *[
+                t.data_ptr()
+                for t in (offsets, points, query_rows, self._coords, self._periods, self._records,
+                          self._parameters, self.table, sums, totals, counts)
+            ],
+            None if uses is None else uses.data_ptr(),
+            count,
+        )
+        if status:
             raise RuntimeError(f"the fused kernel failed with status {status}")
         counts = counts.sum(0)
         return FusedMoments(
@@ -811,7 +776,7 @@ def probe(spec: KernelSpec, name: str, values: torch.Tensor) -> torch.Tensor:
     Returns:
         (n,) float32.
     """
-    function = getattr(_library(spec), f"vcnn_probe_{name}")
+    function = getattr(compiled_library(kernel_source(spec)), f"vcnn_probe_{name}")
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     values = values.to(torch.float32).contiguous()
     if values.numel() % (spec.entry_lanes * spec.group):
@@ -819,102 +784,6 @@ def probe(spec: KernelSpec, name: str, values: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(values)
     function(values.data_ptr(), out.data_ptr(), values.numel())
     return out
-
-
-def _split(offsets: torch.Tensor, parts: int) -> list[tuple[int, int]]:
-    """Query ranges of about equal entry counts."""
-    queries = offsets.numel() - 1
-    parts = max(1, min(parts, queries))
-    targets = np.linspace(0, int(offsets[-1]), parts + 1)[1:-1]
-    cuts = np.searchsorted(offsets.numpy(), targets)
-    bounds = [0, *sorted({int(c) for c in cuts} - {0, queries}), queries]
-    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a] or [(0, 0)]
-
-
-def kernel_cache_dir() -> Path:
-    """Where compiled kernels are kept between processes."""
-    if os.environ.get("VCNN_CACHE_DIR"):
-        return Path(os.environ["VCNN_CACHE_DIR"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vcnn" / "kernels"
-
-
-def _machine_key() -> str:
-    """The CPU's instruction-set flags (the kernel is built with -march=native)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.machine() + platform.processor()
-
-
-_LIBRARIES: dict[KernelSpec, ctypes.CDLL | KernelUnavailable] = {}
-_LOCK = threading.Lock()
-
-
-def _library(spec: KernelSpec) -> ctypes.CDLL:
-    """The compiled kernel of a spec, built once per process (and cached on disk).
-
-    Raises:
-        KernelUnavailable: no C compiler, or the build failed (remembered for the process).
-    """
-    with _LOCK:
-        known = _LIBRARIES.get(spec)
-        if known is None:
-            try:
-                known = _build(kernel_source(spec))
-            except KernelUnavailable as error:
-                known = error
-            _LIBRARIES[spec] = known
-    if isinstance(known, KernelUnavailable):
-        raise known
-    return known
-
-
-def _build(source: str) -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None or shutil.which(compiler) is None:
-        raise KernelUnavailable(f"no C compiler found ({compiler or 'cc'}; install gcc or set CC)")
-    key = hashlib.sha256("\n".join([source, compiler, " ".join(_FLAGS), _machine_key()]).encode())
-    name = f"fused_{key.hexdigest()[:24]}.so"
-    failures = []
-    for folder in (kernel_cache_dir(), Path(tempfile.gettempdir()) / f"vcnn-kernels-{os.getuid()}"):
-        library = folder / name
-        try:
-            if not library.exists():
-                _compile(compiler, source, folder, library)
-            return ctypes.CDLL(str(library))
-        except OSError as error:  # an unwritable cache, a library that does not load
-            failures.append(f"{folder}: {error}")
-    raise KernelUnavailable("could not build the fused kernel: " + "; ".join(failures))
-
-
-def _compile(compiler: str, source: str, folder: Path, library: Path) -> None:
-    """Compile ``source`` into ``library`` (atomic: concurrent builders write the same file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        source_path = Path(scratch) / "kernel.c"
-        source_path.write_text(source)
-        built = Path(scratch) / "kernel.so"
-        try:
-            result = subprocess.run(
-                [compiler, *_FLAGS, str(source_path), "-o", str(built), "-lm"],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-        except subprocess.SubprocessError as error:
-            raise KernelUnavailable(f"compiling the fused kernel with {compiler}: {error}") from error
-        if result.returncode != 0:
-            message = (result.stderr or result.stdout).strip().splitlines()
-            raise KernelUnavailable(
-                f"compiling the fused kernel with {compiler} failed: "
-                + (message[0] if message else f"exit status {result.returncode}")
-            )
-        os.replace(built, library)
 
 
 # Entry points for tests: the kernel's exp and activation on n values (n a multiple of GLANES).
@@ -934,37 +803,5 @@ void vcnn_probe_activation(const float* x, float* y, int64_t n) {
     v = activation_g(v);
     memcpy(y + i, &v, sizeof v);
   }
-}
-"""
-
-_HELPERS = r"""
-static inline vf blend(vi mask, vf yes, vf no) {
-  vi bits = ((vi)yes & mask) | ((vi)no & ~mask);
-  return (vf)bits;
-}
-static inline vf vsqrt(vf x) {
-  vf y;
-  for (int b = 0; b < LANES; ++b) y[b] = __builtin_sqrtf(x[b]);
-  return y;
-}
-/* exp for the activations and the proximity: arguments clamped to [-87, 88] (both saturate
-   there), Cody-Waite reduction, a degree-6 polynomial; about 2 ulp; NaN propagates. */
-static inline vf vexp(vf x) {
-  const vf zero = {};
-  const vf magic = zero + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-  vf clamped = blend(x > 88.0f, zero + 88.0f, blend(x < -87.0f, zero - 87.0f, x));
-  vf shifted = clamped * 1.44269504088896341f + magic;
-  vf n = shifted - magic;
-  vf r = clamped - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = zero + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  vi exponent = ((vi)shifted - (vi)magic + 127) << 23;
-  return p * (vf)exponent;
 }
 """

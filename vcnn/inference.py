@@ -105,10 +105,8 @@ def predict_padded(
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if table is not None and isinstance(core, VectorCloudNet) and core.is_factorised:
         unique, inverse = torch.unique(batch.points, return_inverse=True)
-        embedded = point_embedding(core, table, normalizer, unique)
-        # index_select: its backward is an index_add, far cheaper than indexing's index_put
-        gathered = embedded.index_select(0, inverse.reshape(-1))
-        inputs["point_embedding"] = gathered.reshape(*inverse.shape, embedded.shape[-1])
+        inputs["point_embedding"] = point_embedding(core, table, normalizer, unique)  # (U, m)
+        inputs["point_rows"] = inverse
     if not isinstance(core, VectorCloudNet):
         inputs.pop("volume")
     return model(**inputs)

@@ -49,6 +49,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vcnn.fused_training import pair_pooled_sums
+
 logger = logging.getLogger(__name__)
 
 OutputKind = Literal["scalar", "vector", "tensor"]
@@ -725,6 +727,7 @@ class VectorCloudNet(nn.Module):
         *,
         volume: torch.Tensor | None = None,
         point_embedding: torch.Tensor | None = None,
+        point_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Evaluate the network on a batch of clouds.
 
@@ -739,6 +742,10 @@ class VectorCloudNet(nn.Module):
                 ignored otherwise.
             point_embedding: (B, n, m) float, precomputed :meth:`embed_points` of the cloud
                 points (factorised nets only); the point columns of ``scal`` are then ignored.
+                With ``point_rows``: (U, m), the embedding of U distinct points.
+            point_rows: (B, n) int rows of a (U, m) ``point_embedding``, one per entry. The
+                pooled sums then run as one operation (:func:`vcnn.fused_training.pair_pooled_sums`,
+                a C kernel on the CPU) that never forms a (B, n, m) tensor; same result.
 
         Returns:
             (B,) for ``output="scalar"``, (B, d) for ``"vector"``, (B, d, d) symmetric for
@@ -748,7 +755,7 @@ class VectorCloudNet(nn.Module):
             CloudInputError: (a ValueError) on inconsistent shapes or an empty cloud.
         """
         dtype = self._parameter_dtype()
-        self._check_shapes(pos, vec, scal, mask, weight, volume, point_embedding)
+        self._check_shapes(pos, vec, scal, mask, weight, volume, point_embedding, point_rows)
         batch, n, _ = pos.shape
         device = pos.device
         pos, vec, scal = pos.to(dtype), vec.to(dtype), scal.to(dtype)
@@ -766,6 +773,9 @@ class VectorCloudNet(nn.Module):
         pos = torch.where(valid[..., None], pos, 0.0)
         vec = torch.where(valid[..., None, None], vec, 0.0)
         scal = torch.where(valid[..., None], scal, 0.0)
+        if point_rows is not None:
+            normalised = point_weight / total_weight[:, None]  # (B, n)
+            return self._pooled_by_rows(pos, vec, scal, normalised, point_embedding, point_rows)
 
         features = self._embed(pos, vec, scal, valid, point_embedding)  # (B, n, m)
         channels = torch.cat([self.position_channel(pos)[:, :, None], vec], dim=2)  # (B,n,q,d)
@@ -778,6 +788,31 @@ class VectorCloudNet(nn.Module):
         moments = moments.reshape(batch, -1, q, d)  # (B, m, q, d)
         mean_features = weighted.sum(dim=1) if self._config.scalar_channel else None
         return self.head(moments, mean_features)
+
+    def _pooled_by_rows(
+        self,
+        pos: torch.Tensor,
+        vec: torch.Tensor,
+        scal: torch.Tensor,
+        normalised: torch.Tensor,
+        point_table: torch.Tensor,
+        point_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """The factorised net's moments as pooled sums over rows of a point table, then the head."""
+        pair_scalars = scal.index_select(-1, self._pair_columns)
+        point_scalars = scal.index_select(-1, self._point_columns)
+        inputs = self.pair_inputs(pair_scalars, pos, vec, point_scalars)  # (B, n, p)
+        batch, count = inputs.shape[0], self._config.num_kernels
+        table = point_table.to(inputs.dtype).unflatten(-1, (count, -1))  # (U, K, m_k)
+        channels = torch.cat([self.position_channel(pos)[:, :, None], vec], dim=2)  # (B,n,q,d)
+        q, d = channels.shape[2], channels.shape[3]
+        sums = pair_pooled_sums(
+            self.pair_embedding, self._config.activation, inputs, table, point_rows, normalised,
+            channels.flatten(2),
+        )
+        mean_features = sums[:, :, 0].reshape(batch, -1)  # (B, m): channel k m_k + j
+        moments = sums[:, :, 1:].transpose(2, 3).reshape(batch, -1, q, d)  # (B, m, q, d)
+        return self.head(moments, mean_features if self._config.scalar_channel else None)
 
     def pooling_weights(
         self,
@@ -862,6 +897,7 @@ class VectorCloudNet(nn.Module):
         weight: torch.Tensor | None,
         volume: torch.Tensor | None,
         point_embedding: torch.Tensor | None,
+        point_rows: torch.Tensor | None = None,
     ) -> None:
         _check_cloud_shapes(
             pos,
@@ -888,12 +924,27 @@ class VectorCloudNet(nn.Module):
                 raise CloudInputError(
                     "point_embedding is only accepted by a factorised net (point_scalar_columns)"
                 )
-            expected = (*pos.shape[:2], self._config.embedding[-1])
+            width = self._config.embedding[-1]
+            if point_rows is not None:
+                if tuple(point_rows.shape) != tuple(pos.shape[:2]):
+                    raise CloudInputError(
+                        f"point_rows must be (B, n) = {tuple(pos.shape[:2])}; got "
+                        f"{tuple(point_rows.shape)}"
+                    )
+                if point_embedding.dim() != 2 or point_embedding.shape[1] != width:
+                    raise CloudInputError(
+                        f"with point_rows, point_embedding must be (U, {width}); got "
+                        f"{tuple(point_embedding.shape)}"
+                    )
+                return
+            expected = (*pos.shape[:2], width)
             if tuple(point_embedding.shape) != expected:
                 raise CloudInputError(
                     f"point_embedding must have shape {expected} (B, n, m), got "
                     f"{tuple(point_embedding.shape)}"
                 )
+        elif point_rows is not None:
+            raise CloudInputError("point_rows needs point_embedding, the (U, m) point table")
 
     @staticmethod
     def _check_not_empty(total_weight: torch.Tensor, point_weight: torch.Tensor) -> None:
