@@ -41,9 +41,8 @@ import torch
 from vcnn.features import FeatureNormalizer, FieldTable
 from vcnn.kernels import (
     C_HELPERS,
-    ENTRY_LANES,
-    GROUP,
     KernelUnavailable,
+    MlpShape,
     c_parallel_driver,
     c_reciprocal,
     c_widened,
@@ -73,8 +72,10 @@ _SOFTENING_SQUARED = 1e-24  # as vcnn.network
 
 
 @dataclass(frozen=True)
-class KernelSpec:
-    """Everything the generated source depends on (hashable: the cache key of the build).
+class KernelSpec(MlpShape):
+    """Everything the generated source depends on (hashable).
+
+    The pair MLP's shape (:class:`vcnn.kernels.MlpShape`) and the following.
 
     Attributes:
         dim: spatial dimension d.
@@ -97,17 +98,8 @@ class KernelSpec:
         pair_std: their standard deviations.
         pair_low: lower ends of their training ranges (with the normaliser's margin), or ().
         pair_high: upper ends, or ().
-        layers: output width of each pair-kernel layer; the last is the number of kernels K.
-        layer_inputs: input width of the first layer.
-        residual: per layer, 0 (none), 1 (add the input) or 2 (add the input twice over).
-        activate_last: whether the last layer is activated.
-        activation: activation name.
         width: channels per kernel, m_k.
         lanes: floats per vector of the sums (a divisor of m_k).
-        entry_lanes: entries per step of the per-entry arithmetic.
-        group: hidden units whose activations run together: the exp is a long chain of
-            dependent operations, and GROUP independent chains in program order keep the
-            floating-point units busy.
     """
 
     dim: int
@@ -129,20 +121,8 @@ class KernelSpec:
     pair_std: tuple[float, ...]
     pair_low: tuple[float, ...]
     pair_high: tuple[float, ...]
-    layers: tuple[int, ...]
-    layer_inputs: int
-    residual: tuple[int, ...]
-    activate_last: bool
-    activation: str
     width: int
     lanes: int
-    entry_lanes: int
-    group: int
-
-    @property
-    def kernels(self) -> int:
-        """Number of pair kernels K."""
-        return self.layers[-1]
 
     @property
     def channels(self) -> int:
@@ -193,16 +173,6 @@ def kernel_spec(model: VectorCloudNet, table: FieldTable, normalizer: FeatureNor
         raise KernelUnavailable("the net's point columns are not the feature spec's point scalars")
     if table.num_points >= 2**31:
         raise KernelUnavailable("more than 2^31 points")
-    mlp = model.pair_embedding
-    layers = tuple(layer.out_features for layer in mlp.layers)
-    residual, previous = [], mlp.layers[0].in_features
-    for index, out in enumerate(layers):
-        activated = index < len(layers) - 1 or mlp.activate_last
-        kind = 0
-        if mlp.residual and activated:
-            kind = 1 if out == previous else 2 if out == 2 * previous else 0
-        residual.append(kind)
-        previous = out
     width = config.embedding[-1] // config.num_kernels
     names = table.spec.pair_scalars
     radius = table.inverse_along_squared is not None and (
@@ -238,15 +208,9 @@ def kernel_spec(model: VectorCloudNet, table: FieldTable, normalizer: FeatureNor
         pair_std=(1.0,) * pair_count if normalizer is None else tuple(normalizer.scalar_std[point_count:]),
         pair_low=low,
         pair_high=high,
-        layers=layers,
-        layer_inputs=mlp.layers[0].in_features,
-        residual=tuple(residual),
-        activate_last=bool(mlp.activate_last),
-        activation=config.activation,
         width=width,
         lanes=next(lanes for lanes in (8, 4, 2, 1) if width % lanes == 0),
-        entry_lanes=ENTRY_LANES,
-        group=GROUP,
+        **MlpShape.of(model.pair_embedding, config.activation).fields(),
     )
 
 

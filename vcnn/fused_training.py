@@ -33,9 +33,8 @@ from torch import nn
 
 from vcnn.kernels import (
     C_HELPERS,
-    ENTRY_LANES,
-    GROUP,
     KernelUnavailable,
+    MlpShape,
     c_parallel_driver,
     c_reciprocal,
     c_widened,
@@ -88,51 +87,20 @@ _SLOPE_CODE = {
 
 
 @dataclass(frozen=True)
-class _Shape:
-    """What the generated source depends on (see :class:`vcnn.fused.KernelSpec`)."""
+class _Shape(MlpShape):
+    """What the generated source depends on: the pair MLP's shape and the following."""
 
-    layers: tuple[int, ...]
-    layer_inputs: int
-    residual: tuple[int, ...]
-    activate_last: bool
-    activation: str
     width: int
     channels: int
     lanes: int
-    entry_lanes: int
-    group: int
-
-    @property
-    def kernels(self) -> int:
-        return self.layers[-1]
-
-    @property
-    def parameters(self) -> int:
-        inputs = (self.layer_inputs, *self.layers[:-1])
-        return sum(out * (size + 1) for size, out in zip(inputs, self.layers, strict=True))
 
     @classmethod
-    def of(cls, mlp: nn.Module, *, width: int, channels: int, activation: str) -> _Shape:
-        layers = tuple(layer.out_features for layer in mlp.layers)
-        residual, previous = [], mlp.layers[0].in_features
-        for index, out in enumerate(layers):
-            activated = index < len(layers) - 1 or mlp.activate_last
-            kind = 0
-            if mlp.residual and activated:
-                kind = 1 if out == previous else 2 if out == 2 * previous else 0
-            residual.append(kind)
-            previous = out
+    def build(cls, mlp: nn.Module, *, width: int, channels: int, activation: str) -> _Shape:
         return cls(
-            layers=layers,
-            layer_inputs=mlp.layers[0].in_features,
-            residual=tuple(residual),
-            activate_last=bool(mlp.activate_last),
-            activation=activation,
             width=width,
             channels=channels,
             lanes=next(lanes for lanes in (8, 4, 2, 1) if width % lanes == 0),
-            entry_lanes=ENTRY_LANES,
-            group=GROUP,
+            **MlpShape.of(mlp, activation).fields(),
         )
 
     def source(self) -> str:
@@ -315,10 +283,10 @@ def pair_pooled_sums(
         mlp: the pair kernels' MLP (:class:`vcnn.network.MLP`).
         activation: its activation's name.
         inputs: (B, n, p) float pair-kernel inputs (data: no gradient).
-        table: (U, K, W) float point embedding A, kernel by kernel.
-        rows: (B, n) int rows of ``table``.
-        weight: (B, n) float normalised pooling weights (0 at padding).
-        channels: (B, n, C - 1) float channels besides the constant one.
+        table: as :func:`pooled_sums_reference` (``rows``, ``weight``, ``channels`` too).
+        rows: see ``table``.
+        weight: see ``table``.
+        channels: see ``table``.
 
     Returns:
         (B, K, C, W) float sums, differentiable in the MLP's parameters and ``table``.
@@ -327,8 +295,9 @@ def pair_pooled_sums(
     if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and all(
         p.dtype == torch.float32 for p in mlp.parameters()
     ):
-        shape = _Shape.of(mlp, width=table.shape[-1], channels=channels.shape[-1] + 1,
-                          activation=activation)
+        shape = _Shape.build(
+            mlp, width=table.shape[-1], channels=channels.shape[-1] + 1, activation=activation
+        )
         try:
             library = compiled_library(shape.source())
         except KernelUnavailable as error:

@@ -7,7 +7,8 @@ they differ only in how the moments ``L = sum_i w_i G_i Q_i / sum_i w_i`` are su
 
 * :func:`predict_padded`: clouds padded to a common width, ``G`` formed for every entry and
   ``L`` by a batched matrix product (``VectorCloudNet.forward``). Training uses it; for a
-  factorised net the point part of ``G`` is evaluated once per distinct point of the batch.
+  factorised net the point part of ``G`` is evaluated once per distinct point of the batch and
+  the pair kernels and moments run as one operation (:mod:`vcnn.fused_training`).
 * :func:`predict_full_clouds`: full (ragged) clouds of whole meshes. For a factorised net with
   K pair kernels, ``G[e, a] = A[i_e, a] P[e, k(a)]``, so with ``s[e, k] = w_e P[e, k]``
 
@@ -17,8 +18,12 @@ they differ only in how the moments ``L = sum_i w_i G_i Q_i / sum_i w_i`` are su
   are sparse (queries x points) matrices with one value per entry times dense per-point
   tables: 1 + d sparse-dense products per kernel and chunk of queries do all the per-entry
   work that is m wide. Per entry only the inputs, the pair kernels (a tiny MLP of a few
-  invariants) and the pooling weights are evaluated, in one function that ``torch.compile``
-  fuses on large meshes. Other nets fall back to the padded pass over clouds bucketed by size.
+  invariants) and the pooling weights are evaluated. On the CPU the fused kernel of
+  :mod:`vcnn.fused` does all of it in one C loop per cloud (``engine="fused"``, the default
+  where it can be built); the torch version (``engine="sparse"``, what runs on CUDA) evaluates
+  the per-entry stage in one function that ``torch.compile`` fuses on large meshes and the sums
+  as sparse-dense products. Other nets fall back to the padded pass over clouds bucketed by
+  size.
 """
 
 from __future__ import annotations
@@ -95,7 +100,9 @@ def predict_padded(
             :class:`~vcnn.network.VectorCloudNet`).
         batch: normalised inputs (:func:`vcnn.features.gather_inputs`).
         table: the table the batch was gathered from; with a factorised net, its distinct
-            points' embedding is computed once and gathered (instead of once per entry).
+            points' embedding is computed once and passed with each entry's row
+            (``point_rows``): the pair kernels and pooled sums then run as one operation
+            (:mod:`vcnn.fused_training`, a C kernel forward and backward on the CPU).
         normalizer: the normaliser of the batch (needed with ``table``).
 
     Returns:

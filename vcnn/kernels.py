@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "ENTRY_LANES",
     "GROUP",
     "KernelUnavailable",
+    "MlpShape",
     "c_reciprocal",
     "c_widened",
     "c_parallel_driver",
@@ -216,6 +218,68 @@ def _compile(
 #: 8 x 4 and 32 x 1 over 1 s (register spills).
 ENTRY_LANES = 8
 GROUP = 2
+
+
+@dataclass(frozen=True)
+class MlpShape:
+    """The shape of a pair-kernel MLP (:class:`vcnn.network.MLP`) as generated C sees it.
+
+    Attributes:
+        layers: output width of each layer; the last is the number of kernels K.
+        layer_inputs: input width of the first layer.
+        residual: per layer, 0 (none), 1 (add the input) or 2 (add the input twice over).
+        activate_last: whether the last layer is activated.
+        activation: activation name.
+        entry_lanes: entries per SIMD step (:data:`ENTRY_LANES`).
+        group: hidden units whose activations run together (:data:`GROUP`): the exp is a long
+            chain of dependent operations, and GROUP independent chains in program order keep
+            the floating-point units busy.
+    """
+
+    layers: tuple[int, ...]
+    layer_inputs: int
+    residual: tuple[int, ...]
+    activate_last: bool
+    activation: str
+    entry_lanes: int
+    group: int
+
+    @property
+    def kernels(self) -> int:
+        """Number of pair kernels K (the last layer's width)."""
+        return self.layers[-1]
+
+    @property
+    def parameters(self) -> int:
+        """Weights and biases of all layers (the flat layout: per layer, weight then bias)."""
+        inputs = (self.layer_inputs, *self.layers[:-1])
+        return sum(out * (size + 1) for size, out in zip(inputs, self.layers, strict=True))
+
+    @classmethod
+    def of(cls, mlp, activation: str) -> MlpShape:
+        """The shape of an MLP with ``layers``, ``residual`` and ``activate_last``."""
+        layers = tuple(layer.out_features for layer in mlp.layers)
+        residual, previous = [], mlp.layers[0].in_features
+        for index, out in enumerate(layers):
+            activated = index < len(layers) - 1 or mlp.activate_last
+            kind = 0
+            if mlp.residual and activated:
+                kind = 1 if out == previous else 2 if out == 2 * previous else 0
+            residual.append(kind)
+            previous = out
+        return cls(
+            layers=layers,
+            layer_inputs=mlp.layers[0].in_features,
+            residual=tuple(residual),
+            activate_last=bool(mlp.activate_last),
+            activation=activation,
+            entry_lanes=ENTRY_LANES,
+            group=GROUP,
+        )
+
+    def fields(self) -> dict:
+        """The fields by name (to build a subclass instance from this shape)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 def c_reciprocal(kind: str, size: int) -> str:
