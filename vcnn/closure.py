@@ -213,9 +213,15 @@ class Closure:
             raise ValueError(f"cloud_size must be None (full clouds) or >= 1, got {cloud_size}")
         rotation = _checked_frame(frame, case.dim)
         sampler = self.cloud_options.sampler(case.points, case.velocity, case.period)
+        images = None
         if cloud_size is None:
             clouds = sampler.full_clouds()
-            offsets, indices, queries = clouds.offsets, clouds.indices, clouds.queries
+            offsets, queries = clouds.offsets, clouds.queries
+            # image ids where the clouds have them: the fused kernel maps them itself
+            indices, images = (
+                (clouds.indices, None) if clouds.image_ids is None
+                else (clouds.image_ids, clouds.image_points)
+            )
         else:
             sample = sampler.sample(cloud_size, seed=seed)
             mask = sample.mask
@@ -234,6 +240,7 @@ class Closure:
             queries,
             engine=engine,
             compile=compile,
+            image_points=images,
         )
         tau = np.empty(case.num_points)
         tau[queries] = result.output * self.target_scale

@@ -79,6 +79,22 @@ _CELL_FRACTION = {2: 0.15, 3: 0.5}
 _SLACK = 1e-9
 
 
+def map_images(image_points: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """``image_points[image_ids]`` by a multithreaded torch gather (large arrays).
+
+    Args:
+        image_points: (M,) int point index of every image id.
+        image_ids: (nnz,) int image ids.
+
+    Returns:
+        (nnz,) point indices, in the dtype of ``image_points``.
+    """
+    origin = torch.from_numpy(np.ascontiguousarray(image_points))
+    out = np.empty(image_ids.size, dtype=origin.numpy().dtype)
+    torch.index_select(origin, 0, torch.from_numpy(np.ascontiguousarray(image_ids)), out=torch.from_numpy(out))
+    return out
+
+
 class Clouds:
     """Full clouds in compressed-row form.
 
@@ -90,7 +106,11 @@ class Clouds:
         queries: (Q,) int64 indices of the query points.
         offsets: (Q + 1,) int64; cloud q is entries offsets[q]:offsets[q + 1].
         indices: (nnz,) int32 (int64 beyond 2^31 points) point indices of the entries (first
-            entry of each cloud: the query point itself).
+            entry of each cloud: the query point itself); computed on first access when the
+            clouds were built as image ids.
+        image_ids: (nnz,) int ids of the entries in a set of point images (periodic copies),
+            or None; ``indices = image_points[image_ids]``.
+        image_points: (M,) int point index of every image id, or None.
         relative_positions: (nnz, d) float, x_i - x0 of the image that lies in the cloud.
         radius: (nnz,) float normalised region radius of each entry (1 on the region boundary;
             for "knn", distance over the cloud's largest distance).
@@ -101,30 +121,41 @@ class Clouds:
         self,
         queries: np.ndarray,
         offsets: np.ndarray,
-        indices: np.ndarray,
+        indices: np.ndarray | None,
         relative_positions: np.ndarray | None = None,
         radius: np.ndarray | None = None,
         weights: np.ndarray | None = None,
         *,
         compute: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray | None]] | None = None,
+        image_ids: np.ndarray | None = None,
+        image_points: np.ndarray | None = None,
     ) -> None:
         """Hold the clouds.
 
         Args:
             queries: (Q,) int64 query point indices.
             offsets: (Q + 1,) int64 row offsets.
-            indices: (nnz,) int point indices.
+            indices: (nnz,) int point indices, or None with ``image_ids`` and
+                ``image_points`` (then mapped on first access: consumers that can read image
+                ids, like the fused closure kernel, skip the pass over all entries).
             relative_positions: (nnz, d) float, or None when ``compute`` gives them.
             radius: (nnz,) float, or None when ``compute`` gives them.
             weights: (nnz,) float or None.
             compute: called once, on first access, to give (relative_positions, radius,
                 weights) instead of passing them.
+            image_ids: (nnz,) int ids of the entries in a set of point images, or None.
+            image_points: (M,) int point index of every image id, or None.
         """
         if compute is None and (relative_positions is None or radius is None):
             raise ValueError("Clouds needs relative_positions and radius, or a compute callable")
+        if indices is None and (image_ids is None or image_points is None):
+            raise ValueError("Clouds needs indices, or image_ids and image_points")
         self.queries = queries
         self.offsets = offsets
-        self.indices = indices
+        self.image_ids = image_ids
+        self.image_points = image_points
+        if indices is not None:
+            self.__dict__["indices"] = indices
         self._compute = compute
         if compute is None:
             self.__dict__["_values"] = (relative_positions, radius, weights)
@@ -132,6 +163,11 @@ class Clouds:
     @cached_property
     def _values(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         return self._compute()
+
+    @cached_property
+    def indices(self) -> np.ndarray:
+        """(nnz,) int point indices of the entries (mapped from the image ids once)."""
+        return map_images(self.image_points, self.image_ids)
 
     @property
     def relative_positions(self) -> np.ndarray:
@@ -414,9 +450,8 @@ class CloudSampler:
             return self._knn_clouds(queries)
         if every_point and self._csr_cache is not None:
             index = self._csr_cache
-            indices = self._map_origin(index.entries)
         else:
-            index, indices = self._index(queries, with_origin=True)
+            index, _ = self._index(queries, with_origin=False)
             if every_point:
                 self._csr_cache = index
 
@@ -424,7 +459,10 @@ class CloudSampler:
             relative, radius = self._entry_geometry(queries, index)
             return relative, radius, self._weights(radius)
 
-        return Clouds(queries, index.offsets, indices, compute=compute)
+        return Clouds(
+            queries, index.offsets, None, compute=compute, image_ids=index.entries,
+            image_points=self._image_points(),
+        )
 
     def padded(
         self, queries: np.ndarray | None = None, *, max_points: int | None = None
@@ -630,10 +668,11 @@ class CloudSampler:
 
     def _map_origin(self, entries: np.ndarray) -> np.ndarray:
         """(nnz,) point indices of extended ids (a multithreaded torch gather)."""
-        origin = torch.from_numpy(self._ext_origin.astype(self._id_dtype, copy=False))
-        out = np.empty(entries.size, dtype=origin.numpy().dtype)
-        torch.index_select(origin, 0, torch.from_numpy(entries), out=torch.from_numpy(out))
-        return out
+        return map_images(self._image_points(), entries)
+
+    def _image_points(self) -> np.ndarray:
+        """(M,) point index of every extended id, in the id dtype."""
+        return self._ext_origin.astype(self._id_dtype, copy=False)
 
     def _index(
         self, queries: np.ndarray, *, with_origin: bool

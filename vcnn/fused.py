@@ -343,7 +343,8 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
     code = [
         "/* The clouds first..last-1; counts and uses: this part's own (see c_parallel_driver). */",
         "static int moments_part(int64_t first, int64_t last, int64_t part, const int64_t* offsets,",
-        "                        const int32_t* points, const int64_t* queries, const double* coords,",
+        "                        const int32_t* points, const int32_t* images,",
+        "                        const int64_t* queries, const double* coords,",
         "                        const double* periods, const float* records, const float* params,",
         "                        const float* table, float* sums, float* totals, int64_t* counts,",
         "                        int64_t* uses, int64_t rows_count) {",
@@ -353,6 +354,7 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
         "  vf lane;",
         "  for (int b = 0; b < LANES; ++b) lane[b] = (float)b;",
         "  float scaled[KERNELS][CHANNELS][BLOCK] __attribute__((aligned(128)));",
+        "  int32_t block_rows[BLOCK];",
         "  vi outside_any = {};",
         "  vi outside_pair[PAIRS + 1];",
         "  for (int j = 0; j < PAIRS + 1; ++j) outside_pair[j] = (vi){};",
@@ -377,7 +379,12 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
         "      const int64_t e = block + v;",
         "      const vi valid = lane < (float)(end - e);",
         "      int32_t row[LANES];",
-        "      for (int b = 0; b < LANES; ++b) row[b] = points[e + b < end ? e + b : end - 1];",
+        "      for (int b = 0; b < LANES; ++b) {",
+        "        /* an entry is a point, or with images an image id of a point */",
+        "        const int32_t id = points[e + b < end ? e + b : end - 1];",
+        "        row[b] = images ? images[id] : id;",
+        "        block_rows[v + b] = row[b];",
+        "      }",
         "      vf rel[DIM];",
         "      for (int b = 0; b < LANES; ++b) {",
         "        const double* c = coords + (int64_t)row[b] * DIM;",
@@ -500,7 +507,7 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
         "        vr sum[CHANNELS][WIDTH / ROW], odd[CHANNELS][WIDTH / ROW];",
         "        memcpy(sum, acc[k], sizeof sum);",
         "        memset(odd, 0, sizeof odd);",
-        "        const int32_t* rows = points + block;",
+        "        const int32_t* rows = block_rows;",
         "        int64_t v = 0;",
         "        for (; v + 1 < size; v += 2) {",
         "          const vru* even_row = (const vru*)(table + ((int64_t)rows[v] * KERNELS + k) * WIDTH);",
@@ -536,11 +543,13 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
         c_parallel_driver(
             "vcnn_fused_moments",
             "moments_part",
-            "const int64_t* offsets, const int32_t* points, const int64_t* queries, "
+            "const int64_t* offsets, const int32_t* points, const int32_t* images, "
+            "const int64_t* queries, "
             "const double* coords, const double* periods, const float* records, "
             "const float* params, const float* table, float* sums, float* totals, "
             "int64_t* counts, int64_t* uses, int64_t rows_count",
-            "offsets, points, queries, coords, periods, records, params, table, sums, totals, "
+            "offsets, points, images, queries, coords, periods, records, params, table, sums, "
+            "totals, "
             "counts, uses, rows_count",
         ),
     ]
@@ -588,7 +597,7 @@ class FusedPass:
         self.spec = spec
         self._function = library.vcnn_fused_moments
         self._function.restype = ctypes.c_int
-        self._function.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 13 + [ctypes.c_int64]
+        self._function.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 14 + [ctypes.c_int64]
         self.count_uses = bool(point_outside.any())
         self._coords = table.points.contiguous()
         periods = torch.zeros(table.num_points, table.dim, 2, dtype=torch.float64)
@@ -643,14 +652,17 @@ class FusedPass:
         indices: np.ndarray,
         queries: np.ndarray,
         *,
+        image_points: np.ndarray | None = None,
         threads: int | None = None,
     ) -> FusedMoments:
         """The moments of Q clouds (validated: offsets, indices and queries of this table).
 
         Args:
             offsets: (Q + 1,) int64 entry offsets, offsets[0] == 0.
-            indices: (E,) int table rows of the entries.
+            indices: (E,) int table rows of the entries, or with ``image_points`` their ids
+                in a set of point images (:attr:`vcnn.clouds.Clouds.image_ids`).
             queries: (Q,) int table rows of the query points.
+            image_points: (M,) int table row of every image id, or None.
             threads: parallel parts (default ``torch.get_num_threads()``).
 
         Returns:
@@ -667,7 +679,12 @@ class FusedPass:
             raise ValueError("offsets, indices and queries do not describe the same clouds")
         if num_queries and bool((torch.diff(offsets) < 1).any()):
             raise ValueError("every cloud needs at least one point (the query itself)")
-        for rows in (points, query_rows):
+        images = None
+        if image_points is not None:
+            images = torch.as_tensor(np.ascontiguousarray(image_points, dtype=np.int32))
+            if entries and (int(points.min()) < 0 or int(points.max()) >= images.numel()):
+                raise ValueError("a cloud entry is not an image id")
+        for rows in (points if images is None else images, query_rows):
             if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= count):
                 raise ValueError("a cloud entry or query is not a row of the table")
         sums = torch.empty(num_queries, spec.kernels, spec.channels, spec.width, dtype=torch.float32)
@@ -679,9 +696,12 @@ class FusedPass:
         status = self._function(
             parts,
             bounds.data_ptr(),
+            offsets.data_ptr(),
+            points.data_ptr(),
+            None if images is None else images.data_ptr(),
             *[
                 t.data_ptr()
-                for t in (offsets, points, query_rows, self._coords, self._periods, self._records,
+                for t in (query_rows, self._coords, self._periods, self._records,
                           self._parameters, self.table, sums, totals, counts)
             ],
             None if uses is None else uses.data_ptr(),

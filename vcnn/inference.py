@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vcnn.clouds import map_images
 from vcnn.features import CloudBatch, FeatureNormalizer, FieldTable, entry_inputs, gather_inputs
 from vcnn.fused import FusedPass, KernelUnavailable
 from vcnn.network import VectorCloudNet
@@ -156,6 +157,7 @@ def predict_full_clouds(
     engine: str = "auto",
     chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
     compile: bool | str = "auto",
+    image_points: np.ndarray | None = None,
 ) -> FullCloudResult:
     """The network on ragged clouds given in compressed-row form.
 
@@ -164,7 +166,8 @@ def predict_full_clouds(
         table: the per-point tensors of the clouds' case.
         normalizer: the network's input normaliser (None: raw inputs).
         offsets: (Q + 1,) int64 row offsets of the clouds.
-        indices: (nnz,) int table rows of the cloud entries.
+        indices: (nnz,) int table rows of the cloud entries, or with ``image_points`` their
+            ids in a set of point images (:attr:`vcnn.clouds.Clouds.image_ids`).
         queries: (Q,) int table rows of the query points.
         engine: ``"fused"`` (factorised nets on the CPU: the compiled kernel of
             :mod:`vcnn.fused`), ``"sparse"`` (factorised nets: torch operations and sparse
@@ -177,6 +180,8 @@ def predict_full_clouds(
             :data:`COMPILE_MIN_ENTRIES` entries). Compiled and eager stages agree to float32
             round-off; when compilation fails (e.g. no C++ compiler) the pass runs eagerly
             and logs why, once per process.
+        image_points: (M,) int table row of every image id, or None (``indices`` are rows).
+            The fused kernel reads the ids directly; the other passes map them first.
 
     Returns:
         The outputs and the input-range counts.
@@ -199,6 +204,7 @@ def predict_full_clouds(
         )
     offsets = np.asarray(offsets, dtype=np.int64)
     queries = np.asarray(queries, dtype=np.int64)
+
     if offsets.shape != (queries.size + 1,) or offsets[-1] != len(indices):
         raise ValueError("offsets, indices and queries do not describe the same clouds")
     if np.any(np.diff(offsets) < 1):
@@ -215,8 +221,11 @@ def predict_full_clouds(
             _log_unavailable(error)
         else:
             return _predict_fused(
-                model, fused, counter, offsets, indices, queries, time.perf_counter() - start
+                model, fused, counter, offsets, indices, queries, image_points,
+                time.perf_counter() - start,
             )
+    if image_points is not None:  # the other passes read table rows
+        indices = map_images(np.asarray(image_points), np.asarray(indices))
     if engine in ("auto", "fused"):
         engine = "sparse" if factorised else "padded"
     if compile == "auto":
@@ -291,11 +300,12 @@ def _predict_fused(
     offsets: np.ndarray,
     indices: np.ndarray,
     queries: np.ndarray,
+    image_points: np.ndarray | None,
     tables_seconds: float,
 ) -> FullCloudResult:
     """The fused pass: the kernel's moments, then the network's head."""
     start = time.perf_counter()
-    moments = fused(offsets, indices, queries)
+    moments = fused(offsets, indices, queries, image_points=image_points)
     kernel_seconds = time.perf_counter() - start
     if bool((moments.totals <= 0).any()):
         raise ValueError("a cloud has no point with a positive weight: widen the cloud region")
