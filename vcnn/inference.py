@@ -280,7 +280,7 @@ def predict_full_clouds(
 
 
 #: Queries per call of the fitting net in the fused pass (bounds its activations' memory).
-_HEAD_QUERIES = 1 << 14
+_HEAD_QUERIES = 1 << 12
 
 _UNAVAILABLE_LOGGED: set[str] = set()
 
