@@ -25,6 +25,7 @@ on CUDA, the same sums with torch operations (:func:`pooled_sums_reference`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -299,7 +300,7 @@ def pair_pooled_sums(
             mlp, width=table.shape[-1], channels=channels.shape[-1] + 1, activation=activation
         )
         try:
-            library = compiled_library(shape.source())
+            library = _library(shape)
         except KernelUnavailable as error:
             _log_unavailable(error)
         else:
@@ -314,6 +315,16 @@ def pair_pooled_sums(
 
 
 _UNAVAILABLE_LOGGED: set[str] = set()
+
+
+@functools.lru_cache(maxsize=64)
+def _source(shape: _Shape) -> str:
+    # generating the source takes about a millisecond: once per shape, not once per step
+    return shape.source()
+
+
+def _library(shape: _Shape):
+    return compiled_library(_source(shape))
 
 
 def _log_unavailable(error: KernelUnavailable) -> None:
