@@ -43,6 +43,7 @@ from vcnn.kernels import (
     C_HELPERS,
     KernelUnavailable,
     MlpShape,
+    c_mlp_forward,
     c_parallel_driver,
     c_reciprocal,
     c_widened,
@@ -279,45 +280,14 @@ def kernel_source(spec: KernelSpec) -> str:
 
 
 def _mlp_source(spec: KernelSpec) -> list[str]:
-    """The pair kernels on one vector of entries: scalar weights, broadcast multiply-adds."""
-    body = []
-    offset = 0
-    previous_name, previous_width = "x", spec.layer_inputs
-    for index, width in enumerate(spec.layers):
-        name = f"h{index}"
-        activated = index < len(spec.layers) - 1 or spec.activate_last
-        bias = offset + width * previous_width
-        # unrolled: the units' independent chains overlap (the activation is latency-bound)
-        body += [
-            f"  vf {name}[{width}];",
-            f'  _Pragma("GCC unroll 64") for (int j = 0; j < {width}; ++j) {{',
-            f"    vf sum = zero + params[{bias} + j];",
-            f'    _Pragma("GCC unroll 64") for (int i = 0; i < {previous_width}; ++i)',
-            f"      sum += params[{offset} + j * {previous_width} + i] * {previous_name}[i];",
-        ]
-        body += [f"    {name}[j] = sum;", "  }"]
-        if activated:
-            grouped = width - width % spec.group
-            body += [
-                f"  for (int j = 0; j < {grouped}; j += GROUP) {{",
-                "    vg t;",
-                f"    memcpy(&t, &{name}[j], sizeof t);",
-                "    t = activation_g(t);",
-                f"    memcpy(&{name}[j], &t, sizeof t);",
-                "  }",
-                f"  for (int j = {grouped}; j < {width}; ++j) {name}[j] = activation({name}[j]);",
-            ]
-        kind = spec.residual[index]
-        if kind:
-            source = f"{previous_name}[j]" if kind == 1 else f"{previous_name}[j % {previous_width}]"
-            body.append(f"  for (int j = 0; j < {width}; ++j) {name}[j] += {source};")
-        offset = bias + width
-        previous_name, previous_width = name, width
+    """The pair kernels on one vector of entries (lanes = entries)."""
+    last = len(spec.layers) - 1
     return [
         "static inline void pair_kernels(const vf* x, const float* params, vf* out) {",
         "  const vf zero = {};",
-        *body,
-        f"  for (int k = 0; k < KERNELS; ++k) out[k] = {previous_name}[k];",
+        *[f"  vf h{index}[{width}];" for index, width in enumerate(spec.layers)],
+        *c_mlp_forward(spec, slopes=False),
+        f"  for (int k = 0; k < KERNELS; ++k) out[k] = h{last}[k];",
         "}",
     ]
 

@@ -36,11 +36,13 @@ from vcnn.kernels import (
     C_HELPERS,
     KernelUnavailable,
     MlpShape,
+    c_mlp_forward,
     c_parallel_driver,
     c_reciprocal,
     c_widened,
     compiled_library,
     even_parts,
+    mlp_layers,
 )
 
 logger = logging.getLogger(__name__)
@@ -166,41 +168,9 @@ class _Shape(MlpShape):
 
     def _mlp(self) -> list[str]:
         """MLP forward (keeping inputs and slopes of every layer) and backward on one vector."""
-        forward, backward = [], []
-        offset = 0
-        previous, size = "x", self.layer_inputs
-        blocks = []
-        for index, width in enumerate(self.layers):
-            activated = index < len(self.layers) - 1 or self.activate_last
-            bias = offset + width * size
-            blocks.append((index, previous, size, width, offset, bias, activated))
-            forward += [
-                f'  _Pragma("GCC unroll 64") for (int j = 0; j < {width}; ++j) {{',
-                f"    vf sum = zero + params[{bias} + j];",
-                f'    _Pragma("GCC unroll 64") for (int i = 0; i < {size}; ++i)',
-                f"      sum += params[{offset} + j * {size} + i] * {previous}[i];",
-                f"    h{index}[j] = sum;",
-                f"    s{index}[j] = zero + 1.0f;",
-                "  }",
-            ]
-            if activated:
-                grouped = width - width % self.group
-                forward += [
-                    f"  for (int j = 0; j < {grouped}; j += GROUP) {{",
-                    "    vg t, u;",
-                    f"    memcpy(&t, &h{index}[j], sizeof t);",
-                    "    t = act_slope_g(t, &u);",
-                    f"    memcpy(&h{index}[j], &t, sizeof t);",
-                    f"    memcpy(&s{index}[j], &u, sizeof u);",
-                    "  }",
-                    f"  for (int j = {grouped}; j < {width}; ++j) h{index}[j] = act_slope(h{index}[j], &s{index}[j]);",
-                ]
-            kind = self.residual[index]
-            if kind:
-                source = f"{previous}[j]" if kind == 1 else f"{previous}[j % {size}]"
-                forward.append(f"  for (int j = 0; j < {width}; ++j) h{index}[j] += {source};")
-            offset = bias + width
-            previous, size = f"h{index}", width
+        forward = c_mlp_forward(self, slopes=True)
+        backward = []
+        blocks = mlp_layers(self)
         # backward: d{index} is the gradient of layer index's output
         for index, previous, size, width, weights, bias, _ in reversed(blocks):
             backward += [

@@ -39,6 +39,7 @@ __all__ = [
     "MlpShape",
     "c_reciprocal",
     "c_widened",
+    "c_mlp_forward",
     "c_parallel_driver",
     "compiled_library",
     "even_parts",
@@ -280,6 +281,63 @@ class MlpShape:
     def fields(self) -> dict:
         """The fields by name (to build a subclass instance from this shape)."""
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def mlp_layers(shape: MlpShape) -> list[tuple[int, str, int, int, int, int, bool]]:
+    """Per layer: index, input's C name, input width, width, weight offset, bias offset, activated.
+
+    Layer i reads ``x`` (i = 0) or ``h{i-1}`` and writes ``h{i}``; the flat parameters hold,
+    per layer, the weight (row-major) and then the bias.
+    """
+    layers, offset = [], 0
+    previous, size = "x", shape.layer_inputs
+    for index, width in enumerate(shape.layers):
+        bias = offset + width * size
+        activated = index < len(shape.layers) - 1 or shape.activate_last
+        layers.append((index, previous, size, width, offset, bias, activated))
+        offset = bias + width
+        previous, size = f"h{index}", width
+    return layers
+
+
+def c_mlp_forward(shape: MlpShape, *, slopes: bool) -> list[str]:
+    """C lines of the pair MLP's forward on one vector of entries ``x`` (one lane per entry).
+
+    Layer i's output goes to ``h{i}`` (declared by the caller), with ``slopes`` the derivative of
+    its activation to ``s{i}`` (functions ``act_slope``/``act_slope_g``; else ``activation`` and
+    ``activation_g``). The weights are scalars read from ``params``: every layer is broadcast
+    multiply-adds, unrolled so that the units' independent chains overlap, and activations run
+    GROUP units at a time (the exp is a long chain of dependent operations).
+    """
+    lines = []
+    for index, previous, size, width, weights, bias, activated in mlp_layers(shape):
+        lines += [
+            f'  _Pragma("GCC unroll 64") for (int j = 0; j < {width}; ++j) {{',
+            f"    vf sum = zero + params[{bias} + j];",
+            f'    _Pragma("GCC unroll 64") for (int i = 0; i < {size}; ++i)',
+            f"      sum += params[{weights} + j * {size} + i] * {previous}[i];",
+            f"    h{index}[j] = sum;",
+        ]
+        lines += [f"    s{index}[j] = zero + 1.0f;"] if slopes else []
+        lines.append("  }")
+        if activated:
+            grouped = width - width % shape.group
+            if slopes:
+                group = ["    vg t, u;", f"    memcpy(&t, &h{index}[j], sizeof t);",
+                         "    t = act_slope_g(t, &u);", f"    memcpy(&h{index}[j], &t, sizeof t);",
+                         f"    memcpy(&s{index}[j], &u, sizeof u);"]
+                single = f"h{index}[j] = act_slope(h{index}[j], &s{index}[j]);"
+            else:
+                group = ["    vg t;", f"    memcpy(&t, &h{index}[j], sizeof t);",
+                         "    t = activation_g(t);", f"    memcpy(&h{index}[j], &t, sizeof t);"]
+                single = f"h{index}[j] = activation(h{index}[j]);"
+            lines += [f"  for (int j = 0; j < {grouped}; j += GROUP) {{", *group, "  }",
+                      f"  for (int j = {grouped}; j < {width}; ++j) {single}"]
+        kind = shape.residual[index]
+        if kind:
+            source = f"{previous}[j]" if kind == 1 else f"{previous}[j % {size}]"
+            lines.append(f"  for (int j = 0; j < {width}; ++j) h{index}[j] += {source};")
+    return lines
 
 
 def c_reciprocal(kind: str, size: int) -> str:
