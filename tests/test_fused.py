@@ -248,3 +248,23 @@ def test_image_ids_give_the_same_moments_as_point_rows():
     bad[3] = clouds.image_points.size
     with pytest.raises(ValueError, match="not an image id"):
         predict_full_clouds(*args, bad, clouds.queries, engine="fused", image_points=clouds.image_points)
+
+
+def test_a_threaded_build_that_does_not_load_falls_back_to_a_serial_one(monkeypatch, tmp_path):
+    model, table, normalizer, clouds = _setup("published")
+    monkeypatch.setenv("VCNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_LIBRARIES", {})
+    loaded = kernels.ctypes.CDLL
+
+    def refuse_openmp(path, *args, **options):
+        if str(path).endswith("_omp.so"):
+            raise OSError("undefined symbol: GOMP_parallel")
+        return loaded(path, *args, **options)
+
+    monkeypatch.setattr(kernels.ctypes, "CDLL", refuse_openmp)
+    args = (model, table, normalizer, clouds.offsets, clouds.indices, clouds.queries)
+    serial = predict_full_clouds(*args, engine="fused")
+    monkeypatch.undo()
+    reference = predict_full_clouds(*args, engine="sparse", compile=False)
+    np.testing.assert_allclose(serial.output, reference.output, rtol=2e-5)
+    assert list((tmp_path / "kernels").glob("kernel_*[0-9a-f].so"))  # the serial build

@@ -174,15 +174,15 @@ def _build(source: str) -> ctypes.CDLL:
 def _load_or_compile(compiler: str, source: str, folder: Path, key: str) -> ctypes.CDLL:
     """The cached library (OpenMP build, else serial build), compiled when missing."""
     threaded, serial = folder / f"kernel_{key}_omp.so", folder / f"kernel_{key}.so"
-    for library in (threaded, serial):
-        if library.exists():
-            return ctypes.CDLL(str(library))
     try:
-        _compile(compiler, source, folder, threaded, extra=_OPENMP)
+        if not threaded.exists():
+            _compile(compiler, source, folder, threaded, extra=_OPENMP)
         return ctypes.CDLL(str(threaded))
-    except (KernelUnavailable, OSError) as error:  # no OpenMP: a serial build
-        logger.info("building the kernel without OpenMP (%s)", error)
-    _compile(compiler, source, folder, serial)
+    except (KernelUnavailable, OSError) as error:
+        # no OpenMP for this compiler, or a runtime the process cannot bind: a serial build
+        logger.info("using the kernel without OpenMP (%s)", error)
+    if not serial.exists():
+        _compile(compiler, source, folder, serial)
     return ctypes.CDLL(str(serial))
 
 
