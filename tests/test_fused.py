@@ -13,7 +13,7 @@ from tests.ddp_scripts.synthetic_cases import channel_case
 from vcnn import fused, kernels
 from vcnn.clouds import CloudOptions
 from vcnn.features import FeatureNormalizer, FeatureSpec, FieldTable, gather_inputs
-from vcnn.inference import predict_full_clouds
+from vcnn.inference import point_embedding, predict_full_clouds
 from vcnn.network import VectorCloudNet
 
 pytestmark = pytest.mark.skipif(
@@ -147,7 +147,10 @@ def test_range_counts_agree_when_many_inputs_are_outside():
 def test_one_thread_and_several_threads_agree():
     model, table, normalizer, clouds = _setup("published")
     counter_outside = torch.zeros(table.num_points, dtype=torch.bool)
-    bound = fused.FusedPass.build(model, table, normalizer, point_outside=counter_outside)
+    bound = fused.FusedPass.build(
+        model, table, normalizer, point_outside=counter_outside,
+        embedded=point_embedding(model, table, normalizer).detach(),
+    )
     one = bound(clouds.offsets, clouds.indices, clouds.queries, threads=1)
     three = bound(clouds.offsets, clouds.indices, clouds.queries, threads=3)
     torch.testing.assert_close(three.sums, one.sums, rtol=0, atol=0)
@@ -157,7 +160,8 @@ def test_one_thread_and_several_threads_agree():
 def test_bad_clouds_are_refused_before_the_kernel_runs():
     model, table, normalizer, clouds = _setup("published")
     bound = fused.FusedPass.build(
-        model, table, normalizer, point_outside=torch.zeros(table.num_points, dtype=torch.bool)
+        model, table, normalizer, point_outside=torch.zeros(table.num_points, dtype=torch.bool),
+        embedded=point_embedding(model, table, normalizer).detach(),
     )
     indices = clouds.indices.copy()
     indices[5] = table.num_points  # one past the last row
@@ -168,13 +172,12 @@ def test_bad_clouds_are_refused_before_the_kernel_runs():
 
 
 def test_without_a_compiler_auto_falls_back_and_fused_says_why(monkeypatch, tmp_path, caplog):
-    from vcnn import inference
 
     model, table, normalizer, clouds = _setup("published")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("VCNN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(kernels, "_LIBRARIES", {})
-    monkeypatch.setattr(inference, "_UNAVAILABLE_LOGGED", set())
+    monkeypatch.setattr(kernels, "_WARNED", set())
     args = (model, table, normalizer, clouds.offsets, clouds.indices, clouds.queries)
     with caplog.at_level(logging.WARNING, logger="vcnn.inference"):
         result = predict_full_clouds(*args)

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from vcnn import fused_training, kernels
+from vcnn import kernels
 from vcnn.network import VectorCloudNet
 
 pytestmark = pytest.mark.skipif(
@@ -110,9 +110,9 @@ def test_one_thread_and_several_agree():
 def test_without_a_compiler_training_uses_torch_and_says_so(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(kernels, "_LIBRARIES", {})
-    monkeypatch.setattr(fused_training, "_UNAVAILABLE_LOGGED", set())
+    monkeypatch.setattr(kernels, "_WARNED", set())
     net = _net("silu", (16,))
-    with caplog.at_level(logging.WARNING, logger="vcnn.fused_training"):
+    with caplog.at_level(logging.WARNING, logger="vcnn.network"):
         out, _ = _value_and_gradients(net, by_rows=True)
     assert "training kernel unavailable" in caplog.text and "no C compiler" in caplog.text
     monkeypatch.undo()

@@ -61,6 +61,7 @@ __all__ = [
     "build_batch",
     "entry_inputs",
     "gather_inputs",
+    "normalized_point_scalars",
     "point_features",
 ]
 
@@ -586,6 +587,25 @@ def entry_inputs(
         weight=weight,
         volume=_take(table.volume_lowp, points) / _take(table.volume_lowp, queries),
     )
+
+
+def normalized_point_scalars(
+    table: FieldTable, normalizer: FeatureNormalizer | None, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The point scalars of a table as the network sees them (raw without a normaliser).
+
+    Args:
+        table: the per-point tensors.
+        normalizer: the network's input normaliser, or None.
+        rows: (R,) int64 rows of the table; None for every row.
+
+    Returns:
+        (R, s_point) or (N, s_point) float.
+    """
+    scalars = table.point_scalars if rows is None else table.point_scalars[rows]
+    if normalizer is not None:
+        scalars = normalizer.scalars(scalars, slice(0, scalars.shape[-1]))
+    return scalars
 
 
 def gather_inputs(

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vcnn.features import FeatureNormalizer, FieldTable
+from vcnn.features import FeatureNormalizer, FieldTable, normalized_point_scalars
 from vcnn.kernels import (
     C_HELPERS,
     KernelUnavailable,
@@ -563,6 +563,7 @@ class FusedPass:
         table: FieldTable,
         normalizer: FeatureNormalizer | None,
         point_outside: torch.Tensor,
+        embedded: torch.Tensor,
     ) -> None:
         self.spec = spec
         self._function = library.vcnn_fused_moments
@@ -579,12 +580,7 @@ class FusedPass:
         self._parameters = torch.cat(
             [t.reshape(-1) for layer in model.pair_embedding.layers for t in (layer.weight, layer.bias)]
         ).detach().to(torch.float32).contiguous()
-        with torch.no_grad():
-            scalars = table.point_scalars
-            if normalizer is not None:
-                scalars = normalizer.scalars(scalars, slice(0, scalars.shape[-1]))
-            embedded = model.embed_points(scalars)
-        self.table = embedded.reshape(table.num_points, spec.kernels, spec.width).to(torch.float32).contiguous()
+        self.table = embedded.detach().reshape(table.num_points, spec.kernels, spec.width).to(torch.float32).contiguous()
 
     @classmethod
     def build(
@@ -594,6 +590,7 @@ class FusedPass:
         normalizer: FeatureNormalizer | None,
         *,
         point_outside: torch.Tensor,
+        embedded: torch.Tensor,
     ) -> FusedPass:
         """Generate, compile (or load from the cache) and bind the kernel.
 
@@ -602,6 +599,8 @@ class FusedPass:
             table: the per-point tensors (CPU, float32).
             normalizer: the net's normaliser (None: raw inputs).
             point_outside: (N,) bool, points with some point scalar outside the training range.
+            embedded: (N, m) float, the point embedding of every row
+                (:func:`vcnn.inference.point_embedding`).
 
         Raises:
             KernelUnavailable: see :class:`KernelUnavailable`.
@@ -614,6 +613,7 @@ class FusedPass:
             table=table,
             normalizer=normalizer,
             point_outside=point_outside,
+            embedded=embedded,
         )
 
     def __call__(
@@ -707,11 +707,7 @@ def _records(
         ),
         "upstream": table.upstream_direction.T,
         "vectors": (table.vectors if normalizer is None else normalizer.vectors(table.vectors)).reshape(count, -1),
-        "point_scalars": (
-            table.point_scalars
-            if normalizer is None
-            else normalizer.scalars(table.point_scalars, slice(0, table.point_scalars.shape[-1]))
-        )[:, : spec.point_scalars],
+        "point_scalars": normalized_point_scalars(table, normalizer)[:, : spec.point_scalars],
         "volume": table.volume_lowp[:, None],
         "outside": point_outside.to(torch.float32)[:, None],
     }
@@ -741,21 +737,14 @@ def probe(spec: KernelSpec, name: str, values: torch.Tensor) -> torch.Tensor:
 
 
 # Entry points for tests: the kernel's exp and activation on n values (n a multiple of GLANES).
-_PROBES = r"""
-void vcnn_probe_exp(const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i + GLANES <= n; i += GLANES) {
+_PROBES = "\n".join(
+    f"""void vcnn_probe_{name}(const float* x, float* y, int64_t n) {{
+  for (int64_t i = 0; i + GLANES <= n; i += GLANES) {{
     vg v;
     memcpy(&v, x + i, sizeof v);
-    v = vexp_g(v);
+    v = {function}(v);
     memcpy(y + i, &v, sizeof v);
-  }
-}
-void vcnn_probe_activation(const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i + GLANES <= n; i += GLANES) {
-    vg v;
-    memcpy(&v, x + i, sizeof v);
-    v = activation_g(v);
-    memcpy(y + i, &v, sizeof v);
-  }
-}
-"""
+  }}
+}}"""
+    for name, function in (("exp", "vexp_g"), ("activation", "activation_g"))
+)

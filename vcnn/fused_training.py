@@ -18,15 +18,15 @@ SIMD vector of entries at a time, as :mod:`vcnn.fused` does for inference) and t
 another, which recomputes the MLP per entry and accumulates the gradients of the MLP's
 parameters and of A in per-thread buffers. Inputs x, w, c are data (no gradient). It runs for
 float32 tensors on the CPU when the kernel can be built (:mod:`vcnn.kernels`); otherwise, and
-on CUDA, the same sums with torch operations (:func:`pooled_sums_reference`).
-``tests/test_fused_training.py`` checks values and gradients of one against the other.
+on CUDA, :class:`vcnn.network.VectorCloudNet` computes the same sums with its torch operations
+on the gathered rows. ``tests/test_fused_training.py`` checks values and gradients of one
+against the other.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +45,7 @@ from vcnn.kernels import (
     mlp_layers,
 )
 
-logger = logging.getLogger(__name__)
-
-__all__ = ["pair_pooled_sums", "pooled_sums_reference"]
+__all__ = ["pair_pooled_sums"]
 
 #: Activation and its derivative (slope) from the pre-activation z, vector forms.
 _SLOPE_CODE = {
@@ -214,31 +212,6 @@ class _Shape(MlpShape):
         ]
 
 
-def pooled_sums_reference(
-    kernels: torch.Tensor,
-    table: torch.Tensor,
-    rows: torch.Tensor,
-    weight: torch.Tensor,
-    channels: torch.Tensor,
-) -> torch.Tensor:
-    """The pooled sums with torch operations (the reference; any device and dtype).
-
-    Args:
-        kernels: (B, n, K) float pair kernels P.
-        table: (U, K, W) float point embedding A, kernel by kernel.
-        rows: (B, n) int rows of ``table``.
-        weight: (B, n) float normalised pooling weights (0 at padding).
-        channels: (B, n, C - 1) float channels besides the constant one.
-
-    Returns:
-        (B, K, C, W) float sums.
-    """
-    gathered = table.index_select(0, rows.reshape(-1).long()).reshape(*rows.shape, *table.shape[1:])
-    scaled = weight[..., None] * kernels  # (B, n, K)
-    every = torch.cat([torch.ones_like(channels[..., :1]), channels], dim=-1)  # (B, n, C)
-    return torch.einsum("bnk,bnc,bnkw->bkcw", scaled, every, gathered)
-
-
 def pair_pooled_sums(
     mlp: nn.Module,
     activation: str,
@@ -248,60 +221,44 @@ def pair_pooled_sums(
     weight: torch.Tensor,
     channels: torch.Tensor,
 ) -> torch.Tensor:
-    """Pair kernels ``1 + mlp(inputs)`` and the pooled sums (module docstring).
+    """Pair kernels ``1 + mlp(inputs)`` and the pooled sums (module docstring), in C.
 
     Args:
         mlp: the pair kernels' MLP (:class:`vcnn.network.MLP`).
         activation: its activation's name.
         inputs: (B, n, p) float pair-kernel inputs (data: no gradient).
-        table: as :func:`pooled_sums_reference` (``rows``, ``weight``, ``channels`` too).
-        rows: see ``table``.
-        weight: see ``table``.
-        channels: see ``table``.
+        table: (U, K, W) float point embedding A, kernel by kernel.
+        rows: (B, n) int rows of ``table``.
+        weight: (B, n) float normalised pooling weights (0 at padding).
+        channels: (B, n, C - 1) float channels besides the constant one: the point vectors'
+            components, then the position channel's.
 
     Returns:
         (B, K, C, W) float sums, differentiable in the MLP's parameters and ``table``.
+
+    Raises:
+        KernelUnavailable: not float32 on the CPU, or the kernel cannot be built; the caller
+            then computes the same sums with torch operations.
     """
     tensors = (inputs, table, weight, channels)
-    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and all(
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) or not all(
         p.dtype == torch.float32 for p in mlp.parameters()
     ):
-        shape = _Shape.build(
-            mlp, width=table.shape[-1], channels=channels.shape[-1] + 1, activation=activation
-        )
-        try:
-            library = _library(shape)
-        except KernelUnavailable as error:
-            _log_unavailable(error)
-        else:
-            parameters = torch.cat(
-                [t.reshape(-1) for layer in mlp.layers for t in (layer.weight, layer.bias)]
-            )
-            return _PairPooledSums.apply(
-                parameters, table, inputs, rows, weight, channels, (shape, library)
-            )
-    kernels = 1.0 + mlp(inputs)
-    return pooled_sums_reference(kernels, table, rows, weight, channels)
-
-
-_UNAVAILABLE_LOGGED: set[str] = set()
+        raise KernelUnavailable("the training kernel runs on float32 CPU tensors only")
+    shape = _Shape.build(
+        mlp, width=table.shape[-1], channels=channels.shape[-1] + 1, activation=activation
+    )
+    library = compiled_library(_source(shape))
+    parameters = torch.cat(
+        [t.reshape(-1) for layer in mlp.layers for t in (layer.weight, layer.bias)]
+    )
+    return _PairPooledSums.apply(parameters, table, inputs, rows, weight, channels, (shape, library))
 
 
 @functools.lru_cache(maxsize=64)
 def _source(shape: _Shape) -> str:
     # generating the source takes about a millisecond: once per shape, not once per step
     return shape.source()
-
-
-def _library(shape: _Shape):
-    return compiled_library(_source(shape))
-
-
-def _log_unavailable(error: KernelUnavailable) -> None:
-    reason = str(error)
-    if reason not in _UNAVAILABLE_LOGGED:
-        _UNAVAILABLE_LOGGED.add(reason)
-        logger.warning("training kernel unavailable (%s); using torch operations", reason)
 
 
 def _component_major(values: torch.Tensor, lanes: int) -> torch.Tensor:
@@ -371,6 +328,17 @@ class _PairPooledSums(torch.autograd.Function):
 
 
 _MAIN = r"""
+/* The entries e..e+LANES-1 (component-major, row stride `stride`): the MLP's inputs, the other
+   channels, and the pooling weight, 0 past the cloud's end. */
+static inline vf load_entries(const float* x, const float* channels, const float* weight,
+                              int64_t stride, int64_t e, int64_t end, vf lane, vf* xin,
+                              vf* extra) {
+  const vf zero = {};
+  for (int i = 0; i < INPUTS; ++i) xin[i] = *(const vfu*)(x + i * stride + e);
+  for (int c = 0; c < CHANNELS - 1; ++c) extra[c] = *(const vfu*)(channels + c * stride + e);
+  return blend(lane < (float)(end - e), *(const vfu*)(weight + e), zero);
+}
+
 /* Forward: sums[b] of the clouds first..last-1 (n entries each, from entry b n). */
 static int forward_part(int64_t first, int64_t last, int64_t part, int64_t n, int64_t stride,
                         const int32_t* rows, const float* x, const float* weight,
@@ -390,9 +358,7 @@ static int forward_part(int64_t first, int64_t last, int64_t part, int64_t n, in
       for (int64_t v = 0; v < size; v += LANES) {
         const int64_t e = block + v;
         vf xin[INPUTS], extra[CHANNELS - 1];
-        for (int i = 0; i < INPUTS; ++i) xin[i] = *(const vfu*)(x + i * stride + e);
-        for (int c = 0; c < CHANNELS - 1; ++c) extra[c] = *(const vfu*)(channels + c * stride + e);
-        const vf w = blend(lane < (float)(end - e), *(const vfu*)(weight + e), zero);
+        const vf w = load_entries(x, channels, weight, stride, e, end, lane, xin, extra);
         MLP_STATE;
         MLP_FORWARD(xin);
         for (int k = 0; k < KERNELS; ++k) {
@@ -451,9 +417,7 @@ static int backward_part(int64_t first, int64_t last, int64_t part, int64_t n, i
     const vru* g = (const vru*)(grad + b * KERNELS * CHANNELS * WIDTH);
     for (int64_t e = begin; e < end; e += LANES) {
       vf xin[INPUTS], extra[CHANNELS - 1];
-      for (int i = 0; i < INPUTS; ++i) xin[i] = *(const vfu*)(x + i * stride + e);
-      for (int c = 0; c < CHANNELS - 1; ++c) extra[c] = *(const vfu*)(channels + c * stride + e);
-      const vf w = blend(lane < (float)(end - e), *(const vfu*)(weight + e), zero);
+      const vf w = load_entries(x, channels, weight, stride, e, end, lane, xin, extra);
       MLP_STATE;
       MLP_FORWARD(xin);
       for (int k = 0; k < KERNELS; ++k) MLP_DOUT[k] = zero;

@@ -39,8 +39,16 @@ import torch
 from torch import nn
 
 from vcnn.clouds import map_images
-from vcnn.features import CloudBatch, FeatureNormalizer, FieldTable, entry_inputs, gather_inputs
-from vcnn.fused import FusedPass, KernelUnavailable
+from vcnn.features import (
+    CloudBatch,
+    FeatureNormalizer,
+    FieldTable,
+    entry_inputs,
+    gather_inputs,
+    normalized_point_scalars,
+)
+from vcnn.fused import FusedPass
+from vcnn.kernels import KernelUnavailable, warn_unavailable
 from vcnn.network import VectorCloudNet
 
 logger = logging.getLogger(__name__)
@@ -81,10 +89,7 @@ def point_embedding(
     Returns:
         (R, m) float, or (N, m) for every row.
     """
-    scalars = table.point_scalars if rows is None else table.point_scalars[rows]
-    if normalizer is not None:
-        scalars = normalizer.scalars(scalars, slice(0, scalars.shape[-1]))
-    return model.embed_points(scalars)
+    return model.embed_points(normalized_point_scalars(table, normalizer, rows))
 
 
 def predict_padded(
@@ -214,11 +219,15 @@ def predict_full_clouds(
     if factorised and (engine == "fused" or (engine == "auto" and device.type == "cpu")):
         start = time.perf_counter()
         try:
-            fused = FusedPass.build(model, table, normalizer, point_outside=counter.point_any)
+            with torch.no_grad():
+                embedded = point_embedding(model, table, normalizer)
+            fused = FusedPass.build(
+                model, table, normalizer, point_outside=counter.point_any, embedded=embedded
+            )
         except KernelUnavailable as error:
             if engine == "fused":
                 raise
-            _log_unavailable(error)
+            warn_unavailable(logger, "fused closure kernel", error)
         else:
             return _predict_fused(
                 model, fused, counter, offsets, indices, queries, image_points,
@@ -282,17 +291,6 @@ def predict_full_clouds(
 #: Queries per call of the fitting net in the fused pass (bounds its activations' memory).
 _HEAD_QUERIES = 1 << 12
 
-_UNAVAILABLE_LOGGED: set[str] = set()
-
-
-def _log_unavailable(error: KernelUnavailable) -> None:
-    """Say once per reason why the fused kernel is not used."""
-    reason = str(error)
-    if reason not in _UNAVAILABLE_LOGGED:
-        _UNAVAILABLE_LOGGED.add(reason)
-        logger.warning("fused closure kernel unavailable (%s); using the torch pass", reason)
-
-
 def _predict_fused(
     model: VectorCloudNet,
     fused: FusedPass,
@@ -311,25 +309,13 @@ def _predict_fused(
         raise ValueError("a cloud has no point with a positive weight: widen the cloud region")
     counter.add_totals(moments.outside_entries, moments.outside_by_pair_column, moments.uses)
     start = time.perf_counter()
-    spec = fused.spec
     count = moments.totals.shape[0]
     output = torch.empty(count, dtype=torch.float64)
     with torch.no_grad():
         for first in range(0, count, _HEAD_QUERIES):
             rows = slice(first, min(first + _HEAD_QUERIES, count))
-            sums = moments.sums[rows] / moments.totals[rows, None, None, None]  # (Q, K, c, m_k)
-            size = sums.shape[0]
-            # channels -> (Q, m, c): channel a of kernel k is a = k m_k + j
-            channels = sums.transpose(2, 3).reshape(size, spec.kernels * spec.width, spec.channels)
-            mean_features = channels[:, :, 0]
-            point_vectors = channels[:, :, 1 : 1 + spec.vectors * spec.dim]
-            position = channels[:, :, 1 + spec.vectors * spec.dim :]
-            moment = torch.cat(
-                [position[:, :, None, :], point_vectors.reshape(size, -1, spec.vectors, spec.dim)],
-                dim=2,
-            )  # (Q, m, q, d)
-            head_features = mean_features if model.config.scalar_channel else None
-            output[rows] = model.head(moment, head_features).to(torch.float64)
+            sums = moments.sums[rows] / moments.totals[rows, None, None, None]  # (Q, K, C, m_k)
+            output[rows] = model.head_from_sums(sums).to(torch.float64)
     return FullCloudResult(
         output=output.numpy(),
         num_entries=int(offsets[-1]),
@@ -466,11 +452,8 @@ class _StageConstants:
         *,
         dtype: torch.dtype,
     ) -> _StageConstants:
-        scalars = table.point_scalars
-        if normalizer is not None:
-            scalars = normalizer.scalars(scalars, slice(0, scalars.shape[-1]))
         return cls(
-            point_scalars=scalars.to(dtype),
+            point_scalars=normalized_point_scalars(table, normalizer).to(dtype),
             point_outside=counter.point_any.to(table.points.device),
         )
 

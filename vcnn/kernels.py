@@ -45,6 +45,7 @@ __all__ = [
     "even_parts",
     "kernel_cache_dir",
     "split_queries",
+    "warn_unavailable",
 ]
 
 #: Compiler flags. No -ffast-math: NaN and inf must propagate. OpenMP: the kernels' threads
@@ -81,6 +82,17 @@ def compiled_library(source: str) -> ctypes.CDLL:
     if isinstance(known, KernelUnavailable):
         raise known
     return known
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_unavailable(log: logging.Logger, what: str, error: KernelUnavailable) -> None:
+    """Warn once per process and reason that a kernel does not run and torch takes over."""
+    key = (what, str(error))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("%s unavailable (%s); using torch operations", what, error)
 
 
 def split_queries(offsets: torch.Tensor, parts: int) -> torch.Tensor:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from vcnn.fused_training import pair_pooled_sums
+from vcnn.kernels import KernelUnavailable, warn_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -773,15 +774,22 @@ class VectorCloudNet(nn.Module):
         pos = torch.where(valid[..., None], pos, 0.0)
         vec = torch.where(valid[..., None, None], vec, 0.0)
         scal = torch.where(valid[..., None], scal, 0.0)
+        # Weighted mean over the points: exact invariance to padding and to duplication.
+        normalised = point_weight / total_weight[:, None]  # (B, n)
         if point_rows is not None:
-            normalised = point_weight / total_weight[:, None]  # (B, n)
-            return self._pooled_by_rows(pos, vec, scal, normalised, point_embedding, point_rows)
+            if device.type == "cpu":  # the kernel is CPU-only: no warning on CUDA
+                try:
+                    return self._pooled_by_rows(
+                        pos, vec, scal, normalised, point_embedding, point_rows
+                    )
+                except KernelUnavailable as error:
+                    warn_unavailable(logger, "training kernel", error)
+            # the same sums with torch operations, on the gathered rows
+            point_embedding = point_embedding.index_select(0, point_rows.reshape(-1))
+            point_embedding = point_embedding.reshape(*point_rows.shape, -1)
 
         features = self._embed(pos, vec, scal, valid, point_embedding)  # (B, n, m)
         channels = torch.cat([self.position_channel(pos)[:, :, None], vec], dim=2)  # (B,n,q,d)
-
-        # Weighted mean over the points: exact invariance to padding and to duplication.
-        normalised = point_weight / total_weight[:, None]  # (B, n)
         weighted = features * normalised[..., None]  # (B, n, m)
         q, d = channels.shape[2], channels.shape[3]
         moments = torch.bmm(weighted.transpose(1, 2), channels.reshape(batch, n, q * d))
@@ -798,21 +806,39 @@ class VectorCloudNet(nn.Module):
         point_table: torch.Tensor,
         point_rows: torch.Tensor,
     ) -> torch.Tensor:
-        """The factorised net's moments as pooled sums over rows of a point table, then the head."""
-        pair_scalars = scal.index_select(-1, self._pair_columns)
-        point_scalars = scal.index_select(-1, self._point_columns)
-        inputs = self.pair_inputs(pair_scalars, pos, vec, point_scalars)  # (B, n, p)
-        batch, count = inputs.shape[0], self._config.num_kernels
-        table = point_table.to(inputs.dtype).unflatten(-1, (count, -1))  # (U, K, m_k)
-        channels = torch.cat([self.position_channel(pos)[:, :, None], vec], dim=2)  # (B,n,q,d)
-        q, d = channels.shape[2], channels.shape[3]
+        """Pair kernels and pooled sums over rows of a point table in one kernel, then the head.
+
+        Raises:
+            KernelUnavailable: the kernel cannot run here (the caller uses torch operations).
+        """
+        inputs = self._kernel_inputs(pos, vec, scal)  # (B, n, p)
+        table = point_table.to(inputs.dtype).unflatten(-1, (self._config.num_kernels, -1))
+        channels = torch.cat([vec.flatten(2), self.position_channel(pos)], dim=2)  # (B, n, C - 1)
         sums = pair_pooled_sums(
             self.pair_embedding, self._config.activation, inputs, table, point_rows, normalised,
-            channels.flatten(2),
+            channels,
         )
-        mean_features = sums[:, :, 0].reshape(batch, -1)  # (B, m): channel k m_k + j
-        moments = sums[:, :, 1:].transpose(2, 3).reshape(batch, -1, q, d)  # (B, m, q, d)
-        return self.head(moments, mean_features if self._config.scalar_channel else None)
+        return self.head_from_sums(sums)
+
+    def head_from_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """:meth:`head` from a factorised net's pooled sums, kernel by kernel.
+
+        Args:
+            sums: (B, K, 1 + k d + d, m_k) float: per kernel, the weighted means over the cloud
+                of ``G`` (channel 0), of ``G`` times each point vector's components (k d
+                channels) and of ``G`` times the position channel's components (d channels);
+                channel ``a`` of the net is ``k m_k + j``.
+
+        Returns:
+            As :meth:`head`.
+        """
+        cfg = self._config
+        batch, dim, vectors = sums.shape[0], cfg.dim, cfg.num_vectors
+        channels = sums.transpose(2, 3).reshape(batch, -1, sums.shape[2])  # (B, m, C)
+        position = channels[:, :, None, 1 + vectors * dim :]
+        point_vectors = channels[:, :, 1 : 1 + vectors * dim].unflatten(-1, (vectors, dim))
+        moments = torch.cat([position, point_vectors], dim=2)  # (B, m, q, d)
+        return self.head(moments, channels[:, :, 0] if cfg.scalar_channel else None)
 
     def pooling_weights(
         self,
@@ -879,14 +905,16 @@ class VectorCloudNet(nn.Module):
         else:
             point_embedding = point_embedding.to(scal.dtype)
             point_part = torch.where(valid[..., None], point_embedding, 0.0)
-        pair_scalars = scal.index_select(-1, self._pair_columns)
-        point_scalars = scal.index_select(-1, self._point_columns)
-        kernels = self.pair_kernels(
-            self.pair_inputs(pair_scalars, pos, vec, point_scalars)
-        )  # (..., K)
+        kernels = self.pair_kernels(self._kernel_inputs(pos, vec, scal))  # (..., K)
         count = kernels.shape[-1]
         grouped = point_part.unflatten(-1, (count, point_part.shape[-1] // count))
         return (grouped * kernels[..., None]).flatten(-2)
+
+    def _kernel_inputs(self, pos: torch.Tensor, vec: torch.Tensor, scal: torch.Tensor) -> torch.Tensor:
+        """The pair kernels' inputs from the columns of ``scal`` (factorised nets)."""
+        pair_scalars = scal.index_select(-1, self._pair_columns)
+        point_scalars = scal.index_select(-1, self._point_columns)
+        return self.pair_inputs(pair_scalars, pos, vec, point_scalars)
 
     def _check_shapes(
         self,
