@@ -149,6 +149,12 @@ def test_samples_are_subsets_without_duplicates_and_reproducible(sampler):
     other = sampler.sample(n, seed=12)
     np.testing.assert_array_equal(first.indices, again.indices)
     assert not np.array_equal(first.indices, other.indices)
+    # the indices alone (what the training draw takes): the same draw
+    queries = np.arange(3, sampler.num_points, 7)
+    np.testing.assert_array_equal(
+        sampler.sample_points(n, queries=queries, seed=11),
+        sampler.sample(n, queries=queries, seed=11).indices,
+    )
     assert first.indices.shape == (sampler.num_points, n)
     np.testing.assert_array_equal(first.indices[:, 0], np.arange(sampler.num_points))
     np.testing.assert_array_equal(first.sizes, np.minimum(sizes, n))

@@ -538,7 +538,7 @@ class CloudSampler:
         queries = sample.queries
         num_rows, width = entries.shape
         mask = entries >= 0
-        indices = np.where(mask, self._ext_origin.astype(entries.dtype)[entries], -1)
+        indices = self._entry_points(entries)
         if self.region == "knn":
             safe = np.where(mask, entries, 0)
             relative = self._ext_points[safe] - self._points[queries][:, None, :]
@@ -577,6 +577,25 @@ class CloudSampler:
             mask=mask,
             weights=weights,
         )
+
+    def sample_points(
+        self, n: int, *, queries: np.ndarray | None = None, seed: SeedLike = None
+    ) -> np.ndarray:
+        """The point indices of :meth:`sample` (same seed, same draw), without the geometry.
+
+        Args:
+            n: points per sample, >= 1.
+            queries: (Q,) int point indices; None for every point.
+            seed: int seed or numpy Generator.
+
+        Returns:
+            (Q, n) int point indices, -1 in padding slots; column 0 is the query point.
+        """
+        return self._entry_points(self.sample_entries(n, queries=queries, seed=seed).entries)
+
+    def _entry_points(self, entries: np.ndarray) -> np.ndarray:
+        """Point index of each extended id, -1 kept."""
+        return np.where(entries >= 0, self._ext_origin.astype(entries.dtype)[entries], -1)
 
     def sample(
         self, n: int, *, queries: np.ndarray | None = None, seed: SeedLike = None

