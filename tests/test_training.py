@@ -111,8 +111,8 @@ def test_early_stopping_with_patience(data_dir, tmp_path):
 
 
 def test_time_limit_stops_after_the_epoch_that_passes_it(data_dir, tmp_path):
-    # a limit of 0.001 min (60 ms) is passed during the first epoch
-    result = train(_config(data_dir, tmp_path / "run", epochs=10, time_limit_minutes=0.001))
+    # a limit of 1e-6 min (60 microseconds) is passed during the first epoch
+    result = train(_config(data_dir, tmp_path / "run", epochs=10, time_limit_minutes=1e-6))
     assert len(result.history) == 1
     assert (tmp_path / "run" / "last.pt").is_file()
     with pytest.raises(ConfigError, match="time_limit_minutes"):

@@ -222,8 +222,13 @@ def _literal(value: float) -> str:
 
 def kernel_source(spec: KernelSpec) -> str:
     """The C source of the kernel for one spec (GCC/Clang vector extensions)."""
+    lines = [*c_header(spec), *c_pair_kernels(spec), *entry_source(spec), *_main_source(spec), _PROBES]
+    return "\n".join(lines) + "\n"
+
+
+def c_header(spec: KernelSpec) -> list[str]:
+    """Includes, vector types, sizes and the helpers (exp, reciprocal, activation) of a kernel."""
     lanes, entries = spec.lanes, spec.entry_lanes
-    record = spec.record
     lines = [
         "#include <math.h>",
         "#include <stdint.h>",
@@ -245,6 +250,8 @@ def kernel_source(spec: KernelSpec) -> str:
         f"#define CHANNELS {spec.channels}",
         f"#define RECORD {spec.record_width}",
         f"#define PAIRS {len(spec.pair_names)}",
+        f"#define INPUTS {spec.layer_inputs}",
+        f"#define PARAMETERS {spec.parameters}",
         f"#define BLOCK {max(64, entries)}",
         f"#define GROUP {spec.group}",
         f"typedef float vg __attribute__((vector_size({4 * entries * spec.group})));",
@@ -269,17 +276,10 @@ def kernel_source(spec: KernelSpec) -> str:
     lines += [C_HELPERS, c_reciprocal("vf", 4 * entries), c_widened(C_HELPERS)]
     lines += [c_reciprocal("vg", 4 * entries * spec.group).replace("reciprocal", "reciprocal_g")]
     lines += ["\n".join(activation), c_widened("\n".join(activation))]
-    lines += [*_mlp_source(spec), *_main_source(spec, record), _PROBES]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-
-
-
-
-
-
-def _mlp_source(spec: KernelSpec) -> list[str]:
+def c_pair_kernels(spec: KernelSpec) -> list[str]:
     """The pair kernels on one vector of entries (lanes = entries)."""
     last = len(spec.layers) - 1
     return [
@@ -292,8 +292,17 @@ def _mlp_source(spec: KernelSpec) -> list[str]:
     ]
 
 
-def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[str]:
-    """The kernel's entry point: inputs, range test, pair kernels and sums per cloud."""
+def entry_source(spec: KernelSpec) -> list[str]:
+    """C function ``entry_values``: one SIMD vector of a cloud's entries, from table rows.
+
+    It mirrors :func:`vcnn.features.entry_inputs`, the normaliser and the pooling weight: from
+    the entries' rows, the query's origin, periods and record, it writes the pair kernels'
+    normalised inputs ``x``, the channels besides the constant one ``extra`` and the raw pair
+    scalars ``raw`` (for the range test), and returns the pooling weight (0 in lanes that are
+    not ``valid``; not yet divided by the cloud's total). The inference kernel and the training
+    kernel (:mod:`vcnn.fused_training`) both call it.
+    """
+    record = spec.record
     dim = spec.dim
     f = _literal
     gather = []  # per-lane loads of point fields
@@ -307,9 +316,119 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
             "outside": bool(spec.pair_low),
         }[name]
         if needed and length:
-            gather.append(f"      vf {name}[{length}];")
-            gather.append(f"      for (int b = 0; b < LANES; ++b) for (int i = 0; i < {length}; ++i)")
-            gather.append(f"        {name}[i][b] = records[(int64_t)row[b] * RECORD + {start} + i];")
+            gather.append(f"  vf {name}[{length}];")
+            gather.append(f"  for (int b = 0; b < LANES; ++b) for (int i = 0; i < {length}; ++i)")
+            gather.append(f"    {name}[i][b] = records[(int64_t)row[b] * RECORD + {start} + i];")
+    code = [
+        "static inline vf entry_values(const int32_t* row, vi valid, const double* origin,",
+        "                              const double* length, const double* inverse,",
+        "                              const float* own, const double* coords,",
+        "                              const float* records, vf* x, vf* extra, vf* raw,",
+        "                              vf* point_outside) {",
+        "  const vf zero = {};",
+        "  (void)length; (void)inverse; (void)own; (void)raw; (void)point_outside;",
+        "  vf rel[DIM];",
+        "  for (int b = 0; b < LANES; ++b) {",
+        "    const double* c = coords + (int64_t)row[b] * DIM;",
+        "    for (int a = 0; a < DIM; ++a) {",
+        "      double r = c[a] - origin[a];",
+    ]
+    if spec.periodic:
+        axes = " || ".join(f"a == {axis}" for axis in spec.periodic)
+        code.append(f"      if ({axes}) {{ double t = r * inverse[a]; r = r - length[a] * nearbyint(t); }}")
+    code += [
+        "      rel[a][b] = (float)r;",
+        "    }",
+        "  }",
+    ]
+    if spec.frame is not None:
+        code.append("  vf turned[DIM];")
+        for r in range(dim):
+            terms = " + ".join(f"{f(spec.frame[r * dim + c])} * rel[{c}]" for c in range(dim))
+            code.append(f"  turned[{r}] = {terms};")
+        code.append("  memcpy(rel, turned, sizeof rel);")
+    squared = " + ".join(f"rel[{a}] * rel[{a}]" for a in range(dim))
+    code += [f"  const vf distance_squared = {squared};", "  const vf distance = vsqrt(distance_squared);"]
+    if spec.radius:
+        parallel = " + ".join(f"rel[{a}] * own[{record['direction'][0] + a}]" for a in range(dim))
+        across = f(spec.across_inverse_squared)
+        code += [
+            f"  const vf parallel = {parallel};",
+            f"  const vf radius_squared = parallel * parallel * (own[{record['inverse_along_squared'][0]}] - {across})"
+            f" + distance_squared * {across};",
+            "  const vf radius = vsqrt(blend(radius_squared > 0.0f, radius_squared, zero));",
+        ]
+    code += gather
+    if spec.pair_low:
+        code.append("  *point_outside = outside[0];")
+    # raw pair scalars, in the spec's order
+    for index, name in enumerate(spec.pair_names):
+        if name == "proximity":
+            value = f"vexp(distance * {f(-1.0 / spec.proximity_length)})"
+        elif name == "distance":
+            value = "distance"
+        elif name == "normalized_radius":
+            value = "radius"
+        else:
+            dot = " + ".join(f"rel[{a}] * upstream[{a}]" for a in range(dim))
+            value = (
+                f"blend(distance > 0.0f, ({dot}) / blend(distance > 1e-30f, distance, zero + 1e-30f), zero)"
+            )
+        code.append(f"  raw[{index}] = {value};")
+    # normalised pair-kernel inputs: pair scalars, derived scalars, point scalars
+    position = [f"(rel[{a}] / {f(spec.position_scale)})" for a in range(dim)]
+    code.append(f"  vf position[DIM] = {{{', '.join(position)}}};")
+    inputs = [
+        f"(raw[{index}] - {f(spec.pair_mean[index])}) / {f(spec.pair_std[index])}"
+        for index in range(len(spec.pair_names))
+    ]
+    soft = f(_SOFTENING_SQUARED)
+    position_squared = " + ".join(f"position[{a}] * position[{a}]" for a in range(dim))
+    if spec.position_scalar or spec.angle or spec.position_direction:
+        code.append(f"  const vf softened = {position_squared} + {soft};")
+    if spec.position_scalar:
+        inputs.append("vsqrt(softened)")
+    if spec.angle:
+        first = [f"vectors[{a}]" for a in range(dim)]
+        dot = " + ".join(f"position[{a}] * {first[a]}" for a in range(dim))
+        first_squared = " + ".join(f"{v} * {v}" for v in first)
+        inputs.append(f"({dot}) * (1.0f / vsqrt(softened)) * (1.0f / vsqrt({first_squared} + {soft}))")
+    inputs += [f"point_scalars[{i}]" for i in range(spec.point_scalars)]
+    if len(inputs) != spec.layer_inputs:
+        raise KernelUnavailable(
+            f"the pair kernels read {spec.layer_inputs} inputs, the kernel has {len(inputs)}"
+        )
+    code += [f"  x[{index}] = {value};" for index, value in enumerate(inputs)]
+    # pooling weight
+    weight = "zero + 1.0f"
+    if spec.cutoff_start is not None:
+        start = spec.cutoff_start
+        code += [
+            f"  vf t = (radius - {f(start)}) / {f(1.0 - start)};",
+            "  t = blend(t > 1.0f, zero + 1.0f, blend(t > 0.0f, t, zero));",
+            "  vf cut = 1.0f - t * t * t * (t * (6.0f * t - 15.0f) + 10.0f);",
+            "  cut = blend(cut > 1.0f, zero + 1.0f, blend(cut > 0.0f, cut, zero));",
+        ]
+        weight = "cut"
+    if spec.volume_pooling:
+        weight = f"({weight}) * (volume[0] / own[{record['volume'][0]}])"
+    # channels: the point vectors' components, then the position channel
+    extra = [f"vectors[{i}]" for i in range(spec.vectors * dim)]
+    if spec.position_direction:
+        code.append(
+            f"  const vf unit = blend(softened > {f(2 * _SOFTENING_SQUARED)}, 1.0f / vsqrt(softened), zero);"
+        )
+        extra += [f"position[{a}] * unit" for a in range(dim)]
+    else:
+        extra += [f"position[{a}]" for a in range(dim)]
+    code += [f"  extra[{index}] = {value};" for index, value in enumerate(extra)]
+    code += [f"  return blend(valid, {weight}, zero);", "}"]
+    return code
+
+
+def _main_source(spec: KernelSpec) -> list[str]:
+    """The kernel's entry point: inputs, range test, pair kernels and sums per cloud."""
+    f = _literal
     code = [
         "/* The clouds first..last-1; counts and uses: this part's own (see c_parallel_driver). */",
         "static int moments_part(int64_t first, int64_t last, int64_t part, const int64_t* offsets,",
@@ -338,7 +457,6 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
         "      length[a] = periods[query * 2 * DIM + 2 * a];",
         "      inverse[a] = periods[query * 2 * DIM + 2 * a + 1];",
         "    }",
-        "    (void)own; (void)length; (void)inverse;",
         "    vr acc[KERNELS][CHANNELS][WIDTH / ROW];",
         "    memset(acc, 0, sizeof acc);",
         "    vf total = zero;",
@@ -355,55 +473,12 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
         "        row[b] = images ? images[id] : id;",
         "        block_rows[v + b] = row[b];",
         "      }",
-        "      vf rel[DIM];",
-        "      for (int b = 0; b < LANES; ++b) {",
-        "        const double* c = coords + (int64_t)row[b] * DIM;",
-        "        for (int a = 0; a < DIM; ++a) {",
-        "          double r = c[a] - origin[a];",
+        "      vf x[INPUTS], extra[CHANNELS - 1], raw[PAIRS + 1], point_outside;",
+        "      const vf w = entry_values(row, valid, origin, length, inverse, own, coords, records,",
+        "                                x, extra, raw, &point_outside);",
     ]
-    if spec.periodic:
-        axes = " || ".join(f"a == {axis}" for axis in spec.periodic)
-        code.append(f"          if ({axes}) {{ double t = r * inverse[a]; r = r - length[a] * nearbyint(t); }}")
-    code += [
-        "          rel[a][b] = (float)r;",
-        "        }",
-        "      }",
-    ]
-    if spec.frame is not None:
-        code.append("      vf turned[DIM];")
-        for r in range(dim):
-            terms = " + ".join(f"{f(spec.frame[r * dim + c])} * rel[{c}]" for c in range(dim))
-            code.append(f"      turned[{r}] = {terms};")
-        code.append("      memcpy(rel, turned, sizeof rel);")
-    squared = " + ".join(f"rel[{a}] * rel[{a}]" for a in range(dim))
-    code += [f"      const vf distance_squared = {squared};", "      const vf distance = vsqrt(distance_squared);"]
-    if spec.radius:
-        parallel = " + ".join(f"rel[{a}] * own[{record['direction'][0] + a}]" for a in range(dim))
-        across = f(spec.across_inverse_squared)
-        code += [
-            f"      const vf parallel = {parallel};",
-            f"      const vf radius_squared = parallel * parallel * (own[{record['inverse_along_squared'][0]}] - {across})"
-            f" + distance_squared * {across};",
-            "      const vf radius = vsqrt(blend(radius_squared > 0.0f, radius_squared, zero));",
-        ]
-    code += gather
-    # raw pair scalars, in the spec's order
-    code.append("      vf raw[PAIRS + 1];")
-    for index, name in enumerate(spec.pair_names):
-        if name == "proximity":
-            value = f"vexp(distance * {f(-1.0 / spec.proximity_length)})"
-        elif name == "distance":
-            value = "distance"
-        elif name == "normalized_radius":
-            value = "radius"
-        else:
-            dot = " + ".join(f"rel[{a}] * upstream[{a}]" for a in range(dim))
-            value = (
-                f"blend(distance > 0.0f, ({dot}) / blend(distance > 1e-30f, distance, zero + 1e-30f), zero)"
-            )
-        code.append(f"      raw[{index}] = {value};")
     if spec.pair_low:
-        code.append("      vi any = outside[0] > 0.5f;")
+        code.append("      vi any = point_outside > 0.5f;")
         for index in range(len(spec.pair_names)):
             low, high = f(spec.pair_low[index]), f(spec.pair_high[index])
             code += [
@@ -413,55 +488,7 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
             ]
         code.append("      outside_any -= any & valid;")
         code.append("      if (uses) for (int b = 0; b < LANES; ++b) if (valid[b]) uses[row[b]] += 1;")
-    # normalised pair-kernel inputs: pair scalars, derived scalars, point scalars
-    position = [f"(rel[{a}] / {f(spec.position_scale)})" for a in range(dim)]
-    code.append(f"      vf position[DIM] = {{{', '.join(position)}}};")
-    inputs = [
-        f"(raw[{index}] - {f(spec.pair_mean[index])}) / {f(spec.pair_std[index])}"
-        for index in range(len(spec.pair_names))
-    ]
-    soft = f(_SOFTENING_SQUARED)
-    position_squared = " + ".join(f"position[{a}] * position[{a}]" for a in range(dim))
-    if spec.position_scalar or spec.angle or spec.position_direction:
-        code.append(f"      const vf softened = {position_squared} + {soft};")
-    if spec.position_scalar:
-        inputs.append("vsqrt(softened)")
-    if spec.angle:
-        first = [f"vectors[{a}]" for a in range(dim)]
-        dot = " + ".join(f"position[{a}] * {first[a]}" for a in range(dim))
-        first_squared = " + ".join(f"{v} * {v}" for v in first)
-        inputs.append(f"({dot}) * (1.0f / vsqrt(softened)) * (1.0f / vsqrt({first_squared} + {soft}))")
-    inputs += [f"point_scalars[{i}]" for i in range(spec.point_scalars)]
-    if len(inputs) != spec.layer_inputs:
-        raise KernelUnavailable(
-            f"the pair kernels read {spec.layer_inputs} inputs, the kernel has {len(inputs)}"
-        )
-    code.append(f"      vf x[{len(inputs)}] = {{{', '.join(inputs)}}};")
-    # pooling weight
-    weight = "zero + 1.0f"
-    if spec.cutoff_start is not None:
-        start = spec.cutoff_start
-        code += [
-            f"      vf t = (radius - {f(start)}) / {f(1.0 - start)};",
-            "      t = blend(t > 1.0f, zero + 1.0f, blend(t > 0.0f, t, zero));",
-            "      vf cut = 1.0f - t * t * t * (t * (6.0f * t - 15.0f) + 10.0f);",
-            "      cut = blend(cut > 1.0f, zero + 1.0f, blend(cut > 0.0f, cut, zero));",
-        ]
-        weight = "cut"
-    if spec.volume_pooling:
-        weight = f"({weight}) * (volume[0] / own[{record['volume'][0]}])"
-    code.append(f"      const vf w = blend(valid, {weight}, zero);")
-    # channels: the point vectors' components, then the position channel
-    extra = [f"vectors[{i}]" for i in range(spec.vectors * dim)]
-    if spec.position_direction:
-        code.append(
-            f"      const vf unit = blend(softened > {f(2 * _SOFTENING_SQUARED)}, 1.0f / vsqrt(softened), zero);"
-        )
-        extra += [f"position[{a}] * unit" for a in range(dim)]
-    else:
-        extra += [f"position[{a}]" for a in range(dim)]
     code += [
-        f"      const vf extra[CHANNELS - 1] = {{{', '.join(extra)}}};",
         "      vf out[KERNELS];",
         "      pair_kernels(x, params, out);",
         "      total += w;",
@@ -471,33 +498,7 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
         "        for (int c = 1; c < CHANNELS; ++c) *(vfu*)(scaled[k][c] + v) = s * extra[c - 1];",
         "      }",
         "      }",
-        "      for (int k = 0; k < KERNELS; ++k) {",
-        "        /* two sets of sums (even and odd entries): the additions of one set wait on",
-        "           each other, two sets keep the multiply-add units busy */",
-        "        vr sum[CHANNELS][WIDTH / ROW], odd[CHANNELS][WIDTH / ROW];",
-        "        memcpy(sum, acc[k], sizeof sum);",
-        "        memset(odd, 0, sizeof odd);",
-        "        const int32_t* rows = block_rows;",
-        "        int64_t v = 0;",
-        "        for (; v + 1 < size; v += 2) {",
-        "          const vru* even_row = (const vru*)(table + ((int64_t)rows[v] * KERNELS + k) * WIDTH);",
-        "          const vru* odd_row = (const vru*)(table + ((int64_t)rows[v + 1] * KERNELS + k) * WIDTH);",
-        "          for (int c = 0; c < WIDTH / ROW; ++c) {",
-        "            const vr a = even_row[c], b = odd_row[c];",
-        "            for (int h = 0; h < CHANNELS; ++h) {",
-        "              sum[h][c] += scaled[k][h][v] * a;",
-        "              odd[h][c] += scaled[k][h][v + 1] * b;",
-        "            }",
-        "          }",
-        "        }",
-        "        if (v < size) {",
-        "          const vru* row = (const vru*)(table + ((int64_t)rows[v] * KERNELS + k) * WIDTH);",
-        "          for (int c = 0; c < WIDTH / ROW; ++c)",
-        "            for (int h = 0; h < CHANNELS; ++h) sum[h][c] += scaled[k][h][v] * row[c];",
-        "        }",
-        "        for (int h = 0; h < CHANNELS; ++h)",
-        "          for (int c = 0; c < WIDTH / ROW; ++c) acc[k][h][c] = sum[h][c] + odd[h][c];",
-        "      }",
+        *c_pooled_sums("block_rows", "table", "size").splitlines(),
         "    }",
         "    float whole = 0.0f;",
         "    for (int b = 0; b < LANES; ++b) whole += total[b];",
@@ -524,6 +525,38 @@ def _main_source(spec: KernelSpec, record: dict[str, tuple[int, int]]) -> list[s
         ),
     ]
     return code
+
+
+def c_pooled_sums(rows: str, table: str, size: str) -> str:
+    """C block: adds ``scaled[k][c][v]`` times table row ``rows[v]`` to ``acc[k][c]``, v < size.
+
+    Two sets of sums (even and odd entries): the additions of one set wait on each other, two
+    sets keep the multiply-add units busy.
+    """
+    return f"""      for (int k = 0; k < KERNELS; ++k) {{
+        vr sum[CHANNELS][WIDTH / ROW], odd[CHANNELS][WIDTH / ROW];
+        memcpy(sum, acc[k], sizeof sum);
+        memset(odd, 0, sizeof odd);
+        int64_t v = 0;
+        for (; v + 1 < {size}; v += 2) {{
+          const vru* even_row = (const vru*)({table} + ((int64_t){rows}[v] * KERNELS + k) * WIDTH);
+          const vru* odd_row = (const vru*)({table} + ((int64_t){rows}[v + 1] * KERNELS + k) * WIDTH);
+          for (int c = 0; c < WIDTH / ROW; ++c) {{
+            const vr a = even_row[c], b = odd_row[c];
+            for (int h = 0; h < CHANNELS; ++h) {{
+              sum[h][c] += scaled[k][h][v] * a;
+              odd[h][c] += scaled[k][h][v + 1] * b;
+            }}
+          }}
+        }}
+        if (v < {size}) {{
+          const vru* row = (const vru*)({table} + ((int64_t){rows}[v] * KERNELS + k) * WIDTH);
+          for (int c = 0; c < WIDTH / ROW; ++c)
+            for (int h = 0; h < CHANNELS; ++h) sum[h][c] += scaled[k][h][v] * row[c];
+        }}
+        for (int h = 0; h < CHANNELS; ++h)
+          for (int c = 0; c < WIDTH / ROW; ++c) acc[k][h][c] = sum[h][c] + odd[h][c];
+      }}"""
 
 
 @dataclass
@@ -571,12 +604,8 @@ class FusedPass:
         self._function.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 14 + [ctypes.c_int64]
         self.count_uses = bool(point_outside.any())
         self._coords = table.points.contiguous()
-        periods = torch.zeros(table.num_points, table.dim, 2, dtype=torch.float64)
-        for axis, (length, inverse) in table.periodic_axes.items():
-            periods[:, axis, 0] = length
-            periods[:, axis, 1] = inverse
-        self._periods = periods.contiguous()
-        self._records = _records(spec, model, table, normalizer, point_outside)
+        self._periods = point_periods(table)
+        self._records = point_records(spec, model, table, normalizer, point_outside)
         self._parameters = torch.cat(
             [t.reshape(-1) for layer in model.pair_embedding.layers for t in (layer.weight, layer.bias)]
         ).detach().to(torch.float32).contiguous()
@@ -689,7 +718,16 @@ class FusedPass:
         )
 
 
-def _records(
+def point_periods(table: FieldTable) -> torch.Tensor:
+    """(N, d, 2) float64 per point and axis: the period and its inverse (0 where not periodic)."""
+    periods = torch.zeros(table.num_points, table.dim, 2, dtype=torch.float64)
+    for axis, (length, inverse) in table.periodic_axes.items():
+        periods[:, axis, 0] = length
+        periods[:, axis, 1] = inverse
+    return periods.contiguous()
+
+
+def point_records(
     spec: KernelSpec,
     model: VectorCloudNet,
     table: FieldTable,

@@ -6,9 +6,12 @@ share the network's stages (:meth:`~vcnn.network.VectorCloudNet.embed_points`,
 they differ only in how the moments ``L = sum_i w_i G_i Q_i / sum_i w_i`` are summed.
 
 * :func:`predict_padded`: clouds padded to a common width, ``G`` formed for every entry and
-  ``L`` by a batched matrix product (``VectorCloudNet.forward``). Training uses it; for a
-  factorised net the point part of ``G`` is evaluated once per distinct point of the batch and
-  the pair kernels and moments run as one operation (:mod:`vcnn.fused_training`).
+  ``L`` by a batched matrix product (``VectorCloudNet.forward``); for a factorised net the
+  point part of ``G`` is evaluated once per distinct point of the batch.
+* :func:`predict_rows`: training and validation batches given as table rows. For a factorised
+  net on the CPU the inputs, pair kernels and moments run in one C kernel forward and backward
+  (:mod:`vcnn.fused_training`, the same generated input code as the fused full-cloud kernel);
+  otherwise the inputs are gathered and :func:`predict_padded` runs.
 * :func:`predict_full_clouds`: full (ragged) clouds of whole meshes. For a factorised net with
   K pair kernels, ``G[e, a] = A[i_e, a] P[e, k(a)]``, so with ``s[e, k] = w_e P[e, k]``
 
@@ -48,6 +51,7 @@ from vcnn.features import (
     normalized_point_scalars,
 )
 from vcnn.fused import FusedPass
+from vcnn.fused_training import TrainingKernel
 from vcnn.kernels import KernelUnavailable, warn_unavailable
 from vcnn.network import VectorCloudNet
 
@@ -58,6 +62,8 @@ __all__ = [
     "point_embedding",
     "predict_full_clouds",
     "predict_padded",
+    "predict_rows",
+    "row_kernel",
 ]
 
 #: Entries per chunk of the sparse pass: bounds the memory of the per-entry tensors
@@ -123,6 +129,68 @@ def predict_padded(
     if not isinstance(core, VectorCloudNet):
         inputs.pop("volume")
     return model(**inputs)
+
+
+def row_kernel(
+    model: nn.Module, table: FieldTable, normalizer: FeatureNormalizer | None
+) -> TrainingKernel | None:
+    """The C kernel of :func:`predict_rows` for a net and a data set, or None where it cannot run.
+
+    It runs for a factorised :class:`~vcnn.network.VectorCloudNet` (not wrapped for
+    distributed training) in float32 on the CPU; otherwise, or when it cannot be built (the
+    reason is logged once), :func:`predict_rows` gathers the inputs and uses torch operations.
+
+    Args:
+        model: the network.
+        table: the data set's per-point tensors.
+        normalizer: the net's input normaliser, fixed while the kernel is used.
+    """
+    if not isinstance(model, VectorCloudNet) or not model.is_factorised:
+        return None
+    if table.points.device.type != "cpu":  # the kernel is CPU-only: no warning on CUDA
+        return None
+    try:
+        return TrainingKernel.build(model, table, normalizer)
+    except KernelUnavailable as error:
+        warn_unavailable(logger, "training kernel", error)
+        return None
+
+
+def predict_rows(
+    model: nn.Module,
+    table: FieldTable,
+    normalizer: FeatureNormalizer | None,
+    queries: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    kernel: TrainingKernel | None = None,
+) -> torch.Tensor:
+    """The network on B clouds given as table rows: the pass of training and validation.
+
+    Args:
+        model: the network.
+        table: the per-point tensors the rows refer to.
+        normalizer: the net's input normaliser (None: raw inputs).
+        queries: (B,) int64 rows of the query points.
+        indices: (B, n) int rows of the cloud points, -1 in padding slots.
+        kernel: :func:`row_kernel` of this net, table and normaliser: the inputs, pair kernels
+            and pooled sums run in C (:mod:`vcnn.fused_training`), each distinct point
+            embedded once. None: the inputs are gathered (:func:`vcnn.features.gather_inputs`)
+            and the net runs on the padded batch (:func:`predict_padded`).
+
+    Returns:
+        (B,) (or (B, d), (B, d, d)) network output, differentiable in the parameters.
+    """
+    if kernel is None:
+        batch = gather_inputs(table, queries, indices, normalizer=normalizer)
+        return predict_padded(model, batch, table=table, normalizer=normalizer)
+    kernel.check_rows(queries, indices)
+    indices = indices.to(torch.int64)
+    safe = torch.where(indices >= 0, indices, queries[:, None])
+    unique, rows = torch.unique(safe, return_inverse=True)
+    embedding = point_embedding(model, table, normalizer, unique)  # (U, m)
+    sums = kernel.pooled_sums(model.pair_embedding, queries, indices, embedding, rows)
+    return model.head_from_sums(sums)
 
 
 @dataclass

@@ -49,7 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vcnn.fused_training import pair_pooled_sums
+from vcnn.fused_mlp import mlp_rows
 from vcnn.kernels import KernelUnavailable, warn_unavailable
 
 logger = logging.getLogger(__name__)
@@ -614,7 +614,18 @@ class VectorCloudNet(nn.Module):
                 f"point_scalars must have {width} columns (point_scalar_columns), got shape "
                 f"{tuple(point_scalars.shape)}"
             )
-        return self.embedding(point_scalars.to(self._parameter_dtype()))
+        point_scalars = point_scalars.to(self._parameter_dtype())
+        if (
+            point_scalars.dim() == 2
+            and point_scalars.device.type == "cpu"
+            and point_scalars.dtype == torch.float32
+            and not point_scalars.requires_grad
+        ):
+            try:  # the same MLP in C (vcnn.fused_mlp)
+                return mlp_rows(self.embedding, self._config.activation, point_scalars)
+            except KernelUnavailable as error:
+                warn_unavailable(logger, "point embedding kernel", error)
+        return self.embedding(point_scalars)
 
     def pair_inputs(
         self,
@@ -744,9 +755,9 @@ class VectorCloudNet(nn.Module):
             point_embedding: (B, n, m) float, precomputed :meth:`embed_points` of the cloud
                 points (factorised nets only); the point columns of ``scal`` are then ignored.
                 With ``point_rows``: (U, m), the embedding of U distinct points.
-            point_rows: (B, n) int rows of a (U, m) ``point_embedding``, one per entry. The
-                pooled sums then run as one operation (:func:`vcnn.fused_training.pair_pooled_sums`,
-                a C kernel on the CPU) that never forms a (B, n, m) tensor; same result.
+            point_rows: (B, n) int rows of a (U, m) ``point_embedding``, one per entry (each
+                distinct point embedded once; :func:`vcnn.inference.predict_rows` runs the same
+                net on row batches with the training kernel of :mod:`vcnn.fused_training`).
 
         Returns:
             (B,) for ``output="scalar"``, (B, d) for ``"vector"``, (B, d, d) symmetric for
@@ -777,14 +788,6 @@ class VectorCloudNet(nn.Module):
         # Weighted mean over the points: exact invariance to padding and to duplication.
         normalised = point_weight / total_weight[:, None]  # (B, n)
         if point_rows is not None:
-            if device.type == "cpu":  # the kernel is CPU-only: no warning on CUDA
-                try:
-                    return self._pooled_by_rows(
-                        pos, vec, scal, normalised, point_embedding, point_rows
-                    )
-                except KernelUnavailable as error:
-                    warn_unavailable(logger, "training kernel", error)
-            # the same sums with torch operations, on the gathered rows
             point_embedding = point_embedding.index_select(0, point_rows.reshape(-1))
             point_embedding = point_embedding.reshape(*point_rows.shape, -1)
 
@@ -796,29 +799,6 @@ class VectorCloudNet(nn.Module):
         moments = moments.reshape(batch, -1, q, d)  # (B, m, q, d)
         mean_features = weighted.sum(dim=1) if self._config.scalar_channel else None
         return self.head(moments, mean_features)
-
-    def _pooled_by_rows(
-        self,
-        pos: torch.Tensor,
-        vec: torch.Tensor,
-        scal: torch.Tensor,
-        normalised: torch.Tensor,
-        point_table: torch.Tensor,
-        point_rows: torch.Tensor,
-    ) -> torch.Tensor:
-        """Pair kernels and pooled sums over rows of a point table in one kernel, then the head.
-
-        Raises:
-            KernelUnavailable: the kernel cannot run here (the caller uses torch operations).
-        """
-        inputs = self._kernel_inputs(pos, vec, scal)  # (B, n, p)
-        table = point_table.to(inputs.dtype).unflatten(-1, (self._config.num_kernels, -1))
-        channels = torch.cat([vec.flatten(2), self.position_channel(pos)], dim=2)  # (B, n, C - 1)
-        sums = pair_pooled_sums(
-            self.pair_embedding, self._config.activation, inputs, table, point_rows, normalised,
-            channels,
-        )
-        return self.head_from_sums(sums)
 
     def head_from_sums(self, sums: torch.Tensor) -> torch.Tensor:
         """:meth:`head` from a factorised net's pooled sums, kernel by kernel.

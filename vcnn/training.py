@@ -74,7 +74,8 @@ from vcnn.datasets import (
 )
 from vcnn.errors import TrainingDivergedError
 from vcnn.features import FeatureSpec
-from vcnn.inference import predict_padded
+from vcnn.fused_training import TrainingKernel
+from vcnn.inference import predict_rows, row_kernel
 from vcnn.physics import Physics
 from vcnn.resume import check_resumable, check_run_folder
 
@@ -511,15 +512,18 @@ def _epoch_batches(
     then touches one mesh, so a factorised net embeds far fewer distinct points per step.
     """
     count = plan.queries.numel()
+    # Each batch lists its clouds in plan order (query order within a case): the set is what
+    # the loss sees, and clouds of nearby queries share points, which the kernels then find in
+    # cache (5-8 % faster steps).
     if config.batch_grouping == "random":
         mine = _shard(torch.randperm(count, generator=generator), distributed)
-        return list(torch.split(mine, config.batch_size))
+        return [rows.sort().values for rows in torch.split(mine, config.batch_size)]
     case_of_cloud = torch.as_tensor(dataset.case_of_point)[plan.queries.cpu()]
     chunks: list[torch.Tensor] = []
     for case_index in range(dataset.num_cases):
         rows = torch.nonzero(case_of_cloud == case_index).flatten()
         rows = rows[torch.randperm(rows.numel(), generator=generator)]
-        chunks.extend(torch.split(rows, config.batch_size))
+        chunks.extend(chunk.sort().values for chunk in torch.split(rows, config.batch_size))
     order = torch.randperm(len(chunks), generator=generator)
     return [chunks[int(index)] for index in _shard(order, distributed)]
 
@@ -539,11 +543,16 @@ def _autocast(device: torch.device, amp: bool) -> Any:
 
 
 def _predict(
-    model: nn.Module, batch: Any, dataset: CloudDataset, device: torch.device, amp: bool
+    model: nn.Module,
+    queries: torch.Tensor,
+    indices: torch.Tensor,
+    dataset: CloudDataset,
+    kernel: TrainingKernel | None,
+    amp: bool,
 ) -> torch.Tensor:
-    with _autocast(device, amp):
-        output = predict_padded(
-            model, batch.inputs, table=dataset.table, normalizer=dataset.normalizer
+    with _autocast(dataset.device, amp):
+        output = predict_rows(
+            model, dataset.table, dataset.normalizer, queries, indices, kernel=kernel
         )
     return output.float()
 
@@ -596,6 +605,7 @@ def _evaluate_plan(
     batch_size: int,
     distributed: _Distributed,
     device: torch.device,
+    kernel: TrainingKernel | None,
     amp: bool,
     weighted: bool,
 ) -> _Sums:
@@ -607,9 +617,15 @@ def _evaluate_plan(
     with torch.no_grad():
         for start in range(0, mine.numel(), batch_size):
             rows = mine[start : start + batch_size]
-            batch = dataset.gather(plan.queries[rows], plan.indices[rows])
-            prediction = _predict(model, batch, dataset, device, amp)
-            sums.add(prediction, batch.target, batch.volume, weighted=weighted, count=rows.numel())
+            queries = plan.queries[rows]
+            prediction = _predict(model, queries, plan.indices[rows], dataset, kernel, amp)
+            sums.add(
+                prediction,
+                dataset.target[queries],
+                dataset.volume[queries],
+                weighted=weighted,
+                count=rows.numel(),
+            )
     return sums.reduced(distributed, device)
 
 
@@ -767,6 +783,16 @@ def _train(
     elif config.resume and is_main:
         logger.info("resume requested but %s does not exist: starting afresh", last_path)
 
+    # The C kernels of the row batches (vcnn.fused_training), built once per data set; None
+    # where they cannot run (the inputs are then gathered and the net runs torch operations).
+    # DistributedDataParallel must see the forward, so its training batches take that path.
+    train_kernel = row_kernel(model, train_data.table, normalizer)
+    if distributed.world_size > 1:
+        train_kernel = None
+    validation_kernel = None
+    if validation_data is not None:
+        validation_kernel = row_kernel(averaged, validation_data.table, normalizer)
+
     network = model
     if distributed.world_size > 1:
         network = nn.parallel.DistributedDataParallel(
@@ -824,9 +850,12 @@ def _train(
         network.train()
         for batch_index, rows in enumerate(epoch_batches):
             rows = rows.to(device)
-            batch = train_data.gather(plan.queries[rows], plan.indices[rows])
-            prediction = _predict(network, batch, train_data, device, amp)
-            loss = torch.mean((prediction - batch.target) ** 2)
+            queries = plan.queries[rows]
+            target = train_data.target[queries]
+            prediction = _predict(
+                network, queries, plan.indices[rows], train_data, train_kernel, amp
+            )
+            loss = torch.mean((prediction - target) ** 2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -834,8 +863,8 @@ def _train(
                 _update_average(averaged, model, config.ema_decay)
             sums.add(
                 prediction,
-                batch.target,
-                batch.volume,
+                target,
+                train_data.volume[queries],
                 weighted=config.volume_weighted_metrics,
                 count=rows.numel(),
             )
@@ -854,6 +883,7 @@ def _train(
                 batch_size=config.batch_size,
                 distributed=distributed,
                 device=device,
+                kernel=validation_kernel,
                 amp=amp,
                 weighted=config.volume_weighted_metrics,
             )
