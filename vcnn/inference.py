@@ -113,8 +113,8 @@ def predict_padded(
         batch: normalised inputs (:func:`vcnn.features.gather_inputs`).
         table: the table the batch was gathered from; with a factorised net, its distinct
             points' embedding is computed once and passed with each entry's row
-            (``point_rows``): the pair kernels and pooled sums then run as one operation
-            (:mod:`vcnn.fused_training`, a C kernel forward and backward on the CPU).
+            (``point_rows``). Batches given as table rows run faster through
+            :func:`predict_rows`.
         normalizer: the normaliser of the batch (needed with ``table``).
 
     Returns:
