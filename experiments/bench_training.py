@@ -11,7 +11,8 @@ Runs, one after the other on this machine, short trainings of
 
 on the cases of experiment (a) (150-point clouds, the same split and seed), and prints:
 
-* clouds per second of the training passes (``TrainResult.clouds_per_second``), and
+* clouds per second of the training passes (``TrainResult.clouds_per_second``) and the peak
+  resident memory of that training process, and
 * with ``--budget-minutes B``: the best validation error after B minutes of training, each run
   given as many epochs as its own measured throughput fits in B minutes (cosine schedule
   over them) and stopped by a time limit of B minutes.
@@ -35,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ALPHAS = [1.0 + 0.05 * k for k in range(21)]
 RUNNER = """
-import json, sys
+import json, resource, sys
 from vcnn.training import TrainConfig, train
 result = train(TrainConfig.from_dict(json.loads(sys.argv[1])))
 print("RESULT " + json.dumps({
@@ -43,6 +44,7 @@ print("RESULT " + json.dumps({
     "best": result.best_validation_rel_l2_percent,
     "epochs": len(result.history),
     "seconds": result.history[-1].wall_clock_s,
+    "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))
 """
 
@@ -133,8 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                     "epochs": 2,
                     "out_dir": str(scratch / f"throughput{number}"),
                 }
-                speed = run(tree, config)["clouds_per_second"]
-                row = {"code": code, "model": model, "clouds_per_second": speed}
+                measured = run(tree, config)
+                speed = measured["clouds_per_second"]
+                row = {
+                    "code": code,
+                    "model": model,
+                    "clouds_per_second": speed,
+                    "peak_mb": measured["peak_mb"],
+                }
                 if args.budget_minutes > 0:
                     clouds_per_epoch = queries * len(TRAIN_ALPHAS)
                     epochs = max(1, int(args.budget_minutes * 60 * speed / clouds_per_epoch))
@@ -152,15 +160,15 @@ def main(argv: list[str] | None = None) -> int:
                 ["git", "worktree", "remove", "--force", str(baseline_tree)], cwd=ROOT, check=False
             )
     reference = rows[0]["clouds_per_second"]
-    header = "| code | model | clouds/s (150 points, training) | speed-up |"
-    lines = [header, "|---|---|---|---|"]
+    header = "| code | model | clouds/s (150 points, training) | speed-up | peak memory |"
+    lines = [header, "|---|---|---|---|---|"]
     if args.budget_minutes > 0:
         lines[0] += f" validation rel L2 % (alpha 0.5) after {args.budget_minutes:g} min | epochs |"
         lines[1] += "---|---|"
     for row in rows:
         line = (
             f"| {row['code']} | {row['model']} | {row['clouds_per_second']:,.0f} | "
-            f"{row['clouds_per_second'] / reference:.2f}x |"
+            f"{row['clouds_per_second'] / reference:.2f}x | {row['peak_mb']:,.0f} MB |"
         )
         if "budget" in row:
             line += f" {row['budget']['best']:.2f} | {row['budget']['epochs']} |"
