@@ -11,8 +11,9 @@ Runs, one after the other on this machine, short trainings of
 
 on the cases of experiment (a) (150-point clouds, the same split and seed), and prints:
 
-* clouds per second of the training passes (``TrainResult.clouds_per_second``) and the peak
-  resident memory of that training process, and
+* clouds per second of the training passes (``TrainResult.clouds_per_second``): the median of
+  ``--rounds`` runs of ``--epochs`` epochs, the variants taken round-robin (timings on a shared
+  machine drift by tens of per cent within minutes), and the peak resident memory, and
 * with ``--budget-minutes B``: the best validation error after B minutes of training, each run
   given as many epochs as its own measured throughput fits in B minutes (cosine schedule
   over them) and stopped by a time limit of B minutes.
@@ -20,7 +21,7 @@ on the cases of experiment (a) (150-point clouds, the same split and seed), and 
 Usage::
 
     python experiments/bench_training.py [--data data/published_r0.5/all] [--threads 2]
-        [--baseline 6b28f81] [--budget-minutes 5] [--quick]
+        [--baseline 6b28f81] [--budget-minutes 5] [--rounds 3] [--epochs 6] [--quick]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-minutes", type=float, default=0.0)
     parser.add_argument("--quick", action="store_true", help="fewer clouds per epoch")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="throughput runs per variant (median reported)"
+    )
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of a throughput run")
     args = parser.parse_args(argv)
     from vcnn.system import machine_summary
 
@@ -125,49 +131,69 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
         try:
-            rows = []
-            for number, (code, model, model_table, extra) in enumerate(variants):
-                tree = baseline_tree if code == "before" else ROOT
-                config = {
+            def config_of(number: int, *, epochs: int, folder: str) -> dict:
+                _, _, model_table, extra = variants[number]
+                return {
                     **base,
                     **extra,
                     "model": model_table,
-                    "epochs": 2,
-                    "out_dir": str(scratch / f"throughput{number}"),
+                    "epochs": epochs,
+                    "out_dir": str(scratch / folder),
                 }
-                measured = run(tree, config)
-                speed = measured["clouds_per_second"]
-                row = {
-                    "code": code,
-                    "model": model,
-                    "clouds_per_second": speed,
-                    "peak_mb": measured["peak_mb"],
-                }
+
+            def tree_of(number: int) -> Path:
+                return baseline_tree if variants[number][0] == "before" else ROOT
+
+            rows = [
+                {"code": code, "model": model, "speeds": [], "peak_mb": 0.0}
+                for code, model, _, _ in variants
+            ]
+            # Round-robin over the variants: a slow spell of this shared machine then touches
+            # every variant about alike, and the median of the rounds drops a disturbed run.
+            for round_number in range(args.rounds):
+                for number, row in enumerate(rows):
+                    config = config_of(
+                        number, epochs=args.epochs, folder=f"throughput{number}_{round_number}"
+                    )
+                    measured = run(tree_of(number), config)
+                    row["speeds"].append(measured["clouds_per_second"])
+                    row["peak_mb"] = max(row["peak_mb"], measured["peak_mb"])
+                    print(
+                        f"round {round_number + 1}: {row['code']} / {row['model']}: "
+                        f"{measured['clouds_per_second']:.0f} clouds/s",
+                        file=sys.stderr,
+                    )
+            for number, row in enumerate(rows):
+                row["clouds_per_second"] = statistics.median(row["speeds"])
                 if args.budget_minutes > 0:
                     clouds_per_epoch = queries * len(TRAIN_ALPHAS)
-                    epochs = max(1, int(args.budget_minutes * 60 * speed / clouds_per_epoch))
+                    epochs = max(
+                        1,
+                        int(args.budget_minutes * 60 * row["clouds_per_second"] / clouds_per_epoch),
+                    )
                     budget = {
-                        **config,
-                        "epochs": epochs,
+                        **config_of(number, epochs=epochs, folder=f"budget{number}"),
                         "time_limit_minutes": args.budget_minutes,
-                        "out_dir": str(scratch / f"budget{number}"),
                     }
-                    row["budget"] = run(tree, budget)
-                rows.append(row)
-                print(f"{code} / {model}: {speed:.0f} clouds/s", file=sys.stderr)
+                    row["budget"] = run(tree_of(number), budget)
+                    print(f"{row['code']} / {row['model']}: budget run done", file=sys.stderr)
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(baseline_tree)], cwd=ROOT, check=False
             )
     reference = rows[0]["clouds_per_second"]
-    header = "| code | model | clouds/s (150 points, training) | speed-up | peak memory |"
-    lines = [header, "|---|---|---|---|---|"]
+    header = (
+        f"| code | model | clouds/s (150 points, training; median of {args.rounds}) | range | "
+        "speed-up | peak memory |"
+    )
+    lines = [header, "|---|---|---|---|---|---|"]
     if args.budget_minutes > 0:
         lines[0] += f" validation rel L2 % (alpha 0.5) after {args.budget_minutes:g} min | epochs |"
         lines[1] += "---|---|"
     for row in rows:
         line = (
             f"| {row['code']} | {row['model']} | {row['clouds_per_second']:,.0f} | "
+            f"{min(row['speeds']):,.0f}-{max(row['speeds']):,.0f} | "
             f"{row['clouds_per_second'] / reference:.2f}x | {row['peak_mb']:,.0f} MB |"
         )
         if "budget" in row:
@@ -176,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Training throughput; {start_summary} at the start, {machine_summary()} at the end; "
         f"{args.threads} torch threads, batch 256, {queries} clouds per case per epoch, "
-        f"{len(TRAIN_ALPHAS)} training cases.\n"
+        f"{len(TRAIN_ALPHAS)} training cases; throughput runs of {args.epochs} epochs.\n"
     )
     print("\n".join(lines))
     return 0
