@@ -31,6 +31,7 @@ from vcnn.kernels import (
     C_HELPERS,
     KernelUnavailable,
     MlpShape,
+    c_activation_slope,
     c_parallel_driver,
     c_reciprocal,
     compiled_library,
@@ -47,43 +48,6 @@ __all__ = ["mlp_rows"]
 _ROWS_PER_BLOCK = 4
 _MAX_LANES = 16
 
-#: Activation value and slope of a vector z (type vo).
-_ACTIVATIONS = {
-    "silu": [
-        "  const vo sigma = reciprocal(1.0f + vexp(-z));",
-        "  *slope = sigma * (1.0f + z * (1.0f - sigma));",
-        "  return z * sigma;",
-    ],
-    "tanh": [
-        "  const vo t = 1.0f - 2.0f * reciprocal(vexp(2.0f * z) + 1.0f);",
-        "  *slope = 1.0f - t * t;",
-        "  return t;",
-    ],
-    "relu": [
-        "  *slope = blend(z > 0.0f, zero + 1.0f, zero);",
-        "  return blend(z > 0.0f, z, zero);",
-    ],
-    "gelu": [
-        "  vo y, s;",
-        "  for (int b = 0; b < LANES; ++b) {",
-        "    const float v = z[b], phi = 0.5f * (1.0f + erff(v * 0.70710678118654752f));",
-        "    y[b] = v * phi;",
-        "    s[b] = phi + v * expf(-0.5f * v * v) * 0.39894228040143268f;",
-        "  }",
-        "  *slope = s;",
-        "  return y;",
-    ],
-    "softplus": [
-        "  vo y, s;",
-        "  for (int b = 0; b < LANES; ++b) {",
-        "    const float v = z[b];",
-        "    y[b] = v > 20.0f ? v : log1pf(expf(v));",
-        "    s[b] = v > 20.0f ? 1.0f : 1.0f / (1.0f + expf(-v));",
-        "  }",
-        "  *slope = s;",
-        "  return y;",
-    ],
-}
 
 
 @dataclass(frozen=True)
@@ -125,8 +89,6 @@ def mlp_rows(mlp: nn.Module, activation: str, x: torch.Tensor) -> torch.Tensor:
         raise KernelUnavailable("the row MLP kernel runs on 2-D float32 CPU tensors only")
     if x.requires_grad:
         raise KernelUnavailable("the row MLP kernel gives no gradient of its input")
-    if activation not in _ACTIVATIONS:
-        raise KernelUnavailable(f"activation {activation!r} has no row kernel")
     shape = _RowShape.build(mlp, activation)
     library = compiled_library(_source(shape))
     # (inside the Function's forward, gradients are always off: decide here)
@@ -209,11 +171,7 @@ def _source(shape: _RowShape) -> str:
         f"#define P {_ROWS_PER_BLOCK}",
         re.sub(r"\bvf\b", "vo", re.sub(r"\bvi\b", "voi", C_HELPERS)),
         c_reciprocal("vo", 4 * lanes),
-        "static inline vo act_slope(vo z, vo* slope) {",
-        "  const vo zero = {};",
-        "  (void)zero;",
-        *_ACTIVATIONS[shape.activation],
-        "}",
+        c_activation_slope(shape.activation, vector="vo"),
     ]
     # forward: per layer, rows r..r+p-1 (p <= P) from `in` to `out` (and `slope`)
     for index, _, size, width, weights, bias, activated in layers:

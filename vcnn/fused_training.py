@@ -48,6 +48,7 @@ from vcnn.fused import (
 )
 from vcnn.kernels import (
     MlpShape,
+    c_activation_slope,
     c_mlp_forward,
     c_parallel_driver,
     c_widened,
@@ -59,44 +60,6 @@ from vcnn.network import CloudInputError, VectorCloudNet
 
 __all__ = ["TrainingKernel"]
 
-#: Activation and its derivative (slope) from the pre-activation z, vector forms.
-_SLOPE_CODE = {
-    "silu": [
-        "  const vf sigma = reciprocal(1.0f + vexp(-z));",
-        "  *slope = sigma * (1.0f + z * (1.0f - sigma));",
-        "  return z * sigma;",
-    ],
-    "tanh": [
-        "  const vf t = 1.0f - 2.0f * reciprocal(vexp(2.0f * z) + 1.0f);",
-        "  *slope = 1.0f - t * t;",
-        "  return t;",
-    ],
-    "relu": [
-        "  *slope = blend(z > 0.0f, zero + 1.0f, zero);",
-        "  return blend(z > 0.0f, z, zero);",
-    ],
-    # lane by lane through libm
-    "gelu": [
-        "  vf y, s;",
-        "  for (int b = 0; b < LANES; ++b) {",
-        "    const float v = z[b], phi = 0.5f * (1.0f + erff(v * 0.70710678118654752f));",
-        "    y[b] = v * phi;",
-        "    s[b] = phi + v * expf(-0.5f * v * v) * 0.39894228040143268f;",
-        "  }",
-        "  *slope = s;",
-        "  return y;",
-    ],
-    "softplus": [
-        "  vf y, s;",
-        "  for (int b = 0; b < LANES; ++b) {",
-        "    const float v = z[b];",
-        "    y[b] = v > 20.0f ? v : log1pf(expf(v));",
-        "    s[b] = v > 20.0f ? 1.0f : 1.0f / (1.0f + expf(-v));",
-        "  }",
-        "  *slope = s;",
-        "  return y;",
-    ],
-}
 
 
 class TrainingKernel:
@@ -278,17 +241,11 @@ class _RowSums(torch.autograd.Function):
 @functools.lru_cache(maxsize=64)
 def training_source(spec: KernelSpec) -> str:
     """The C source of the training kernel for one spec (generated once per spec)."""
-    slope = [
-        "static inline vf act_slope(vf z, vf* slope) {",
-        "  const vf zero = {};",
-        "  (void)zero;",
-        *_SLOPE_CODE[spec.activation],
-        "}",
-    ]
+    slope = c_activation_slope(spec.activation)
     lines = [
         *c_header(spec),
-        "\n".join(slope),
-        c_widened("\n".join(slope)).replace("act_slope", "act_slope_g"),
+        slope,
+        c_widened(slope).replace("act_slope", "act_slope_g"),
         *c_pair_kernels(spec),
         *entry_source(spec),
         *_mlp_macros(spec),

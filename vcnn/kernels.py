@@ -32,6 +32,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "c_activation_slope",
     "C_HELPERS",
     "ENTRY_LANES",
     "GROUP",
@@ -350,6 +351,69 @@ def c_mlp_forward(shape: MlpShape, *, slopes: bool) -> list[str]:
             source = f"{previous}[j]" if kind == 1 else f"{previous}[j % {size}]"
             lines.append(f"  for (int j = 0; j < {width}; ++j) h{index}[j] += {source};")
     return lines
+
+
+
+#: Activation and its derivative (slope) from the pre-activation z, vector forms (type vf).
+_SLOPE_CODE = {
+    "silu": [
+        "  const vf sigma = reciprocal(1.0f + vexp(-z));",
+        "  *slope = sigma * (1.0f + z * (1.0f - sigma));",
+        "  return z * sigma;",
+    ],
+    "tanh": [
+        "  const vf t = 1.0f - 2.0f * reciprocal(vexp(2.0f * z) + 1.0f);",
+        "  *slope = 1.0f - t * t;",
+        "  return t;",
+    ],
+    "relu": [
+        "  *slope = blend(z > 0.0f, zero + 1.0f, zero);",
+        "  return blend(z > 0.0f, z, zero);",
+    ],
+    # lane by lane through libm
+    "gelu": [
+        "  vf y, s;",
+        "  for (int b = 0; b < LANES; ++b) {",
+        "    const float v = z[b], phi = 0.5f * (1.0f + erff(v * 0.70710678118654752f));",
+        "    y[b] = v * phi;",
+        "    s[b] = phi + v * expf(-0.5f * v * v) * 0.39894228040143268f;",
+        "  }",
+        "  *slope = s;",
+        "  return y;",
+    ],
+    "softplus": [
+        "  vf y, s;",
+        "  for (int b = 0; b < LANES; ++b) {",
+        "    const float v = z[b];",
+        "    y[b] = v > 20.0f ? v : log1pf(expf(v));",
+        "    s[b] = v > 20.0f ? 1.0f : 1.0f / (1.0f + expf(-v));",
+        "  }",
+        "  *slope = s;",
+        "  return y;",
+    ],
+}
+
+
+def c_activation_slope(activation: str, *, vector: str = "vf") -> str:
+    """C ``act_slope(z, &slope)``: an activation and its derivative on a vector type.
+
+    Args:
+        activation: the activation's name.
+        vector: the vector type (``LANES`` floats), e.g. ``vf`` or a wider one.
+
+    Raises:
+        KernelUnavailable: for an activation without a kernel form.
+    """
+    if activation not in _SLOPE_CODE:
+        raise KernelUnavailable(f"activation {activation!r} has no kernel form")
+    lines = [
+        "static inline vf act_slope(vf z, vf* slope) {",
+        "  const vf zero = {};",
+        "  (void)zero;",
+        *_SLOPE_CODE[activation],
+        "}",
+    ]
+    return re.sub(r"\bvf\b", vector, "\n".join(lines))
 
 
 def c_reciprocal(kind: str, size: int) -> str:
