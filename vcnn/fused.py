@@ -41,6 +41,7 @@ import torch
 from vcnn.features import FeatureNormalizer, FieldTable, normalized_point_scalars
 from vcnn.kernels import (
     C_HELPERS,
+    C_INCLUDES,
     KernelUnavailable,
     MlpShape,
     c_mlp_forward,
@@ -230,12 +231,7 @@ def c_header(spec: KernelSpec) -> list[str]:
     """Includes, vector types, sizes and the helpers (exp, reciprocal, activation) of a kernel."""
     lanes, entries = spec.lanes, spec.entry_lanes
     lines = [
-        "#include <math.h>",
-        "#include <stdint.h>",
-        "#include <string.h>",
-        "#if defined(__AVX512F__)",
-        "#include <immintrin.h>",
-        "#endif",
+        *C_INCLUDES,
         "/* vf, vi: one value per entry of a step; vr: a piece of a row of the embedding */",
         f"typedef float vf __attribute__((vector_size({4 * entries})));",
         f"typedef float vfu __attribute__((vector_size({4 * entries}), aligned(4)));",

@@ -29,6 +29,7 @@ from torch import nn
 
 from vcnn.kernels import (
     C_HELPERS,
+    C_INCLUDES,
     KernelUnavailable,
     MlpShape,
     c_activation_slope,
@@ -158,12 +159,7 @@ def _source(shape: _RowShape) -> str:
     layers = mlp_layers(shape)
     count = len(layers)
     lines = [
-        "#include <math.h>",
-        "#include <stdint.h>",
-        "#include <string.h>",
-        "#if defined(__AVX512F__)",
-        "#include <immintrin.h>",
-        "#endif",
+        *C_INCLUDES,
         f"typedef float vo __attribute__((vector_size({4 * lanes})));",
         f"typedef float vou __attribute__((vector_size({4 * lanes}), aligned(4)));",
         f"typedef int32_t voi __attribute__((vector_size({4 * lanes})));",
@@ -269,17 +265,10 @@ def _source(shape: _RowShape) -> str:
             f"    forward{index}(p, {source} + r * {source_width}, params, wt, out{index} + r * {width}, "
             f"slope{index} ? slope{index} + r * {width} : 0);"
         )
-    lines += [
-        "static int forward_part(int64_t first, int64_t last, int64_t part, const float* x,",
-        f"                        const float* params, const float* wt, {outs}, {slopes}) {{",
-        "  (void)part;",
-        "  for (int64_t r = first; r < last; r += P) {",
-        "    const int p = last - r < P ? (int)(last - r) : P;",
-        *forward_calls,
-        "  }",
-        "  return 0;",
-        "}",
-    ]
+    lines += _c_row_blocks(
+        "forward_part", f"const float* x, const float* params, const float* wt, {outs}, {slopes}",
+        [], forward_calls,
+    )
     dzs = ", ".join(f"float* dz{i}" for i in range(count))
     slope_args = ", ".join(f"const float* slope{i}" for i in range(count))
     widest = max((shape.layer_inputs, *shape.layers))
@@ -291,17 +280,11 @@ def _source(shape: _RowShape) -> str:
             f"    backward{index}(p, {source}, slope{index} + r * {width}, params, "
             f"dz{index} + r * {width}, {target});"
         )
+    lines += _c_row_blocks(
+        "backward_part", f"const float* params, const float* grad, {slope_args}, {dzs}",
+        [f"  float d{i}[P * {widest}];" for i in range(count - 1)], backward_calls,
+    )
     lines += [
-        "static int backward_part(int64_t first, int64_t last, int64_t part, const float* params,",
-        f"                         const float* grad, {slope_args}, {dzs}) {{",
-        "  (void)part;",
-        *[f"  float d{i}[P * {widest}];" for i in range(count - 1)],
-        "  for (int64_t r = first; r < last; r += P) {",
-        "    const int p = last - r < P ? (int)(last - r) : P;",
-        *backward_calls,
-        "  }",
-        "  return 0;",
-        "}",
         c_parallel_driver(
             "vcnn_rows_forward", "forward_part",
             f"const float* x, const float* params, const float* wt, {outs}, {slopes}",
@@ -316,3 +299,18 @@ def _source(shape: _RowShape) -> str:
         ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _c_row_blocks(name: str, parameters: str, locals_: list[str], calls: list[str]) -> list[str]:
+    """C part function ``name`` for rows first..last-1: ``calls`` on each block of p <= P rows."""
+    return [
+        f"static int {name}(int64_t first, int64_t last, int64_t part, {parameters}) {{",
+        "  (void)part;",
+        *locals_,
+        "  for (int64_t r = first; r < last; r += P) {",
+        "    const int p = last - r < P ? (int)(last - r) : P;",
+        *calls,
+        "  }",
+        "  return 0;",
+        "}",
+    ]

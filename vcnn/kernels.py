@@ -32,6 +32,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "C_INCLUDES",
     "c_activation_slope",
     "C_HELPERS",
     "ENTRY_LANES",
@@ -451,6 +452,16 @@ def c_widened(code: str) -> str:
     }
     return re.sub(r"\b(" + "|".join(replacements) + r")\b", lambda m: replacements[m.group(1)], code)
 
+
+#: The headers every generated kernel includes (AVX-512 intrinsics where the target has them).
+C_INCLUDES = (
+    "#include <math.h>",
+    "#include <stdint.h>",
+    "#include <string.h>",
+    "#if defined(__AVX512F__)",
+    "#include <immintrin.h>",
+    "#endif",
+)
 
 #: C helpers shared by the generated kernels (types vf, vi and LANES defined by the caller):
 #: a lane select, a square root, and a vectorised single-precision exp.
