@@ -633,7 +633,7 @@ class FusedPass:
         spec = kernel_spec(model, table, normalizer)
         return cls(
             spec,
-            compiled_library(kernel_source(spec)),
+            compiled_library(kernel_source(spec), symbols=("vcnn_fused_moments",)),
             model=model,
             table=table,
             normalizer=normalizer,
@@ -760,7 +760,8 @@ def probe(spec: KernelSpec, name: str, values: torch.Tensor) -> torch.Tensor:
     Returns:
         (n,) float32.
     """
-    function = getattr(compiled_library(kernel_source(spec)), f"vcnn_probe_{name}")
+    symbol = f"vcnn_probe_{name}"
+    function = getattr(compiled_library(kernel_source(spec), symbols=(symbol,)), symbol)
     function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     values = values.to(torch.float32).contiguous()
     if values.numel() % (spec.entry_lanes * spec.group):

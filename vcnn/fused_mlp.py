@@ -91,7 +91,7 @@ def mlp_rows(mlp: nn.Module, activation: str, x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad:
         raise KernelUnavailable("the row MLP kernel gives no gradient of its input")
     shape = _RowShape.build(mlp, activation)
-    library = compiled_library(_source(shape))
+    library = compiled_library(_source(shape), symbols=("vcnn_rows_forward", "vcnn_rows_backward"))
     # (inside the Function's forward, gradients are always off: decide here)
     keep = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
     return _RowMlp.apply(x.contiguous(), (shape, library, keep), *parameters)

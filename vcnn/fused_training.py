@@ -103,7 +103,9 @@ class TrainingKernel:
         """
         # training needs no range test: the training data define the ranges
         spec = dataclasses.replace(kernel_spec(model, table, normalizer), pair_low=(), pair_high=())
-        library = compiled_library(training_source(spec))
+        library = compiled_library(
+            training_source(spec), symbols=("vcnn_train_forward", "vcnn_train_backward")
+        )
         records = point_records(
             spec, model, table, normalizer, torch.zeros(table.num_points, dtype=torch.bool)
         )

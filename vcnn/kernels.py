@@ -2,27 +2,60 @@
 
 The kernels of :mod:`vcnn.fused` (inference) and :mod:`vcnn.pooled_sums` (training) are C
 sources generated for one network's shapes. This module compiles a source with the system C
-compiler (``$CC``, else ``cc``) into a shared library named after the hash of the source, the
-compiler, the flags and the CPU's instruction set (the code is built with ``-march=native``),
-keeps it in ``$VCNN_CACHE_DIR/kernels``, else ``$XDG_CACHE_HOME/vcnn/kernels``, else
-``~/.cache/vcnn/kernels`` (a per-user temporary folder when that cannot be written), and loads
-it once per process. Any failure raises :class:`KernelUnavailable`, whose message says why, and
-is remembered for the process; callers then use their torch implementation. ``VCNN_KERNELS=0``
-turns the kernels off (the torch implementations run everywhere).
+compiler (``$CC``, else ``cc``), keeps the shared library in a per-user cache and loads it once
+per process. Any failure raises :class:`KernelUnavailable`, whose message says why, and is
+remembered for the process; callers then use their torch implementation and warn once
+(:func:`warn_unavailable`). ``VCNN_KERNELS=0`` turns the kernels off everywhere.
+
+What the cache guarantees:
+
+* **Location.** ``$VCNN_CACHE_DIR/kernels``, else ``$XDG_CACHE_HOME/vcnn/kernels``, else
+  ``~/.cache/vcnn/kernels``. The toolkit's own folders (``kernels``, and ``vcnn`` in the last
+  two cases) are created with mode 0700.
+* **Checks before anything is loaded.** The toolkit's folders are examined with ``os.lstat``:
+  each must be a real directory (not a symbolic link), owned by the effective user and not
+  writable by group or others; the folders above them (resolved) must be owned by the user or
+  root and, when writable by group or others, sticky. A library and its integrity record must be
+  regular files (not links), owned by the user and not writable by group or others. A folder that
+  fails is never used and never repaired (no chmod): a warning names it and says why.
+* **No shared fallback.** When the cache folder is unusable, the kernels are built into a fresh
+  private folder made by :func:`tempfile.mkdtemp` for this process (mode 0700, unpredictable
+  name) and removed at exit; when that fails too, :class:`KernelUnavailable` (torch runs).
+* **Key.** A library is named after the sha256 of the source, the compiler flags, the link
+  libraries (``-lm``, the OpenMP flag), the compiler's absolute path (as found and resolved), its
+  identity (the output of ``--version`` and ``-dumpmachine``, asked once per process) and the
+  CPU's instruction-set flags (the code is built with ``-march=native``).
+* **Integrity.** A library is compiled in a private scratch folder inside the cache, checked (not
+  empty, a shared library's magic bytes, ELF on Linux), and moved into place atomically next to
+  ``<name>.sha256``, the sha256 of its bytes. Before ``ctypes`` maps a cached library, its bytes
+  must match that record, so a truncated, empty, foreign or modified file is never mapped (no
+  SIGBUS).
+* **Rebuild once.** A cached library of ours that fails a check, does not match its record, does
+  not load (serial build) or lacks a symbol the caller needs is deleted (with its record) and
+  rebuilt once; if the rebuild fails too, :class:`KernelUnavailable`. A file owned by someone
+  else is neither loaded nor deleted (the private folder is used instead). An OpenMP build that
+  the process cannot load falls back to the serial build (no rebuild).
+* **Bounded.** At most ``VCNN_CACHE_MAX_ENTRIES`` libraries (default 64) are kept: each load
+  touches the library's times, and the least recently used beyond the bound are deleted with
+  their records (best effort, never failing a load).
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import functools
 import hashlib
 import logging
 import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +73,14 @@ __all__ = [
     "KernelUnavailable",
     "MlpShape",
     "c_reciprocal",
+    "cache_key",
     "c_widened",
     "c_mlp_forward",
     "c_parallel_driver",
     "compiled_library",
     "even_parts",
     "kernel_cache_dir",
+    "library_path",
     "split_queries",
     "warn_unavailable",
 ]
@@ -55,6 +90,10 @@ __all__ = [
 #: with torch's spinning threads; without OpenMP support the kernels are built serial.
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-shared", "-fPIC")
 _OPENMP = ("-fopenmp",)
+_LINK = ("-lm",)
+
+#: Default bound on the cached libraries (``VCNN_CACHE_MAX_ENTRIES``).
+MAX_ENTRIES = 64
 
 
 class KernelUnavailable(RuntimeError):
@@ -65,11 +104,16 @@ _LIBRARIES: dict[str, ctypes.CDLL | KernelUnavailable] = {}
 _LOCK = threading.Lock()
 
 
-def compiled_library(source: str) -> ctypes.CDLL:
+def compiled_library(source: str, *, symbols: Sequence[str] = ()) -> ctypes.CDLL:
     """The loaded library of a C source, built once per process (and cached on disk).
 
+    Args:
+        source: the C source.
+        symbols: the functions the caller looks up; a cached library without them is rebuilt.
+
     Raises:
-        KernelUnavailable: no C compiler, or the build failed (remembered for the process).
+        KernelUnavailable: no C compiler, the build failed, or the library lacks ``symbols``
+            (remembered for the process).
     """
     if os.environ.get("VCNN_KERNELS", "").strip().lower() in ("0", "off", "no", "false"):
         raise KernelUnavailable("the C kernels are turned off (VCNN_KERNELS)")
@@ -77,12 +121,15 @@ def compiled_library(source: str) -> ctypes.CDLL:
         known = _LIBRARIES.get(source)
         if known is None:
             try:
-                known = _build(source)
+                known = _build(source, tuple(symbols))
             except KernelUnavailable as error:
                 known = error
             _LIBRARIES[source] = known
     if isinstance(known, KernelUnavailable):
         raise known
+    missing = _missing(known, symbols)
+    if missing:
+        raise KernelUnavailable(f"the kernel has no {', '.join(missing)}")
     return known
 
 
@@ -151,12 +198,133 @@ def even_parts(count: int, parts: int | None = None) -> torch.Tensor:
     return torch.tensor([round(count * p / parts) for p in range(parts + 1)], dtype=torch.int64)
 
 
-def kernel_cache_dir() -> Path:
-    """Where compiled kernels are kept between processes."""
+class _Unsafe(OSError):
+    """A path that fails the ownership or mode checks and is not ours to repair or delete."""
+
+
+class _Broken(Exception):
+    """A cached library of ours that must be deleted and rebuilt (the message says why)."""
+
+
+#: The first bytes of a shared library: ELF (Linux), Mach-O 64-bit (macOS).
+_MAGIC = (b"\x7fELF", b"\xcf\xfa\xed\xfe")
+#: Scratch folders of interrupted builds older than this (seconds) are removed.
+_STALE_SCRATCH = 86400.0
+
+
+def _cache_layout() -> tuple[Path, list[Path]]:
+    """The folder the user chose (or the cache home), and the toolkit's folders in it."""
     if os.environ.get("VCNN_CACHE_DIR"):
-        return Path(os.environ["VCNN_CACHE_DIR"]) / "kernels"
+        root = Path(os.path.abspath(os.environ["VCNN_CACHE_DIR"]))
+        return root, [root / "kernels"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vcnn" / "kernels"
+    root = Path(os.path.abspath(base))
+    return root, [root / "vcnn", root / "vcnn" / "kernels"]
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept between processes (module docstring)."""
+    return _cache_layout()[1][-1]
+
+
+_NOTED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _NOTED:
+        _NOTED.add(message)
+        logger.warning("%s", message)
+
+
+def _check_private(path: Path, info: os.stat_result, *, folder: bool) -> None:
+    """Raise :class:`_Unsafe` unless ``info`` (``os.lstat`` of ``path``) is private to this user.
+
+    Private: a real directory (``folder``) or regular file, not a symbolic link, owned by the
+    effective user and not writable by group or others.
+    """
+    kind = "directory" if folder else "regular file"
+    if stat.S_ISLNK(info.st_mode):
+        raise _Unsafe(f"{path} is a symbolic link, not a {kind}")
+    if not (stat.S_ISDIR if folder else stat.S_ISREG)(info.st_mode):
+        raise _Unsafe(f"{path} is not a {kind}")
+    if info.st_uid != os.geteuid():
+        raise _Unsafe(f"{path} is owned by uid {info.st_uid}, not by this user ({os.geteuid()})")
+    if info.st_mode & 0o022:
+        raise _Unsafe(
+            f"{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}; "
+            "make it private with chmod go-w, or set VCNN_CACHE_DIR)"
+        )
+
+
+def _check_ancestors(folder: Path) -> None:
+    """Raise :class:`_Unsafe` when another user could replace ``folder`` or its parents."""
+    real = Path(os.path.realpath(folder))
+    for path in (real, *real.parents):
+        info = os.stat(path)
+        if info.st_uid not in (os.geteuid(), 0):
+            raise _Unsafe(f"{path} (holding the kernel cache) is owned by uid {info.st_uid}")
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise _Unsafe(
+                f"{path} (holding the kernel cache) is writable by group or others and not sticky"
+            )
+
+
+def _cache_folder() -> Path:
+    """The per-user cache folder, its toolkit folders created 0700 and all checked.
+
+    Raises:
+        OSError: the folder cannot be made, or fails a check (:class:`_Unsafe`).
+    """
+    root, owned = _cache_layout()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_ancestors(root)
+    for folder in owned:
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        _check_private(folder, os.lstat(folder), folder=True)
+    return owned[-1]
+
+
+_PRIVATE: list[Path] = []  # this process's private build folder, once made
+
+
+def _private_folder() -> Path:
+    """A fresh private folder for this process (``mkdtemp``: 0700), removed at exit."""
+    if not _PRIVATE:
+        folder = Path(tempfile.mkdtemp(prefix="vcnn-build-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _PRIVATE.append(folder)
+    folder = _PRIVATE[0]
+    _check_ancestors(folder.parent)
+    _check_private(folder, os.lstat(folder), folder=True)
+    return folder
+
+
+def _compiler() -> str:
+    """The C compiler's absolute path (``$CC``, else ``cc``, ``gcc`` or ``clang``)."""
+    compiler = os.environ.get("CC")
+    if not compiler:
+        compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    found = shutil.which(compiler) if compiler else None
+    if found is None:
+        raise KernelUnavailable(f"no C compiler found ({compiler or 'cc'}; install gcc or set CC)")
+    return os.path.abspath(found)
+
+
+@functools.cache
+def _compiler_identity(compiler: str) -> str:
+    """The output of ``compiler --version`` and ``-dumpmachine`` (asked once per process)."""
+    lines = []
+    for option in ("--version", "-dumpmachine"):
+        try:
+            result = subprocess.run([compiler, option], capture_output=True, text=True, timeout=60)
+            output = result.stdout.strip() or result.stderr.strip()
+            lines.append(f"{option}: {result.returncode} {output}")
+        except (OSError, subprocess.SubprocessError) as error:
+            lines.append(f"{option}: {error}")
+    return "\n".join(lines)
 
 
 def _machine_key() -> str:
@@ -171,47 +339,228 @@ def _machine_key() -> str:
     return platform.machine() + platform.processor()
 
 
-def _build(source: str) -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None or shutil.which(compiler) is None:
-        raise KernelUnavailable(f"no C compiler found ({compiler or 'cc'}; install gcc or set CC)")
-    key = hashlib.sha256("\n".join([source, compiler, " ".join(_FLAGS), _machine_key()]).encode())
-    failures = []
-    for folder in (kernel_cache_dir(), Path(tempfile.gettempdir()) / f"vcnn-kernels-{os.getuid()}"):
-        try:
-            return _load_or_compile(compiler, source, folder, key.hexdigest()[:24])
-        except OSError as error:  # an unwritable cache, a library that does not load
-            failures.append(f"{folder}: {error}")
-    raise KernelUnavailable("could not build a kernel: " + "; ".join(failures))
+def cache_key(source: str, *, compiler: str | None = None) -> str:
+    """The cache key of a C source: 32 hex digits of a sha256 (module docstring says over what).
+
+    Raises:
+        KernelUnavailable: no C compiler (when ``compiler`` is not given).
+    """
+    compiler = compiler or _compiler()
+    parts = [
+        source, " ".join(_FLAGS), " ".join(_LINK), " ".join(_OPENMP), compiler,
+        os.path.realpath(compiler), _compiler_identity(compiler), _machine_key(),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
-def _load_or_compile(compiler: str, source: str, folder: Path, key: str) -> ctypes.CDLL:
-    """The cached library (OpenMP build, else serial build), compiled when missing."""
-    threaded, serial = folder / f"kernel_{key}_omp.so", folder / f"kernel_{key}.so"
+def _library_name(key: str, *, threaded: bool) -> str:
+    return f"kernel_{key}_omp.so" if threaded else f"kernel_{key}.so"
+
+
+def library_path(source: str, *, threaded: bool = True) -> Path:
+    """Where the library of ``source`` is cached (its OpenMP build, or its serial build).
+
+    Raises:
+        KernelUnavailable: no C compiler (the key covers the compiler).
+    """
+    return kernel_cache_dir() / _library_name(cache_key(source), threaded=threaded)
+
+
+def _record(library: Path) -> Path:
+    """The integrity record next to a library: the sha256 of its bytes, in hex."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _missing(library: ctypes.CDLL, symbols: Sequence[str]) -> list[str]:
+    return [name for name in symbols if not hasattr(library, name)]
+
+
+def _build(source: str, symbols: tuple[str, ...]) -> ctypes.CDLL:
+    compiler = _compiler()
+    key = cache_key(source, compiler=compiler)
     try:
-        if not threaded.exists():
-            _compile(compiler, source, folder, threaded, extra=_OPENMP)
-        return ctypes.CDLL(str(threaded))
-    except (KernelUnavailable, OSError) as error:
+        return _load_or_compile(compiler, source, _cache_folder(), key, symbols)
+    except OSError as error:  # an unusable cache folder, a file of someone else's in it
+        reason = f"kernel cache not used: {error}"
+    _warn_once(f"{reason}; building the kernels in a private temporary folder removed at exit")
+    try:
+        return _load_or_compile(compiler, source, _private_folder(), key, symbols)
+    except OSError as error:
+        raise KernelUnavailable(f"{reason}; private temporary folder: {error}") from error
+
+
+def _load_or_compile(
+    compiler: str, source: str, folder: Path, key: str, symbols: tuple[str, ...]
+) -> ctypes.CDLL:
+    """The library in a checked ``folder`` (OpenMP build, else serial build), built when missing.
+
+    Raises:
+        OSError: the folder cannot be written, or holds someone else's file under the name.
+        KernelUnavailable: the compiler fails, or the rebuilt library does not work.
+    """
+    path = folder / _library_name(key, threaded=True)
+    try:
+        library = _cached_or_built(compiler, source, path, symbols, extra=_OPENMP)
+    except KernelUnavailable as error:
         # no OpenMP for this compiler, or a runtime the process cannot bind: a serial build
         logger.info("using the kernel without OpenMP (%s)", error)
-    if not serial.exists():
-        _compile(compiler, source, folder, serial)
-    return ctypes.CDLL(str(serial))
+        path = folder / _library_name(key, threaded=False)
+        library = _cached_or_built(compiler, source, path, symbols)
+    _touch_and_evict(path)
+    return library
 
 
-def _compile(
-    compiler: str, source: str, folder: Path, library: Path, *, extra: tuple[str, ...] = ()
-) -> None:
-    """Compile ``source`` into ``library`` (atomic: concurrent builders write the same file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+def _cached_or_built(
+    compiler: str,
+    source: str,
+    library: Path,
+    symbols: tuple[str, ...],
+    *,
+    extra: tuple[str, ...] = (),
+) -> ctypes.CDLL:
+    """Load ``library`` when it passes every check; else delete it (ours), rebuild once, load."""
+    try:
+        return _load_checked(library, symbols, threaded=bool(extra))
+    except FileNotFoundError:
+        pass
+    except _Broken as error:
+        logger.warning("rebuilding the cached kernel %s (%s)", library, error)
+        _remove(library)
+    _compile(compiler, source, library, extra=extra)
+    try:
+        return _load_checked(library, symbols, threaded=bool(extra))
+    except (_Broken, FileNotFoundError) as error:
+        _remove(library)
+        raise KernelUnavailable(f"the kernel built as {library} does not work ({error})") from error
+
+
+def _load_checked(library: Path, symbols: tuple[str, ...], *, threaded: bool) -> ctypes.CDLL:
+    """``ctypes.CDLL`` of a cached library, after the checks of the module docstring.
+
+    Raises:
+        FileNotFoundError: no library under the name.
+        _Unsafe: the library or its record is someone else's (not deleted, not loaded).
+        _Broken: ours but unusable (to be deleted and rebuilt).
+        KernelUnavailable: an intact OpenMP build that this process cannot load.
+    """
+    info = os.lstat(library)
+    record = _record(library)
+    try:
+        record_info = os.lstat(record)
+    except FileNotFoundError:
+        record_info = None
+    for path, found in ((library, info), (record, record_info)):
+        if found is not None and found.st_uid != os.geteuid():
+            raise _Unsafe(f"{path} is owned by uid {found.st_uid}, not by this user")
+    if record_info is None:
+        raise _Broken("no integrity record")
+    try:
+        _check_private(library, info, folder=False)
+        _check_private(record, record_info, folder=False)
+    except _Unsafe as error:
+        raise _Broken(str(error)) from error
+    digest, head = _digest(library, info)
+    if not head:
+        raise _Broken("empty file")
+    if not head.startswith(_MAGIC):
+        raise _Broken("not a shared library")
+    if digest != record.read_text().strip():
+        raise _Broken("its bytes do not match its integrity record (truncated or modified)")
+    try:
+        loaded = ctypes.CDLL(str(library))
+    except OSError as error:
+        if threaded:
+            raise KernelUnavailable(f"the OpenMP build does not load: {error}") from error
+        raise _Broken(f"does not load: {error}") from error
+    missing = _missing(loaded, symbols)
+    if missing:
+        _unload(loaded)
+        raise _Broken(f"has no {', '.join(missing)}")
+    return loaded
+
+
+def _digest(library: Path, info: os.stat_result) -> tuple[str, bytes]:
+    """The sha256 (hex) and first 4 bytes of the file ``info`` describes (no links followed)."""
+    descriptor = os.open(library, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(descriptor, "rb") as stream:
+        opened = os.fstat(stream.fileno())
+        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+            raise _Broken("replaced while being checked")
+        data = stream.read()
+    return hashlib.sha256(data).hexdigest(), data[:4]
+
+
+def _unload(library: ctypes.CDLL) -> None:
+    """Close (dlclose) a library not to be used, so that a rebuild under its name loads anew."""
+    try:
+        import _ctypes
+
+        _ctypes.dlclose(library._handle)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+def _remove(library: Path) -> None:
+    """Delete a library of ours and its record (best effort)."""
+    for path in (library, _record(library)):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            logger.debug("could not delete %s: %s", path, error)
+
+
+def _max_entries() -> int:
+    """The bound on cached libraries: ``VCNN_CACHE_MAX_ENTRIES`` (at least 1), else 64."""
+    value = os.environ.get("VCNN_CACHE_MAX_ENTRIES", "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            _warn_once(f"VCNN_CACHE_MAX_ENTRIES={value!r} is not a number; using {MAX_ENTRIES}")
+    return MAX_ENTRIES
+
+
+def _touch_and_evict(used: Path) -> None:
+    """Mark ``used`` as just used; delete the least recently used libraries beyond the bound.
+
+    Best effort: a failure is logged (debug) and never fails the load.
+    """
+    folder = used.parent
+    try:
+        os.utime(used, follow_symlinks=os.utime not in os.supports_follow_symlinks)
+        libraries, now = [], os.path.getmtime(used)
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                info = entry.stat(follow_symlinks=False)
+                if info.st_uid != os.geteuid():
+                    continue
+                if entry.name.startswith("kernel_") and entry.name.endswith(".so"):
+                    if stat.S_ISREG(info.st_mode):
+                        libraries.append((info.st_mtime_ns, entry.name))
+                elif entry.name.startswith(".build-") and stat.S_ISDIR(info.st_mode):
+                    if now - info.st_mtime > _STALE_SCRATCH:  # left by an interrupted build
+                        shutil.rmtree(entry.path, ignore_errors=True)
+        libraries.sort(reverse=True)
+        for _, name in libraries[_max_entries():]:
+            if name != used.name:
+                _remove(folder / name)
+    except OSError as error:
+        logger.debug("kernel cache eviction skipped: %s", error)
+
+
+def _compile(compiler: str, source: str, library: Path, *, extra: tuple[str, ...] = ()) -> None:
+    """Compile ``source`` into ``library`` and its integrity record.
+
+    The build happens in a private scratch folder next to ``library`` and both files are moved
+    into place atomically (the record first): concurrent builders write the same files.
+    """
+    with tempfile.TemporaryDirectory(dir=library.parent, prefix=".build-") as scratch:
         source_path = Path(scratch) / "kernel.c"
         source_path.write_text(source)
         built = Path(scratch) / "kernel.so"
         try:
             result = subprocess.run(
-                [compiler, *_FLAGS, *extra, str(source_path), "-o", str(built), "-lm"],
+                [compiler, *_FLAGS, *extra, str(source_path), "-o", str(built), *_LINK],
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -224,6 +573,15 @@ def _compile(
                 f"compiling a kernel with {compiler} failed: "
                 + (message[0] if message else f"exit status {result.returncode}")
             )
+        data = built.read_bytes() if built.exists() else b""
+        if not data.startswith(_MAGIC):
+            raise KernelUnavailable(f"compiling a kernel with {compiler} gave no shared library")
+        os.chmod(built, 0o700)
+        record = Path(scratch) / "kernel.sha256"
+        descriptor = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            stream.write(hashlib.sha256(data).hexdigest() + "\n")
+        os.replace(record, _record(library))
         os.replace(built, library)
 
 
