@@ -15,8 +15,9 @@ SIMD vector of entries at a time, and never writes a per-entry value.
 
 The C source is generated for one net, feature spec, normaliser and cloud options (so every loop
 has a fixed trip count and every constant is a literal), compiled with the system C compiler
-(``$CC``, else ``cc``) once per source and machine, and cached on disk (``$VCNN_CACHE_DIR``, else
-``$XDG_CACHE_HOME/vcnn``, else ``~/.cache/vcnn``); compilation takes well under a second.
+(``$CC``, else ``cc``) once per source and machine, and cached on disk in the private per-user
+cache of :mod:`vcnn.kernels` (``$VCNN_CACHE_DIR/kernels``, else ``~/.cache/vcnn/kernels``);
+compilation takes well under a second.
 
 The formulas mirror :func:`vcnn.features.entry_inputs`, :class:`vcnn.features.FeatureNormalizer`
 and the pair-kernel and pooling methods of :class:`vcnn.network.VectorCloudNet`, which stay the
