@@ -28,6 +28,7 @@ summed over the ranks, and only rank 0 writes files and logs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -72,10 +73,11 @@ from vcnn.datasets import (
     discover_cases,
     make_split,
 )
-from vcnn.errors import TrainingDivergedError
+from vcnn.errors import TrainingDivergedError, UsageError, one_line
 from vcnn.features import FeatureSpec
 from vcnn.fused_training import TrainingKernel
 from vcnn.inference import predict_rows, row_kernel
+from vcnn.outputs import check_output_owner, output_lock
 from vcnn.physics import Physics
 from vcnn.resume import check_resumable, check_run_folder
 
@@ -655,6 +657,48 @@ def _write_lcurve(path: Path, history: list[EpochRecord]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def _check_owner(out_dir: Path, config: TrainConfig) -> None:
+    """Refuse a run folder that holds another verb's outputs (see vcnn.outputs)."""
+    check_output_owner(
+        out_dir,
+        verb="train",
+        overwrite=config.overwrite,
+        continuing=config.resume,
+        flag="--out (out_dir)",
+    )
+
+
+def _lock_run_folder(
+    held: contextlib.ExitStack, out_dir: Path, config: TrainConfig, distributed: _Distributed
+) -> None:
+    """Lock the run folder on the main rank until ``held`` closes; every rank raises or none.
+
+    Raises:
+        UsageError: another run holds the folder (naming its pid), or it holds another
+            verb's outputs now.
+    """
+    error: Exception | None = None
+    if distributed.is_main:
+        try:
+            held.enter_context(
+                output_lock(
+                    out_dir,
+                    verb="train",
+                    flag="--out (out_dir)",
+                    then=lambda: _check_owner(out_dir, config),
+                )
+            )
+        except Exception as caught:  # shared below, so that no rank waits for the others
+            error = caught
+    if distributed.world_size > 1:
+        shared = [None if error is None else one_line(error)]
+        dist.broadcast_object_list(shared, src=0)
+        if error is None and shared[0] is not None:
+            raise UsageError(shared[0])
+    if error is not None:
+        raise error
+
+
 # ------------------------------------------------------------------------------ train
 def train(
     config: TrainConfig,
@@ -678,7 +722,8 @@ def train(
     """
     distributed = _init_distributed(config.device)
     try:
-        return _train(config, distributed, on_epoch_end)
+        with contextlib.ExitStack() as held:  # the run folder's lock, until the run ends
+            return _train(config, distributed, on_epoch_end, held)
     finally:
         if distributed.initialised_here:
             dist.destroy_process_group()
@@ -688,6 +733,7 @@ def _train(
     config: TrainConfig,
     distributed: _Distributed,
     on_epoch_end: Callable[[EpochRecord], None] | None,
+    held: contextlib.ExitStack,
 ) -> TrainResult:
     is_main = distributed.is_main
     device = resolve_device(config.device, local_rank=distributed.local_rank)
@@ -703,6 +749,7 @@ def _train(
     lcurve_path = out_dir / "lcurve.tsv"
     # Before any work: a folder that holds another run is resumed or replaced, never mixed.
     replaced = check_run_folder(out_dir, resume=config.resume, overwrite=config.overwrite)
+    _check_owner(out_dir, config)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % (2**32))
 
@@ -799,6 +846,8 @@ def _train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
+    # The first write: the run folder is locked until the run ends (and checked again).
+    _lock_run_folder(held, out_dir, config, distributed)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if config.overwrite:
