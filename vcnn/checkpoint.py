@@ -27,6 +27,24 @@ key                         meaning
 ``train_config``            the resolved :class:`vcnn.training.TrainConfig` as a dict
 ``versions``                package versions (python, torch, numpy, vcnn)
 ==========================  ===============================================================
+
+Loading is defensive, because a checkpoint may come from anywhere. Before ``torch.load`` sees
+a file, :func:`load_checkpoint` opens it as the zip archive it must be and refuses it (a
+:class:`CheckpointError` naming the file) when
+
+* it has more than :data:`MAX_MEMBERS` members, a member larger than :data:`MAX_MEMBER_BYTES`
+  (64 MiB) uncompressed, or more than :data:`MAX_TOTAL_BYTES` (256 MiB) in all: a checkpoint
+  of this toolkit holds a few MB, and these sizes bound the memory a load can take;
+* a member over 1 MiB expands more than :data:`MAX_COMPRESSION_RATIO` times (``torch.save``
+  stores its members uncompressed: a high ratio is a decompression bomb);
+* the CRC-32 of a member does not match its data (``zipfile.ZipFile.testzip``, which reads
+  every member once, under the size limits above: about a millisecond for a shipped model).
+
+The file is then read with ``weights_only=True`` (no pickled objects), and every number of
+the model's architecture is checked (:func:`vcnn.network.VectorCloudNet.from_config`: positive
+integers, at most :data:`vcnn.network.MAX_WIDTH` wide and :data:`vcnn.network.MAX_LAYERS`
+layers deep, at most :data:`vcnn.network.MAX_PARAMETERS` parameters, known names) before a
+model is built.
 """
 
 from __future__ import annotations
@@ -36,6 +54,8 @@ import os
 import pickle
 import platform
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +73,16 @@ CHECKPOINT_FORMAT_VERSION = 2
 #: Versions this package reads: version 1 had pooling as a cloud option and no physics.
 _READABLE_VERSIONS = (1, 2)
 _MODEL_KEYS = ("format", "model_kind", "model_config", "model_state")
+
+#: Largest uncompressed member of a checkpoint archive (bytes).
+MAX_MEMBER_BYTES = 64 << 20
+#: Largest uncompressed size of all members of a checkpoint archive together (bytes).
+MAX_TOTAL_BYTES = 256 << 20
+#: Most members of a checkpoint archive (one per tensor storage, plus a few records).
+MAX_MEMBERS = 10_000
+#: Largest expansion of a compressed member over :data:`_RATIO_CHECKED_BYTES`.
+MAX_COMPRESSION_RATIO = 100
+_RATIO_CHECKED_BYTES = 1 << 20
 
 
 class CheckpointError(ValueError):
@@ -90,13 +120,20 @@ def package_versions() -> dict[str, str]:
     }
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    payload: dict[str, Any],
+    *,
+    validate: Callable[[Path], object] | None = None,
+) -> Path:
     """Write a checkpoint atomically (temporary file in the same folder, fsync, rename).
 
     Args:
         path: target file (conventionally ``best.pt`` or ``last.pt``).
         payload: the checkpoint dictionary (see the module docstring); ``format`` and
             ``format_version`` are filled in.
+        validate: called with the complete temporary file before it replaces ``path``; when
+            it raises, nothing is written (see :func:`vcnn.atomic.atomic_write`).
 
     Returns:
         The path written.
@@ -104,7 +141,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     _check_plain(payload, "checkpoint")
     path = Path(path)
     payload = {**payload, "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION}
-    atomic_write(path, lambda stream: torch.save(payload, stream))
+    atomic_write(path, lambda stream: torch.save(payload, stream), validate=validate)
     return path
 
 
@@ -157,6 +194,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"checkpoint {str(path)!r} is not a torch checkpoint (no zip archive: a text file, "
             "or a copy cut short?)"
         )
+    check_archive(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (
@@ -191,6 +229,67 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     return payload
 
 
+def check_archive(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint archive that is too large unpacked, a zip bomb, or corrupt.
+
+    Reads the central directory, checks the sizes against :data:`MAX_MEMBERS`,
+    :data:`MAX_MEMBER_BYTES`, :data:`MAX_TOTAL_BYTES` and :data:`MAX_COMPRESSION_RATIO`, then
+    reads every member once to check its CRC-32 (bounded by the size checks). See the module
+    docstring.
+
+    Raises:
+        CheckpointError: naming the file (and the member) and what is wrong.
+    """
+    name = str(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if len(members) > MAX_MEMBERS:
+                raise CheckpointError(
+                    f"checkpoint {name!r} holds {len(members)} archive members, more than the "
+                    f"{MAX_MEMBERS} a checkpoint may hold; refused"
+                )
+            total = 0
+            for member in members:
+                size, packed = member.file_size, member.compress_size
+                if size > MAX_MEMBER_BYTES:
+                    raise CheckpointError(
+                        f"checkpoint {name!r}: member {member.filename!r} unpacks to "
+                        f"{_mib(size)}, more than the {_mib(MAX_MEMBER_BYTES)} a member may "
+                        f"hold ({_mib(packed)} on disk); refused"
+                    )
+                if size > _RATIO_CHECKED_BYTES and size > MAX_COMPRESSION_RATIO * max(packed, 1):
+                    raise CheckpointError(
+                        f"checkpoint {name!r}: member {member.filename!r} unpacks from "
+                        f"{_mib(packed)} to {_mib(size)}, more than {MAX_COMPRESSION_RATIO} "
+                        "times (a decompression bomb; torch stores members uncompressed); refused"
+                    )
+                total += size
+            if total > MAX_TOTAL_BYTES:
+                raise CheckpointError(
+                    f"checkpoint {name!r} unpacks to {_mib(total)}, more than the "
+                    f"{_mib(MAX_TOTAL_BYTES)} a checkpoint may hold; refused"
+                )
+            bad = archive.testzip()
+    except CheckpointError:
+        raise
+    except (
+        zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, ValueError
+    ) as error:
+        raise CheckpointError(
+            f"checkpoint {name!r} is a damaged zip archive (interrupted copy?): {error}"
+        ) from error
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {name!r}: member {bad!r} is damaged: its CRC-32 or header does not "
+            "match its data (the file changed after it was written); use another copy"
+        )
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.3g} MiB"
+
+
 def _upgrade_version_1(payload: dict[str, Any]) -> None:
     """Version 1 kept the pooling among the cloud options and recorded no physics."""
     cloud = dict(payload.get("cloud_options") or {})
@@ -205,18 +304,33 @@ def _upgrade_version_1(payload: dict[str, Any]) -> None:
     payload.setdefault("dimension", payload["model_config"].get("dim"))
 
 
-def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
+def build_model(kind: str, config: dict[str, Any], *, source: str | None = None) -> nn.Module:
     """Build an untrained network from its kind and constructor arguments.
 
+    Every architecture number is checked by the network's ``from_config`` before anything is
+    allocated (see :data:`vcnn.network.MAX_WIDTH` and its neighbours).
+
+    Args:
+        kind: ``"VectorCloudNet"`` or ``"BaselineNet"``.
+        config: the constructor arguments (``model.to_config()``).
+        source: the checkpoint file they come from, named in errors.
+
     Raises:
-        CheckpointError: for an unknown model kind.
+        CheckpointError: for an unknown model kind or an invalid or absurd config, naming the
+            key.
     """
     from vcnn.network import BaselineNet, VectorCloudNet
 
+    where = f"checkpoint {source!r}: " if source is not None else ""
     kinds: dict[str, Any] = {"VectorCloudNet": VectorCloudNet, "BaselineNet": BaselineNet}
-    if kind not in kinds:
-        raise CheckpointError(f"unknown model kind {kind!r}; known: {sorted(kinds)}")
-    return kinds[kind].from_config(dict(config))
+    if not isinstance(kind, str) or kind not in kinds:
+        raise CheckpointError(f"{where}unknown model kind {kind!r}; known: {sorted(kinds)}")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}model_config is a {type(config).__name__}, not a dict")
+    try:
+        return kinds[kind].from_config(dict(config))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{where}model_config: {error}") from error
 
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LoadedModel:
@@ -233,14 +347,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         CheckpointError: when the file is unusable or its state does not fit the model config.
     """
     payload = load_checkpoint(path, map_location="cpu")
-    model = build_model(payload["model_kind"], payload["model_config"])
-    try:
-        model.load_state_dict(payload["model_state"])
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r}: the saved weights do not fit the saved model config: "
-            f"{error}"
-        ) from error
+    model = _built_model(payload, path)
     model.to(device=device, dtype=torch.float32).eval()
     metadata = {
         key: value
@@ -263,6 +370,33 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     )
 
 
+def _built_model(payload: dict[str, Any], path: str | os.PathLike) -> nn.Module:
+    """The checkpoint's network with its weights (CPU), every number checked.
+
+    Raises:
+        CheckpointError: naming the file when the config is invalid, the weights do not fit
+            it, or a weight is NaN or infinite.
+    """
+    model = build_model(payload["model_kind"], payload["model_config"], source=str(path))
+    state = payload["model_state"]
+    try:
+        if not isinstance(state, dict):
+            raise TypeError(f"model_state is a {type(state).__name__}, not a dict")
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: the saved weights do not fit the saved model config: "
+            f"{error}"
+        ) from error
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: weight {name!r} holds {bad} NaN/inf value(s)"
+            )
+    return model
+
+
 #: Entries only a resumed training run needs; an exported model leaves them out.
 TRAINING_ONLY_KEYS = ("optimizer_state", "scheduler_state", "rng_state", "training_model_state")
 #: What every resumable checkpoint holds (``training_model_state`` only with a weight average).
@@ -276,8 +410,16 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     ``torch.load(weights_only=True)``) and keeps the model config, normalisers, cloud options,
     seed, split, training config and package versions.
 
+    Nothing is written unless the copy loads: the input is checked (archive, architecture,
+    weights) before writing, and the copy is written to a temporary file in the target folder,
+    loaded with :func:`load_model`, and only then renamed to ``out``; on any failure the
+    temporary file is removed and an existing ``out`` is left as it was.
+
     Returns:
         The path written.
+
+    Raises:
+        CheckpointError: when the input is unusable or the copy does not load.
     """
     if Path(out).resolve() == Path(checkpoint).resolve():
         raise CheckpointError(
@@ -285,12 +427,20 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
             "state); give --out another file"
         )
     payload = load_checkpoint(checkpoint, map_location="cpu")
+    _built_model(payload, checkpoint)  # refuse a bad input before writing anything
     for key in TRAINING_ONLY_KEYS:
         payload.pop(key, None)
     payload["exported_from"] = str(checkpoint)
     out = Path(out)
-    save_checkpoint(out, payload)
-    load_model(out)  # an export that cannot be loaded must fail here, not at the user's
+
+    def loads(temporary: Path) -> None:
+        # an export that cannot be loaded must fail here, not at the user's
+        try:
+            load_model(temporary)
+        except CheckpointError as error:
+            raise CheckpointError(f"export to {str(out)!r} does not load back: {error}") from error
+
+    save_checkpoint(out, payload, validate=loads)
     return out
 
 
@@ -347,6 +497,7 @@ __all__ = [
     "LoadedModel",
     "build_model",
     "capture_rng_state",
+    "check_archive",
     "is_exported",
     "load_checkpoint",
     "load_model",

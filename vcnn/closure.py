@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,41 +25,74 @@ from typing import Any
 import numpy as np
 import torch
 
-from vcnn.casefile import Case
+from vcnn.casefile import Case, CaseFileError
 from vcnn.checkpoint import CheckpointError, load_model
 from vcnn.clouds import CloudOptions
 from vcnn.config import ConfigError
 from vcnn.features import FeatureNormalizer, FeatureSpec, FieldTable
 from vcnn.inference import predict_full_clouds
 from vcnn.physics import Physics
+from vcnn.system import TooLargeError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Closure", "ClosurePrediction", "load_closure", "resolve_device"]
+__all__ = [
+    "Closure",
+    "ClosurePrediction",
+    "check_prediction_input",
+    "load_closure",
+    "resolve_device",
+]
 
 #: A prediction warns when more than this fraction of its cloud entries have an input outside
 #: the training range.
 OUT_OF_RANGE_WARNING = 0.01
 
 
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
 def resolve_device(request: str | torch.device, *, local_rank: int = 0) -> torch.device:
-    """Turn ``"auto"``/``"cpu"``/``"cuda"`` into a device (one GPU per rank under torchrun).
+    """Turn a device request into a device (one GPU per rank under torchrun).
+
+    Args:
+        request: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` (GPU ``local_rank``
+            modulo the GPU count), ``"cuda:N"`` (N a non-negative integer) or a
+            ``torch.device`` of type cpu or cuda.
+        local_rank: the process's rank on its node (``"cuda"`` under torchrun).
+
+    Returns:
+        The device.
 
     Raises:
-        ConfigError: when CUDA is requested but not available, or for an unknown device.
+        ConfigError: for anything else, and when a CUDA device is requested that torch does
+            not see.
     """
     if isinstance(request, torch.device):
-        return request
-    if request == "auto":
-        request = "cuda" if torch.cuda.is_available() else "cpu"
-    if request.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' requested but torch sees no CUDA device")
-        if request == "cuda":
+        device = request
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be a cpu or cuda torch.device, got {device}")
+    elif isinstance(request, str) and _DEVICE_PATTERN.fullmatch(request):
+        if request == "auto":
+            request = "cuda" if torch.cuda.is_available() else "cpu"
+        if request == "cuda" and torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if request not in ("cpu",) and not request.startswith("cuda"):
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {request!r}")
-    return torch.device(request)
+        device = torch.device(request)
+    else:
+        raise ConfigError(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' (N >= 0) or a torch.device, "
+            f"got {request!r}"
+        )
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r} requested but torch sees no CUDA device")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"device {str(device)!r} requested but torch sees {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
+    return device
 
 
 @dataclass
@@ -201,9 +235,13 @@ class Closure:
             The prediction and its diagnostics.
 
         Raises:
+            CaseFileError: for a case whose fields hold NaN/inf or whose nodal volumes are not
+                all positive (the in-memory state of a solver is checked here; a case file is
+                already checked when it is read).
             ValueError: for a case of another dimension, or a bad cloud size or frame.
         """
         start = time.perf_counter()
+        check_prediction_input(case)
         if case.dim != self.dimension:
             raise ValueError(
                 f"case {case.name!r} is {case.dim}-D but the closure was trained on "
@@ -212,21 +250,24 @@ class Closure:
         if cloud_size is not None and (isinstance(cloud_size, bool) or cloud_size < 1):
             raise ValueError(f"cloud_size must be None (full clouds) or >= 1, got {cloud_size}")
         rotation = _checked_frame(frame, case.dim)
-        sampler = self.cloud_options.sampler(case.points, case.velocity, case.period)
         images = None
-        if cloud_size is None:
-            clouds = sampler.full_clouds()
-            offsets, queries = clouds.offsets, clouds.queries
-            # image ids where the clouds have them: the fused kernel maps them itself
-            indices, images = (
-                (clouds.indices, None) if clouds.image_ids is None
-                else (clouds.image_ids, clouds.image_points)
-            )
-        else:
-            sample = sampler.sample(cloud_size, seed=seed)
-            mask = sample.mask
-            offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int64)
-            indices, queries = sample.indices[mask], sample.queries
+        try:
+            sampler = self.cloud_options.sampler(case.points, case.velocity, case.period)
+            if cloud_size is None:
+                clouds = sampler.full_clouds()
+                offsets, queries = clouds.offsets, clouds.queries
+                # image ids where the clouds have them: the fused kernel maps them itself
+                indices, images = (
+                    (clouds.indices, None) if clouds.image_ids is None
+                    else (clouds.image_ids, clouds.image_points)
+                )
+            else:
+                sample = sampler.sample(cloud_size, seed=seed)
+                mask = sample.mask
+                offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int64)
+                indices, queries = sample.indices[mask], sample.queries
+        except TooLargeError as error:  # the sampler does not know the case: name it
+            raise TooLargeError(f"case {case.name!r}: {error}") from error
         clouds_seconds = time.perf_counter() - start
         table = FieldTable.from_cases(
             [case], spec=self.spec, options=self.cloud_options, device=self.device, frame=rotation
@@ -270,6 +311,41 @@ class Closure:
         )
 
 
+#: Fields a prediction reads: each must be finite, and the nodal volumes positive.
+_PREDICTION_FIELDS = ("points", "velocity", "strain_rate", "wall_distance", "nodal_volume")
+
+
+def check_prediction_input(case: Case) -> None:
+    """Refuse a case the closure cannot predict from, before any work is done.
+
+    A :class:`vcnn.casefile.Case` is validated when it is built, but a solver may change its
+    arrays afterwards; a NaN or a zero volume would otherwise give all-NaN predictions.
+
+    Args:
+        case: the flow state; its ``points`` (N, d), ``velocity`` (N, d), ``strain_rate``,
+            ``wall_distance``, ``nodal_volume`` (N,) and ``period`` (d,) are checked.
+
+    Raises:
+        CaseFileError: one line naming the case, the field and how many entries are bad.
+    """
+    for key in (*_PREDICTION_FIELDS, "period"):
+        value = np.asarray(getattr(case, key))
+        finite = np.isfinite(value) if value.dtype.kind in "fc" else np.ones(value.shape, bool)
+        if not finite.all():
+            bad = int(value.size - np.count_nonzero(finite))
+            raise CaseFileError(
+                f"case {case.name!r}: {key} holds {bad} NaN/inf value(s) of {value.size}; the "
+                "closure cannot predict from it"
+            )
+    volume = np.asarray(case.nodal_volume)
+    if np.any(volume <= 0):
+        bad = int(np.count_nonzero(volume <= 0))
+        raise CaseFileError(
+            f"case {case.name!r}: nodal_volume is zero or negative at {bad} of {volume.size} "
+            "points; the closure cannot predict from it"
+        )
+
+
 def _checked_frame(frame: np.ndarray | None, dim: int) -> np.ndarray | None:
     if frame is None:
         return None
@@ -284,13 +360,16 @@ def load_closure(path: str | os.PathLike, *, device: str | torch.device = "auto"
 
     Args:
         path: the checkpoint.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or a torch device.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
+            ``torch.device`` (see :func:`resolve_device`).
 
     Returns:
         The closure.
 
     Raises:
         CheckpointError: when the file is unusable or lacks what inference needs.
+        ConfigError: for a device other than those above, or a CUDA device torch does not
+            see.
     """
     torch_device = resolve_device(device)
     loaded = load_model(path, device=torch_device)

@@ -54,6 +54,7 @@ from vcnn._regions import (
     smooth_switch,
 )
 from vcnn.physics import DEFAULT_PHYSICS
+from vcnn.system import TooLargeError, check_fits
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,14 @@ SeedLike = int | np.random.Generator | None
 # cells leave shorter end pieces to test but give more (query, cell) pairs; measured on the
 # 40k hill field (experiments/bench_clouds.py).
 _CELL_FRACTION = {2: 0.15, 3: 0.5}
+#: Estimated bytes per cloud entry (query, point): its id, relative position, radius and
+#: weight, and the network inputs built from them; used to refuse clouds that cannot fit.
+BYTES_PER_ENTRY = 48
+#: Estimated bytes per periodic image of a point (coordinates, ids, sort keys).
+BYTES_PER_IMAGE = 128
+#: Most periods a cloud may span along a periodic axis: beyond, the period is absurdly short
+#: for the clouds (every cloud would hold each point that many times).
+MAX_PERIOD_WRAPS = 64
 # Relative slack on chord bounds so that round-off never drops a point on the boundary (outer
 # range) nor accepts one outside (inner range); the exact test decides in between.
 _SLACK = 1e-9
@@ -365,6 +374,11 @@ class CloudSampler:
                 direction = self._velocity / speed[:, None]
             self._direction = np.where(speed[:, None] > 0, direction, 0.0)
             reach = float(self._along.max())
+            if not np.isfinite(reach):
+                raise TooLargeError(
+                    f"velocity reaches a speed of {float(speed.max()):.3g}: the clouds along "
+                    "the flow would be infinitely long; check the velocity's units"
+                )
         elif region == "ball":
             if radius is None or not (np.isfinite(radius) and radius > 0):
                 raise ValueError(f"region='ball' needs a finite radius > 0, got {radius}")
@@ -501,6 +515,12 @@ class CloudSampler:
             raise ValueError(f"n (points per cloud) must be an integer >= 1, got {n!r}")
         n = int(n)
         queries = self._checked_queries(queries)
+        check_fits(
+            queries.size * n,
+            BYTES_PER_ENTRY,
+            f"clouds of {n} points for {queries.size} queries would hold",
+            hint="lower the cloud size",
+        )
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         offsets, padded_entries = self._sampling_index()
         out = np.empty((queries.size, n), dtype=padded_entries.dtype)
@@ -613,11 +633,48 @@ class CloudSampler:
         return self.expand(self.sample_entries(n, queries=queries, seed=seed))
 
     # ------------------------------------------------------------------ construction
+    def _check_periods(self, reach: float, low: np.ndarray, high: np.ndarray) -> None:
+        """Refuse periods that are absurd for the points or the clouds, before allocating.
+
+        Raises:
+            TooLargeError: a period shorter than the extent of the points, one that a cloud
+                would wrap around more than :data:`MAX_PERIOD_WRAPS` times, or periodic images
+                that would not fit in memory (with the estimate).
+        """
+        images = 1.0
+        for axis in range(self.dim):
+            length = float(self._period[axis])
+            if length <= 0:
+                continue
+            extent = float(high[axis] - low[axis])
+            if length < extent * (1.0 - 1e-9):
+                raise TooLargeError(
+                    f"period {length:.3g} along axis {axis} is shorter than the extent of the "
+                    f"points along it ({extent:.3g}): the case would repeat itself about "
+                    f"{extent / length:.2g} times; give the domain's period"
+                )
+            if reach > MAX_PERIOD_WRAPS * length:
+                raise TooLargeError(
+                    f"period {length:.3g} along axis {axis} is much shorter than the clouds "
+                    f"(they reach {reach:.3g} from their query point): every cloud would wrap "
+                    f"around the period about {reach / length:.2g} times (at most "
+                    f"{MAX_PERIOD_WRAPS} allowed); check the period and the velocity"
+                )
+            images *= (extent + 2.0 * reach) / length + 1.0
+        check_fits(
+            self.num_points * images,
+            BYTES_PER_IMAGE,
+            "the periodic images of the points would hold",
+            hint="check the period and the velocity",
+            unit="points",
+        )
+
     def _build_extended(self, reach: float) -> None:
         """Replicate the points by whole periods wherever a region of size reach can see them."""
         points = self._points
         dim = self.dim
         low, high = points.min(axis=0), points.max(axis=0)
+        self._check_periods(reach, low, high)
         origin = np.arange(points.shape[0], dtype=np.int64)
         ext_origin = [origin]
         ext_points = [points]
@@ -708,6 +765,13 @@ class CloudSampler:
         sizes = np.concatenate([plan.sizes for plan in plans]) if plans else np.zeros(0, int)
         offsets = np.zeros(queries.size + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
+        check_fits(
+            int(offsets[-1]),
+            BYTES_PER_ENTRY,
+            f"the full clouds of {queries.size} points would hold",
+            hint="the clouds are too large for this mesh (check the velocity and the cloud "
+            "options)",
+        )
         bases = offsets[np.arange(0, queries.size, size)]
 
         def joined(field: str, shifted: bool) -> np.ndarray:
@@ -931,6 +995,12 @@ class CloudSampler:
 
     def _knn_index(self, queries: np.ndarray) -> _Index:
         k = self.k
+        check_fits(
+            queries.size * k,
+            BYTES_PER_ENTRY,
+            f"the {k}-nearest clouds of {queries.size} points would hold",
+            hint="lower k",
+        )
         _, neighbours = self._tree.query(self._points[queries], k, workers=-1)
         neighbours = np.asarray(neighbours, dtype=np.int64).reshape(queries.size, k)
         own = self._self_ext[queries]

@@ -193,7 +193,6 @@ def evaluate(
     else:
         sources = as_case_sources(data)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results: list[CasePrediction] = []
     for source in sources:
         result = predict_case(closure, source, cloud_size=cloud_size, seed=seed)
@@ -208,12 +207,17 @@ def evaluate(
             100 * metrics.out_of_range_fraction,
             metrics.seconds,
         )
-        if figures and result.case.dim == 2:
-            from vcnn.plotting_training import plot_field_comparison
-
-            field_path = out_dir / "fields" / f"{metrics.case}.png"
-            plot_field_comparison(result.case, result.prediction, field_path)
         results.append(result)
+    # Every case is predicted before anything is written: a case the closure refuses (absurd
+    # period, velocity or cloud size, NaN fields) leaves no partial output behind.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if figures:
+        from vcnn.plotting_training import plot_field_comparison
+
+        for result in results:
+            if result.case.dim == 2:
+                field_path = out_dir / "fields" / f"{result.metrics.case}.png"
+                plot_field_comparison(result.case, result.prediction, field_path)
     metrics_list = [r.metrics for r in results]
     text = json.dumps([asdict(m) for m in metrics_list], indent=2, allow_nan=True)
     atomic_write_text(out_dir / "metrics.json", text + "\n")

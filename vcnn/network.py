@@ -41,11 +41,14 @@ moments are then sums over the cloud of a per-entry scalar times per-point table
 
 from __future__ import annotations
 
+import inspect
 import logging
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,6 +72,14 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 _OUTPUT_KINDS = ("scalar", "vector", "tensor")
 _POSITION_VECTORS = ("raw", "direction")
 POOLINGS = ("mean", "volume")
+#: Widest layer of any MLP of a network (a config or checkpoint asking for more is refused).
+MAX_WIDTH = 4096
+#: Most layers of any MLP of a network.
+MAX_LAYERS = 16
+#: Most invariant scalars or vectors per point a network takes.
+MAX_INPUTS = 256
+#: Most parameters of a network (64 MiB of float32, the largest checkpoint member).
+MAX_PARAMETERS = 1 << 24
 # Softening length (squared) of |x| and x/|x|: keeps both finite with finite gradients at the
 # query point itself (x_i = x0 is in its own cloud) and is far below any mesh spacing.
 _SOFTENING_SQUARED = 1e-24
@@ -76,6 +87,54 @@ _SOFTENING_SQUARED = 1e-24
 
 class CloudInputError(ValueError):
     """A cloud batch does not match the network's dimensions or is empty."""
+
+
+def _checked_count(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int in [low, high], or ValueError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} = {value!r} must be an integer in [{low}, {high}]")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} = {value!r} must lie in [{low}, {high}]")
+    return int(value)
+
+
+def _checked_widths(name: str, values: Any, *, allow_empty: bool = False) -> tuple[int, ...]:
+    """Layer widths as a tuple of ints in [1, MAX_WIDTH], at most MAX_LAYERS of them."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise ValueError(f"{name} = {values!r} must be a list of layer widths")
+    if not values and not allow_empty:
+        raise ValueError(f"{name} = {list(values)!r} needs at least one layer")
+    if len(values) > MAX_LAYERS:
+        raise ValueError(f"{name} has {len(values)} layers; at most {MAX_LAYERS} are allowed")
+    widths = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} = {list(values)!r}: layer widths must be integers")
+        if not 1 <= int(value) <= MAX_WIDTH:
+            raise ValueError(
+                f"{name} = {list(values)!r}: layer widths must lie in [1, {MAX_WIDTH}]"
+            )
+        widths.append(int(value))
+    return tuple(widths)
+
+
+def _checked_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} = {value!r} must be true or false")
+    return bool(value)
+
+
+def _mlp_parameters(in_features: int, widths: Sequence[int]) -> int:
+    sizes = [in_features, *widths]
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def _check_parameters(total: int) -> None:
+    if total > MAX_PARAMETERS:
+        raise ValueError(
+            f"the network would have {total:.3g} parameters, more than {MAX_PARAMETERS} "
+            f"({MAX_PARAMETERS * 4 >> 20} MiB of float32); refused"
+        )
 
 
 def _activation(name: str) -> nn.Module:
@@ -191,13 +250,55 @@ class VectorCloudConfig:
     positive_output: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("embedding", "fitting", "pair_embedding"):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        # Every number is checked (type and bounds) before anything is built, so that a
+        # crafted config or checkpoint is refused with the key instead of allocating GiBs.
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.dim not in (2, 3) or isinstance(self.dim, bool):
+            raise ValueError(f"dim must be 2 or 3, got {self.dim!r}")
+        put("dim", _checked_count("dim", self.dim, 2, 3))
+        for name in ("num_scalars", "num_vectors"):
+            put(name, _checked_count(name, getattr(self, name), 0, MAX_INPUTS))
+        put("embedding", _checked_widths("embedding", self.embedding))
+        put("fitting", _checked_widths("fitting", self.fitting))
+        put("pair_embedding", _checked_widths("pair_embedding", self.pair_embedding,
+                                              allow_empty=True))
+        put("axis_neurons", _checked_count("axis_neurons", self.axis_neurons, 1, MAX_WIDTH))
+        if self.kernels is not None:
+            put("kernels", _checked_count("kernels", self.kernels, 1, MAX_WIDTH))
         if self.point_scalar_columns is not None:
-            object.__setattr__(
-                self, "point_scalar_columns", tuple(int(v) for v in self.point_scalar_columns)
-            )
+            columns = self.point_scalar_columns
+            if isinstance(columns, str | bytes) or not isinstance(columns, Sequence):
+                raise ValueError(f"point_scalar_columns = {columns!r} must be a list of indices")
+            put("point_scalar_columns", tuple(
+                _checked_count("point_scalar_columns", c, 0, MAX_INPUTS) for c in columns
+            ))
+        for name in (
+            "use_position_scalar_feature", "use_angle_feature", "scalar_channel", "residual",
+            "point_scalars_in_kernels", "positive_output",
+        ):
+            put(name, _checked_flag(name, getattr(self, name)))
+        for name in ("output", "activation", "position_vector", "pooling"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} = {getattr(self, name)!r} must be a name (a string)")
         self._validate()
+        _check_parameters(self.num_parameters)
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the network this config builds (weights and biases of its MLPs)."""
+        m = self.embedding[-1]
+        q = self.num_channels
+        if self.point_scalar_columns is None:
+            total = _mlp_parameters(self.num_embedding_inputs, self.embedding)
+        else:
+            total = _mlp_parameters(len(self.point_scalar_columns), self.embedding)
+            total += _mlp_parameters(
+                self.num_pair_inputs, (*self.pair_embedding, self.num_kernels)
+            )
+        out = {"scalar": 1, "vector": m * q, "tensor": (self.axis_neurons * q) ** 2}[self.output]
+        return total + _mlp_parameters(m * self.axis_neurons, (*self.fitting, out))
 
     def _validate(self) -> None:
         if self.dim not in (2, 3):
@@ -221,8 +322,8 @@ class VectorCloudConfig:
             raise ValueError("embedding and fitting need at least one layer each")
         if not 1 <= self.axis_neurons <= self.embedding[-1]:
             raise ValueError(
-                f"axis_neurons (m') must lie in [1, m = embedding[-1] = {self.embedding[-1]}], "
-                f"got {self.axis_neurons}"
+                f"axis_neurons = {self.axis_neurons} (m') must lie in [1, m = embedding[-1] = "
+                f"{self.embedding[-1]}]"
             )
         if self.use_angle_feature and self.num_vectors < 1:
             raise ValueError("use_angle_feature needs num_vectors >= 1 (the angle is to vec[0])")
@@ -301,13 +402,16 @@ class VectorCloudConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> VectorCloudConfig:
-        """Rebuild from :meth:`to_dict` output; unknown keys raise ValueError."""
+        """Rebuild from :meth:`to_dict` output; unknown or missing keys raise ValueError."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(
                 f"unknown VectorCloudNet config keys {unknown}; known: {sorted(known)}"
             )
+        missing = sorted({"dim", "num_scalars", "num_vectors"} - set(config))
+        if missing:
+            raise ValueError(f"VectorCloudNet config lacks keys {missing}")
         return cls(**config)
 
 
@@ -1043,10 +1147,25 @@ class BaselineNet(nn.Module):
         activation: ActivationName = "silu",
     ) -> None:
         super().__init__()
-        if output not in _OUTPUT_KINDS:
+        if not isinstance(output, str) or output not in _OUTPUT_KINDS:
             raise ValueError(f"output must be one of {_OUTPUT_KINDS}, got {output!r}")
-        if dim not in (2, 3):
-            raise ValueError(f"dim must be 2 or 3, got {dim}")
+        if isinstance(dim, bool) or dim not in (2, 3):
+            raise ValueError(f"dim must be 2 or 3, got {dim!r}")
+        if not isinstance(activation, str) or activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
+            )
+        dim = _checked_count("dim", dim, 2, 3)
+        num_scalars = _checked_count("num_scalars", num_scalars, 0, MAX_INPUTS)
+        num_vectors = _checked_count("num_vectors", num_vectors, 0, MAX_INPUTS)
+        point_widths = _checked_widths("point_widths", point_widths)
+        head_widths = _checked_widths("head_widths", head_widths, allow_empty=True)
+        in_features = dim * (1 + num_vectors) + num_scalars
+        out_features = {"scalar": 1, "vector": dim, "tensor": dim * dim}[output]
+        _check_parameters(
+            _mlp_parameters(in_features, point_widths)
+            + _mlp_parameters(point_widths[-1], (*head_widths, out_features))
+        )
         self._config = dict(
             dim=dim,
             num_scalars=num_scalars,
@@ -1077,7 +1196,19 @@ class BaselineNet(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> BaselineNet:
-        """Build an (untrained) baseline from :meth:`to_config` output."""
+        """Build an (untrained) baseline from :meth:`to_config` output.
+
+        Raises:
+            ValueError: on unknown or missing keys or invalid values (every number is
+                checked before anything is built).
+        """
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"unknown BaselineNet config keys {unknown}; known: {sorted(known)}")
+        missing = sorted({"dim", "num_scalars", "num_vectors"} - set(config))
+        if missing:
+            raise ValueError(f"BaselineNet config lacks keys {missing}")
         return cls(**config)
 
     def forward(
