@@ -32,6 +32,11 @@ than ``2 h_s`` from every sample is *uncovered* (a source of another geometry, i
 or cropped). More than :data:`MAX_UNCOVERED_FRACTION` of them is an error, as are a source
 that declares another period, one that is longer than the period along a periodic axis, a
 3-D source on a 2-D mesh (or a planar one with an out-of-plane velocity) and NaN/inf values.
+Two more checks refuse sources that would give a wrong flow without error: fewer samples than
+one per ten points of the mesh (:data:`MIN_SAMPLES_PER_MESH_POINT`), and a source covering
+less than 95 % of the dofs (:data:`MIN_COVERED_FRACTION`; a dof is covered within the local
+spacing of its nearest sample, or inside the hull of the source's own samples). A run checks
+all of this before it writes anything (:func:`check_flow_source`).
 
 Under MPI every rank holds the samples (read on rank 0, broadcast), builds the same
 triangulation and interpolates at its own dofs (owned and ghost), so the result does not
@@ -43,7 +48,9 @@ from __future__ import annotations
 from mpi4py import MPI
 
 import logging
+import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,14 +63,23 @@ from scipy.spatial import Delaunay, QhullError, cKDTree
 
 from solvers.boundaries import BoundarySpec
 from solvers.coupled import periodic_lengths
-from solvers.flow_sources import FlowSource, FlowSourceError, read_flow_source
+from solvers.flow_sources import (
+    MIN_SAMPLES_PER_MESH_POINT,
+    FlowSource,
+    FlowSourceError,
+    read_flow_source,
+)
 
 __all__ = [
     "INTERPOLATION_METHOD",
     "MAX_UNCOVERED_FRACTION",
+    "MIN_COVERED_FRACTION",
+    "MIN_SAMPLES_PER_MESH_POINT",
     "FlowImportError",
     "ImportedFlow",
     "VelocityInterpolator",
+    "check_flow_source",
+    "check_source_fits",
     "import_flow",
     "load_flow_source",
     "subcell_centre_samples",
@@ -82,6 +98,10 @@ INTERPOLATION_METHOD = (
 MAX_UNCOVERED_FRACTION = 1e-3
 #: A dof farther than this many source spacings from every sample is uncovered.
 COVERAGE_FACTOR = 2.0
+#: Least fraction of the project's velocity dofs a source must cover: within the local spacing
+#: of the nearest sample or inside the hull of the source's own samples (see
+#: :class:`InterpolationResult`).
+MIN_COVERED_FRACTION = 0.95
 #: Relative tolerance on periods and on a source's extent along a periodic axis (sources
 #: written in ASCII carry 6-10 significant digits).
 PERIOD_RTOL = 1e-5
@@ -102,11 +122,15 @@ class InterpolationResult:
         values: (n, d) float64 interpolated velocity.
         outside_hull: (n,) bool, True where the nearest sample's value was used.
         source_distance: (n,) float64 distance to the nearest source sample (periodic).
+        covered: (n,) bool, True within the local spacing of the nearest source sample (its
+            distance to its 2d-th neighbour) or inside the convex hull of the source's own
+            samples and their periodic images (the wall samples left out).
     """
 
     values: np.ndarray
     outside_hull: np.ndarray
     source_distance: np.ndarray
+    covered: np.ndarray
 
 
 class VelocityInterpolator:
@@ -148,6 +172,10 @@ class VelocityInterpolator:
         self._source_tree = cKDTree(all_images)
         neighbours = min(2 * dim + 1, all_images.shape[0])
         distance, _ = self._source_tree.query(wrapped, k=neighbours)
+        # A sample's local spacing: the distance to its 2d-th neighbour (h on a grid of
+        # spacing h); the source spacing is the largest.
+        self._local_spacing = distance[:, -1]
+        self._image_owner = all_owner
         self.spacing = float(np.max(distance[:, -1]))
         periodic = self.period > 0
         margin = None
@@ -155,6 +183,8 @@ class VelocityInterpolator:
             margin = np.minimum(self.period, np.maximum(4.0 * self.spacing, 0.1 * self.period))
         samples, owner = self._images(wrapped, margin=margin)
         values = velocity[owner]
+        self._source_vertices = samples  # without the wall samples
+        self._source_only: Delaunay | None = None
         self.num_wall_samples = 0
         if wall_points is not None and len(wall_points):
             walls, _ = self._images(self.wrap(np.asarray(wall_points, dtype=np.float64)), margin)
@@ -221,8 +251,19 @@ class VelocityInterpolator:
         if np.any(outside):
             _, nearest = self._nearest_tree.query(wrapped[outside], k=1)
             values[outside] = self._nearest_values[nearest]
-        distance, _ = self._source_tree.query(wrapped, k=1)
-        return InterpolationResult(values=values, outside_hull=outside, source_distance=distance)
+        distance, nearest = self._source_tree.query(wrapped, k=1)
+        covered = distance <= self._local_spacing[self._image_owner[nearest]]
+        if not covered.all():
+            covered[~covered] = self._source_hull().find_simplex(wrapped[~covered]) >= 0
+        return InterpolationResult(
+            values=values, outside_hull=outside, source_distance=distance, covered=covered
+        )
+
+    def _source_hull(self) -> Delaunay:
+        """The triangulation of the source's own samples (no wall samples), built once."""
+        if self._source_only is None:
+            self._source_only = Delaunay(self._source_vertices)
+        return self._source_only
 
 
 @dataclass
@@ -331,37 +372,43 @@ def _wall_points(mesh: dolfinx.mesh.Mesh, facet_tags, wall_tags) -> np.ndarray:
     return np.unique(np.round(points, 14), axis=0)
 
 
-def import_flow(
+def _fit(
     source: FlowSource,
     mesh: dolfinx.mesh.Mesh,
     facet_tags: dolfinx.mesh.MeshTags,
     spec: BoundarySpec,
     *,
-    degree: int = 2,
-    max_uncovered: float = MAX_UNCOVERED_FRACTION,
-) -> ImportedFlow:
-    """Interpolate a source's velocity onto the mesh's velocity space (collective).
+    degree: int,
+    max_uncovered: float,
+    min_samples_per_point: float,
+) -> tuple[fem.FunctionSpace, InterpolationResult, dict[str, Any]]:
+    """Check that a source fits the mesh and interpolate it at the velocity dofs (collective).
 
-    Args:
-        source: the samples (the same on every rank, see :func:`load_flow_source`).
-        mesh: the project's mesh.
-        facet_tags: its facet markers.
-        spec: boundary roles: the walls get u = 0, the periodic pairs give the period.
-        degree: degree of the vector Lagrange velocity space (2: the flow solver's).
-        max_uncovered: largest fraction of dofs allowed to be uncovered by the source.
+    The one place where a source is measured against a mesh: dimension, period, number of
+    samples, distance of the dofs from the samples and coverage of the domain.
 
     Returns:
-        The interpolated flow.
+        The velocity space, the interpolation at its dofs (this rank's, owned then ghosts) and
+        the statistics for the case meta.
 
     Raises:
-        FlowImportError: dimension or period mismatch, or a source that does not cover the
-            domain.
+        FlowImportError: see :func:`import_flow`.
     """
     comm = mesh.comm
     gdim = mesh.geometry.dim
+    where = f"{source.kind} source {source.path!r}"
     points, velocity = _planar(source, gdim)
     period = np.asarray(periodic_lengths(spec, gdim), dtype=np.float64)
     _check_period(source, points, period)
+    mesh_points = int(mesh.topology.index_map(0).size_global)
+    needed = math.ceil(min_samples_per_point * mesh_points)
+    if source.num_points < needed:
+        raise FlowImportError(
+            f"{where} has {source.num_points} samples for a mesh of {mesh_points} points: at "
+            f"least one per {1 / min_samples_per_point:g} mesh points ({needed}) is needed "
+            "(a subsampled or cropped source, or the wrong file? A coarser source on purpose: "
+            "lower flow_min_samples_per_point)"
+        )
     local_lower = np.full(gdim, np.inf)
     if mesh.geometry.x.shape[0]:
         local_lower = mesh.geometry.x[:, :gdim].min(axis=0)
@@ -381,26 +428,164 @@ def import_flow(
     result = interpolator(coordinates)
     threshold = COVERAGE_FACTOR * interpolator.spacing
     owned = index_map.size_local
+    covered = result.covered[:owned]
     counts = np.array(
         [
             owned,
             np.count_nonzero(result.source_distance[:owned] > threshold),
             np.count_nonzero(result.outside_hull[:owned]),
+            np.count_nonzero(covered),
         ],
         dtype=np.int64,
     )
     summed = np.empty_like(counts)
     comm.Allreduce(counts, summed, op=MPI.SUM)
-    total, uncovered, outside = (int(c) for c in summed)
+    total, uncovered, outside, inside = (int(c) for c in summed)
     farthest = comm.allreduce(float(result.source_distance[:owned].max(initial=0.0)), op=MPI.MAX)
     if uncovered > max_uncovered * total:
         raise FlowImportError(
-            f"{source.kind} source {source.path!r} does not cover the mesh: {uncovered} of "
+            f"{where} does not cover the mesh: {uncovered} of "
             f"{total} velocity dofs ({100.0 * uncovered / total:.3g} %) are farther than "
             f"{threshold:.3g} (2 x the source spacing) from every source point, up to "
             f"{farthest:.3g} (another geometry, other units or a cropped source?)"
         )
+    if inside < MIN_COVERED_FRACTION * total:
+        raise FlowImportError(
+            f"{where} covers only {100.0 * inside / total:.3g} % of the mesh (at least "
+            f"{100.0 * MIN_COVERED_FRACTION:g} % needed): {total - inside} of {total} velocity "
+            "dofs lie outside the hull of its samples and farther from the nearest one than "
+            "its local spacing (clustered samples, or a cropped source?)"
+        )
+    statistics = {
+        "interpolation": INTERPOLATION_METHOD,
+        "target_space": f"vector Lagrange P{degree}",
+        "num_target_dofs": total,
+        "num_target_mesh_points": mesh_points,
+        "num_interpolation_samples": interpolator.num_samples,
+        "num_wall_samples": interpolator.num_wall_samples,
+        "source_spacing": interpolator.spacing,
+        "coverage_distance": threshold,
+        "uncovered_fraction": uncovered / total,
+        "outside_hull_fraction": outside / total,
+        "covered_fraction": inside / total,
+        "largest_source_distance": farthest,
+    }
+    return V, result, statistics
 
+
+def check_source_fits(
+    source: FlowSource,
+    mesh: dolfinx.mesh.Mesh,
+    facet_tags: dolfinx.mesh.MeshTags,
+    spec: BoundarySpec,
+    *,
+    degree: int = 2,
+    max_uncovered: float = MAX_UNCOVERED_FRACTION,
+    min_samples_per_point: float = MIN_SAMPLES_PER_MESH_POINT,
+) -> dict[str, Any]:
+    """Every check of :func:`import_flow`, without building the velocity (collective).
+
+    Returns:
+        The interpolation statistics (as in the case meta).
+
+    Raises:
+        FlowImportError: see :func:`import_flow`.
+    """
+    return _fit(
+        source,
+        mesh,
+        facet_tags,
+        spec,
+        degree=degree,
+        max_uncovered=max_uncovered,
+        min_samples_per_point=min_samples_per_point,
+    )[2]
+
+
+def check_flow_source(
+    path: str | os.PathLike[str],
+    meshes: Iterable[tuple[Any, BoundarySpec]],
+    *,
+    field: str | None = None,
+    time: str = "latest",
+    min_samples_per_point: float = MIN_SAMPLES_PER_MESH_POINT,
+    comm: MPI.Comm = MPI.COMM_WORLD,
+) -> FlowSource:
+    """Read a flow source and check it against the mesh of each case, up front (collective).
+
+    What a run checks before it writes anything: the source is read (on rank 0, see
+    :func:`load_flow_source`) and measured against every mesh as :func:`import_flow` will
+    measure it, so that a source that is unreadable, malformed, never solved, too sparse or
+    not covering the domain is refused before the first output.
+
+    Args:
+        path: the source.
+        meshes: (TaggedMesh, BoundarySpec) of each case, built lazily one at a time.
+        field: the velocity field's name (None: ``U``, then ``velocity``).
+        time: OpenFOAM source: ``"latest"`` or a time directory.
+        min_samples_per_point: fewest source samples per mesh point.
+        comm: the communicator of the meshes.
+
+    Returns:
+        The source.
+
+    Raises:
+        FlowSourceError: the source cannot be read or does not fit a mesh
+            (:class:`FlowImportError`).
+    """
+    source = load_flow_source(path, field=field, time=time, comm=comm)
+    for tagged, spec in meshes:
+        check_source_fits(
+            source,
+            tagged.mesh,
+            tagged.facet_tags,
+            spec,
+            min_samples_per_point=min_samples_per_point,
+        )
+    return source
+
+
+def import_flow(
+    source: FlowSource,
+    mesh: dolfinx.mesh.Mesh,
+    facet_tags: dolfinx.mesh.MeshTags,
+    spec: BoundarySpec,
+    *,
+    degree: int = 2,
+    max_uncovered: float = MAX_UNCOVERED_FRACTION,
+    min_samples_per_point: float = MIN_SAMPLES_PER_MESH_POINT,
+) -> ImportedFlow:
+    """Interpolate a source's velocity onto the mesh's velocity space (collective).
+
+    Args:
+        source: the samples (the same on every rank, see :func:`load_flow_source`).
+        mesh: the project's mesh.
+        facet_tags: its facet markers.
+        spec: boundary roles: the walls get u = 0, the periodic pairs give the period.
+        degree: degree of the vector Lagrange velocity space (2: the flow solver's).
+        max_uncovered: largest fraction of dofs allowed to be uncovered by the source.
+        min_samples_per_point: fewest source samples per point (vertex) of the mesh.
+
+    Returns:
+        The interpolated flow.
+
+    Raises:
+        FlowImportError: dimension or period mismatch, fewer samples than
+            ``min_samples_per_point`` per mesh point, or a source that does not
+            cover the domain (dofs farther than 2 source spacings from every sample, or less
+            than :data:`MIN_COVERED_FRACTION` of them covered, see
+            :class:`InterpolationResult`).
+    """
+    comm = mesh.comm
+    V, result, statistics = _fit(
+        source,
+        mesh,
+        facet_tags,
+        spec,
+        degree=degree,
+        max_uncovered=max_uncovered,
+        min_samples_per_point=min_samples_per_point,
+    )
     u = fem.Function(V, name="velocity")
     values = result.values
     from solvers.transport import dirichlet_dofs
@@ -409,18 +594,6 @@ def import_flow(
     u.x.array[:] = values.reshape(-1)
     u.x.scatter_forward()
 
-    statistics = {
-        "interpolation": INTERPOLATION_METHOD,
-        "target_space": f"vector Lagrange P{degree}",
-        "num_target_dofs": total,
-        "num_interpolation_samples": interpolator.num_samples,
-        "num_wall_samples": interpolator.num_wall_samples,
-        "source_spacing": interpolator.spacing,
-        "coverage_distance": threshold,
-        "uncovered_fraction": uncovered / total,
-        "outside_hull_fraction": outside / total,
-        "largest_source_distance": farthest,
-    }
     bulk = _bulk_velocity(u, spec)
     if comm.rank == 0:
         logger.info(
@@ -429,8 +602,8 @@ def import_flow(
             source.path,
             source.kind,
             source.num_points,
-            total,
-            100.0 * outside / total,
+            statistics["num_target_dofs"],
+            100.0 * statistics["outside_hull_fraction"],
             bulk,
         )
     return ImportedFlow(u=u, source=source.to_meta(), bulk_velocity=bulk, statistics=statistics)

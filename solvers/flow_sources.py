@@ -22,17 +22,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vcnn.inputs import check_regular_input
+
+#: Fewest samples a source must have per point (vertex) of the project's mesh by default (one
+#: per ten: fewer means a subsampled or cropped source, or the wrong file); the configs' key
+#: ``flow_min_samples_per_point`` lowers it for a deliberately coarser source.
+MIN_SAMPLES_PER_MESH_POINT = 0.1
+
 __all__ = [
     "SOURCE_KINDS",
     "VELOCITY_NAMES",
     "FlowSource",
     "FlowSourceError",
+    "malformed_source",
     "read_flow_source",
 ]
 
@@ -60,6 +69,30 @@ _TOPOLOGICAL_DIMENSION = {
 
 class FlowSourceError(ValueError):
     """A flow source is missing, unreadable or holds no usable velocity."""
+
+
+#: What a reader meets in a file whose body does not hold what its header promises: indices out
+#: of range, missing entries, sizes that do not fit, values of the wrong kind.
+_MALFORMED_ERRORS = (IndexError, KeyError, ValueError, TypeError, AttributeError)
+
+
+@contextlib.contextmanager
+def malformed_source(what: str) -> Iterator[None]:
+    """Raise the errors of reading a malformed file as one FlowSourceError naming it.
+
+    Args:
+        what: the file, as the message names it (e.g. ``"flow source 'flow.vtu'"``).
+
+    Raises:
+        FlowSourceError: ``"<what> is malformed (<error>)"``; a FlowSourceError raised inside
+            passes unchanged.
+    """
+    try:
+        yield
+    except FlowSourceError:
+        raise
+    except _MALFORMED_ERRORS as error:
+        raise FlowSourceError(f"{what} is malformed ({type(error).__name__}: {error})") from None
 
 
 @dataclass(frozen=True)
@@ -170,25 +203,26 @@ def read_flow_source(
         The samples.
 
     Raises:
-        FlowSourceError: missing path, unreadable file, no velocity field, NaN/inf values.
+        FlowSourceError: missing path, neither a regular file nor a folder (a FIFO, a device:
+            refused before anything is opened), unreadable or malformed file (naming it), no
+            velocity field, NaN/inf values, an OpenFOAM case with no solved time.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FlowSourceError(f"flow source {str(path)!r} does not exist")
-    if path.is_dir():
-        from solvers.openfoam import is_openfoam_case, read_openfoam_velocity
+    path = check_regular_input(path, what="flow source", allow_dir=True, error=FlowSourceError)
+    with malformed_source(f"flow source {str(path)!r}"):
+        if path.is_dir():
+            from solvers.openfoam import is_openfoam_case, read_openfoam_velocity
 
-        if not is_openfoam_case(path):
-            raise FlowSourceError(
-                f"flow source {str(path)!r} is a directory but not an OpenFOAM case "
-                f"(no system/controlDict or constant/polyMesh)"
-            )
-        return read_openfoam_velocity(path, field=field, time=time)
-    if time != "latest":
-        raise FlowSourceError(f"a flow time ({time!r}) applies to OpenFOAM cases only")
-    if path.suffix.lower() == ".npz":
-        return _read_case_file(path, field)
-    return _read_meshio(path, field)
+            if not is_openfoam_case(path):
+                raise FlowSourceError(
+                    f"flow source {str(path)!r} is a directory but not an OpenFOAM case "
+                    f"(no system/controlDict or constant/polyMesh)"
+                )
+            return read_openfoam_velocity(path, field=field, time=time)
+        if time != "latest":
+            raise FlowSourceError(f"a flow time ({time!r}) applies to OpenFOAM cases only")
+        if path.suffix.lower() == ".npz":
+            return _read_case_file(path, field)
+        return _read_meshio(path, field)
 
 
 def _pick_field(available: list[str], field: str | None) -> str | None:

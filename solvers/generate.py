@@ -12,13 +12,18 @@ from __future__ import annotations
 
 from mpi4py import MPI
 
+import contextlib
+import errno
 import logging
 import math
 import os
 import re
+import shutil
+import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +32,27 @@ import numpy as np
 
 from solvers.boundaries import BoundarySpec, PeriodicPair, hill_boundary_spec
 from solvers.collective import on_root
+from solvers.flow_sources import MIN_SAMPLES_PER_MESH_POINT
 from solvers.linalg import is_interrupt
-from solvers.preflight import ALPHA_RANGE, check_case_size, check_existing_case, machine_memory
+from solvers.preflight import (
+    ALPHA_RANGE,
+    check_case_size,
+    check_existing_case,
+    check_mesh_size,
+    machine_memory,
+)
 from vcnn.atomic import atomic_write_text
 from vcnn.casefile import write_case
 from vcnn.config import ConfigError, check_keys, check_types, merge, write_resolved_config
 from vcnn.expressions import ExpressionError, compile_expression
-from vcnn.outputs import check_output_dir
+from vcnn.inputs import check_regular_input
+from vcnn.outputs import (
+    check_output_dir,
+    check_output_owner,
+    disk_full_error,
+    is_disk_full,
+    output_lock,
+)
 from vcnn.physics import PRODUCTION_MODES, Physics
 
 logger = logging.getLogger(__name__)
@@ -85,11 +104,12 @@ class MeshConfig:
         if self.kind == "file":
             if not self.file:
                 raise ConfigError("mesh kind 'file' needs mesh.file (or --mesh-file)")
-            if not Path(self.file).is_file():
-                raise ConfigError(
-                    f"mesh file {self.file!r} (--mesh-file / [generate.mesh] file) does not exist"
-                    + (" (it is a folder)" if Path(self.file).is_dir() else "")
-                )
+            check_regular_input(
+                self.file,
+                what="mesh file",
+                flag="--mesh-file / [generate.mesh] file",
+                error=ConfigError,
+            )
         elif self.file is not None:
             raise ConfigError(
                 f"mesh file {self.file!r} is given but the mesh kind is {self.kind!r}: use "
@@ -126,6 +146,9 @@ class GenerateConfig:
         flow_time: OpenFOAM source: ``"latest"`` or a time directory (e.g. ``"341"``).
         flow_field: name of the velocity field of the source (default ``U``, then
             ``velocity``).
+        flow_min_samples_per_point: fewest samples of the flow source per point of the mesh,
+            in (0, 1] (0.1: one per ten; a sparser source is refused as subsampled or
+            cropped; lower it for a deliberately coarser source).
         boundaries: file mesh only: boundary roles by name, e.g.
             ``{walls = ["walls", "cylinder"], outlets = ["outlet"],
             inlets = {inlet = {profile = "parabolic", mean_velocity = 1.0}},
@@ -149,6 +172,7 @@ class GenerateConfig:
     flow_from: str | None = None
     flow_time: str | float = "latest"
     flow_field: str | None = None
+    flow_min_samples_per_point: float = MIN_SAMPLES_PER_MESH_POINT
 
     def __post_init__(self) -> None:
         if self.production not in PRODUCTION_MODES:
@@ -163,17 +187,27 @@ class GenerateConfig:
             raise ConfigError(str(error)) from error
         if self.flow_from is not None:
             self.flow_from = str(self.flow_from)
-            if not Path(self.flow_from).exists():
-                raise ConfigError(
-                    f"flow source {self.flow_from!r} (--flow-from / [generate] flow_from) does "
-                    "not exist"
-                )
+            check_regular_input(
+                self.flow_from,
+                what="flow source",
+                flag="--flow-from / [generate] flow_from",
+                allow_dir=True,
+                error=ConfigError,
+            )
             if self.c_k > 0:
                 raise ConfigError(
                     "flow_from takes the flow from a source, so it cannot be coupled to tau: "
                     "c_k must be 0"
                 )
         self.flow_time = str(self.flow_time)
+        density = self.flow_min_samples_per_point
+        if isinstance(density, bool) or not (
+            isinstance(density, int | float) and 0 < density <= 1
+        ):
+            raise ConfigError(
+                f"[generate] flow_min_samples_per_point must be a number in (0, 1], got "
+                f"{density!r}"
+            )
         self.alphas = [float(a) for a in self.alphas]
         self.output = str(self.output)
         if self.name is not None:
@@ -364,11 +398,21 @@ def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> 
     Raises:
         ConfigError: a setting is unusable for the whole run (refused before writing, or a
             config error met in a case, which would fail every case).
-        UsageError: the output folder cannot be written.
+        UsageError: the output folder cannot be written, holds another verb's outputs
+            (without ``overwrite``), or is in use by another run (its lock is held).
+        OSError: the disk (or quota) is full: ENOSPC/EDQUOT naming the file; the complete
+            outputs written before are kept.
         KeyboardInterrupt: the run was interrupted (Ctrl-C, SIGTERM), also inside a solve.
     """
     output = Path(config.output)
     on_root(comm, lambda: check_output_dir(output, flag="--out (output)"))
+
+    def check_owner() -> None:
+        check_output_owner(
+            output, verb="generate", overwrite=config.overwrite, flag="--out (output)"
+        )
+
+    on_root(comm, check_owner)
     jobs = case_jobs(config)
     memory = machine_memory(comm) if config.mesh.kind != "file" else 0
     processes = comm.size
@@ -400,7 +444,89 @@ def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> 
         # before anything is written.
         tagged = build_mesh(config.mesh, None, comm=comm)
         prepared = (tagged, boundary_spec(config, tagged))
-    on_root(comm, lambda: write_resolved_config(output, {"generate": config.to_dict()}))
+    _check_inputs(config, jobs, state, prepared, comm=comm)
+    # The first write: the folder is locked for the run (and checked again under the lock).
+    with output_lock(
+        output,
+        verb="generate",
+        flag="--out (output)",
+        then=check_owner,
+        on_root=lambda action: on_root(comm, action),
+    ):
+        on_root(comm, lambda: write_resolved_config(output, {"generate": config.to_dict()}))
+        return _generate_cases(config, jobs, state, prepared, comm=comm)
+
+
+def _check_inputs(
+    config: GenerateConfig,
+    jobs: list[tuple[str, float | None]],
+    state: Mapping[str, str],
+    prepared: tuple[Any, BoundarySpec] | None,
+    *,
+    comm: MPI.Comm,
+) -> None:
+    """Check the inputs that need a mesh, before anything is written (collective).
+
+    A file mesh (already read, ``prepared``) must fit in memory; a flow source is read and
+    measured against the mesh of every case still to compute (built here for a hill), as
+    :func:`solvers.flow_import.import_flow` will measure it.
+
+    Raises:
+        ConfigError: the file mesh is too large.
+        FlowSourceError: the source is unreadable, malformed, never solved, too sparse or does
+            not fit a mesh.
+    """
+    if prepared is not None:
+        info, memory, processes = prepared[0].info, machine_memory(comm), comm.size
+        on_root(comm, lambda: check_mesh_size(info, processes=processes, memory=memory))
+    if config.flow_from is None:
+        return
+    from solvers.flow_import import check_flow_source
+
+    to_compute = [(name, alpha) for name, alpha in jobs if state.get(name) != "complete"]
+    check_flow_source(
+        config.flow_from,
+        case_meshes(config, to_compute, prepared=prepared, comm=comm),
+        field=config.flow_field,
+        time=config.flow_time,
+        min_samples_per_point=config.flow_min_samples_per_point,
+        comm=comm,
+    )
+
+
+def case_meshes(
+    config: Any,
+    jobs: list[tuple[str, float | None]],
+    *,
+    prepared: tuple[Any, BoundarySpec] | None = None,
+    comm: MPI.Comm,
+) -> Iterator[tuple[Any, BoundarySpec]]:
+    """(TaggedMesh, BoundarySpec) of each case, built one at a time (collective).
+
+    Args:
+        config: generate's or simulate's configuration.
+        jobs: (name, alpha) of the cases.
+        prepared: the file mesh's, when the caller has read it already.
+        comm: the communicator of the meshes.
+    """
+    for _, alpha in jobs:
+        if prepared is not None:
+            yield prepared
+            continue
+        tagged = build_mesh(config.mesh, alpha, comm=comm)
+        yield tagged, boundary_spec(config, tagged)
+
+
+def _generate_cases(
+    config: GenerateConfig,
+    jobs: list[tuple[str, float | None]],
+    state: Mapping[str, str],
+    prepared: Any,
+    *,
+    comm: MPI.Comm,
+) -> GenerateSummary:
+    """The cases of :func:`run_generate` once it has checked everything (collective)."""
+    output = Path(config.output)
     reports = []
     for number, (name, alpha) in enumerate(jobs, start=1):
         target = output / f"{name}.npz"
@@ -421,6 +547,8 @@ def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> 
         except Exception as error:  # one failed case must not lose the others
             if is_interrupt(error):
                 raise KeyboardInterrupt(f"interrupted in case {name}") from error
+            if is_disk_full(error):
+                raise  # the run's end (one line naming the file), not this case's failure
             message = f"{type(error).__name__}: {error}"
             if comm.rank == 0:
                 logger.error("%s: FAILED: %s", prefix, message)
@@ -635,7 +763,10 @@ def solve_physics(config: GenerateConfig, problem, closure, *, lap=None):
         return result, result.evaluations
     if config.flow_from is not None:
         flow = problem.import_flow(
-            config.flow_from, field=config.flow_field, time=config.flow_time
+            config.flow_from,
+            field=config.flow_field,
+            time=config.flow_time,
+            min_samples_per_point=config.flow_min_samples_per_point,
         )
         lap("flow import")
     else:
@@ -776,10 +907,28 @@ def _inlet_geometry(tagged, facet_tag: int) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def write_xdmf(path: Path, mesh, functions: Mapping[str, Any]) -> None:
-    """Mesh and named fields in one XDMF file for ParaView (fields interpolated to P1)."""
+    """Mesh and named fields in one XDMF file for ParaView (fields interpolated to P1).
+
+    Atomic, as a pair (collective over ``mesh.comm``): dolfinx writes ``<name>.xdmf`` and the
+    ``<name>.h5`` it names, so both are written under their final names into a private
+    temporary folder beside them (``.<name>.*.xdmf-tmp``, made by rank 0, written by every
+    rank), checked (the .xdmf must reference ``<name>.h5``), flushed to disk, and renamed into
+    place by rank 0, the .h5 first. After the call the folder holds the new pair, or (on a
+    failure before the renames) what it held before, or (a failure between the two renames)
+    neither; never a partial .h5 and never the temporary folder. HDF5's own error stack is
+    kept off the terminal (it is logged at debug level).
+
+    Args:
+        path: the ``.xdmf`` file to write.
+        mesh: the dolfinx mesh.
+        functions: field name -> dolfinx Function.
+
+    Raises:
+        OSError: ENOSPC/EDQUOT naming ``path`` when the disk (or quota) is full.
+    """
     from dolfinx import fem, io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    comm = mesh.comm
     outputs = []
     for name, function in functions.items():
         shape = function.function_space.value_shape
@@ -787,10 +936,112 @@ def write_xdmf(path: Path, mesh, functions: Mapping[str, Any]) -> None:
         p1 = fem.Function(space, name=name)
         p1.interpolate(function)
         outputs.append(p1)
-    with io.XDMFFile(mesh.comm, str(path), "w") as stream:
-        stream.write_mesh(mesh)
-        for function in outputs:
-            stream.write_function(function)
+    h5 = path.with_suffix(".h5")
+
+    def make_folder() -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".xdmf-tmp")
+        except OSError as error:
+            full = disk_full_error(error, path)
+            if full is None:
+                raise
+            raise full from error
+
+    folder = Path(on_root(comm, make_folder, share_result=True))
+    staged, staged_h5 = folder / path.name, folder / h5.name
+    try:
+        failure: Exception | None = None
+        with _captured_stderr() as captured:
+            try:
+                with io.XDMFFile(comm, str(staged), "w") as stream:
+                    stream.write_mesh(mesh)
+                    for function in outputs:
+                        stream.write_function(function)
+            except Exception as error:  # decided together below: every rank raises or none
+                failure = error
+        full = disk_full_error(failure, path) if failure is not None else None
+        if comm.allreduce(full is not None, op=MPI.LOR):
+            if comm.rank == 0:
+                logger.debug("HDF5 reported:\n%s", captured.text())
+            raise full or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        if comm.allreduce(failure is not None, op=MPI.LOR):
+            if comm.rank == 0:
+                logger.debug("HDF5 reported:\n%s", captured.text())
+            raise failure or RuntimeError(f"writing {str(path)!r} failed on another rank")
+        captured.replay()
+
+        def publish() -> None:
+            text = staged.read_text(encoding="utf-8")
+            if f">{h5.name}:/" not in text or not staged_h5.is_file():
+                raise RuntimeError(f"the XDMF file {str(staged)!r} does not reference {h5.name}")
+            try:
+                for written in (staged_h5, staged):
+                    descriptor = os.open(written, os.O_RDONLY)
+                    try:
+                        os.fsync(descriptor)
+                    finally:
+                        os.close(descriptor)
+            except OSError as error:
+                full = disk_full_error(error, path)
+                if full is None:
+                    raise
+                raise full from error
+            os.replace(staged_h5, h5)
+            try:
+                os.replace(staged, path)
+            except BaseException:
+                try:  # finish the pair (an interrupt between the renames) ...
+                    os.replace(staged, path)
+                except OSError:  # ... or take the new .h5 away with the .xdmf it would break
+                    h5.unlink(missing_ok=True)
+                    path.unlink(missing_ok=True)
+                raise
+
+        on_root(comm, publish)
+    finally:
+        if comm.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class _CapturedStderr:
+    """What was written to file descriptor 2 while it was captured (see below)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def text(self) -> str:
+        if self.stream is None:
+            return ""
+        self.stream.seek(0)
+        return self.stream.read().decode(errors="replace")
+
+    def replay(self) -> None:
+        """Write what was captured to stderr (a successful write's warnings stay visible)."""
+        text = self.text()
+        if text:
+            sys.stderr.write(text)
+        if self.stream is not None:
+            self.stream.close()
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[_CapturedStderr]:
+    """Send file descriptor 2 to a temporary file (HDF5 prints dozens of lines per error)."""
+    try:
+        stream = tempfile.TemporaryFile()
+        saved = os.dup(2)
+    except OSError:  # no room for it: let HDF5 print
+        yield _CapturedStderr(None)
+        return
+    sys.stderr.flush()
+    os.dup2(stream.fileno(), 2)
+    try:
+        yield _CapturedStderr(stream)
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _num_cells(mesh) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from solvers.flow_sources import VELOCITY_NAMES, FlowSource, FlowSourceError
+from solvers.flow_sources import VELOCITY_NAMES, FlowSource, FlowSourceError, malformed_source
 
 __all__ = [
     "cyclic_period",
@@ -90,10 +90,18 @@ def _select_time(case: Path, time: str, field: str | None) -> tuple[Path, str]:
         return next((n for n in names if _file(directory / n) is not None), None)
 
     if time == "latest":
-        for _, directory in reversed(times):
+        for value, directory in reversed(times):
             name = velocity_name(directory)
-            if name is not None:
-                return directory, name
+            if name is None:
+                continue
+            if value == 0.0:
+                # The initial field (a guess, often uniform): no solver has run on this case.
+                raise FlowSourceError(
+                    f"OpenFOAM case {str(case)!r} has no solved time: the latest time holding "
+                    f"{name} is 0, the initial field (times: {[d.name for _, d in times]}); run "
+                    "the solver first, or ask for the initial field with --flow-time 0"
+                )
+            return directory, name
         wanted = repr(field) if field else f"any of {list(VELOCITY_NAMES)}"
         raise FlowSourceError(
             f"no time directory of OpenFOAM case {str(case)!r} holds a velocity field {wanted} "
@@ -301,20 +309,23 @@ def read_openfoam_velocity(
         A :class:`FlowSource` of kind ``openfoam`` with 3-D points and velocities.
 
     Raises:
-        FlowSourceError: no foamlib, no time or field, no cell centres (neither ``C`` nor a
-            ``constant/polyMesh``), or sizes that do not match.
+        FlowSourceError: no foamlib, no time or field, no solved time (``latest`` is the
+            initial time 0; ask for ``time="0"`` to read it), no cell centres (neither ``C``
+            nor a ``constant/polyMesh``), sizes that do not match, or a malformed mesh.
     """
     case = Path(case)
     _foamlib()
     directory, name = _select_time(case, time, field)
     polymesh_dir = case / "constant" / "polyMesh"
     mesh = read_polymesh(polymesh_dir) if _file(polymesh_dir / "owner") is not None else None
+    mesh_file = f"OpenFOAM mesh {str(polymesh_dir)!r}"
     centres_file = _file(directory / "C")
     if centres_file is not None:
         centres = _internal_field(centres_file, None)
         origin = f"{directory.name}/C"
     elif mesh is not None:
-        centres = polymesh_cell_centres(mesh)
+        with malformed_source(mesh_file):
+            centres = polymesh_cell_centres(mesh)
         origin = "constant/polyMesh"
     else:
         raise FlowSourceError(
@@ -327,6 +338,10 @@ def read_openfoam_velocity(
             f"OpenFOAM case {str(case)!r}: {name} has {velocity.shape[0]} values but there are "
             f"{centres.shape[0]} cells"
         )
+    period = None
+    if mesh is not None:
+        with malformed_source(mesh_file):
+            period = cyclic_period(mesh)
     return FlowSource(
         points=centres,
         velocity=velocity,
@@ -334,6 +349,6 @@ def read_openfoam_velocity(
         path=str(case),
         field=name,
         time=directory.name,
-        period=None if mesh is None else cyclic_period(mesh),
+        period=period,
         details={"cell_centres": origin},
     )

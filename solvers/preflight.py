@@ -1,9 +1,10 @@
 """Checks of a ``vcnn generate`` run before anything is meshed, solved or written.
 
 * **Size**: the number of cells of each hill case is estimated from the mesh settings and the
-  slope factor, and a case that would need more memory than the machine has, or that would
-  have too few cells to mean anything, is refused with the estimate in the message (instead of
-  allocating GiBs and failing, or solving a 2-cell mesh).
+  slope factor (a file mesh's is read from it), and a case that would need more memory than the
+  machine has, or that would have too few cells to mean anything, is refused with the estimate
+  in the message (instead of allocating GiBs and failing, or solving a 2-cell mesh). The
+  estimate counts the history of a two-way run's outer iteration (Anderson, NGMRES) too.
 * **Existing cases**: a complete case file is skipped only when it was generated with the
   settings of this run (slope factor, mesh, physics); otherwise the run is refused, so that a
   rerun at another resolution never "skips" cases that do not match the config it records.
@@ -34,6 +35,7 @@ __all__ = [
     "MIN_CELLS_ACROSS",
     "check_case_size",
     "check_existing_case",
+    "check_mesh_size",
     "estimate_cells",
     "machine_memory",
 ]
@@ -47,6 +49,9 @@ MIN_CELLS_ACROSS = 4
 #: about 1 GiB per process for the libraries, plus about 32 KiB per cell.
 BASE_BYTES_PER_PROCESS = 1 << 30
 BYTES_PER_CELL = 32 << 10
+#: The outer iteration of a two-way run keeps two float64 vectors over the closure points (the
+#: P1 nodes, about one per cell) per past iterate (iterates and residuals).
+HISTORY_BYTES_PER_POINT = 2 * 8
 _GIB = float(1 << 30)
 #: Growth ratio of gmsh's wall refinement (meshes.unstructured.DEFAULT_GROWTH).
 _GROWTH = 1.15
@@ -103,7 +108,12 @@ def _node_memory() -> int:
 
 
 def check_case_size(
-    mesh: MeshConfig, alpha: float, *, processes: int = 1, memory: int | None = None
+    mesh: MeshConfig,
+    alpha: float,
+    *,
+    processes: int = 1,
+    memory: int | None = None,
+    history_size: int = 0,
 ) -> None:
     """Refuse a hill case whose mesh would be too large for the machine or too coarse.
 
@@ -112,6 +122,7 @@ def check_case_size(
         alpha: the slope factor.
         processes: MPI processes that share the case (each loads the libraries).
         memory: bytes available to them (default: this machine's memory).
+        history_size: past iterates the outer iteration keeps (0: none, one-way or Picard).
 
     Raises:
         ConfigError: with the estimated cells and memory.
@@ -131,13 +142,70 @@ def check_case_size(
             f"{'raise --resolution' if mesh.kind == 'structured' else 'lower --size'}"
         )
     memory = _node_memory() if memory is None else memory
-    needed = processes * BASE_BYTES_PER_PROCESS + cells * BYTES_PER_CELL
+    needed = estimate_bytes(cells, cells, processes=processes, history_size=history_size)
     if needed > memory:
         raise ConfigError(
             f"alpha = {alpha:g} with {setting} needs about {cells:.3g} cells, an estimated "
-            f"{needed / _GIB:.3g} GiB of memory; this machine has {memory / _GIB:.3g} GiB: "
+            f"{needed / _GIB:.3g} GiB of memory{_history_note(cells, history_size)}; this "
+            f"machine has {memory / _GIB:.3g} GiB: "
             f"{'lower --resolution' if mesh.kind == 'structured' else 'raise --size'} "
             "or the slope factor"
+        )
+
+
+def estimate_bytes(cells: int, points: int, *, processes: int = 1, history_size: int = 0) -> int:
+    """Estimated memory of one case: libraries, solver and outer-iteration history.
+
+    Args:
+        cells: cells of the mesh.
+        points: closure points (P1 nodes) of the mesh.
+        processes: MPI processes that share the case.
+        history_size: past iterates the outer iteration keeps (0: none, one-way or Picard).
+
+    Returns:
+        Bytes.
+    """
+    return (
+        processes * BASE_BYTES_PER_PROCESS
+        + cells * BYTES_PER_CELL
+        + history_size * points * HISTORY_BYTES_PER_POINT
+    )
+
+
+def _history_note(points: int, history_size: int) -> str:
+    if not history_size:
+        return ""
+    history = history_size * points * HISTORY_BYTES_PER_POINT / _GIB
+    return f" ({history:.3g} GiB of them for a history of {history_size} iterates)"
+
+
+def check_mesh_size(
+    info: dict[str, Any],
+    *,
+    processes: int = 1,
+    memory: int | None = None,
+    history_size: int = 0,
+) -> None:
+    """Refuse a file mesh (read, not yet solved on) too large for the machine.
+
+    Args:
+        info: the mesh's ``info`` (:func:`meshes.io.read_mesh`): ``path``, ``num_cells``,
+            ``num_vertices``.
+        processes: MPI processes that share the case.
+        memory: bytes available to them (default: this machine's memory).
+        history_size: past iterates the outer iteration keeps (0: none).
+
+    Raises:
+        ConfigError: naming the file, with its cells and the estimated memory.
+    """
+    cells, points = int(info["num_cells"]), int(info["num_vertices"])
+    memory = _node_memory() if memory is None else memory
+    needed = estimate_bytes(cells, points, processes=processes, history_size=history_size)
+    if needed > memory:
+        raise ConfigError(
+            f"mesh file {str(info['path'])!r} has {cells} cells: solving on it needs an "
+            f"estimated {needed / _GIB:.3g} GiB of memory{_history_note(points, history_size)}; "
+            f"this machine has {memory / _GIB:.3g} GiB: coarsen the mesh or run on more machines"
         )
 
 
@@ -157,7 +225,9 @@ def read_meta(path: Path) -> dict[str, Any]:
         ) from error
 
 
-def case_differences(meta: dict[str, Any], config: GenerateConfig, alpha: float | None) -> list[str]:
+def case_differences(
+    meta: dict[str, Any], config: GenerateConfig, alpha: float | None
+) -> list[str]:
     """Settings of this run that a case file's ``meta`` disagrees with (empty: it matches)."""
     found: list[str] = []
 

@@ -44,6 +44,7 @@ from solvers.fields import (
     wall_distance_function,
 )
 from solvers.flow import FlowSolution, FlowSolver
+from solvers.flow_sources import MIN_SAMPLES_PER_MESH_POINT
 from vcnn.casefile import Case
 from vcnn.physics import Physics
 
@@ -267,7 +268,12 @@ class ClosureProblem:
         self.velocity.x.scatter_forward()
 
     def import_flow(
-        self, source: str | os.PathLike[str], *, field: str | None = None, time: str = "latest"
+        self,
+        source: str | os.PathLike[str],
+        *,
+        field: str | None = None,
+        time: str = "latest",
+        min_samples_per_point: float = MIN_SAMPLES_PER_MESH_POINT,
     ):
         """Read a velocity field of another code and take it as this problem's flow.
 
@@ -278,6 +284,7 @@ class ClosureProblem:
             source: a case file, a meshio-readable file or an OpenFOAM case directory.
             field: the velocity field's name (None: ``U``, then ``velocity``).
             time: OpenFOAM source: ``"latest"`` or a time directory.
+            min_samples_per_point: fewest source samples per mesh point.
 
         Returns:
             The :class:`solvers.flow_import.ImportedFlow` (velocity and its provenance).
@@ -285,7 +292,13 @@ class ClosureProblem:
         from solvers.flow_import import import_flow, load_flow_source
 
         loaded = load_flow_source(source, field=field, time=time, comm=self.comm)
-        flow = import_flow(loaded, self.mesh, self.facet_tags, self.spec)
+        flow = import_flow(
+            loaded,
+            self.mesh,
+            self.facet_tags,
+            self.spec,
+            min_samples_per_point=min_samples_per_point,
+        )
         self.set_velocity(flow.u)
         return flow
 

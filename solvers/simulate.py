@@ -40,18 +40,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from solvers.collective import on_root
+from solvers.flow_sources import MIN_SAMPLES_PER_MESH_POINT
 from solvers.generate import (
     MeshConfig,
     boundary_spec,
     build_mesh,
     case_jobs,
+    case_meshes,
     check_boundaries_table,
     check_case_name,
     package_versions,
     write_xdmf,
 )
 from solvers.linalg import is_interrupt
-from solvers.preflight import check_case_size, machine_memory
+from solvers.preflight import ALPHA_RANGE, check_case_size, check_mesh_size, machine_memory
 from solvers.simulate_metrics import (
     METRIC_KEYS,
     periodic_distance,
@@ -62,8 +64,9 @@ from solvers.simulate_metrics import (
 from vcnn.atomic import atomic_write_text
 from vcnn.casefile import write_case
 from vcnn.config import ConfigError, check_keys, check_types, merge, write_resolved_config
-from vcnn.outputs import check_output_dir
-from vcnn.physics import PRODUCTION_MODES, Physics
+from vcnn.inputs import check_regular_input
+from vcnn.outputs import check_output_dir, check_output_owner, is_disk_full, output_lock
+from vcnn.physics import PRODUCTION_MODES, Physics, Range, check_constant
 
 if TYPE_CHECKING:
     from solvers.closure_loop import LoopResult
@@ -84,29 +87,55 @@ PHYSICS_TABLE_KEYS = frozenset(
     {name for name in Physics.__dataclass_fields__ if name not in ("production", "c_k")} | {"eps"}
 )
 
+#: Allowed values of the numbers of ``[simulate]``: a :class:`vcnn.physics.Range` of a real
+#: number (finite), or the (lowest, highest) integer. The physical constants' ranges are
+#: :data:`vcnn.physics.CONSTANT_RANGES`.
+NUMBER_RANGES: dict[str, Range | tuple[int, int]] = {
+    "relaxation": Range(0.0, 1.0, high_closed=True),
+    "tol": Range(0.0, 1.0),
+    "negative_tau_tolerance": Range(0.0, 1.0, low_closed=True),
+    "max_iterations": (1, 10_000),
+    "history_size": (1, 100),
+    "flow_min_samples_per_point": Range(0.0, 1.0, high_closed=True),
+}
+
+
+def _checked(check: Callable[..., float], *args: Any, **options: Any) -> float:
+    """``check(*args, **options)`` with its ValueError raised as a ConfigError."""
+    try:
+        return check(*args, **options)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
 
 @dataclass
 class SimulateConfig:
     """Configuration of ``vcnn simulate`` (the ``[simulate]`` table of a TOML file).
 
     Attributes:
-        alphas: hill slope factors, one case each (ignored for a file mesh).
+        alphas: hill slope factors in [0.1, 20], one case each (ignored for a file mesh).
         output: folder of the outputs.
         model: checkpoint of the network closure (``closure = "network"``).
         closure: ``network`` (a trained model) or ``pde`` (the tau PDE in the loop, no model).
         coupling: ``one-way`` (flow fixed) or ``two-way`` (nu_t from tau).
         compare: also solve the PDE truth and report the errors against it.
         production: tau production mode (default: the closure's; ``frozen`` for ``pde``).
-        c_k: eddy-viscosity coefficient (default: the closure's; required > 0 two-way).
+        c_k: eddy-viscosity coefficient, finite and >= 0 (default: the closure's; required
+            > 0 two-way).
         outer: outer iteration of a two-way run: ``anderson``, ``ngmres`` or ``picard``.
-        relaxation: omega of relaxed Picard (``picard`` and the fallback of the others).
-        tol: converged when the relative changes of tau and velocity are below it.
-        max_iterations: closure evaluations (flow solves) at most per run.
-        history_size: past iterates mixed by ``anderson`` and ``ngmres``.
-        negative_tau_tolerance: a network's tau below ``-tolerance * max(tau)`` where it
-            feeds nu_t stops a two-way run.
+        relaxation: omega in (0, 1] of relaxed Picard (``picard`` and the fallback of the
+            others).
+        tol: in (0, 1): converged when the relative changes of tau and velocity are below it.
+        max_iterations: closure evaluations (flow solves) at most per run, an integer from 1
+            to 10000.
+        history_size: past iterates mixed by ``anderson`` and ``ngmres``, an integer from 1 to
+            100 (they hold 2 x history_size vectors of the unknowns, counted in the size check).
+        negative_tau_tolerance: in [0, 1): a network's tau below ``-tolerance * max(tau)``
+            where it feeds nu_t stops a two-way run.
         allow_physics_mismatch: run although the requested physics differs from the
             network's record.
+        overwrite: write into an output folder that holds another verb's outputs (generated
+            cases, a training run, evaluate's metrics); same-named files there are replaced.
         device: inference device, ``auto``, ``cpu`` or ``cuda``.
         plots: write a PNG per case.
         xdmf: write an XDMF file per case.
@@ -114,12 +143,17 @@ class SimulateConfig:
         mesh: see :class:`solvers.generate.MeshConfig`.
         physics: constants the user sets (names of :class:`vcnn.physics.Physics` and
             ``eps``); the rest come from the closure's record (or the defaults for ``pde``).
+            Each within :data:`vcnn.physics.CONSTANT_RANGES`: positive and finite, ``eps``
+            in (0, 1).
         boundaries: file mesh only: boundary roles, as in ``[generate.boundaries]``.
         flow_from: one-way only: take the fixed flow from this source instead of solving it
             (a case file, a meshio file or an OpenFOAM case, see :mod:`solvers.flow_import`).
         flow_time: OpenFOAM source: ``"latest"`` or a time directory.
         flow_field: name of the velocity field of the source (default ``U``, then
             ``velocity``).
+        flow_min_samples_per_point: fewest samples of the flow source per point of the mesh,
+            in (0, 1] (0.1: one per ten; a sparser source is refused as subsampled or
+            cropped; lower it for a deliberately coarser source).
     """
 
     alphas: list[float] = field(default_factory=lambda: [1.0])
@@ -137,6 +171,7 @@ class SimulateConfig:
     history_size: int = 10
     negative_tau_tolerance: float = 0.05
     allow_physics_mismatch: bool = False
+    overwrite: bool = False
     device: str = "auto"
     plots: bool = True
     xdmf: bool = True
@@ -147,6 +182,7 @@ class SimulateConfig:
     flow_from: str | None = None
     flow_time: str | float = "latest"
     flow_field: str | None = None
+    flow_min_samples_per_point: float = MIN_SAMPLES_PER_MESH_POINT
 
     def __post_init__(self) -> None:
         from solvers.closure_loop import OUTER_METHODS
@@ -164,8 +200,8 @@ class SimulateConfig:
             raise ConfigError(
                 f"production must be one of {PRODUCTION_MODES}, got {self.production!r}"
             )
-        if self.c_k is not None and not (math.isfinite(self.c_k) and self.c_k >= 0):
-            raise ConfigError(f"c_k must be >= 0, got {self.c_k}")
+        if self.c_k is not None:
+            self.c_k = _checked(check_constant, "c_k", self.c_k, where="[simulate] ")
         if self.closure == "network" and not self.model:
             raise ConfigError(
                 "a network closure needs a model (--model best.pt); or run --closure pde"
@@ -175,19 +211,35 @@ class SimulateConfig:
                 "--compare solves the PDE truth beside a network; with --closure pde the "
                 "run is the truth: leave --compare out"
             )
-        if not 0 < self.relaxation <= 1:
-            raise ConfigError(f"relaxation must lie in (0, 1], got {self.relaxation}")
-        if not self.tol > 0:
-            raise ConfigError(f"tol must be positive, got {self.tol}")
-        if self.max_iterations < 1:
-            raise ConfigError(f"max_iterations must be at least 1, got {self.max_iterations}")
-        if not self.negative_tau_tolerance >= 0:
-            raise ConfigError("negative_tau_tolerance must be >= 0")
+        for name, allowed in NUMBER_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(allowed, Range):
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+                if not (ok and float(value) in allowed):
+                    raise ConfigError(
+                        f"[simulate] {name} must be a finite number in {allowed}, got {value!r}"
+                    )
+            elif not (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and allowed[0] <= value <= allowed[1]
+            ):
+                raise ConfigError(
+                    f"[simulate] {name} must be an integer from {allowed[0]} to {allowed[1]}, "
+                    f"got {value!r}"
+                )
         self.alphas = [float(a) for a in self.alphas]
         if self.mesh.kind != "file":
             bad = [a for a in self.alphas if not (math.isfinite(a) and a > 0)]
             if not self.alphas or bad:
                 raise ConfigError(f"hill slope factors must be positive, got {self.alphas}")
+            low, high = ALPHA_RANGE
+            bad = [a for a in self.alphas if not low <= a <= high]
+            if bad:
+                raise ConfigError(
+                    f"hill slope factors must lie in [{low:g}, {high:g}], got {bad} (below, the "
+                    "hill flanks are nearly vertical; above, the period exceeds 80 hill heights)"
+                )
         elif not self.boundaries:
             raise ConfigError("a file mesh needs a [simulate.boundaries] table naming its walls")
         else:
@@ -195,14 +247,20 @@ class SimulateConfig:
         if self.name is not None:
             check_case_name(self.name, where="[simulate] name")
         check_keys(self.physics, set(PHYSICS_TABLE_KEYS), "[simulate.physics]")
+        self.physics = {
+            name: _checked(check_constant, name, value, where="[simulate.physics] ")
+            for name, value in self.physics.items()
+        }
         self.flow_time = str(self.flow_time)
         if self.flow_from is not None:
             self.flow_from = str(self.flow_from)
-            if not Path(self.flow_from).exists():
-                raise ConfigError(
-                    f"flow source {self.flow_from!r} (--flow-from / [simulate] flow_from) does "
-                    "not exist"
-                )
+            check_regular_input(
+                self.flow_from,
+                what="flow source",
+                flag="--flow-from / [simulate] flow_from",
+                allow_dir=True,
+                error=ConfigError,
+            )
             if self.coupling != "one-way":
                 raise ConfigError(
                     "flow_from fixes the flow, so tau cannot feed it back: use --coupling one-way"
@@ -284,22 +342,25 @@ def run_simulate(
         PhysicsMismatchError: the requested physics differs from the closure's record.
         ClosureError: the model cannot be loaded.
         ConfigError: an unusable configuration (e.g. two-way with C_k = 0).
+        UsageError: the output folder cannot be written, holds another verb's outputs
+            (without ``overwrite``), or is in use by another run (its lock is held).
+        OSError: the disk (or quota) is full: ENOSPC/EDQUOT naming the file; the complete
+            outputs written before (``metrics.json`` of an earlier run included) are kept.
     """
     from solvers.closures import load_network_closure, resolve_physics
 
     output = Path(config.output)
     # Everything that can be checked is checked before a model is loaded or a file written.
     on_root(comm, lambda: check_output_dir(output, flag="--out (output)"))
+
+    def check_owner() -> None:
+        check_output_owner(
+            output, verb="simulate", overwrite=config.overwrite, flag="--out (output)"
+        )
+
+    on_root(comm, check_owner)
     jobs = case_jobs(config, section="simulate")
-    if config.mesh.kind != "file":
-        memory = machine_memory(comm)
-        processes = comm.size
-
-        def check_sizes() -> None:
-            for _, alpha in jobs:
-                check_case_size(config.mesh, alpha, processes=processes, memory=memory)
-
-        on_root(comm, check_sizes)
+    _validate_inputs(config, jobs, comm)
     closure_physics = None
     if config.closure == "network":
         # The model lives on rank 0: whether one was passed in is rank 0's to say.
@@ -339,8 +400,82 @@ def run_simulate(
     if resolved.eps is not None:
         physics_values["eps"] = resolved.eps
     resolved_config["physics"] = physics_values
-    on_root(comm, lambda: write_resolved_config(output, {"simulate": resolved_config}))
+    # The first write: the folder is locked for the run (and checked again under the lock).
+    with output_lock(
+        output,
+        verb="simulate",
+        flag="--out (output)",
+        then=check_owner,
+        on_root=lambda action: on_root(comm, action),
+    ):
+        on_root(comm, lambda: write_resolved_config(output, {"simulate": resolved_config}))
+        return _simulate_cases(config, jobs, resolved, closure_physics, model, comm=comm)
 
+
+def _validate_inputs(
+    config: SimulateConfig, jobs: list[tuple[str, float | None]], comm: MPI.Comm
+) -> None:
+    """Check what needs a mesh or a source, before a model is loaded or a file written.
+
+    Collective. The size of each case must fit in memory (a hill's estimated from its
+    settings, a file mesh's read from it; both with the two-way outer iteration's history of
+    ``history_size`` iterates); a file mesh is read and its boundary roles resolved; a flow
+    source is read and measured against the mesh of every case
+    (:func:`solvers.flow_import.check_flow_source`), so that none of these fails a case after
+    outputs are written.
+
+    Raises:
+        ConfigError: a case too large or too coarse, a boundary the mesh lacks.
+        MeshError: the mesh file cannot be read.
+        FlowSourceError: the source is unreadable, malformed, never solved, too sparse or does
+            not fit a mesh.
+    """
+    two_way_history = config.coupling == "two-way" and config.outer != "picard"
+    history = config.history_size if two_way_history else 0
+    memory, processes = machine_memory(comm), comm.size
+    prepared = None
+    if config.mesh.kind == "file":
+        tagged = build_mesh(config.mesh, None, comm=comm)
+        prepared = (tagged, boundary_spec(config, tagged))
+        on_root(
+            comm,
+            lambda: check_mesh_size(
+                tagged.info, processes=processes, memory=memory, history_size=history
+            ),
+        )
+    else:
+
+        def check_sizes() -> None:
+            for _, alpha in jobs:
+                check_case_size(
+                    config.mesh, alpha, processes=processes, memory=memory, history_size=history
+                )
+
+        on_root(comm, check_sizes)
+    if config.flow_from is not None:
+        from solvers.flow_import import check_flow_source
+
+        check_flow_source(
+            config.flow_from,
+            case_meshes(config, jobs, prepared=prepared, comm=comm),
+            field=config.flow_field,
+            time=config.flow_time,
+            min_samples_per_point=config.flow_min_samples_per_point,
+            comm=comm,
+        )
+
+
+def _simulate_cases(
+    config: SimulateConfig,
+    jobs: list[tuple[str, float | None]],
+    resolved: SimulationPhysics,
+    closure_physics: Mapping[str, Any] | None,
+    model: Any,
+    *,
+    comm: MPI.Comm,
+) -> SimulateSummary:
+    """The cases of :func:`run_simulate` once it has checked everything, and the summary."""
+    output = Path(config.output)
     entries = []
     for number, (name, alpha) in enumerate(jobs, start=1):
         prefix = f"[{number}/{len(jobs)}] {name}"
@@ -354,6 +489,8 @@ def run_simulate(
         except Exception as error:  # one failed case must not lose the others
             if is_interrupt(error):
                 raise KeyboardInterrupt(f"interrupted in case {name}") from error
+            if is_disk_full(error):
+                raise  # the run's end (one line naming the file); metrics.json is kept
             message = f"{type(error).__name__}: {error}"
             entry = getattr(error, "entry", None) or _empty_entry(name, alpha, config)
             entry["error"] = message
@@ -505,7 +642,10 @@ def simulate_case(
                 clock = time.perf_counter()
                 if imported:
                     flow = problem.import_flow(
-                        config.flow_from, field=config.flow_field, time=config.flow_time
+                        config.flow_from,
+                        field=config.flow_field,
+                        time=config.flow_time,
+                        min_samples_per_point=config.flow_min_samples_per_point,
                     )
                 else:
                     flow = problem.solve_flow()
@@ -585,6 +725,8 @@ def _guarded(
     try:
         return run()
     except Exception as error:
+        if is_interrupt(error):  # e.g. a PETSc.Error wrapping Ctrl-C: not a failed run
+            raise
         tau = getattr(error, "tau", None) if isinstance(error, CoupledDivergedError) else None
         if tau is None:
             tau = np.zeros(problem.points.local_dofs.size)
@@ -602,9 +744,11 @@ def _guarded(
             on_root(problem.comm, lambda: write_case(path, case))
             if problem.comm.rank == 0:
                 logger.error("the last state of the failed run is in %s", path)
-        except Exception as write_error:  # the original failure matters more
+        except Exception as write_error:  # the original failure matters more ...
             if is_interrupt(write_error):
                 raise
+            if is_disk_full(write_error):
+                raise  # ... unless the disk is full: that ends the run
             if problem.comm.rank == 0:
                 logger.error("could not write the last state: %s", write_error)
         raise

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -87,6 +88,14 @@ def world(tmp_path_factory) -> World:
     case3.period = np.r_[case3.period, 0.0]
     case3.name = "channel3d"
     write_case(w / "case3d" / "channel3d.npz", case3)
+    # crafted checkpoints (zip bomb, damaged record, absurd architectures) and absurd cases
+    from tests.crafted_checkpoints import write_crafted
+
+    write_crafted(w / "model.pt", w / "crafted")
+    # a small tagged user mesh (walls, cylinder, inlet, outlet) for file-mesh rows
+    from meshes.channel import channel_with_cylinder_msh
+
+    channel_with_cylinder_msh(w / "channel.msh", size=0.1)
     return w
 
 
@@ -105,7 +114,11 @@ def _arrays(case) -> dict[str, np.ndarray]:
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, str]]:
-    """Every file and folder under the roots: size and content hash (folders: marked)."""
+    """Every file and folder under the roots: size and content hash (folders: marked).
+
+    Special files (a FIFO planted as an input) are recorded by their type, never opened:
+    reading a FIFO would block.
+    """
     found = {}
     for root in roots:
         for folder, folders, files in os.walk(root):
@@ -113,6 +126,10 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, str]]:
                 found[os.path.join(folder, name)] = (-1, "dir")
             for name in files:
                 path = os.path.join(folder, name)
+                mode = os.stat(path).st_mode
+                if not stat.S_ISREG(mode):
+                    found[path] = (-1, f"special {stat.S_IFMT(mode):o}")
+                    continue
                 data = Path(path).read_bytes()
                 found[path] = (len(data), hashlib.sha1(data).hexdigest())
     return found
@@ -410,6 +427,253 @@ BAD: dict[str, Bad] = {
     "plot-out-is-a-file": Bad(
         "plot", _verb("plot", "WORLD/cases", "--out", "WORLD/afile"),
         "is a file, not a folder", _named("--out")),
+    # ------------------------------------------------------------------ crafted checkpoints
+    "export-zip-bomb": Bad(
+        "export", _verb("export", "--model", "WORLD/crafted/bomb.pt", "--out", "SANDBOX/m.pt"),
+        r"member '.*pad' unpacks to 80 MiB, more than the 64 MiB", _named("bomb.pt")),
+    "evaluate-zip-bomb": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/crafted/bomb.pt", "--data",
+                          "WORLD/cases", "--out", "SANDBOX/eval"),
+        "unpacks to 80 MiB", _named("bomb.pt")),
+    "export-damaged-record": Bad(
+        "export", _verb("export", "--model", "WORLD/crafted/damaged.pt", "--out", "SANDBOX/m.pt"),
+        "is damaged: its CRC-32", _named("damaged.pt")),
+    "evaluate-damaged-record": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/crafted/damaged.pt", "--data",
+                          "WORLD/cases", "--out", "SANDBOX/eval"),
+        "is damaged: its CRC-32", _named("damaged.pt")),
+    "export-negative-width": Bad(
+        "export", _verb("export", "--model", "WORLD/crafted/negative-width.pt", "--out",
+                        "SANDBOX/sub/m.pt"),
+        r"embedding = \[-3, 8\]: layer widths must lie in \[1, 4096\]",
+        _named("negative-width.pt")),
+    "evaluate-huge-width": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/crafted/huge-width.pt", "--data",
+                          "WORLD/cases", "--out", "SANDBOX/eval"),
+        r"embedding = \[1000000000\]", _named("huge-width.pt")),
+    "export-axis-neurons-0": Bad(
+        "export", _verb("export", "--model", "WORLD/crafted/axis-neurons-0.pt", "--out",
+                        "SANDBOX/m.pt"),
+        "axis_neurons = 0 must lie in", _named("axis-neurons-0.pt")),
+    "evaluate-empty-fitting": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/crafted/empty-fitting.pt", "--data",
+                          "WORLD/cases", "--out", "SANDBOX/eval"),
+        r"fitting = \[\] needs at least one layer", _named("empty-fitting.pt")),
+    "export-dim-7": Bad(
+        "export", _verb("export", "--model", "WORLD/crafted/dim-7.pt", "--out", "SANDBOX/m.pt"),
+        "dim must be 2 or 3, got 7", _named("dim-7.pt")),
+    "evaluate-fractional-width": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/crafted/fractional-width.pt", "--data",
+                          "WORLD/cases", "--out", "SANDBOX/eval"),
+        "layer widths must be integers", _named("fractional-width.pt")),
+    "export-unknown-activation": Bad(
+        "export", _verb("export", "--model", "WORLD/crafted/unknown-activation.pt", "--out",
+                        "SANDBOX/m.pt"),
+        "activation must be one of", _named("unknown-activation.pt")),
+    "evaluate-period-tiny": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data",
+                          "WORLD/crafted/tiny-period", "--out", "SANDBOX/eval"),
+        "period 1e-09 along axis 0 is shorter than the extent of the points",
+        _named("tiny_period")),
+    "evaluate-velocity-1e30": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data",
+                          "WORLD/crafted/fast", "--out", "SANDBOX/eval"),
+        r"much shorter than the clouds .* wrap around the period about", _named("fast_flow")),
+    "evaluate-cloud-size-huge": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data", "WORLD/cases",
+                          "--out", "SANDBOX/eval", "--cloud-size", "1000000000000"),
+        r"would hold about .* entries \(~.*iB\); this machine has", _named("cloud size")),
+    # ------------------------------------------------------------------ output folders
+    "simulate-into-generated-cases": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--resolution",
+                          "0.05", "--alphas", "1", "--no-plots", "--out", "SANDBOX/hills"),
+        r"holds the outputs of vcnn generate \(hill_a1.000.npz\).* --overwrite",
+        lambda w, s: f"--out (output) {str(s / 'hills')!r}", _copy("hills", "hills")),
+    "train-into-case-files": Bad(
+        "train", _train("--out", "SANDBOX/cases"),
+        r"holds the outputs of vcnn generate .* --overwrite", lambda w, s: str(s / "cases"),
+        _copy("cases", "cases")),
+    "generate-into-a-simulate-folder": Bad(
+        "generate", _generate("--alphas", "1", "--resolution", "0.05", "--out", "SANDBOX/sim"),
+        r"holds the outputs of vcnn simulate \(metrics.json\).* --overwrite",
+        lambda w, s: str(s / "sim"),
+        lambda w, s: ((s / "sim").mkdir(),
+                      (s / "sim" / "config.toml").write_text('[simulate]\ncoupling = "one-way"\n'),
+                      (s / "sim" / "metrics.json").write_text('[{"case": "a", "coupling": "one-way"}]'))),
+    "evaluate-into-a-training-run": Bad(
+        "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data", "WORLD/cases",
+                          "--out", "SANDBOX/run"),
+        r"holds the outputs of vcnn train \(last.pt\).* --overwrite",
+        lambda w, s: f"--out {str(s / 'run')!r}", _copy("run", "run")),
+    "simulate-refused-keeps-the-earlier-config": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "two-way", "--resolution",
+                          "0.05", "--alphas", "1", "--out", "SANDBOX/sim"),
+        r"two-way coupling needs C_k > 0", _named("--c-k"),
+        lambda w, s: ((s / "sim").mkdir(),
+                      (s / "sim" / "config.toml").write_text('[simulate]\ncoupling = "one-way"\n'))),
+    # ------------------------------------------------------------------ simulate validation
+    # (one-way PDE runs on the alpha = 1 hill at --resolution 0.05: 121 mesh points; -q where
+    # the check builds the mesh, which logs a line)
+    "simulate-flow-source-a-handful-of-points": Bad(
+        "simulate", _verb("-q", "simulate", "--closure", "pde", "--coupling", "one-way", "--resolution",
+                          "0.05", "--flow-from", "SANDBOX/few.npz", "--out", "SANDBOX/sim"),
+        r"has 5 samples for a mesh of 121 points: at least one per 10 mesh points",
+        _named("few.npz"),
+        lambda w, s: np.savez(s / "few.npz", **{
+            k: v[:5] for k, v in np.load(w / "hills" / "hill_a1.000.npz").items()
+            if k in ("points", "velocity")})),
+    "simulate-flow-source-sparse-on-purpose-still-covers-too-little": Bad(
+        # flow_min_samples_per_point lowers the floor: the 5 samples then fail on coverage
+        "simulate", _verb("-q", "simulate", "--config", "SANDBOX/c.toml", "--closure", "pde",
+                          "--coupling", "one-way", "--resolution", "0.05", "--flow-from",
+                          "SANDBOX/few.npz", "--out", "SANDBOX/sim"),
+        r"does not cover the mesh|covers only [0-9.]+ % of the mesh", _named("few.npz"),
+        lambda w, s: ((s / "c.toml").write_text("[simulate]\nflow_min_samples_per_point = 0.04\n"),
+                      np.savez(s / "few.npz", **{
+                          k: v[:5] for k, v in np.load(w / "hills" / "hill_a1.000.npz").items()
+                          if k in ("points", "velocity")}))),
+    "simulate-flow-min-samples-zero": Bad(
+        "simulate", _verb("simulate", "--config", "SANDBOX/c.toml", "--closure", "pde",
+                          "--coupling", "one-way", "--out", "SANDBOX/sim"),
+        r"flow_min_samples_per_point must be a finite number in \(0, 1\], got 0",
+        _named("[simulate]"), _toml("[simulate]\nflow_min_samples_per_point = 0\n")),
+    "simulate-flow-source-cropped": Bad(
+        "simulate", _verb("-q", "simulate", "--closure", "pde", "--coupling", "one-way", "--resolution",
+                          "0.05", "--flow-from", "SANDBOX/cropped.npz", "--out", "SANDBOX/sim"),
+        r"covers only [0-9.]+ % of the mesh \(at least 95 % needed\)", _named("cropped.npz"),
+        lambda w, s: (lambda d: np.savez(
+            s / "cropped.npz", points=d["points"][d["points"][:, 1] < 2.0],
+            velocity=d["velocity"][d["points"][:, 1] < 2.0]))(
+                dict(np.load(w / "hills" / "hill_a1.000.npz")))),
+    "simulate-openfoam-never-run": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--resolution",
+                          "0.05", "--flow-from", "SANDBOX/never_run", "--out", "SANDBOX/sim"),
+        r"has no solved time: the latest time holding U is 0, the initial field .* --flow-time 0",
+        _named("never_run"),
+        lambda w, s: shutil.copytree(REPO / "tests" / "data" / "openfoam_hill", s / "never_run",
+                                     ignore=shutil.ignore_patterns("341"))),
+    "simulate-openfoam-malformed-boundary": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--resolution",
+                          "0.05", "--flow-from", "SANDBOX/foam", "--out", "SANDBOX/sim"),
+        r"OpenFOAM mesh .* is malformed \(KeyError: 'startFace'\)",
+        _named("foam/constant/polyMesh"),
+        lambda w, s: (shutil.copytree(REPO / "tests" / "data" / "openfoam_hill", s / "foam"),
+                      (s / "foam/constant/polyMesh/boundary").write_text(
+                          (s / "foam/constant/polyMesh/boundary").read_text().replace(
+                              "startFace       5966;", "")))),
+    "simulate-vtu-malformed": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--resolution",
+                          "0.05", "--flow-from", "SANDBOX/bad.vtu", "--out", "SANDBOX/sim"),
+        r"flow source .* is malformed \(IndexError: index 40 is out of bounds", _named("bad.vtu"),
+        lambda w, s: (s / "bad.vtu").write_text(
+            '<?xml version="1.0"?>\n<VTKFile type="UnstructuredGrid" version="0.1">\n'
+            '<UnstructuredGrid>\n<Piece NumberOfPoints="3" NumberOfCells="1">\n<Points>\n'
+            '<DataArray type="Float64" NumberOfComponents="3" format="ascii">0 0 0 1 0 0 0 1 0'
+            '</DataArray>\n</Points>\n<Cells>\n<DataArray type="Int64" Name="connectivity" '
+            'format="ascii">0 1 40</DataArray>\n<DataArray type="Int64" Name="offsets" '
+            'format="ascii">3</DataArray>\n<DataArray type="Int64" Name="types" format="ascii">'
+            '5</DataArray>\n</Cells>\n<CellData>\n<DataArray type="Float64" Name="U" '
+            'NumberOfComponents="3" format="ascii">1 0 0</DataArray>\n</CellData>\n</Piece>\n'
+            '</UnstructuredGrid>\n</VTKFile>\n')),
+    "simulate-flow-source-fifo": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--resolution",
+                          "0.05", "--flow-from", "SANDBOX/flow.npz", "--out", "SANDBOX/sim"),
+        r"is a FIFO \(named pipe\), not a regular file or a folder", _named("--flow-from"),
+        lambda w, s: os.mkfifo(s / "flow.npz")),
+    "simulate-config-fifo": Bad(
+        "simulate", _verb("simulate", "--config", "SANDBOX/c.toml", "--out", "SANDBOX/sim"),
+        r"config file .* is a FIFO \(named pipe\)", _named("c.toml"),
+        lambda w, s: os.mkfifo(s / "c.toml")),
+    "simulate-mesh-file-fifo": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--mesh-file", "SANDBOX/m.msh",
+                          "--out", "SANDBOX/sim"),
+        r"mesh file .* is a FIFO \(named pipe\), not a regular file", _named("m.msh"),
+        lambda w, s: os.mkfifo(s / "m.msh")),
+    "simulate-file-mesh-boundary-missing": Bad(
+        "simulate", _verb("-q", "simulate", "--config", "SANDBOX/c.toml", "--out", "SANDBOX/sim"),
+        r"boundary 'exit' is not in the mesh", _named("'exit'"),
+        _toml('[simulate]\nclosure = "pde"\ncoupling = "one-way"\n[simulate.mesh]\n'
+              'kind = "file"\nfile = "WORLD/channel.msh"\n[simulate.boundaries]\n'
+              'walls = ["walls", "cylinder"]\noutlets = ["exit"]\n'
+              '[simulate.boundaries.inlets.inlet]\nprofile = "parabolic"\n')),
+    "simulate-physics-nan": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--config",
+                          "SANDBOX/c.toml", "--out", "SANDBOX/sim"),
+        r"zeta must be a finite number in \(0, inf\), got nan", _named("[simulate.physics] zeta"),
+        _toml("[simulate.physics]\nzeta = nan\n")),
+    "simulate-physics-zero": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--config",
+                          "SANDBOX/c.toml", "--out", "SANDBOX/sim"),
+        r"gamma must be a finite number in \(0, inf\), got 0.0", _named("[simulate.physics] gamma"),
+        _toml("[simulate.physics]\ngamma = 0.0\n")),
+    "simulate-physics-negative": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--config",
+                          "SANDBOX/c.toml", "--out", "SANDBOX/sim"),
+        r"nu must be a finite number in \(0, inf\), got -0.01", _named("[simulate.physics] nu"),
+        _toml("[simulate.physics]\nnu = -0.01\n")),
+    "simulate-physics-string": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--config",
+                          "SANDBOX/c.toml", "--out", "SANDBOX/sim"),
+        r"tau_p must be a number, got '0.001'", _named("[simulate.physics] tau_p"),
+        _toml('[simulate.physics]\ntau_p = "0.001"\n')),
+    "simulate-eps-one": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--config",
+                          "SANDBOX/c.toml", "--out", "SANDBOX/sim"),
+        r"eps must be a finite number in \(0, 1\), got 1.0", _named("[simulate.physics] eps"),
+        _toml("[simulate.physics]\neps = 1.0\n")),
+    "simulate-tol-inf": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--config", "SANDBOX/c.toml", "--out",
+                          "SANDBOX/sim"),
+        r"tol must be a finite number in \(0, 1\), got inf", _named("[simulate] tol"),
+        _toml("[simulate]\ntol = inf\n")),
+    "simulate-history-size-0": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--config", "SANDBOX/c.toml", "--out",
+                          "SANDBOX/sim"),
+        r"history_size must be an integer from 1 to 100, got 0", _named("[simulate] history_size"),
+        _toml("[simulate]\nhistory_size = 0\n")),
+    "simulate-history-size-huge": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--config", "SANDBOX/c.toml", "--out",
+                          "SANDBOX/sim"),
+        r"history_size must be an integer from 1 to 100, got 1000000000",
+        _named("[simulate] history_size"), _toml("[simulate]\nhistory_size = 1000000000\n")),
+    "simulate-max-iterations-huge": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--config", "SANDBOX/c.toml", "--out",
+                          "SANDBOX/sim"),
+        r"max_iterations must be an integer from 1 to 10000, got 100000000",
+        _named("[simulate] max_iterations"), _toml("[simulate]\nmax_iterations = 100000000\n")),
+    "simulate-negative-tau-tolerance-1": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--config", "SANDBOX/c.toml", "--out",
+                          "SANDBOX/sim"),
+        r"negative_tau_tolerance must be a finite number in \[0, 1\), got 1.0",
+        _named("[simulate] negative_tau_tolerance"),
+        _toml("[simulate]\nnegative_tau_tolerance = 1.0\n")),
+    "simulate-too-large-with-history": Bad(
+        "simulate", _verb("simulate", "--closure", "pde", "--coupling", "two-way", "--c-k", "0.1",
+                          "--alphas", "2", "--resolution", "100", "--out", "SANDBOX/sim"),
+        r"needs about [0-9.e+]+ cells, an estimated [0-9.e+]+ GiB of memory \([0-9.e+-]+ GiB "
+        r"of them for a history of 10 iterates\)", _named("--resolution 100")),
+    "generate-flow-source-a-handful-of-points": Bad(
+        "generate", _verb("-q", "generate", "--alphas", "1", "--resolution", "0.05", "--flow-from",
+                              "SANDBOX/few.npz", "--out", "SANDBOX/out"),
+        r"has 5 samples for a mesh of 121 points", _named("few.npz"),
+        lambda w, s: np.savez(s / "few.npz", **{
+            k: v[:5] for k, v in np.load(w / "hills" / "hill_a1.000.npz").items()
+            if k in ("points", "velocity")})),
+    "generate-openfoam-never-run": Bad(
+        "generate", _generate("--alphas", "1", "--resolution", "0.05", "--flow-from",
+                              "SANDBOX/never_run", "--out", "SANDBOX/out"),
+        r"has no solved time", _named("never_run"),
+        lambda w, s: shutil.copytree(REPO / "tests" / "data" / "openfoam_hill", s / "never_run",
+                                     ignore=shutil.ignore_patterns("341"))),
+    "generate-flow-source-fifo": Bad(
+        "generate", _generate("--alphas", "1", "--flow-from", "SANDBOX/flow.vtu", "--out",
+                              "SANDBOX/out"),
+        r"is a FIFO \(named pipe\)", _named("--flow-from / [generate] flow_from"),
+        lambda w, s: os.mkfifo(s / "flow.vtu")),
+    "generate-physics-zero": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        r"physics.tau_p must be a finite number in \(0, inf\), got 0.0", _named("tau_p"),
+        _toml("[generate.physics]\ntau_p = 0.0\n")),
 }
 
 
@@ -419,7 +683,7 @@ def _params():
 
 def test_the_table_covers_every_verb_with_at_least_30_cases():
     verbs = {bad.verb for bad in BAD.values()}
-    assert verbs == {"generate", "train", "evaluate", "export", "plot"}
+    assert verbs >= {"generate", "train", "evaluate", "export", "plot", "simulate"}
     assert len(BAD) >= 30
 
 

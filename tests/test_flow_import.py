@@ -298,9 +298,11 @@ def test_failures_are_reported_by_the_command_line(tmp_path, capsys):
             str(tmp_path / "bad.npz"),
         ]
     )
-    assert code == 1  # the case failed, the run went on
-    assert "FAILED: FlowSourceError" in capsys.readouterr().err
-    assert "| failed |" in (tmp_path / "o" / "summary.md").read_text()
+    # the source is read before anything is written: refused up front, one line, no output
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error: case source" in err and "NaN or inf at 3 of 3" in err
+    assert not (tmp_path / "o").exists()
 
 
 # -- OpenFOAM ---------------------------------------------------------------------------------

@@ -192,3 +192,124 @@ def test_openfoam_time_selection_and_errors(foamlib, tmp_path):
     (case2 / OPENFOAM_TIME / "U.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
     with pytest.raises(FlowSourceError, match="2975 values but there are 2976 cells"):
         read_flow_source(case2)
+
+
+# -- refused before anything is opened or computed -------------------------------------------
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (SIGALRM) instead of blocking forever on a FIFO that something opened."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("blocked: the FIFO was opened")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name", ["flow.npz", "flow.vtu"])
+def test_a_fifo_is_refused_without_opening_it(tmp_path, no_hang, name):
+    import os
+
+    from vcnn.inputs import check_regular_input
+
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(FlowSourceError, match=r"is a FIFO \(named pipe\), not a regular file"):
+        read_flow_source(tmp_path / name)
+    # the helper: a folder only where one is allowed, the flag named after the path
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match=r"mesh file '.*folder' \(--mesh-file\) is a folder"):
+        check_regular_input(tmp_path / "folder", what="mesh file", flag="--mesh-file",
+                            error=ValueError)
+    assert check_regular_input(tmp_path / "folder", what="case", allow_dir=True) == (
+        tmp_path / "folder"
+    )
+
+
+def test_malformed_vtu_names_the_file(tmp_path):
+    import meshio
+
+    points = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], float)
+    meshio.Mesh(points, [("triangle", np.array([[0, 1, 2]]))], cell_data={"U": [np.ones((1, 3))]}
+                ).write(tmp_path / "good.vtu", binary=False)
+    assert read_flow_source(tmp_path / "good.vtu").num_points == 1
+    text = (tmp_path / "good.vtu").read_text()
+    connectivity = text.index('Name="connectivity"')
+    end = text.index("</DataArray>", connectivity)
+    body = text[text.index(">", connectivity) + 1 : end]
+    (tmp_path / "bad.vtu").write_text(
+        text[: end - len(body)] + body.replace("2", "40") + text[end:]
+    )
+    with pytest.raises(FlowSourceError, match=r"flow source '.*bad.vtu' is malformed \(IndexError"):
+        read_flow_source(tmp_path / "bad.vtu")
+
+
+def test_openfoam_case_never_run_and_malformed_meshes(foamlib, tmp_path):
+    never_run = tmp_path / "never_run"
+    shutil.copytree(OPENFOAM_CASE, never_run, ignore=shutil.ignore_patterns(OPENFOAM_TIME))
+    with pytest.raises(FlowSourceError, match=r"has no solved time: the latest time holding U is 0"):
+        read_flow_source(never_run)
+    # the initial field when asked for by name (a plug flow, one value per cell)
+    assert read_flow_source(never_run, time="0").time == "0"
+    # a time directory that holds no U beside the initial one: still not solved
+    (never_run / "5").mkdir()
+    (never_run / "5" / "p").write_text("")
+    with pytest.raises(FlowSourceError, match="no solved time"):
+        read_flow_source(never_run)
+
+    boundary = OPENFOAM_CASE / "constant" / "polyMesh" / "boundary"
+    edits = {
+        "startFace       5966;": ("", r"KeyError: 'startFace'"),
+        "neighbourPatch  right;": ("neighbourPatch  rigth;", r"KeyError: 'rigth'"),
+    }
+    for number, (old, (new, error)) in enumerate(edits.items()):
+        case = tmp_path / f"case{number}"
+        shutil.copytree(OPENFOAM_CASE, case)
+        text = boundary.read_text()
+        assert old in text
+        (case / "constant" / "polyMesh" / "boundary").write_text(text.replace(old, new))
+        with pytest.raises(
+            FlowSourceError, match=rf"OpenFOAM mesh '.*case{number}/constant/polyMesh' is "
+            rf"malformed \({error}"
+        ):
+            read_flow_source(case)
+    # a face naming a point that does not exist (cell centres computed from the mesh)
+    case = tmp_path / "faces"
+    shutil.copytree(OPENFOAM_CASE, case)
+    (case / OPENFOAM_TIME / "C.gz").unlink()
+    faces = case / "constant" / "polyMesh" / "faces.gz"
+    text = gzip.decompress(faces.read_bytes()).decode()
+    first = text.index("4(")
+    text = text[:first] + "4(999999" + text[text.index(" ", first) :]
+    faces.write_bytes(gzip.compress(text.encode()))
+    with pytest.raises(FlowSourceError, match=r"constant/polyMesh' is malformed \(IndexError"):
+        read_flow_source(case)
+
+
+def test_coverage_counts_the_dofs_near_or_inside_the_samples():
+    from solvers.flow_import import VelocityInterpolator
+
+    # cell centres of a 20 x 10 grid on [0, 2] x [0, 1], walls at y = 0 and y = 1
+    x, y = np.meshgrid((np.arange(20) + 0.5) / 10, (np.arange(10) + 0.5) / 10)
+    centres = np.column_stack([x.ravel(), y.ravel()])
+    walls = np.array([[s, w] for s in np.linspace(0, 2, 21) for w in (0.0, 1.0)])
+    query = np.random.default_rng(2).uniform([0, 0], [2, 1], size=(2000, 2))
+
+    def covered(samples):
+        interpolator = VelocityInterpolator(
+            samples, np.ones_like(samples), period=np.zeros(2), origin=np.zeros(2),
+            wall_points=walls,
+        )
+        return interpolator(query).covered
+
+    # the whole domain: the wall layers (outside the centres' hull) are within a spacing
+    assert covered(centres).all()
+    # the left half only: the right half is not covered, though the wall samples span it
+    left = covered(centres[centres[:, 0] < 1.0])
+    assert left[query[:, 0] < 0.95].all()
+    assert not left[query[:, 0] > 1.2].any()

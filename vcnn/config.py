@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vcnn.atomic import atomic_write_text
+from vcnn.inputs import check_regular_input
 
 
 class ConfigError(ValueError):
@@ -27,14 +28,13 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a TOML file.
 
     Raises:
-        ConfigError: when the file is missing or not valid TOML (the parser's message, with
-            line and column, is kept).
+        ConfigError: when the file is missing, a folder or not a regular file (a FIFO is
+            refused without being opened), or not valid TOML (the parser's message, with line
+            and column, is kept).
     """
-    path = Path(path)
+    path = check_regular_input(path, what="config file", allow_dir=True, error=ConfigError)
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a folder; give the .toml file")
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         with path.open("rb") as stream:
             return tomllib.load(stream)

@@ -23,11 +23,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 __all__ = [
+    "CONSTANT_RANGES",
     "KAPPA",
     "MIXING_LENGTH_CAP",
     "PRODUCTION_MODES",
     "Physics",
     "PhysicsMismatchError",
+    "Range",
+    "check_constant",
     "wall_feature_cap",
 ]
 
@@ -37,6 +40,71 @@ KAPPA = 0.41
 MIXING_LENGTH_CAP = 0.09 * 1.5
 #: Production modes of the tau equation.
 PRODUCTION_MODES = ("frozen", "coupled")
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values of a constant; every constant must also be finite.
+
+    Attributes:
+        low: lower bound.
+        high: upper bound (inf: none).
+        low_closed: ``low`` itself is allowed.
+        high_closed: ``high`` itself is allowed.
+    """
+
+    low: float
+    high: float = math.inf
+    low_closed: bool = False
+    high_closed: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        high = "inf" if math.isinf(self.high) else f"{self.high:g}"
+        return (
+            f"{'[' if self.low_closed else '('}{self.low:g}, {high}"
+            f"{']' if self.high_closed else ')'}"
+        )
+
+
+#: Allowed values of each constant of :class:`Physics` (and of a network closure's cloud
+#: threshold ``eps``). Every constant is positive and finite, except C_k, which may be 0 (one-way
+#: coupling: the flow does not see tau); eps is the decay threshold of the cloud ellipse, in
+#: (0, 1).
+CONSTANT_RANGES: dict[str, Range] = {
+    "nu": Range(0.0),
+    "bulk_velocity": Range(0.0),
+    "diffusivity": Range(0.0),
+    "zeta": Range(0.0),
+    "reaction_exponent": Range(0.0),
+    "gamma": Range(0.0),
+    "tau_p": Range(0.0),
+    "c_k": Range(0.0, low_closed=True),
+    "eps": Range(0.0, 1.0),
+}
+
+
+def check_constant(name: str, value: Any, *, where: str = "physics.") -> float:
+    """A constant of :data:`CONSTANT_RANGES` as a float, refused outside its range.
+
+    Args:
+        name: the constant's name (a key of :data:`CONSTANT_RANGES`).
+        value: its value (a number; booleans and strings are refused).
+        where: put before the name in the message (e.g. ``"[simulate.physics] "``).
+
+    Raises:
+        ValueError: naming the constant, its range and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where}{name} must be a number, got {value!r}")
+    allowed = CONSTANT_RANGES[name]
+    if float(value) not in allowed:
+        raise ValueError(f"{where}{name} must be a finite number in {allowed}, got {value}")
+    return float(value)
 
 
 def wall_feature_cap() -> float:
@@ -64,6 +132,9 @@ class Physics:
         production: ``"frozen"`` (P fixed by tau_p) or ``"coupled"`` (tau_P = tau).
         c_k: eddy-viscosity coefficient of two-way coupling, nu_t = C_k l_m sqrt(max(tau, 0));
             0 is one-way (the flow does not see tau).
+
+    The allowed values of each constant are in :data:`CONSTANT_RANGES` (all positive and
+    finite; C_k may be 0).
     """
 
     nu: float = 0.01
@@ -85,16 +156,7 @@ class Physics:
                         f"physics.production must be one of {PRODUCTION_MODES}, got {value!r}"
                     )
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"physics.{item.name} must be a number, got {value!r}")
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(
-                    f"physics.{item.name} must be a finite non-negative number, got {value}"
-                )
-            object.__setattr__(self, item.name, float(value))
-        for name in ("nu", "diffusivity", "reaction_exponent"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"physics.{name} must be positive, got {getattr(self, name)}")
+            object.__setattr__(self, item.name, check_constant(item.name, value))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/TOML-friendly dictionary."""
