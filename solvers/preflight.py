@@ -16,7 +16,6 @@ from mpi4py import MPI
 
 import json
 import math
-import os
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ import numpy as np
 from meshes.hills import TOP_WALL_HEIGHT, hill_period, hill_profile
 from vcnn.config import ConfigError
 from vcnn.physics import Physics
+from vcnn.system import machine_bytes
 
 if TYPE_CHECKING:
     from solvers.generate import GenerateConfig, MeshConfig
@@ -92,19 +92,7 @@ def machine_memory(comm: MPI.Comm) -> int:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     nodes = max(1, comm.size // node.size)
     node.Free()
-    return nodes * _node_memory()
-
-
-def _node_memory() -> int:
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = Path("/sys/fs/cgroup/memory.max")  # a container's limit, where there is one
-    try:
-        text = limit.read_text().strip()
-        if text.isdigit():
-            total = min(total, int(text))
-    except OSError:
-        pass
-    return int(total)
+    return nodes * machine_bytes()
 
 
 def check_case_size(
@@ -141,7 +129,7 @@ def check_case_size(
             f"channel (about {cells} cells in all); at least {MIN_CELLS_ACROSS} are needed: "
             f"{'raise --resolution' if mesh.kind == 'structured' else 'lower --size'}"
         )
-    memory = _node_memory() if memory is None else memory
+    memory = machine_bytes() if memory is None else memory
     needed = estimate_bytes(cells, cells, processes=processes, history_size=history_size)
     if needed > memory:
         raise ConfigError(
@@ -199,7 +187,7 @@ def check_mesh_size(
         ConfigError: naming the file, with its cells and the estimated memory.
     """
     cells, points = int(info["num_cells"]), int(info["num_vertices"])
-    memory = _node_memory() if memory is None else memory
+    memory = machine_bytes() if memory is None else memory
     needed = estimate_bytes(cells, points, processes=processes, history_size=history_size)
     if needed > memory:
         raise ConfigError(
