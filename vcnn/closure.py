@@ -37,6 +37,7 @@ from vcnn.system import TooLargeError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEVICE_REQUEST",
     "Closure",
     "ClosurePrediction",
     "check_prediction_input",
@@ -49,7 +50,8 @@ __all__ = [
 OUT_OF_RANGE_WARNING = 0.01
 
 
-_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+#: The device requests a user may write (config files, flags, ``load_closure``).
+DEVICE_REQUEST = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 def resolve_device(request: str | torch.device, *, local_rank: int = 0) -> torch.device:
@@ -72,7 +74,7 @@ def resolve_device(request: str | torch.device, *, local_rank: int = 0) -> torch
         device = request
         if device.type not in ("cpu", "cuda"):
             raise ConfigError(f"device must be a cpu or cuda torch.device, got {device}")
-    elif isinstance(request, str) and _DEVICE_PATTERN.fullmatch(request):
+    elif isinstance(request, str) and DEVICE_REQUEST.fullmatch(request):
         if request == "auto":
             request = "cuda" if torch.cuda.is_available() else "cpu"
         if request == "cuda" and torch.cuda.is_available():

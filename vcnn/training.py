@@ -53,7 +53,7 @@ from vcnn.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from vcnn.closure import resolve_device
+from vcnn.closure import DEVICE_REQUEST, resolve_device
 from vcnn.clouds import CloudOptions
 from vcnn.config import (
     ConfigError,
@@ -199,10 +199,10 @@ class TrainConfig:
         Raises:
             ConfigError: naming the bad field and what it must be.
         """
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith(
-            "cuda:"
-        ):
-            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if not (isinstance(self.device, str) and DEVICE_REQUEST.fullmatch(self.device)):
+            raise ConfigError(
+                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
