@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 
 from petsc4py import PETSc
 
+from vcnn.errors import received_signal
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -162,8 +164,14 @@ def is_interrupt(error: BaseException) -> bool:
     """Whether an exception stands for an interrupt (Ctrl-C, SIGTERM) and must stop the run.
 
     True for a KeyboardInterrupt, a PETSc error with code PETSC_ERR_SIG (PETSc's signal
-    handler caught the signal inside a PETSc call), or an error caused by either.
+    handler caught the signal inside a PETSc call), an error caused by either (petsc4py turns
+    a KeyboardInterrupt raised in a Python callback, e.g. a SNES residual, into a
+    ``PETSc.Error`` whose cause it is), and any error once the process received SIGINT or
+    SIGTERM (:func:`vcnn.errors.received_signal`): whatever it became on the way up, the run
+    was interrupted and must stop, not fail one case.
     """
+    if received_signal() is not None:
+        return True
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

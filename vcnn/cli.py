@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from vcnn.config import load_toml, merge
-from vcnn.errors import EXIT_USER_ERROR, UsageError, one_line, raise_on_sigterm, run_verb
+from vcnn.errors import (
+    UsageError,
+    handle_interrupts,
+    interrupts_deferred,
+    reset_interrupts,
+    run_verb,
+)
 
 logger = logging.getLogger("vcnn")
 
@@ -35,6 +41,14 @@ def _mpi_rank() -> int:
         if variable in os.environ:
             return int(os.environ[variable])
     return 0
+
+
+def _mpi_size() -> int:
+    """The number of MPI ranks from the launcher's environment (1 outside ``mpiexec``)."""
+    for variable in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if variable in os.environ:
+            return int(os.environ[variable])
+    return 1
 
 
 def configure_logging(verbosity: int) -> None:
@@ -120,69 +134,80 @@ def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     try:
-        from mpi4py import MPI  # noqa: F401  (MPI before dolfinx and PETSc)
+        with interrupts_deferred():  # the threads these start must not receive the signals
+            from mpi4py import MPI  # (MPI before dolfinx and PETSc)
 
-        import dolfinx  # noqa: F401
-        from petsc4py import PETSc  # noqa: F401
+            import dolfinx  # noqa: F401
+            from petsc4py import PETSc  # noqa: F401
 
-        from solvers.generate import GenerateConfig, run_generate
+            from solvers.collective import config_agreement
+            from solvers.generate import GenerateConfig, run_generate
+
+            handle_interrupts()  # after PETSc's: 130/143, complete cases kept (vcnn.errors)
     except ImportError as error:
         raise UsageError(f"{FEM_HINT} ({error})") from error
-    # PETSc's signal handler aborts the process on SIGTERM: take it back, so that SIGTERM
-    # stops the run like Ctrl-C (complete cases kept) on every rank.
-    raise_on_sigterm()
-    flags = {
-        "alphas": args.alphas,
-        "output": None if args.out is None else str(args.out),
-        "production": args.production,
-        "c_k": args.c_k,
-        "overwrite": True if args.overwrite else None,
-        "plots": False if args.no_plots else None,
-        "xdmf": False if args.no_xdmf else None,
-        "flow_from": args.flow_from,
-        "flow_time": args.flow_time,
-        "flow_field": args.flow_field,
-        "mesh": _mesh_flags(args),
-    }
-    config = GenerateConfig.from_dict(_section(args, "generate"), overrides=flags)
+    # Every rank resolves its own config; the ranks agree on it before any collective work.
+    with config_agreement(MPI.COMM_WORLD, verb="generate") as agreement:
+        flags = {
+            "alphas": args.alphas,
+            "output": None if args.out is None else str(args.out),
+            "production": args.production,
+            "c_k": args.c_k,
+            "overwrite": True if args.overwrite else None,
+            "plots": False if args.no_plots else None,
+            "xdmf": False if args.no_xdmf else None,
+            "flow_from": args.flow_from,
+            "flow_time": args.flow_time,
+            "flow_field": args.flow_field,
+            "mesh": _mesh_flags(args),
+        }
+        config = GenerateConfig.from_dict(_section(args, "generate"), overrides=flags)
+        agreement.agree(config.to_dict())
     summary = run_generate(config)
     return 0 if summary.all_succeeded else 1
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     try:
-        from mpi4py import MPI  # noqa: F401  (MPI before dolfinx and PETSc)
+        with interrupts_deferred():  # the threads these start must not receive the signals
+            from mpi4py import MPI  # (MPI before dolfinx and PETSc)
 
-        import dolfinx  # noqa: F401
-        from petsc4py import PETSc  # noqa: F401
+            import dolfinx  # noqa: F401
+            from petsc4py import PETSc  # noqa: F401
 
-        from solvers.simulate import SimulateConfig, run_simulate
+            from solvers.collective import config_agreement
+            from solvers.simulate import SimulateConfig, run_simulate
+
+            handle_interrupts()  # after PETSc's: 130/143, complete cases kept (vcnn.errors)
     except ImportError as error:
         raise UsageError(f"{FEM_HINT} ({error})") from error
-    raise_on_sigterm()  # SIGTERM stops the run like Ctrl-C, complete cases kept
-    flags = {
-        "alphas": args.alphas,
-        "output": None if args.out is None else str(args.out),
-        "model": None if args.model is None else str(args.model),
-        "closure": args.closure,
-        "coupling": args.coupling,
-        "compare": True if args.compare else None,
-        "production": args.production,
-        "c_k": args.c_k,
-        "outer": args.outer,
-        "relaxation": args.relaxation,
-        "tol": args.tol,
-        "max_iterations": args.max_iterations,
-        "allow_physics_mismatch": True if args.allow_physics_mismatch else None,
-        "device": args.device,
-        "flow_from": args.flow_from,
-        "flow_time": args.flow_time,
-        "flow_field": args.flow_field,
-        "plots": False if args.no_plots else None,
-        "xdmf": False if args.no_xdmf else None,
-        "mesh": _mesh_flags(args),
-    }
-    config = SimulateConfig.from_dict(_section(args, "simulate"), overrides=flags)
+    # Every rank resolves its own config; the ranks agree on it before any collective work.
+    with config_agreement(MPI.COMM_WORLD, verb="simulate") as agreement:
+        flags = {
+            "alphas": args.alphas,
+            "output": None if args.out is None else str(args.out),
+            "model": None if args.model is None else str(args.model),
+            "closure": args.closure,
+            "coupling": args.coupling,
+            "compare": True if args.compare else None,
+            "production": args.production,
+            "c_k": args.c_k,
+            "outer": args.outer,
+            "relaxation": args.relaxation,
+            "tol": args.tol,
+            "max_iterations": args.max_iterations,
+            "allow_physics_mismatch": True if args.allow_physics_mismatch else None,
+            "overwrite": True if args.overwrite else None,
+            "device": args.device,
+            "flow_from": args.flow_from,
+            "flow_time": args.flow_time,
+            "flow_field": args.flow_field,
+            "plots": False if args.no_plots else None,
+            "xdmf": False if args.no_xdmf else None,
+            "mesh": _mesh_flags(args),
+        }
+        config = SimulateConfig.from_dict(_section(args, "simulate"), overrides=flags)
+        agreement.agree(config.to_dict())
     summary = run_simulate(config)
     return 0 if summary.all_succeeded else 1
 
@@ -247,7 +272,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from vcnn.casefile import CaseFileError, inspect_case, read_case
     from vcnn.checkpoint import load_checkpoint
     from vcnn.evaluation import evaluate
-    from vcnn.outputs import check_output_dir
+    from vcnn.outputs import check_output_dir, check_output_owner, output_lock
 
     # Everything is checked before the output folder is made: nothing partial is written.
     checkpoint = load_checkpoint(args.model)
@@ -263,9 +288,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for path in cases:
         read_case(path)  # the full contract (shapes, NaN), one case at a time
     check_output_dir(args.out, flag="--out")
-    metrics = evaluate(
-        args.model, cases, args.out, cloud_size=args.cloud_size, device=args.device
-    )
+
+    def check_owner() -> None:
+        check_output_owner(args.out, verb="evaluate", overwrite=args.overwrite, flag="--out")
+
+    check_owner()
+    with output_lock(args.out, verb="evaluate", flag="--out", then=check_owner):
+        metrics = evaluate(
+            args.model, cases, args.out, cloud_size=args.cloud_size, device=args.device
+        )
     lines = [
         "| case | alpha | rel L2 % | max abs error | integral rel error | inputs out of range % "
         "| seconds |",
@@ -345,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--flow-field", help="velocity field name in the source (default: U, then velocity)"
     )
     generate.add_argument("--out", type=Path, help="output folder of the case files")
-    generate.add_argument("--overwrite", action="store_true", help="recompute complete cases")
+    generate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute complete cases; write into a folder of another verb's outputs",
+    )
     generate.add_argument("--no-plots", action="store_true", help="skip the PNG per case")
     generate.add_argument("--no-xdmf", action="store_true", help="skip the XDMF per case")
     generate.set_defaults(handler=_cmd_generate)
@@ -387,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device")
     simulate.add_argument("--out", type=Path, help="output folder")
+    simulate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder that holds another verb's outputs (generated cases, a run)",
+    )
     simulate.add_argument("--no-plots", action="store_true", help="skip the PNG per case")
     simulate.add_argument("--no-xdmf", action="store_true", help="skip the XDMF per case")
     simulate.set_defaults(handler=_cmd_simulate)
@@ -405,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue the run from last.pt")
     resume.add_argument(
-        "--overwrite", action="store_true", help="replace the run the --out folder holds"
+        "--overwrite",
+        action="store_true",
+        help="replace the run the --out folder holds (or write beside another verb's outputs)",
     )
     train.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     train.set_defaults(handler=_cmd_train)
@@ -416,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", type=Path, nargs="+", required=True, help="case files or folders of them"
     )
     evaluate.add_argument("--out", type=Path, required=True, help="folder of metrics and figures")
+    evaluate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder that holds another verb's outputs (a training run, cases)",
+    )
     evaluate.add_argument(
         "--cloud-size", type=_count(1), help="fixed n per cloud (default: full)"
     )
@@ -440,19 +487,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     Every verb goes through :func:`vcnn.errors.run_verb`: a user error is one line on stderr
     (with its traceback under ``-v``) and exit code 2, an interrupt exits with 130 (Ctrl-C) or
     143 (SIGTERM) keeping complete outputs, and anything else is reported as a bug with its
-    traceback and exit code 1. Under MPI only rank 0 reports.
+    traceback and exit code 1. Under MPI only rank 0 reports, a user error of any one rank
+    ends every rank with exit code 2, and an interrupt ends every rank at once.
     """
     report = _mpi_rank() == 0
     configure_logging(0)
-    raise_on_sigterm()
+    reset_interrupts()
+    handle_interrupts()
     try:
         args = build_parser().parse_args(argv)
     except UsageError as error:
-        if report:
-            logger.error("error: %s", one_line(error))
-        return EXIT_USER_ERROR
+        return run_verb(_shared_usage_error, error, verbose=False, report=report)
     configure_logging(args.verbose - args.quiet)
     return run_verb(args.handler, args, verbose=args.verbose > 0, report=report)
+
+
+def _shared_usage_error(error: UsageError) -> NoReturn:
+    """Raise a command-line error; under ``mpiexec -n N`` on every rank (collective).
+
+    The ranks parse their own command lines: one whose line is bad must not leave the others
+    waiting in generate's or simulate's agreement on the configuration
+    (:func:`solvers.collective.config_agreement`), so it joins that agreement with its error,
+    after the same imports (PETSc's initialization is collective).
+    """
+    if _mpi_size() > 1:
+        try:
+            with interrupts_deferred():
+                from mpi4py import MPI
+
+                import dolfinx  # noqa: F401
+                from petsc4py import PETSc  # noqa: F401
+
+                from solvers.collective import config_agreement
+
+                handle_interrupts()
+        except ImportError:
+            raise error from None  # no FEM stack: no collective verb runs on the other ranks
+        with config_agreement(MPI.COMM_WORLD, verb="?"):
+            raise error
+    raise error
 
 
 if __name__ == "__main__":
