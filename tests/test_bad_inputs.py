@@ -24,7 +24,7 @@ import pytest
 from tests.ddp_scripts.synthetic_cases import channel_case, write_channel_cases
 from vcnn import cli
 from vcnn.casefile import write_case
-from vcnn.checkpoint import export_model
+from vcnn.checkpoint import export_model, is_exported_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -414,6 +414,14 @@ BAD: dict[str, Bad] = {
     "export-out-under-a-file": Bad(
         "export", _verb("export", "--model", "WORLD/model.pt", "--out", "WORLD/afile/m.pt"),
         "cannot be created: .* is a file", _named("afile")),
+    "export-onto-a-training-checkpoint": Bad(
+        "export", _verb("export", "--model", "WORLD/model.pt", "--out", "SANDBOX/run/last.pt"),
+        r"exists and is not an exported model .* --overwrite", _named("last.pt"),
+        _copy("run", "run")),
+    "export-onto-another-file": Bad(
+        "export", _verb("export", "--model", "WORLD/model.pt", "--out", "SANDBOX/notes.pt"),
+        r"exists and is not an exported model", _named("notes.pt"),
+        lambda w, s: (s / "notes.pt").write_text("my notes\n")),
     # ------------------------------------------------------------------ plot
     "plot-empty-folder": Bad(
         "plot", _verb("plot", "WORLD/empty"), r"no case files \(\*\.npz\)", _named("empty")),
@@ -761,3 +769,10 @@ def test_plot_and_export_still_work_on_good_inputs(world, tmp_path):
     assert len(list((tmp_path / "fig").glob("*.png"))) == 3
     assert cli.main(["-q", "export", "--model", str(world / "run" / "best.pt"), "--out",
                      str(tmp_path / "m.pt")]) == 0
+    # an export may replace an earlier export, and --overwrite a training checkpoint
+    assert cli.main(["-q", "export", "--model", str(world / "run" / "last.pt"), "--out",
+                     str(tmp_path / "m.pt")]) == 0
+    shutil.copy2(world / "run" / "last.pt", tmp_path / "last.pt")
+    assert cli.main(["-q", "export", "--model", str(world / "run" / "best.pt"), "--out",
+                     str(tmp_path / "last.pt"), "--overwrite"]) == 0
+    assert is_exported_file(tmp_path / "last.pt")

@@ -449,6 +449,18 @@ def is_exported(payload: dict[str, Any]) -> bool:
     return "exported_from" in payload or any(key not in payload for key in _RESUME_KEYS)
 
 
+def is_exported_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a readable inference-only export (which an export may replace).
+
+    A training checkpoint, a file that is not a vcnn checkpoint, or one that cannot be read
+    is not: :func:`export_model` is not to write over it unless the user says so.
+    """
+    try:
+        return is_exported(load_checkpoint(path, map_location="cpu"))
+    except CheckpointError:
+        return False
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Generator states of torch (CPU and CUDA) and numpy's legacy global generator, as tensors."""
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
@@ -499,6 +511,7 @@ __all__ = [
     "capture_rng_state",
     "check_archive",
     "is_exported",
+    "is_exported_file",
     "load_checkpoint",
     "load_model",
     "package_versions",

@@ -314,10 +314,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from vcnn.checkpoint import export_model
+    from vcnn.checkpoint import export_model, is_exported_file
     from vcnn.outputs import check_output_file
 
     check_output_file(args.out, flag="--out", not_same_as=args.model)
+    if args.out.exists() and not args.overwrite and not is_exported_file(args.out):
+        # a training checkpoint (train's output) or a file that is no model: not ours to replace
+        raise UsageError(
+            f"--out {str(args.out)!r} exists and is not an exported model (a training "
+            "checkpoint, or another file): give another --out, or --overwrite to replace it"
+        )
     out = export_model(args.model, args.out)
     logger.info("wrote %s (%.0f KB)", out, out.stat().st_size / 1024)
     return 0
@@ -472,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = verbs.add_parser("export", help="inference-only copy of a checkpoint (small)")
     export.add_argument("--model", type=Path, required=True, help="checkpoint (best.pt)")
     export.add_argument("--out", type=Path, required=True, help="file to write")
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not an exported model (e.g. a training checkpoint)",
+    )
     export.set_defaults(handler=_cmd_export, config=None)
 
     plot = verbs.add_parser("plot", help="draw case files (speed, streamlines, tau)")
