@@ -35,7 +35,7 @@ from solvers.collective import on_root
 from solvers.flow_sources import MIN_SAMPLES_PER_MESH_POINT
 from solvers.linalg import is_interrupt
 from solvers.preflight import (
-    ALPHA_RANGE,
+    check_alphas,
     check_case_size,
     check_existing_case,
     check_mesh_size,
@@ -213,18 +213,7 @@ class GenerateConfig:
         if self.name is not None:
             check_case_name(self.name, where="[generate] name")
         if self.mesh.kind != "file":
-            if not self.alphas:
-                raise ConfigError("alphas is empty: give at least one hill slope factor")
-            bad = [a for a in self.alphas if not (math.isfinite(a) and a > 0)]
-            if bad:
-                raise ConfigError(f"hill slope factors must be positive, got {bad}")
-            low, high = ALPHA_RANGE
-            bad = [a for a in self.alphas if not low <= a <= high]
-            if bad:
-                raise ConfigError(
-                    f"hill slope factors must lie in [{low:g}, {high:g}], got {bad} (below, the "
-                    "hill flanks are nearly vertical; above, the period exceeds 80 hill heights)"
-                )
+            check_alphas(self.alphas)
             names: dict[str, float] = {}
             for alpha in self.alphas:
                 name = hill_case_name(alpha)
@@ -479,14 +468,36 @@ def _check_inputs(
     if prepared is not None:
         info, memory, processes = prepared[0].info, machine_memory(comm), comm.size
         on_root(comm, lambda: check_mesh_size(info, processes=processes, memory=memory))
+    to_compute = [(name, alpha) for name, alpha in jobs if state.get(name) != "complete"]
+    check_config_flow_source(config, to_compute, prepared=prepared, comm=comm)
+
+
+def check_config_flow_source(
+    config: Any,
+    jobs: list[tuple[str, float | None]],
+    *,
+    prepared: tuple[Any, BoundarySpec] | None = None,
+    comm: MPI.Comm,
+) -> None:
+    """Read the config's ``flow_from`` and check it against each case's mesh, up front.
+
+    Args:
+        config: generate's or simulate's configuration (``flow_from``, ``flow_field``,
+            ``flow_time``, ``flow_min_samples_per_point``); nothing is done without a source.
+        jobs: (name, alpha) of the cases to check.
+        prepared: the file mesh's, when the caller has read it already.
+        comm: the communicator of the meshes.
+
+    Raises:
+        FlowSourceError: see :func:`solvers.flow_import.check_flow_source`.
+    """
     if config.flow_from is None:
         return
     from solvers.flow_import import check_flow_source
 
-    to_compute = [(name, alpha) for name, alpha in jobs if state.get(name) != "complete"]
     check_flow_source(
         config.flow_from,
-        case_meshes(config, to_compute, prepared=prepared, comm=comm),
+        case_meshes(config, jobs, prepared=prepared, comm=comm),
         field=config.flow_field,
         time=config.flow_time,
         min_samples_per_point=config.flow_min_samples_per_point,

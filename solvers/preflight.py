@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALPHA_RANGE",
+    "check_alphas",
     "MIN_CELLS_ACROSS",
     "check_case_size",
     "check_existing_case",
@@ -43,6 +44,26 @@ __all__ = [
 #: Slope factors accepted by ``vcnn generate``: below, the hill flanks are nearly vertical
 #: (narrower than 0.2 hill heights); above, the period exceeds 80 hill heights.
 ALPHA_RANGE: tuple[float, float] = (0.1, 20.0)
+
+
+def check_alphas(alphas: list[float]) -> None:
+    """Refuse an empty list of hill slope factors or one outside :data:`ALPHA_RANGE`.
+
+    Raises:
+        ConfigError: naming the bad factors.
+    """
+    if not alphas:
+        raise ConfigError("alphas is empty: give at least one hill slope factor")
+    bad = [a for a in alphas if not (math.isfinite(a) and a > 0)]
+    if bad:
+        raise ConfigError(f"hill slope factors must be positive, got {bad}")
+    low, high = ALPHA_RANGE
+    bad = [a for a in alphas if not low <= a <= high]
+    if bad:
+        raise ConfigError(
+            f"hill slope factors must lie in [{low:g}, {high:g}], got {bad} (below, the "
+            "hill flanks are nearly vertical; above, the period exceeds 80 hill heights)"
+        )
 #: Fewest cells across the channel (and along it) of a hill mesh.
 MIN_CELLS_ACROSS = 4
 #: Memory model of one case, measured on the structured hill (Taylor-Hood flow, MUMPS LU):

@@ -46,14 +46,14 @@ from solvers.generate import (
     boundary_spec,
     build_mesh,
     case_jobs,
-    case_meshes,
     check_boundaries_table,
     check_case_name,
+    check_config_flow_source,
     package_versions,
     write_xdmf,
 )
 from solvers.linalg import is_interrupt
-from solvers.preflight import ALPHA_RANGE, check_case_size, check_mesh_size, machine_memory
+from solvers.preflight import check_alphas, check_case_size, check_mesh_size, machine_memory
 from solvers.simulate_metrics import (
     METRIC_KEYS,
     periodic_distance,
@@ -230,16 +230,7 @@ class SimulateConfig:
                 )
         self.alphas = [float(a) for a in self.alphas]
         if self.mesh.kind != "file":
-            bad = [a for a in self.alphas if not (math.isfinite(a) and a > 0)]
-            if not self.alphas or bad:
-                raise ConfigError(f"hill slope factors must be positive, got {self.alphas}")
-            low, high = ALPHA_RANGE
-            bad = [a for a in self.alphas if not low <= a <= high]
-            if bad:
-                raise ConfigError(
-                    f"hill slope factors must lie in [{low:g}, {high:g}], got {bad} (below, the "
-                    "hill flanks are nearly vertical; above, the period exceeds 80 hill heights)"
-                )
+            check_alphas(self.alphas)
         elif not self.boundaries:
             raise ConfigError("a file mesh needs a [simulate.boundaries] table naming its walls")
         else:
@@ -452,17 +443,7 @@ def _validate_inputs(
                 )
 
         on_root(comm, check_sizes)
-    if config.flow_from is not None:
-        from solvers.flow_import import check_flow_source
-
-        check_flow_source(
-            config.flow_from,
-            case_meshes(config, jobs, prepared=prepared, comm=comm),
-            field=config.flow_field,
-            time=config.flow_time,
-            min_samples_per_point=config.flow_min_samples_per_point,
-            comm=comm,
-        )
+    check_config_flow_source(config, jobs, prepared=prepared, comm=comm)
 
 
 def _simulate_cases(
