@@ -132,22 +132,36 @@ def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _fem_world() -> Any:
+    """Import the FEM stack (MPI before dolfinx and PETSc) and return ``MPI.COMM_WORLD``.
+
+    The threads these imports start must not receive SIGINT/SIGTERM, and PETSc's own handler
+    (which aborts the process) is replaced afterwards: 130/143, complete outputs kept
+    (:mod:`vcnn.errors`).
+
+    Raises:
+        UsageError: the FEM stack is not installed (naming what to install).
+    """
     try:
-        with interrupts_deferred():  # the threads these start must not receive the signals
-            from mpi4py import MPI  # (MPI before dolfinx and PETSc)
+        with interrupts_deferred():
+            from mpi4py import MPI
 
             import dolfinx  # noqa: F401
             from petsc4py import PETSc  # noqa: F401
 
-            from solvers.collective import config_agreement
-            from solvers.generate import GenerateConfig, run_generate
-
-            handle_interrupts()  # after PETSc's: 130/143, complete cases kept (vcnn.errors)
+            handle_interrupts()
     except ImportError as error:
         raise UsageError(f"{FEM_HINT} ({error})") from error
+    return MPI.COMM_WORLD
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    world = _fem_world()
+    from solvers.collective import config_agreement
+    from solvers.generate import GenerateConfig, run_generate
+
     # Every rank resolves its own config; the ranks agree on it before any collective work.
-    with config_agreement(MPI.COMM_WORLD, verb="generate") as agreement:
+    with config_agreement(world, verb="generate") as agreement:
         flags = {
             "alphas": args.alphas,
             "output": None if args.out is None else str(args.out),
@@ -168,21 +182,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    try:
-        with interrupts_deferred():  # the threads these start must not receive the signals
-            from mpi4py import MPI  # (MPI before dolfinx and PETSc)
+    world = _fem_world()
+    from solvers.collective import config_agreement
+    from solvers.simulate import SimulateConfig, run_simulate
 
-            import dolfinx  # noqa: F401
-            from petsc4py import PETSc  # noqa: F401
-
-            from solvers.collective import config_agreement
-            from solvers.simulate import SimulateConfig, run_simulate
-
-            handle_interrupts()  # after PETSc's: 130/143, complete cases kept (vcnn.errors)
-    except ImportError as error:
-        raise UsageError(f"{FEM_HINT} ({error})") from error
     # Every rank resolves its own config; the ranks agree on it before any collective work.
-    with config_agreement(MPI.COMM_WORLD, verb="simulate") as agreement:
+    with config_agreement(world, verb="simulate") as agreement:
         flags = {
             "alphas": args.alphas,
             "output": None if args.out is None else str(args.out),
@@ -523,18 +528,12 @@ def _shared_usage_error(error: UsageError) -> NoReturn:
     """
     if _mpi_size() > 1:
         try:
-            with interrupts_deferred():
-                from mpi4py import MPI
-
-                import dolfinx  # noqa: F401
-                from petsc4py import PETSc  # noqa: F401
-
-                from solvers.collective import config_agreement
-
-                handle_interrupts()
-        except ImportError:
+            world = _fem_world()
+        except UsageError:
             raise error from None  # no FEM stack: no collective verb runs on the other ranks
-        with config_agreement(MPI.COMM_WORLD, verb="?"):
+        from solvers.collective import config_agreement
+
+        with config_agreement(world, verb="?"):
             raise error
     raise error
 
