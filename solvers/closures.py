@@ -210,6 +210,8 @@ class NetworkClosure(Closure):
         self.comm = comm
         self.name = name
         self.last_case: Case | None = None
+        #: the backend of vcnn.engines that ran the last prediction (None: not reported)
+        self.engine: str | None = None
 
     def predict(self, case: Case | None) -> tuple[np.ndarray | None, float | None]:
         """Tau of the model on a case gathered on rank 0 (collective).
@@ -233,7 +235,7 @@ class NetworkClosure(Closure):
         message = self.comm.bcast(message, root=0)
         if message is not None:
             raise ClosureError(f"the network closure failed: {message}")
-        fraction = self.comm.bcast(fraction, root=0)
+        fraction, self.engine = self.comm.bcast((fraction, self.engine), root=0)
         return tau, fraction
 
     def _predict_on_root(self, case: Case) -> tuple[np.ndarray, float | None]:
@@ -247,6 +249,7 @@ class NetworkClosure(Closure):
             else:
                 result = detailed(case)
             tau = result.tau
+            self.engine = getattr(result, "engine", None) or None
             fraction = getattr(result, "out_of_range_fraction", None)
             fraction = None if fraction is None else float(fraction)
         else:

@@ -679,6 +679,7 @@ def simulate_case(
             resolved,
             output,
             mesh_info,
+            engine=None if network is None else network.engine,
         )
     if comm.rank == 0:
         logger.info(
@@ -821,8 +822,10 @@ def _write_outputs(
     resolved: SimulationPhysics,
     output: Path,
     mesh_info: dict[str, Any],
+    *,
+    engine: str | None = None,
 ) -> None:
-    """Case file, XDMF and PNG of one case (collective)."""
+    """Case file, XDMF and PNG of one case (collective); ``engine``: the network's backend."""
     from dolfinx import fem
 
     meta = _base_meta(name, alpha, physics, config)
@@ -843,6 +846,7 @@ def _write_outputs(
         iterations=entry["iterations"],
         history=[asdict(step) for step in state.result.history],
         num_processes=problem.comm.size,
+        engine=engine,
     )
     extra = {"nu_t": state.nu_t}
     if truth is not None:

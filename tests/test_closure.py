@@ -83,14 +83,14 @@ def _compiler_available() -> bool:
 
 @pytest.mark.skipif(not _compiler_available(), reason="torch.compile needs a C++ compiler")
 def test_compiled_per_entry_stage_equals_the_eager_one(trained):
-    from vcnn import inference
+    from vcnn.engines import sparse
 
     _, runs = trained
     closure = load_closure(runs["default"], device="cpu")
     case = channel_case(1.3, nx=24, ny=10)
     eager = closure.predict_detailed(case, engine="sparse", compile=False)
     compiled = closure.predict_detailed(case, engine="sparse", compile=True)
-    assert not inference._COMPILE_FAILED, "torch.compile fell back to the eager stage"
+    assert not sparse._COMPILE_FAILED, "torch.compile fell back to the eager stage"
     scale = np.abs(eager.tau).max()
     np.testing.assert_allclose(compiled.tau, eager.tau, rtol=1e-5, atol=1e-6 * scale)
     assert compiled.out_of_range_fraction == eager.out_of_range_fraction
@@ -99,7 +99,7 @@ def test_compiled_per_entry_stage_equals_the_eager_one(trained):
 
 
 def test_a_failing_compiler_falls_back_to_the_eager_stage(trained, monkeypatch, caplog):
-    from vcnn import inference
+    from vcnn.engines import sparse
 
     def broken_compile(function, **options):
         def run(*args):
@@ -107,22 +107,22 @@ def test_a_failing_compiler_falls_back_to_the_eager_stage(trained, monkeypatch, 
 
         return run
 
-    monkeypatch.setattr(inference, "_COMPILED_STAGE", None)
-    monkeypatch.setattr(inference, "_COMPILE_FAILED", False)
-    monkeypatch.setattr(inference.torch, "compile", broken_compile)
+    monkeypatch.setattr(sparse, "_COMPILED_STAGE", None)
+    monkeypatch.setattr(sparse, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(sparse.torch, "compile", broken_compile)
     _, runs = trained
     closure = load_closure(runs["default"], device="cpu")
     case = channel_case(1.3, nx=20, ny=9)
     eager = closure.predict_detailed(case, engine="sparse", compile=False)
-    with caplog.at_level(logging.WARNING, logger="vcnn.inference"):
+    with caplog.at_level(logging.WARNING, logger="vcnn.engines.sparse"):
         fallback = closure.predict_detailed(case, engine="sparse", compile=True)
     np.testing.assert_array_equal(fallback.tau, eager.tau)
     assert "torch.compile" in caplog.text and "no C++ compiler here" in caplog.text
-    assert inference._COMPILE_FAILED
+    assert sparse._COMPILE_FAILED
 
 
 def test_an_input_error_is_not_mistaken_for_a_compiler_failure(monkeypatch):
-    from vcnn import inference
+    from vcnn.engines import sparse
 
     def failing(*args):
         raise RuntimeError("compiled stage failed")
@@ -130,12 +130,12 @@ def test_an_input_error_is_not_mistaken_for_a_compiler_failure(monkeypatch):
     def invalid_input(*args):
         raise IndexError("index 99 is out of bounds")
 
-    monkeypatch.setattr(inference, "_COMPILED_STAGE", failing)
-    monkeypatch.setattr(inference, "_COMPILE_FAILED", False)
-    monkeypatch.setattr(inference, "_entry_stage", invalid_input)
+    monkeypatch.setattr(sparse, "_COMPILED_STAGE", failing)
+    monkeypatch.setattr(sparse, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(sparse, "_entry_stage", invalid_input)
     with pytest.raises(IndexError, match="out of bounds"):
-        inference._run_compiled()
-    assert not inference._COMPILE_FAILED
+        sparse._run_compiled()
+    assert not sparse._COMPILE_FAILED
 
 
 def test_chunking_does_not_change_the_prediction(trained):

@@ -11,7 +11,7 @@ from vcnn.training import TrainConfig, train
 
 KEYS = {
     "case", "alpha", "rel_l2_percent", "max_abs_error", "integral_rel_error", "num_points",
-    "cloud_size", "out_of_range_fraction", "seconds",
+    "cloud_size", "out_of_range_fraction", "seconds", "engine",
 }
 
 
@@ -40,6 +40,7 @@ def test_evaluate_writes_metrics_and_figures(trained, tmp_path):
     assert [m["alpha"] for m in written] == [0.5, 1.0, 1.5]
     for entry, metric in zip(written, metrics, strict=True):
         assert entry["rel_l2_percent"] == pytest.approx(metric.rel_l2_percent)
+        assert entry["engine"] == metric.engine != ""  # the backend that ran (vcnn.engines)
         assert 0 < entry["rel_l2_percent"] < 100  # trained: better than predicting zero
         assert entry["max_abs_error"] > 0 and entry["num_points"] == 240
         assert 0 <= entry["integral_rel_error"] < 1

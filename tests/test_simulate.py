@@ -181,6 +181,8 @@ def test_trained_network_in_the_loop_converges_against_the_truth(coupled_model, 
                                 tau=np.zeros(case.num_points))
     np.testing.assert_allclose(case.extra["tau_a_priori"], closure.predict(truth), rtol=1e-6,
                                atol=1e-6 * np.abs(case.tau).max())
+    # the case records the backend that ran the network (vcnn.engines), the one auto picks here
+    assert case.meta["simulate"]["engine"] == closure.predict_detailed(truth).engine != ""
 
 
 def test_one_way_cli_equals_the_closures_predict(coupled_model, tmp_path):

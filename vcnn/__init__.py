@@ -13,6 +13,8 @@ The public API:
   :class:`FeatureNormalizer`;
 - networks: :class:`VectorCloudNet` (scalar, vector and tensor heads), :class:`BaselineNet`;
 - trained closures: :func:`load_closure` -> :class:`Closure` (``.predict(case)``);
+- the backends of the per-entry pass (C kernels, sparse torch, padded reference) and their
+  priority list: :mod:`vcnn.engines`;
 - symmetry: :func:`check_frame_independence`.
 """
 

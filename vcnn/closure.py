@@ -110,7 +110,8 @@ class ClosurePrediction:
         cloud_size: points per cloud (None: full clouds).
         seconds: wall time per stage: ``clouds``, ``total`` and those of
             :attr:`vcnn.inference.FullCloudResult.seconds`.
-        engine: the pass that ran (``"fused"``, ``"sparse"`` or ``"padded"``).
+        engine: the backend of :mod:`vcnn.engines` that ran (``"fused"``, ``"sparse"`` or
+            ``"padded"``).
     """
 
     tau: np.ndarray
@@ -223,9 +224,10 @@ class Closure:
             cloud_size: see :meth:`predict`.
             seed: see :meth:`predict`.
             frame: see :meth:`predict`.
-            engine: ``"auto"`` (the fused kernel on the CPU where it can run),
-                ``"fused"``, ``"sparse"`` or ``"padded"`` (see
-                :func:`vcnn.inference.predict_full_clouds`).
+            engine: ``"auto"`` (the first backend of the priority list
+                :data:`vcnn.engines.ENGINES` that runs: the C kernels on the CPU where they
+                can), or one backend: ``"fused"``, ``"sparse"`` or ``"padded"`` (see
+                :func:`vcnn.inference.predict_full_clouds`); one that cannot run is refused.
             compile: compile the per-entry stage of the sparse pass: True, False or
                 ``"auto"`` (large meshes on the CPU; see
                 :func:`vcnn.inference.predict_full_clouds`).

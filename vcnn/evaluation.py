@@ -10,7 +10,9 @@ fixed-size random subset, and compared with the case's tau:
 * ``integral_rel_error`` = |sum_i V_i pred_i - sum_i V_i tau_i| / |sum_i V_i tau_i| (V the
   nodal volumes), the error of the integral of tau;
 * ``out_of_range_fraction``: the fraction of cloud entries with an input outside the training
-  range (the closure extrapolates there).
+  range (the closure extrapolates there);
+* ``engine``: the backend of :mod:`vcnn.engines` that ran the network (``"fused"``,
+  ``"sparse"`` or ``"padded"``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class CaseMetrics:
         out_of_range_fraction: fraction of cloud entries with an input outside the training
             range (NaN when the checkpoint records no ranges).
         seconds: wall time of the prediction.
+        engine: the backend that ran the network (empty when not known).
     """
 
     case: str
@@ -59,6 +62,7 @@ class CaseMetrics:
     cloud_size: int | None
     out_of_range_fraction: float = math.nan
     seconds: float = math.nan
+    engine: str = ""
 
 
 @dataclass
@@ -83,6 +87,7 @@ def case_metrics(
     cloud_size: int | None,
     out_of_range_fraction: float = math.nan,
     seconds: float = math.nan,
+    engine: str = "",
 ) -> CaseMetrics:
     """Errors of a prediction of tau on a case (see the module docstring).
 
@@ -92,6 +97,7 @@ def case_metrics(
         cloud_size: recorded in the metrics.
         out_of_range_fraction: recorded in the metrics.
         seconds: recorded in the metrics.
+        engine: recorded in the metrics.
 
     Returns:
         The metrics.
@@ -113,6 +119,7 @@ def case_metrics(
         cloud_size=cloud_size,
         out_of_range_fraction=out_of_range_fraction,
         seconds=seconds,
+        engine=engine,
     )
 
 
@@ -149,6 +156,7 @@ def predict_case(
             cloud_size=cloud_size,
             out_of_range_fraction=result.out_of_range_fraction,
             seconds=result.seconds["total"],
+            engine=result.engine,
         ),
     )
 

@@ -36,7 +36,7 @@ Factorised embedding. When ``point_scalar_columns`` is given, the embedding is
 ``kernels`` learned pair kernels ``P`` of the query-dependent scalars ``p_i`` (distance,
 angles, normalised radius), channel ``a`` using kernel ``k(a) = a // (m / kernels)``. The
 moments are then sums over the cloud of a per-entry scalar times per-point tables, which
-:mod:`vcnn.inference` evaluates as sparse matrix products over whole meshes.
+:mod:`vcnn.engines` evaluates as sparse matrix products or C loops over whole meshes.
 """
 
 from __future__ import annotations
@@ -51,9 +51,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-
-from vcnn.fused_mlp import mlp_rows
-from vcnn.kernels import KernelUnavailable, warn_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -448,7 +445,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     ),
     # This toolkit's default for closures: mesh-independent (volume pooling), tau >= 0
     # (softplus), and fast (a factorised embedding with eight pair kernels, whose full-cloud
-    # inference is a few sparse products per mesh; see vcnn.inference). The pair inputs come
+    # inference is a few sparse products per mesh; see vcnn.engines). The pair inputs come
     # from the FeatureSpec (proximity, upstream cosine, normalised radius) and the point
     # scalars, so the net derives no distance or angle of its own. Eight kernels of eight
     # channels (m = 64) reached 5.0 % at alpha = 0.5 after 8 epochs of experiment (a),
@@ -718,18 +715,9 @@ class VectorCloudNet(nn.Module):
                 f"point_scalars must have {width} columns (point_scalar_columns), got shape "
                 f"{tuple(point_scalars.shape)}"
             )
-        point_scalars = point_scalars.to(self._parameter_dtype())
-        if (
-            point_scalars.dim() == 2
-            and point_scalars.device.type == "cpu"
-            and point_scalars.dtype == torch.float32
-            and not point_scalars.requires_grad
-        ):
-            try:  # the same MLP in C (vcnn.fused_mlp)
-                return mlp_rows(self.embedding, self._config.activation, point_scalars)
-            except KernelUnavailable as error:
-                warn_unavailable(logger, "point embedding kernel", error)
-        return self.embedding(point_scalars)
+        # torch only: which backend embeds the points of a pass (the same MLP in C on the
+        # CPU, vcnn.engines.fused_cpu) is decided by vcnn.engines
+        return self.embedding(point_scalars.to(self._parameter_dtype()))
 
     def pair_inputs(
         self,
@@ -860,8 +848,8 @@ class VectorCloudNet(nn.Module):
                 points (factorised nets only); the point columns of ``scal`` are then ignored.
                 With ``point_rows``: (U, m), the embedding of U distinct points.
             point_rows: (B, n) int rows of a (U, m) ``point_embedding``, one per entry (each
-                distinct point embedded once; :func:`vcnn.inference.predict_rows` runs the same
-                net on row batches with the training kernel of :mod:`vcnn.fused_training`).
+                distinct point embedded once; the backends of :mod:`vcnn.engines` run the same net
+                on row batches, e.g. with the training kernel of :mod:`vcnn.fused_training`).
 
         Returns:
             (B,) for ``output="scalar"``, (B, d) for ``"vector"``, (B, d, d) symmetric for

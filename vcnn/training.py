@@ -23,7 +23,9 @@ with a fixed seed, so it is comparable between epochs.
 Data parallel: launched by ``torchrun --nproc-per-node P``, each rank takes every P-th cloud
 of the epoch's shuffled order (padded so that every rank runs the same number of batches),
 DistributedDataParallel averages the gradients (gloo on the CPU, nccl on CUDA), metrics are
-summed over the ranks, and only rank 0 writes files and logs.
+summed over the ranks, and only rank 0 writes files and logs. DistributedDataParallel wraps the
+training pass (:class:`vcnn.engines.TrainingPass`), so every rank runs the backend a single
+process would (the C kernels on the CPU).
 """
 
 from __future__ import annotations
@@ -73,10 +75,9 @@ from vcnn.datasets import (
     discover_cases,
     make_split,
 )
+from vcnn.engines import TrainingPass
 from vcnn.errors import TrainingDivergedError, UsageError, one_line
 from vcnn.features import FeatureSpec
-from vcnn.fused_training import TrainingKernel
-from vcnn.inference import predict_rows, row_kernel
 from vcnn.outputs import check_output_owner, output_lock
 from vcnn.physics import Physics
 from vcnn.resume import check_resumable, check_run_folder
@@ -317,6 +318,8 @@ class TrainResult:
             all ranks together), training passes only.
         split: case names per split.
         model: the trained network of the last epoch (unwrapped from DDP), on its device.
+        engine: the backend of the training pass (:mod:`vcnn.engines`): ``"fused"`` (the C
+            kernels), ``"sparse"`` or ``"padded"``; the same on every rank.
     """
 
     out_dir: Path
@@ -330,6 +333,7 @@ class TrainResult:
     clouds_per_second: float
     split: dict[str, list[str]]
     model: nn.Module
+    engine: str = ""
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -545,17 +549,15 @@ def _autocast(device: torch.device, amp: bool) -> Any:
 
 
 def _predict(
-    model: nn.Module,
+    training_pass: nn.Module,
     queries: torch.Tensor,
     indices: torch.Tensor,
-    dataset: CloudDataset,
-    kernel: TrainingKernel | None,
+    device: torch.device,
     amp: bool,
 ) -> torch.Tensor:
-    with _autocast(dataset.device, amp):
-        output = predict_rows(
-            model, dataset.table, dataset.normalizer, queries, indices, kernel=kernel
-        )
+    """A :class:`~vcnn.engines.TrainingPass` (or DDP around it) on a row batch, as float32."""
+    with _autocast(device, amp):
+        output = training_pass(queries, indices)
     return output.float()
 
 
@@ -600,14 +602,13 @@ def _data_physics(split: CaseSplit) -> Physics | None:
 
 
 def _evaluate_plan(
-    model: nn.Module,
+    training_pass: TrainingPass,
     dataset: CloudDataset,
     plan: CloudPlan,
     *,
     batch_size: int,
     distributed: _Distributed,
     device: torch.device,
-    kernel: TrainingKernel | None,
     amp: bool,
     weighted: bool,
 ) -> _Sums:
@@ -615,12 +616,12 @@ def _evaluate_plan(
     order = torch.arange(plan.queries.numel(), device=plan.queries.device)
     # No padding here: each rank evaluates a disjoint share, sums are reduced afterwards.
     mine = order[distributed.rank :: distributed.world_size]
-    model.eval()
+    training_pass.eval()
     with torch.no_grad():
         for start in range(0, mine.numel(), batch_size):
             rows = mine[start : start + batch_size]
             queries = plan.queries[rows]
-            prediction = _predict(model, queries, plan.indices[rows], dataset, kernel, amp)
+            prediction = _predict(training_pass, queries, plan.indices[rows], device, amp)
             sums.add(
                 prediction,
                 dataset.target[queries],
@@ -830,20 +831,18 @@ def _train(
     elif config.resume and is_main:
         logger.info("resume requested but %s does not exist: starting afresh", last_path)
 
-    # The C kernels of the row batches (vcnn.fused_training), built once per data set; None
-    # where they cannot run (the inputs are then gathered and the net runs torch operations).
-    # DistributedDataParallel must see the forward, so its training batches take that path.
-    train_kernel = row_kernel(model, train_data.table, normalizer)
-    if distributed.world_size > 1:
-        train_kernel = None
-    validation_kernel = None
+    # The training pass of each data set, bound once by the backend that runs it (the C
+    # kernels of vcnn.engines.fused_cpu where they can). DistributedDataParallel wraps the
+    # pass itself, so data-parallel training runs the same backend.
+    train_pass = TrainingPass(model, train_data.table, normalizer)
+    validation_pass = None
     if validation_data is not None:
-        validation_kernel = row_kernel(averaged, validation_data.table, normalizer)
+        validation_pass = TrainingPass(averaged, validation_data.table, normalizer)
 
-    network = model
+    network: nn.Module = train_pass
     if distributed.world_size > 1:
         network = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            train_pass, device_ids=[device.index] if device.type == "cuda" else None
         )
 
     # The first write: the run folder is locked until the run ends (and checked again).
@@ -857,13 +856,14 @@ def _train(
         write_resolved_config(out_dir, {"train": config.to_dict(), "split": split.names()})
         logger.info(
             "training on %d cases (%d points), validating on %d, %d parameters, device %s, "
-            "%d rank(s)",
+            "%d rank(s), engine %s",
             train_data.num_cases,
             train_data.num_points,
             0 if validation_data is None else validation_data.num_cases,
             sum(p.numel() for p in model.parameters()),
             device,
             distributed.world_size,
+            train_pass.engine,
         )
     validation_plan = None
     if validation_data is not None:
@@ -901,9 +901,7 @@ def _train(
             rows = rows.to(device)
             queries = plan.queries[rows]
             target = train_data.target[queries]
-            prediction = _predict(
-                network, queries, plan.indices[rows], train_data, train_kernel, amp
-            )
+            prediction = _predict(network, queries, plan.indices[rows], device, amp)
             loss = torch.mean((prediction - target) ** 2)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -924,15 +922,14 @@ def _train(
         train_sums = sums.reduced(distributed, device)
 
         validation_sums = _Sums()
-        if validation_data is not None and validation_plan is not None:
+        if validation_pass is not None and validation_plan is not None:
             validation_sums = _evaluate_plan(
-                averaged,
+                validation_pass,
                 validation_data,
                 validation_plan,
                 batch_size=config.batch_size,
                 distributed=distributed,
                 device=device,
-                kernel=validation_kernel,
                 amp=amp,
                 weighted=config.volume_weighted_metrics,
             )
@@ -1059,6 +1056,7 @@ def _train(
         clouds_per_second=trained_clouds / train_seconds if train_seconds > 0 else math.nan,
         split=split.names(),
         model=averaged,
+        engine=train_pass.engine,
     )
 
 

@@ -2,8 +2,8 @@
 
 Usage: torchrun --nproc-per-node 2 -m tests.ddp_scripts.ddp_train DATA_DIR OUT_DIR
 
-Every rank saves its final parameters to OUT_DIR/params_rank{RANK}.pt so that the test can
-check that the ranks ended identical.
+Every rank saves its final parameters (and the backend of its training pass) to
+OUT_DIR/params_rank{RANK}.pt so that the test can check that the ranks ended identical.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     state = {key: value.detach().cpu() for key, value in result.model.state_dict().items()}
     torch.save(
-        {"state": state, "history": [r.train_loss for r in result.history]},
+        {"state": state, "history": [r.train_loss for r in result.history], "engine": result.engine},
         out_dir / f"params_rank{rank}.pt",
     )
 
