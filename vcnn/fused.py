@@ -13,9 +13,12 @@ Done with torch operations, each intermediate makes a round trip through memory 
 machine's matmul rate. This kernel does the same arithmetic per cloud in registers and L1, one
 SIMD vector of entries at a time, and never writes a per-entry value.
 
-The C source is generated for one net, feature spec, normaliser and cloud options (so every loop
-has a fixed trip count and every constant is a literal), compiled with the system C compiler
-(``$CC``, else ``cc``) once per source and machine, and cached on disk in the private per-user
+The C is ``vcnn/engines/csrc/fused_moments.c`` and its headers, with a header of ``#define``s
+for one architecture (sizes, layer widths, activation, feature and cloud options, so every loop
+has a fixed trip count: :func:`kernel_defines`); the per-model numbers (weights, normaliser
+statistics, region, cutoff and frame constants: :func:`kernel_constants`) are arguments at run
+time, so one library serves every model of one architecture. It is compiled with the system C
+compiler (``$CC``, else ``cc``) once per source and machine, and cached on disk in the private per-user
 cache of :mod:`vcnn.kernels` (``$VCNN_CACHE_DIR/kernels``, else ``~/.cache/vcnn/kernels``);
 compilation takes well under a second.
 
@@ -27,7 +30,7 @@ a missing compiler or a failed build raises :class:`KernelUnavailable` with the 
 caller keeps the torch pass.
 
 Threads: the queries are split into ``torch.get_num_threads()`` parts of equal entry counts,
-run by the threads of torch's own OpenMP runtime (:func:`vcnn.kernels.c_parallel_driver`).
+run by the threads of torch's own OpenMP runtime (``VCNN_FOR_EACH_PART`` of ``vcnn_common.h``).
 """
 
 from __future__ import annotations
@@ -41,15 +44,13 @@ import torch
 
 from vcnn.features import FeatureNormalizer, FieldTable, normalized_point_scalars
 from vcnn.kernels import (
-    C_HELPERS,
-    C_INCLUDES,
     KernelUnavailable,
     MlpShape,
-    c_mlp_forward,
-    c_parallel_driver,
-    c_reciprocal,
-    c_widened,
+    activation_define,
+    bind,
+    c_source,
     compiled_library,
+    mlp_layer_defines,
     split_queries,
 )
 from vcnn.network import VectorCloudNet
@@ -58,27 +59,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FusedMoments", "FusedPass", "KernelUnavailable", "kernel_spec"]
 
-#: Vector forms of the activations (``vexp`` is the kernel's own vectorised exp).
-_ACTIVATION_CODE = {
-    "relu": "blend(x > 0.0f, x, zero)",
-    "silu": "x * reciprocal(1.0f + vexp(-x))",
-    "tanh": "1.0f - 2.0f * reciprocal(vexp(2.0f * x) + 1.0f)",
-}
-#: Activations run lane by lane through libm (correct, slower).
-_SCALAR_ACTIVATION_CODE = {
-    "gelu": "0.5f * v * (1.0f + erff(v * 0.70710678118654752f))",
-    # torch's softplus: beta 1, threshold 20
-    "softplus": "v > 20.0f ? v : log1pf(expf(v))",
-}
-_SOFTENING_SQUARED = 1e-24  # as vcnn.network
-
-
-
 @dataclass(frozen=True)
 class KernelSpec(MlpShape):
-    """Everything the generated source depends on (hashable).
+    """Everything the kernel depends on (hashable).
 
-    The pair MLP's shape (:class:`vcnn.kernels.MlpShape`) and the following.
+    The architecture (:func:`kernel_defines`) and the per-model numbers
+    (:func:`kernel_constants`): the pair MLP's shape (:class:`vcnn.kernels.MlpShape`) and the
+    following.
 
     Attributes:
         dim: spatial dimension d.
@@ -87,7 +74,6 @@ class KernelSpec(MlpShape):
             none).
         pair_names: the spec's pair scalars, in order.
         proximity_length: L of the proximity feature.
-        periodic: axes with a periodic wrap.
         frame: (d, d) rotation of the relative positions (row-major), or None.
         radius: whether the region has a normalised radius (ellipse and ball).
         across_inverse_squared: 1 / b^2 of the region's cross-flow semi-axis.
@@ -110,7 +96,6 @@ class KernelSpec(MlpShape):
     point_scalars: int
     pair_names: tuple[str, ...]
     proximity_length: float
-    periodic: tuple[int, ...]
     frame: tuple[float, ...] | None
     radius: bool
     across_inverse_squared: float
@@ -165,8 +150,7 @@ def kernel_spec(model: VectorCloudNet, table: FieldTable, normalizer: FeatureNor
     config = model.config
     if not isinstance(model, VectorCloudNet) or not model.is_factorised:
         raise KernelUnavailable("the network is not factorised")
-    if config.activation not in _ACTIVATION_CODE and config.activation not in _SCALAR_ACTIVATION_CODE:
-        raise KernelUnavailable(f"activation {config.activation!r} has no kernel form")
+    activation_define(config.activation)  # raises for an activation without a C form
     if table.points.device.type != "cpu":
         raise KernelUnavailable("the table is not on the CPU")
     if table.dtype != torch.float32 or next(model.parameters()).dtype != torch.float32:
@@ -197,7 +181,6 @@ def kernel_spec(model: VectorCloudNet, table: FieldTable, normalizer: FeatureNor
         point_scalars=point_count if config.point_scalars_in_kernels else 0,
         pair_names=names,
         proximity_length=float(table.spec.proximity_length),
-        periodic=tuple(sorted(table.periodic_axes)),
         frame=None if table.frame is None else tuple(float(v) for v in table.frame.to(torch.float32).reshape(-1)),
         radius=radius,
         across_inverse_squared=float(1.0 / table.across**2) if radius else 0.0,
@@ -217,343 +200,97 @@ def kernel_spec(model: VectorCloudNet, table: FieldTable, normalizer: FeatureNor
     )
 
 
-def _literal(value: float) -> str:
-    """A float32 C literal that is exactly ``value`` rounded to float32."""
-    return f"{float(np.float32(value)).hex()}f"
+#: The pair scalars the kernel computes (``VCNN_PAIR_SCALARS`` of ``vcnn_entry.h``).
+_PAIR_KINDS = ("proximity", "distance", "normalized_radius", "upstream_cosine")
+
+
+def constant_layout(spec: KernelSpec) -> dict[str, tuple[int, int]]:
+    """Layout of the per-model numbers passed at run time: name -> (offset, length)."""
+    pairs = len(spec.pair_names)
+    fields = [
+        ("MEAN", pairs), ("STD", pairs), ("LOW", pairs), ("HIGH", pairs), ("POSITION_SCALE", 1),
+        ("PROXIMITY", 1), ("ACROSS", 1), ("CUTOFF_START", 1), ("CUTOFF_SPAN", 1),
+        ("FRAME", spec.dim * spec.dim),
+    ]
+    layout, offset = {}, 0
+    for name, length in fields:
+        layout[name] = (offset, length)
+        offset += length
+    return layout
+
+
+def kernel_constants(spec: KernelSpec) -> torch.Tensor:
+    """(C,) float32 per-model numbers in :func:`constant_layout` (each rounded once to float32).
+
+    The normaliser's pair means and deviations, the ends of the pair scalars' ranges (0 when
+    there is no range test), the position scale, -1 / L of the proximity, 1 / b^2 of the
+    region, the cutoff's start and 1 - start, and the frame's rotation (identity without one).
+    """
+    pairs = len(spec.pair_names)
+    values = {
+        "MEAN": spec.pair_mean,
+        "STD": spec.pair_std,
+        "LOW": spec.pair_low or (0.0,) * pairs,
+        "HIGH": spec.pair_high or (0.0,) * pairs,
+        "POSITION_SCALE": (spec.position_scale,),
+        "PROXIMITY": (-1.0 / spec.proximity_length,),
+        "ACROSS": (spec.across_inverse_squared,),
+        "CUTOFF_START": (spec.cutoff_start or 0.0,),
+        "CUTOFF_SPAN": (1.0 - (spec.cutoff_start or 0.0),),
+        "FRAME": spec.frame or tuple(np.eye(spec.dim).reshape(-1)),
+    }
+    flat = [float(v) for name in constant_layout(spec) for v in values[name]]
+    return torch.tensor(np.asarray(flat, dtype=np.float64).astype(np.float32))
+
+
+def kernel_defines(spec: KernelSpec) -> dict[str, object]:
+    """The ``#define``s of ``fused_moments.c`` and ``training_rows.c`` for one spec.
+
+    Sizes and options only (the architecture), never a per-model number.
+
+    Raises:
+        KernelUnavailable: for a pair scalar or an input count the kernel does not cover.
+    """
+    unknown = [name for name in spec.pair_names if name not in _PAIR_KINDS]
+    if unknown:
+        raise KernelUnavailable(f"pair scalars {unknown} have no kernel form")
+    inputs = len(spec.pair_names) + spec.position_scalar + spec.angle + spec.point_scalars
+    if inputs != spec.layer_inputs:
+        raise KernelUnavailable(f"the pair kernels read {spec.layer_inputs} inputs, the kernel has {inputs}")
+    pairs = " ".join(f"X({index}, {name.upper()})" for index, name in enumerate(spec.pair_names))
+    return {
+        "LANES": spec.entry_lanes,
+        "ROW": spec.lanes,
+        "GROUP": spec.group,
+        "DIM": spec.dim,
+        "VECTORS": spec.vectors,
+        "POINT_SCALARS": spec.point_scalars,
+        "KERNELS": spec.kernels,
+        "WIDTH": spec.width,
+        "PAIRS": len(spec.pair_names),
+        "INPUTS": spec.layer_inputs,
+        "PARAMETERS": spec.parameters,
+        "RECORD": spec.record_width,
+        **{f"RECORD_{name.upper()}": offset for name, (offset, _) in spec.record.items()},
+        **{f"CONST_{name}": offset for name, (offset, _) in constant_layout(spec).items()},
+        activation_define(spec.activation): None,
+        "VCNN_PAIR_SCALARS(X)": pairs,
+        "VCNN_UPSTREAM": int("upstream_cosine" in spec.pair_names),
+        "VCNN_RADIUS": int(spec.radius),
+        "VCNN_FRAME": int(spec.frame is not None),
+        "VCNN_CUTOFF": int(spec.cutoff_start is not None),
+        "VCNN_VOLUME_POOLING": int(spec.volume_pooling),
+        "VCNN_RANGE_TEST": int(bool(spec.pair_low)),
+        "VCNN_POSITION_SCALAR": int(spec.position_scalar),
+        "VCNN_ANGLE": int(spec.angle),
+        "VCNN_POSITION_DIRECTION": int(spec.position_direction),
+        **mlp_layer_defines(spec),
+    }
 
 
 def kernel_source(spec: KernelSpec) -> str:
-    """The C source of the kernel for one spec (GCC/Clang vector extensions)."""
-    lines = [*c_header(spec), *c_pair_kernels(spec), *entry_source(spec), *_main_source(spec), _PROBES]
-    return "\n".join(lines) + "\n"
-
-
-def c_header(spec: KernelSpec) -> list[str]:
-    """Includes, vector types, sizes and the helpers (exp, reciprocal, activation) of a kernel."""
-    lanes, entries = spec.lanes, spec.entry_lanes
-    lines = [
-        *C_INCLUDES,
-        "/* vf, vi: one value per entry of a step; vr: a piece of a row of the embedding */",
-        f"typedef float vf __attribute__((vector_size({4 * entries})));",
-        f"typedef float vfu __attribute__((vector_size({4 * entries}), aligned(4)));",
-        f"typedef int32_t vi __attribute__((vector_size({4 * entries})));",
-        f"typedef float vr __attribute__((vector_size({4 * lanes})));",
-        f"typedef float vru __attribute__((vector_size({4 * lanes}), aligned(4)));",
-        f"#define LANES {entries}",
-        f"#define ROW {lanes}",
-        f"#define DIM {spec.dim}",
-        f"#define KERNELS {spec.kernels}",
-        f"#define WIDTH {spec.width}",
-        f"#define CHANNELS {spec.channels}",
-        f"#define RECORD {spec.record_width}",
-        f"#define PAIRS {len(spec.pair_names)}",
-        f"#define INPUTS {spec.layer_inputs}",
-        f"#define PARAMETERS {spec.parameters}",
-        f"#define BLOCK {max(64, entries)}",
-        f"#define GROUP {spec.group}",
-        f"typedef float vg __attribute__((vector_size({4 * entries * spec.group})));",
-        f"typedef int32_t vgi __attribute__((vector_size({4 * entries * spec.group})));",
-        f"#define GLANES {entries * spec.group}",
-    ]
-    activation = ["static inline vf activation(vf x) {", "  const vf zero = {};", "  (void)zero;"]
-    if spec.activation in _ACTIVATION_CODE:
-        activation.append(f"  return {_ACTIVATION_CODE[spec.activation]};")
-    else:
-        activation += [
-            "  vf y;",
-            "  for (int b = 0; b < LANES; ++b) {",
-            "    float v = x[b];",
-            f"    y[b] = {_SCALAR_ACTIVATION_CODE[spec.activation]};",
-            "  }",
-            "  return y;",
-        ]
-    activation.append("}")
-    # The same functions on GROUP vectors at once (type vg): each operation becomes GROUP
-    # independent hardware operations in program order, which hides the exp's latency.
-    lines += [C_HELPERS, c_reciprocal("vf", 4 * entries), c_widened(C_HELPERS)]
-    lines += [c_reciprocal("vg", 4 * entries * spec.group).replace("reciprocal", "reciprocal_g")]
-    lines += ["\n".join(activation), c_widened("\n".join(activation))]
-    return lines
-
-
-def c_pair_kernels(spec: KernelSpec) -> list[str]:
-    """The pair kernels on one vector of entries (lanes = entries)."""
-    last = len(spec.layers) - 1
-    return [
-        "static inline void pair_kernels(const vf* x, const float* params, vf* out) {",
-        "  const vf zero = {};",
-        *[f"  vf h{index}[{width}];" for index, width in enumerate(spec.layers)],
-        *c_mlp_forward(spec, slopes=False),
-        f"  for (int k = 0; k < KERNELS; ++k) out[k] = h{last}[k];",
-        "}",
-    ]
-
-
-def entry_source(spec: KernelSpec) -> list[str]:
-    """C function ``entry_values``: one SIMD vector of a cloud's entries, from table rows.
-
-    It mirrors :func:`vcnn.features.entry_inputs`, the normaliser and the pooling weight: from
-    the entries' rows, the query's origin, periods and record, it writes the pair kernels'
-    normalised inputs ``x``, the channels besides the constant one ``extra`` and the raw pair
-    scalars ``raw`` (for the range test), and returns the pooling weight (0 in lanes that are
-    not ``valid``; not yet divided by the cloud's total). The inference kernel and the training
-    kernel (:mod:`vcnn.fused_training`) both call it.
-    """
-    record = spec.record
-    dim = spec.dim
-    f = _literal
-    gather = []  # per-lane loads of point fields
-    for name in ("upstream", "vectors", "point_scalars", "volume", "outside"):
-        start, length = record[name]
-        needed = {
-            "upstream": "upstream_cosine" in spec.pair_names,
-            "vectors": spec.vectors > 0,
-            "point_scalars": spec.point_scalars > 0,
-            "volume": spec.volume_pooling,
-            "outside": bool(spec.pair_low),
-        }[name]
-        if needed and length:
-            gather.append(f"  vf {name}[{length}];")
-            gather.append(f"  for (int b = 0; b < LANES; ++b) for (int i = 0; i < {length}; ++i)")
-            gather.append(f"    {name}[i][b] = records[(int64_t)row[b] * RECORD + {start} + i];")
-    code = [
-        "static inline vf entry_values(const int32_t* row, vi valid, const double* origin,",
-        "                              const double* length, const double* inverse,",
-        "                              const float* own, const double* coords,",
-        "                              const float* records, vf* x, vf* extra, vf* raw,",
-        "                              vf* point_outside) {",
-        "  const vf zero = {};",
-        "  (void)length; (void)inverse; (void)own; (void)raw; (void)point_outside;",
-        "  vf rel[DIM];",
-        "  for (int b = 0; b < LANES; ++b) {",
-        "    const double* c = coords + (int64_t)row[b] * DIM;",
-        "    for (int a = 0; a < DIM; ++a) {",
-        "      double r = c[a] - origin[a];",
-    ]
-    if spec.periodic:
-        axes = " || ".join(f"a == {axis}" for axis in spec.periodic)
-        code.append(f"      if ({axes}) {{ double t = r * inverse[a]; r = r - length[a] * nearbyint(t); }}")
-    code += [
-        "      rel[a][b] = (float)r;",
-        "    }",
-        "  }",
-    ]
-    if spec.frame is not None:
-        code.append("  vf turned[DIM];")
-        for r in range(dim):
-            terms = " + ".join(f"{f(spec.frame[r * dim + c])} * rel[{c}]" for c in range(dim))
-            code.append(f"  turned[{r}] = {terms};")
-        code.append("  memcpy(rel, turned, sizeof rel);")
-    squared = " + ".join(f"rel[{a}] * rel[{a}]" for a in range(dim))
-    code += [f"  const vf distance_squared = {squared};", "  const vf distance = vsqrt(distance_squared);"]
-    if spec.radius:
-        parallel = " + ".join(f"rel[{a}] * own[{record['direction'][0] + a}]" for a in range(dim))
-        across = f(spec.across_inverse_squared)
-        code += [
-            f"  const vf parallel = {parallel};",
-            f"  const vf radius_squared = parallel * parallel * (own[{record['inverse_along_squared'][0]}] - {across})"
-            f" + distance_squared * {across};",
-            "  const vf radius = vsqrt(blend(radius_squared > 0.0f, radius_squared, zero));",
-        ]
-    code += gather
-    if spec.pair_low:
-        code.append("  *point_outside = outside[0];")
-    # raw pair scalars, in the spec's order
-    for index, name in enumerate(spec.pair_names):
-        if name == "proximity":
-            value = f"vexp(distance * {f(-1.0 / spec.proximity_length)})"
-        elif name == "distance":
-            value = "distance"
-        elif name == "normalized_radius":
-            value = "radius"
-        else:
-            dot = " + ".join(f"rel[{a}] * upstream[{a}]" for a in range(dim))
-            value = (
-                f"blend(distance > 0.0f, ({dot}) / blend(distance > 1e-30f, distance, zero + 1e-30f), zero)"
-            )
-        code.append(f"  raw[{index}] = {value};")
-    # normalised pair-kernel inputs: pair scalars, derived scalars, point scalars
-    position = [f"(rel[{a}] / {f(spec.position_scale)})" for a in range(dim)]
-    code.append(f"  vf position[DIM] = {{{', '.join(position)}}};")
-    inputs = [
-        f"(raw[{index}] - {f(spec.pair_mean[index])}) / {f(spec.pair_std[index])}"
-        for index in range(len(spec.pair_names))
-    ]
-    soft = f(_SOFTENING_SQUARED)
-    position_squared = " + ".join(f"position[{a}] * position[{a}]" for a in range(dim))
-    if spec.position_scalar or spec.angle or spec.position_direction:
-        code.append(f"  const vf softened = {position_squared} + {soft};")
-    if spec.position_scalar:
-        inputs.append("vsqrt(softened)")
-    if spec.angle:
-        first = [f"vectors[{a}]" for a in range(dim)]
-        dot = " + ".join(f"position[{a}] * {first[a]}" for a in range(dim))
-        first_squared = " + ".join(f"{v} * {v}" for v in first)
-        inputs.append(f"({dot}) * (1.0f / vsqrt(softened)) * (1.0f / vsqrt({first_squared} + {soft}))")
-    inputs += [f"point_scalars[{i}]" for i in range(spec.point_scalars)]
-    if len(inputs) != spec.layer_inputs:
-        raise KernelUnavailable(
-            f"the pair kernels read {spec.layer_inputs} inputs, the kernel has {len(inputs)}"
-        )
-    code += [f"  x[{index}] = {value};" for index, value in enumerate(inputs)]
-    # pooling weight
-    weight = "zero + 1.0f"
-    if spec.cutoff_start is not None:
-        start = spec.cutoff_start
-        code += [
-            f"  vf t = (radius - {f(start)}) / {f(1.0 - start)};",
-            "  t = blend(t > 1.0f, zero + 1.0f, blend(t > 0.0f, t, zero));",
-            "  vf cut = 1.0f - t * t * t * (t * (6.0f * t - 15.0f) + 10.0f);",
-            "  cut = blend(cut > 1.0f, zero + 1.0f, blend(cut > 0.0f, cut, zero));",
-        ]
-        weight = "cut"
-    if spec.volume_pooling:
-        weight = f"({weight}) * (volume[0] / own[{record['volume'][0]}])"
-    # channels: the point vectors' components, then the position channel
-    extra = [f"vectors[{i}]" for i in range(spec.vectors * dim)]
-    if spec.position_direction:
-        code.append(
-            f"  const vf unit = blend(softened > {f(2 * _SOFTENING_SQUARED)}, 1.0f / vsqrt(softened), zero);"
-        )
-        extra += [f"position[{a}] * unit" for a in range(dim)]
-    else:
-        extra += [f"position[{a}]" for a in range(dim)]
-    code += [f"  extra[{index}] = {value};" for index, value in enumerate(extra)]
-    code += [f"  return blend(valid, {weight}, zero);", "}"]
-    return code
-
-
-def _main_source(spec: KernelSpec) -> list[str]:
-    """The kernel's entry point: inputs, range test, pair kernels and sums per cloud."""
-    f = _literal
-    code = [
-        "/* The clouds first..last-1; counts and uses: this part's own (see c_parallel_driver). */",
-        "static int moments_part(int64_t first, int64_t last, int64_t part, const int64_t* offsets,",
-        "                        const int32_t* points, const int32_t* images,",
-        "                        const int64_t* queries, const double* coords,",
-        "                        const double* periods, const float* records, const float* params,",
-        "                        const float* table, float* sums, float* totals, int64_t* counts,",
-        "                        int64_t* uses, int64_t rows_count) {",
-        "  counts += part * (PAIRS + 1);",
-        "  if (uses) uses += part * rows_count;",
-        "  const vf zero = {};",
-        "  vf lane;",
-        "  for (int b = 0; b < LANES; ++b) lane[b] = (float)b;",
-        "  float scaled[KERNELS][CHANNELS][BLOCK] __attribute__((aligned(128)));",
-        "  int32_t block_rows[BLOCK];",
-        "  vi outside_any = {};",
-        "  vi outside_pair[PAIRS + 1];",
-        "  for (int j = 0; j < PAIRS + 1; ++j) outside_pair[j] = (vi){};",
-        "  for (int64_t q = first; q < last; ++q) {",
-        "    const int64_t begin = offsets[q], end = offsets[q + 1];",
-        "    const int64_t query = queries[q];",
-        "    const float* own = records + query * RECORD;",
-        "    double origin[DIM], length[DIM], inverse[DIM];",
-        "    for (int a = 0; a < DIM; ++a) {",
-        "      origin[a] = coords[query * DIM + a];",
-        "      length[a] = periods[query * 2 * DIM + 2 * a];",
-        "      inverse[a] = periods[query * 2 * DIM + 2 * a + 1];",
-        "    }",
-        "    vr acc[KERNELS][CHANNELS][WIDTH / ROW];",
-        "    memset(acc, 0, sizeof acc);",
-        "    vf total = zero;",
-        "    for (int64_t block = begin; block < end; block += BLOCK) {",
-        "      const int64_t size = end - block < BLOCK ? end - block : BLOCK;",
-        "      for (int64_t v = 0; v < size; v += LANES) {",
-        "      /* lanes past the cloud's end repeat its last entry and weigh nothing */",
-        "      const int64_t e = block + v;",
-        "      const vi valid = lane < (float)(end - e);",
-        "      int32_t row[LANES];",
-        "      for (int b = 0; b < LANES; ++b) {",
-        "        /* an entry is a point, or with images an image id of a point */",
-        "        const int32_t id = points[e + b < end ? e + b : end - 1];",
-        "        row[b] = images ? images[id] : id;",
-        "        block_rows[v + b] = row[b];",
-        "      }",
-        "      vf x[INPUTS], extra[CHANNELS - 1], raw[PAIRS + 1], point_outside;",
-        "      const vf w = entry_values(row, valid, origin, length, inverse, own, coords, records,",
-        "                                x, extra, raw, &point_outside);",
-    ]
-    if spec.pair_low:
-        code.append("      vi any = point_outside > 0.5f;")
-        for index in range(len(spec.pair_names)):
-            low, high = f(spec.pair_low[index]), f(spec.pair_high[index])
-            code += [
-                f"      const vi out{index} = (raw[{index}] < {low}) | (raw[{index}] > {high});",
-                f"      outside_pair[{index}] -= out{index} & valid;",
-                f"      any |= out{index};",
-            ]
-        code.append("      outside_any -= any & valid;")
-        code.append("      if (uses) for (int b = 0; b < LANES; ++b) if (valid[b]) uses[row[b]] += 1;")
-    code += [
-        "      vf out[KERNELS];",
-        "      pair_kernels(x, params, out);",
-        "      total += w;",
-        "      for (int k = 0; k < KERNELS; ++k) {",
-        "        const vf s = w + w * out[k];",
-        "        *(vfu*)(scaled[k][0] + v) = s;",
-        "        for (int c = 1; c < CHANNELS; ++c) *(vfu*)(scaled[k][c] + v) = s * extra[c - 1];",
-        "      }",
-        "      }",
-        *c_pooled_sums("block_rows", "table", "size").splitlines(),
-        "    }",
-        "    float whole = 0.0f;",
-        "    for (int b = 0; b < LANES; ++b) whole += total[b];",
-        "    totals[q] = whole;",
-        "    memcpy(sums + q * KERNELS * CHANNELS * WIDTH, acc, sizeof acc);",
-        "  }",
-        "  for (int b = 0; b < LANES; ++b) {",
-        "    counts[0] += outside_any[b];",
-        "    for (int j = 0; j < PAIRS; ++j) counts[1 + j] += outside_pair[j][b];",
-        "  }",
-        "  return 0;",
-        "}",
-        c_parallel_driver(
-            "vcnn_fused_moments",
-            "moments_part",
-            "const int64_t* offsets, const int32_t* points, const int32_t* images, "
-            "const int64_t* queries, "
-            "const double* coords, const double* periods, const float* records, "
-            "const float* params, const float* table, float* sums, float* totals, "
-            "int64_t* counts, int64_t* uses, int64_t rows_count",
-            "offsets, points, images, queries, coords, periods, records, params, table, sums, "
-            "totals, "
-            "counts, uses, rows_count",
-        ),
-    ]
-    return code
-
-
-def c_pooled_sums(rows: str, table: str, size: str) -> str:
-    """C block: adds ``scaled[k][c][v]`` times table row ``rows[v]`` to ``acc[k][c]``, v < size.
-
-    Two sets of sums (even and odd entries): the additions of one set wait on each other, two
-    sets keep the multiply-add units busy.
-    """
-    return f"""      for (int k = 0; k < KERNELS; ++k) {{
-        vr sum[CHANNELS][WIDTH / ROW], odd[CHANNELS][WIDTH / ROW];
-        memcpy(sum, acc[k], sizeof sum);
-        memset(odd, 0, sizeof odd);
-        int64_t v = 0;
-        for (; v + 1 < {size}; v += 2) {{
-          const vru* even_row = (const vru*)({table} + ((int64_t){rows}[v] * KERNELS + k) * WIDTH);
-          const vru* odd_row = (const vru*)({table} + ((int64_t){rows}[v + 1] * KERNELS + k) * WIDTH);
-          for (int c = 0; c < WIDTH / ROW; ++c) {{
-            const vr a = even_row[c], b = odd_row[c];
-            for (int h = 0; h < CHANNELS; ++h) {{
-              sum[h][c] += scaled[k][h][v] * a;
-              odd[h][c] += scaled[k][h][v + 1] * b;
-            }}
-          }}
-        }}
-        if (v < {size}) {{
-          const vru* row = (const vru*)({table} + ((int64_t){rows}[v] * KERNELS + k) * WIDTH);
-          for (int c = 0; c < WIDTH / ROW; ++c)
-            for (int h = 0; h < CHANNELS; ++h) sum[h][c] += scaled[k][h][v] * row[c];
-        }}
-        for (int h = 0; h < CHANNELS; ++h)
-          for (int c = 0; c < WIDTH / ROW; ++c) acc[k][h][c] = sum[h][c] + odd[h][c];
-      }}"""
+    """The C source of the inference kernel for one spec (``fused_moments.c``)."""
+    return c_source("fused_moments.c", kernel_defines(spec))
 
 
 @dataclass
@@ -596,13 +333,12 @@ class FusedPass:
         embedded: torch.Tensor,
     ) -> None:
         self.spec = spec
-        self._function = library.vcnn_fused_moments
-        self._function.restype = ctypes.c_int
-        self._function.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 14 + [ctypes.c_int64]
+        self._function = bind(library, "vcnn_fused_moments")
         self.count_uses = bool(point_outside.any())
         self._coords = table.points.contiguous()
         self._periods = point_periods(table)
         self._records = point_records(spec, model, table, normalizer, point_outside)
+        self._constants = kernel_constants(spec)
         self._parameters = torch.cat(
             [t.reshape(-1) for layer in model.pair_embedding.layers for t in (layer.weight, layer.bias)]
         ).detach().to(torch.float32).contiguous()
@@ -618,7 +354,7 @@ class FusedPass:
         point_outside: torch.Tensor,
         embedded: torch.Tensor,
     ) -> FusedPass:
-        """Generate, compile (or load from the cache) and bind the kernel.
+        """Assemble the source, compile it (or load it from the cache) and bind the kernel.
 
         Args:
             model: a factorised net (eval mode).
@@ -698,7 +434,7 @@ class FusedPass:
             *[
                 t.data_ptr()
                 for t in (query_rows, self._coords, self._periods, self._records,
-                          self._parameters, self.table, sums, totals, counts)
+                          self._constants, self._parameters, self.table, sums, totals, counts)
             ],
             None if uses is None else uses.data_ptr(),
             count,
@@ -762,25 +498,10 @@ def probe(spec: KernelSpec, name: str, values: torch.Tensor) -> torch.Tensor:
         (n,) float32.
     """
     symbol = f"vcnn_probe_{name}"
-    function = getattr(compiled_library(kernel_source(spec), symbols=(symbol,)), symbol)
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    function = bind(compiled_library(kernel_source(spec), symbols=(symbol,)), symbol)
     values = values.to(torch.float32).contiguous()
     if values.numel() % (spec.entry_lanes * spec.group):
         raise ValueError("probe: n must be a multiple of entry_lanes * group")
     out = torch.empty_like(values)
     function(values.data_ptr(), out.data_ptr(), values.numel())
     return out
-
-
-# Entry points for tests: the kernel's exp and activation on n values (n a multiple of GLANES).
-_PROBES = "\n".join(
-    f"""void vcnn_probe_{name}(const float* x, float* y, int64_t n) {{
-  for (int64_t i = 0; i + GLANES <= n; i += GLANES) {{
-    vg v;
-    memcpy(&v, x + i, sizeof v);
-    v = {function}(v);
-    memcpy(y + i, &v, sizeof v);
-  }}
-}}"""
-    for name, function in (("exp", "vexp_g"), ("activation", "activation_g"))
-)

@@ -1,7 +1,11 @@
-"""Generated C kernels: compiled once per source and machine, cached on disk, loaded with ctypes.
+"""C kernels: compiled once per source and machine, cached on disk, loaded with ctypes.
 
-The kernels of :mod:`vcnn.fused` (inference) and :mod:`vcnn.pooled_sums` (training) are C
-sources generated for one network's shapes. This module compiles a source with the system C
+The kernels of :mod:`vcnn.fused` (inference), :mod:`vcnn.fused_training` (training) and
+:mod:`vcnn.fused_mlp` (point embedding) are C files in ``vcnn/engines/csrc`` (:data:`CSRC`);
+:func:`c_source` puts a header of ``#define``s (the sizes and options of one net
+architecture) in front of one of them, with the folder's headers inlined. Per-model numbers
+(weights, normaliser statistics, region and cutoff constants) are arguments at run time, so one
+library serves every model of one architecture. This module compiles a source with the system C
 compiler (``$CC``, else ``cc``), keeps the shared library in a per-user cache and loads it once
 per process. Any failure raises :class:`KernelUnavailable`, whose message says why, and is
 remembered for the process; callers then use their torch implementation and warn once
@@ -46,6 +50,7 @@ import atexit
 import ctypes
 import functools
 import hashlib
+import importlib.resources
 import logging
 import os
 import platform
@@ -55,7 +60,7 @@ import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,22 +70,24 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "C_INCLUDES",
-    "c_activation_slope",
-    "C_HELPERS",
+    "ACTIVATIONS",
+    "CSRC",
+    "C_FUNCTIONS",
     "ENTRY_LANES",
     "GROUP",
     "KernelUnavailable",
     "MlpShape",
-    "c_reciprocal",
+    "activation_define",
+    "bind",
+    "c_file",
+    "c_source",
     "cache_key",
-    "c_widened",
-    "c_mlp_forward",
-    "c_parallel_driver",
     "compiled_library",
     "even_parts",
     "kernel_cache_dir",
     "library_path",
+    "mlp_layers",
+    "mlp_layer_defines",
     "split_queries",
     "warn_unavailable",
 ]
@@ -97,7 +104,7 @@ MAX_ENTRIES = 64
 
 
 class KernelUnavailable(RuntimeError):
-    """A generated kernel cannot run on this machine or for this net (the message says why)."""
+    """A C kernel cannot run on this machine or for this net (the message says why)."""
 
 
 _LIBRARIES: dict[str, ctypes.CDLL | KernelUnavailable] = {}
@@ -157,39 +164,6 @@ def split_queries(offsets: torch.Tensor, parts: int) -> torch.Tensor:
     cuts = np.searchsorted(offsets.numpy(), targets)
     bounds = [0, *sorted({int(c) for c in cuts} - {0, queries}), max(queries, 0)]
     return torch.tensor(bounds, dtype=torch.int64)
-
-
-def c_parallel_driver(name: str, part: str, parameters: str, arguments: str) -> str:
-    """C source of ``int name(int64_t parts, const int64_t* bounds, <parameters>)``.
-
-    It calls ``part(bounds[p], bounds[p + 1], p, <arguments>)`` for every part p, the parts
-    shared among the threads of an OpenMP team when the source is built with OpenMP (part p
-    owns any per-part output buffer p, so no two threads write the same memory), and returns
-    the bitwise or of the parts' statuses.
-    """
-    return "\n".join(
-        [
-            "#ifdef _OPENMP",
-            "#include <omp.h>",
-            "#endif",
-            f"int {name}(int64_t parts, const int64_t* bounds, {parameters}) {{",
-            "  int status = 0;",
-            "#ifdef _OPENMP",
-            "#pragma omp parallel num_threads((int)parts) reduction(|:status)",
-            "#endif",
-            "  {",
-            "    int team = 1, me = 0;",
-            "#ifdef _OPENMP",
-            "    team = omp_get_num_threads();",
-            "    me = omp_get_thread_num();",
-            "#endif",
-            "    for (int64_t p = me; p < parts; p += team)",
-            f"      status |= {part}(bounds[p], bounds[p + 1], p, {arguments});",
-            "  }",
-            "  return status;",
-            "}",
-        ]
-    )
 
 
 def even_parts(count: int, parts: int | None = None) -> torch.Tensor:
@@ -595,7 +569,7 @@ GROUP = 2
 
 @dataclass(frozen=True)
 class MlpShape:
-    """The shape of a pair-kernel MLP (:class:`vcnn.network.MLP`) as generated C sees it.
+    """The shape of a pair-kernel MLP (:class:`vcnn.network.MLP`) as the C kernels see it.
 
     Attributes:
         layers: output width of each layer; the last is the number of kernels K.
@@ -655,202 +629,98 @@ class MlpShape:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
-def mlp_layers(shape: MlpShape) -> list[tuple[int, str, int, int, int, int, bool]]:
-    """Per layer: index, input's C name, input width, width, weight offset, bias offset, activated.
+def mlp_layers(shape: MlpShape) -> list[tuple[int, int, int, int, int, bool]]:
+    """Per layer: index, input width, width, weight offset, bias offset, activated.
 
-    Layer i reads ``x`` (i = 0) or ``h{i-1}`` and writes ``h{i}``; the flat parameters hold,
-    per layer, the weight (row-major) and then the bias.
+    The flat parameters hold, per layer, the weight (row-major) and then the bias.
     """
-    layers, offset = [], 0
-    previous, size = "x", shape.layer_inputs
+    layers, offset, size = [], 0, shape.layer_inputs
     for index, width in enumerate(shape.layers):
         bias = offset + width * size
         activated = index < len(shape.layers) - 1 or shape.activate_last
-        layers.append((index, previous, size, width, offset, bias, activated))
-        offset = bias + width
-        previous, size = f"h{index}", width
+        layers.append((index, size, width, offset, bias, activated))
+        offset, size = bias + width, width
     return layers
 
 
-def c_mlp_forward(shape: MlpShape, *, slopes: bool) -> list[str]:
-    """C lines of the pair MLP's forward on one vector of entries ``x`` (one lane per entry).
+#: Activations with a C form (``vcnn_activation.h``).
+ACTIVATIONS = ("silu", "tanh", "relu", "gelu", "softplus")
 
-    Layer i's output goes to ``h{i}`` (declared by the caller), with ``slopes`` the derivative of
-    its activation to ``s{i}`` (functions ``act_slope``/``act_slope_g``; else ``activation`` and
-    ``activation_g``). The weights are scalars read from ``params``: every layer is broadcast
-    multiply-adds, unrolled so that the units' independent chains overlap, and activations run
-    GROUP units at a time (the exp is a long chain of dependent operations).
+#: The kernels' C sources: ``.c`` files and the ``.h`` files they include.
+CSRC = importlib.resources.files("vcnn") / "engines" / "csrc"
+
+_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.h)"[ \t]*$', re.MULTILINE)
+
+
+@functools.cache
+def c_file(name: str) -> str:
+    """The text of a file of :data:`CSRC`, its ``#include "<header>"`` lines inlined.
+
+    Each include of one of the folder's headers is replaced by the header's text (recursively;
+    a header may be included more than once), so the source text covers every header.
     """
-    lines = []
-    for index, previous, size, width, weights, bias, activated in mlp_layers(shape):
-        lines += [
-            f'  _Pragma("GCC unroll 64") for (int j = 0; j < {width}; ++j) {{',
-            f"    vf sum = zero + params[{bias} + j];",
-            f'    _Pragma("GCC unroll 64") for (int i = 0; i < {size}; ++i)',
-            f"      sum += params[{weights} + j * {size} + i] * {previous}[i];",
-            f"    h{index}[j] = sum;",
-        ]
-        lines += [f"    s{index}[j] = zero + 1.0f;"] if slopes else []
-        lines.append("  }")
-        if activated:
-            grouped = width - width % shape.group
-            if slopes:
-                group = ["    vg t, u;", f"    memcpy(&t, &h{index}[j], sizeof t);",
-                         "    t = act_slope_g(t, &u);", f"    memcpy(&h{index}[j], &t, sizeof t);",
-                         f"    memcpy(&s{index}[j], &u, sizeof u);"]
-                single = f"h{index}[j] = act_slope(h{index}[j], &s{index}[j]);"
-            else:
-                group = ["    vg t;", f"    memcpy(&t, &h{index}[j], sizeof t);",
-                         "    t = activation_g(t);", f"    memcpy(&h{index}[j], &t, sizeof t);"]
-                single = f"h{index}[j] = activation(h{index}[j]);"
-            lines += [f"  for (int j = 0; j < {grouped}; j += GROUP) {{", *group, "  }",
-                      f"  for (int j = {grouped}; j < {width}; ++j) {single}"]
-        kind = shape.residual[index]
-        if kind:
-            source = f"{previous}[j]" if kind == 1 else f"{previous}[j % {size}]"
-            lines.append(f"  for (int j = 0; j < {width}; ++j) h{index}[j] += {source};")
-    return lines
+    text = (CSRC / name).read_text()
+    return _INCLUDE.sub(lambda match: c_file(match.group(1)).rstrip("\n"), text)
 
 
-
-#: Activation and its derivative (slope) from the pre-activation z, vector forms (type vf).
-_SLOPE_CODE = {
-    "silu": [
-        "  const vf sigma = reciprocal(1.0f + vexp(-z));",
-        "  *slope = sigma * (1.0f + z * (1.0f - sigma));",
-        "  return z * sigma;",
-    ],
-    "tanh": [
-        "  const vf t = 1.0f - 2.0f * reciprocal(vexp(2.0f * z) + 1.0f);",
-        "  *slope = 1.0f - t * t;",
-        "  return t;",
-    ],
-    "relu": [
-        "  *slope = blend(z > 0.0f, zero + 1.0f, zero);",
-        "  return blend(z > 0.0f, z, zero);",
-    ],
-    # lane by lane through libm
-    "gelu": [
-        "  vf y, s;",
-        "  for (int b = 0; b < LANES; ++b) {",
-        "    const float v = z[b], phi = 0.5f * (1.0f + erff(v * 0.70710678118654752f));",
-        "    y[b] = v * phi;",
-        "    s[b] = phi + v * expf(-0.5f * v * v) * 0.39894228040143268f;",
-        "  }",
-        "  *slope = s;",
-        "  return y;",
-    ],
-    "softplus": [
-        "  vf y, s;",
-        "  for (int b = 0; b < LANES; ++b) {",
-        "    const float v = z[b];",
-        "    y[b] = v > 20.0f ? v : log1pf(expf(v));",
-        "    s[b] = v > 20.0f ? 1.0f : 1.0f / (1.0f + expf(-v));",
-        "  }",
-        "  *slope = s;",
-        "  return y;",
-    ],
-}
-
-
-def c_activation_slope(activation: str, *, vector: str = "vf") -> str:
-    """C ``act_slope(z, &slope)``: an activation and its derivative on a vector type.
+def c_source(name: str, defines: Mapping[str, object]) -> str:
+    """The C source of a kernel: ``#define``s (name -> value, None: no value), then ``name``.
 
     Args:
-        activation: the activation's name.
-        vector: the vector type (``LANES`` floats), e.g. ``vf`` or a wider one.
+        name: a ``.c`` file of :data:`CSRC`.
+        defines: what the file needs (its comments say which), in a fixed order, so that the
+            text (the cache key of the library) is the same for the same defines.
+    """
+    lines = [f"#define {key}" + ("" if value is None else f" {value}") for key, value in defines.items()]
+    return "\n".join(lines) + "\n" + c_file(name)
+
+
+def activation_define(activation: str) -> str:
+    """The ``VCNN_ACTIVATION_<NAME>`` that selects an activation in ``vcnn_activation.h``.
 
     Raises:
-        KernelUnavailable: for an activation without a kernel form.
+        KernelUnavailable: for an activation without a C form.
     """
-    if activation not in _SLOPE_CODE:
+    if activation not in ACTIVATIONS:
         raise KernelUnavailable(f"activation {activation!r} has no kernel form")
-    lines = [
-        "static inline vf act_slope(vf z, vf* slope) {",
-        "  const vf zero = {};",
-        "  (void)zero;",
-        *_SLOPE_CODE[activation],
-        "}",
+    return f"VCNN_ACTIVATION_{activation.upper()}"
+
+
+def mlp_layer_defines(shape: MlpShape) -> dict[str, object]:
+    """The layers of an MLP as ``vcnn_pair_mlp.h`` and ``mlp_rows.c`` read them (X-macro lists)."""
+    entries = [
+        f"X({index}, {'x' if index == 0 else f'h{index - 1}'}, {0 if index == 0 else f'd{index - 1}'}, "
+        f"{size}, {width}, {weights}, {bias}, {int(activated)}, {shape.residual[index]})"
+        for index, size, width, weights, bias, activated in mlp_layers(shape)
     ]
-    return re.sub(r"\bvf\b", vector, "\n".join(lines))
-
-
-def c_reciprocal(kind: str, size: int) -> str:
-    """``1 / d`` for a vector type of ``size`` bytes.
-
-    With AVX-512 a 14-bit estimate and one Newton step (relative error about 2^-27, NaN
-    propagates) is several times cheaper than a division, which otherwise bounds the
-    activations' throughput; elsewhere a division.
-    """
-    guards = {16: ("__AVX512VL__", "_mm_rcp14_ps", "__m128"),
-              32: ("__AVX512VL__", "_mm256_rcp14_ps", "__m256"),
-              64: ("__AVX512F__", "_mm512_rcp14_ps", "__m512")}
-    lines = [f"static inline {kind} reciprocal({kind} d) {{"]
-    if size in guards:
-        guard, intrinsic, native = guards[size]
-        lines += [
-            f"#if defined({guard})",
-            f"  {kind} r = ({kind}){intrinsic}(({native})d);",
-            "  return r * (2.0f - d * r);",
-            "#else",
-            "  return 1.0f / d;",
-            "#endif",
-        ]
-    else:
-        lines.append("  return 1.0f / d;")
-    lines.append("}")
-    return "\n".join(lines)
-
-
-def c_widened(code: str) -> str:
-    """The helpers' code for the GROUP-vector type vg (names suffixed ``_g``)."""
-    replacements = {
-        "vf": "vg", "vi": "vgi", "LANES": "GLANES", "blend": "blend_g", "vsqrt": "vsqrt_g",
-        "vexp": "vexp_g", "activation": "activation_g", "reciprocal": "reciprocal_g",
+    return {
+        "VCNN_MLP_LAYERS(X)": " ".join(entries),
+        "VCNN_MLP_LAYERS_REVERSED(X)": " ".join(reversed(entries)),
+        "VCNN_MLP_LAST": len(entries) - 1,
     }
-    return re.sub(r"\b(" + "|".join(replacements) + r")\b", lambda m: replacements[m.group(1)], code)
 
 
-#: The headers every generated kernel includes (AVX-512 intrinsics where the target has them).
-C_INCLUDES = (
-    "#include <math.h>",
-    "#include <stdint.h>",
-    "#include <string.h>",
-    "#if defined(__AVX512F__)",
-    "#include <immintrin.h>",
-    "#endif",
-)
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
-#: C helpers shared by the generated kernels (types vf, vi and LANES defined by the caller):
-#: a lane select, a square root, and a vectorised single-precision exp.
-C_HELPERS = r"""
-static inline vf blend(vi mask, vf yes, vf no) {
-  vi bits = ((vi)yes & mask) | ((vi)no & ~mask);
-  return (vf)bits;
+#: The kernels' entry points: name -> (C file, argument types; int64_t: c_int64, pointers:
+#: c_void_p). Each returns an int status (0: done). ``tests/test_csrc.py`` checks this table
+#: against the prototypes in the files.
+C_FUNCTIONS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "vcnn_fused_moments": ("fused_moments.c", (_I64, *[_PTR] * 15, _I64)),
+    "vcnn_probe_exp": ("fused_moments.c", (_PTR, _PTR, _I64)),
+    "vcnn_probe_activation": ("fused_moments.c", (_PTR, _PTR, _I64)),
+    "vcnn_train_forward": ("training_rows.c", (_I64, _PTR, _I64, *[_PTR] * 12, _I64)),
+    "vcnn_train_backward": (
+        "training_rows.c", (_I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64)
+    ),
+    "vcnn_rows_forward": ("mlp_rows.c", (_I64, *[_PTR] * 6)),
+    "vcnn_rows_backward": ("mlp_rows.c", (_I64, *[_PTR] * 5)),
 }
-static inline vf vsqrt(vf x) {
-  vf y;
-  for (int b = 0; b < LANES; ++b) y[b] = __builtin_sqrtf(x[b]);
-  return y;
-}
-/* exp for the activations and the proximity: arguments clamped to [-87, 88] (both saturate
-   there), Cody-Waite reduction, a degree-6 polynomial; about 2 ulp; NaN propagates. */
-static inline vf vexp(vf x) {
-  const vf zero = {};
-  const vf magic = zero + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-  vf clamped = blend(x > 88.0f, zero + 88.0f, blend(x < -87.0f, zero - 87.0f, x));
-  vf shifted = clamped * 1.44269504088896341f + magic;
-  vf n = shifted - magic;
-  vf r = clamped - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = zero + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  vi exponent = ((vi)shifted - (vi)magic + 127) << 23;
-  return p * (vf)exponent;
-}
-"""
+
+
+def bind(library: ctypes.CDLL, name: str):
+    """The entry point ``name`` of a library, its types set from :data:`C_FUNCTIONS`."""
+    function = getattr(library, name)
+    function.restype = ctypes.c_int
+    function.argtypes = list(C_FUNCTIONS[name][1])
+    return function
