@@ -6,7 +6,7 @@ about 28 M cloud entries) it solves the flow once, then measures:
 * the tau Newton solve (cold start, forms compiled beforehand; best of 2): what the closure
   replaces in a coupled run;
 * the closure (``vcnn.load_closure(...).predict``, full clouds, the fused CPU kernel of
-  ``vcnn.fused``): clouds, point tables, kernel, fitting net and total (best of 3), and the
+  ``vcnn.engines.fused_clouds``): clouds, point tables, kernel, fitting net and total (best of 3), and the
   ratio to the tau solve; the first call of the process (the kernel compiled into an empty
   cache);
 * the torch pass of the same model (``engine="sparse"``: sparse products, per-entry stage

@@ -7,7 +7,7 @@ Runs, one after the other on this machine, short trainings of
 * this tree with the same dense model (``dense`` preset);
 * this tree with its default model (factorised embedding, volume pooling): random batches,
   case-grouped batches with the C kernels turned off (``VCNN_KERNELS=0``: torch operations),
-  and case-grouped batches (the training kernel of ``vcnn.fused_training``),
+  and case-grouped batches (the training kernel of ``vcnn.engines.fused_rows``),
 
 on the cases of experiment (a) (150-point clouds, the same split and seed), and prints:
 

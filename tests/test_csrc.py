@@ -12,8 +12,8 @@ import torch
 
 from tests.ddp_scripts.synthetic_cases import channel_case
 from tests.test_fused import CONFIGS, _setup
-from vcnn import fused, fused_mlp, fused_training, kernels
 from vcnn.closure import load_closure
+from vcnn.engines import fused_clouds, fused_mlp, fused_rows, kernels
 from vcnn.features import FieldTable
 from vcnn.network import MLP
 
@@ -58,12 +58,12 @@ def _sources(file: str) -> dict[str, str]:
     """Distinct sources of one C file for the shipped models and the tests' nets."""
     sources = {}
     for name, (model, table, normalizer) in _nets().items():
-        spec = fused.kernel_spec(model, table, normalizer)
+        spec = fused_clouds.kernel_spec(model, table, normalizer)
         if file == "fused_moments.c":
-            sources.setdefault(fused.kernel_source(spec), name)
+            sources.setdefault(fused_clouds.kernel_source(spec), name)
         elif file == "training_rows.c":
             spec = dataclasses.replace(spec, pair_low=(), pair_high=())
-            sources.setdefault(fused_training.training_source(spec), name)
+            sources.setdefault(fused_rows.training_source(spec), name)
         else:
             shape = fused_mlp._RowShape.build(model.embedding, model.config.activation)
             sources.setdefault(fused_mlp._source(shape), name)
@@ -133,12 +133,12 @@ def test_the_shipped_models_share_one_library_and_differ_in_their_numbers():
     (published, table, normalizer), (coupled, table_c, normalizer_c) = (
         _nets()["shipped-published"], _nets()["shipped-coupled"]
     )
-    one = fused.kernel_spec(published, table, normalizer)
-    other = fused.kernel_spec(coupled, table_c, normalizer_c)
+    one = fused_clouds.kernel_spec(published, table, normalizer)
+    other = fused_clouds.kernel_spec(coupled, table_c, normalizer_c)
     assert one != other  # different normalisers ...
-    assert fused.kernel_source(one) == fused.kernel_source(other)  # ... one source
-    assert not torch.equal(fused.kernel_constants(one), fused.kernel_constants(other))
+    assert fused_clouds.kernel_source(one) == fused_clouds.kernel_source(other)  # ... one source
+    assert not torch.equal(fused_clouds.kernel_constants(one), fused_clouds.kernel_constants(other))
     # no per-model number is in the source text
     for value in (*one.pair_mean, one.position_scale, one.pair_std[0]):
-        assert repr(value) not in fused.kernel_source(one)
-        assert float(value).hex() not in fused.kernel_source(one)
+        assert repr(value) not in fused_clouds.kernel_source(one)
+        assert float(value).hex() not in fused_clouds.kernel_source(one)

@@ -18,9 +18,18 @@ import torch
 from tests.ddp_scripts.synthetic_cases import channel_case
 from tests.test_fused import _assert_counts_agree, _setup
 from tests.test_fused_training import _rows
-from vcnn import engines, kernels
+from vcnn import engines
 from vcnn.closure import load_closure
-from vcnn.engines import CLOUDS, ROWS, CloudSet, EngineUnavailable, PassData, TrainingPass, bind
+from vcnn.engines import (
+    CLOUDS,
+    ROWS,
+    CloudSet,
+    EngineUnavailable,
+    PassData,
+    TrainingPass,
+    bind,
+    kernels,
+)
 from vcnn.engines.fused_cpu import embed_points
 from vcnn.evaluation import predict_case
 from vcnn.inference import predict_full_clouds, predict_rows, row_kernel

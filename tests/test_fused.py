@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.ddp_scripts.synthetic_cases import channel_case
-from vcnn import fused, kernels
 from vcnn.clouds import CloudOptions
+from vcnn.engines import fused_clouds, kernels
 from vcnn.features import FeatureNormalizer, FeatureSpec, FieldTable, gather_inputs
 from vcnn.inference import point_embedding, predict_full_clouds
 from vcnn.network import VectorCloudNet
@@ -147,7 +147,7 @@ def test_range_counts_agree_when_many_inputs_are_outside():
 def test_one_thread_and_several_threads_agree():
     model, table, normalizer, clouds = _setup("published")
     counter_outside = torch.zeros(table.num_points, dtype=torch.bool)
-    bound = fused.FusedPass.build(
+    bound = fused_clouds.FusedPass.build(
         model, table, normalizer, point_outside=counter_outside,
         embedded=point_embedding(model, table, normalizer).detach(),
     )
@@ -159,7 +159,7 @@ def test_one_thread_and_several_threads_agree():
 
 def test_bad_clouds_are_refused_before_the_kernel_runs():
     model, table, normalizer, clouds = _setup("published")
-    bound = fused.FusedPass.build(
+    bound = fused_clouds.FusedPass.build(
         model, table, normalizer, point_outside=torch.zeros(table.num_points, dtype=torch.bool),
         embedded=point_embedding(model, table, normalizer).detach(),
     )
@@ -183,7 +183,7 @@ def test_without_a_compiler_auto_falls_back_and_fused_says_why(monkeypatch, tmp_
         result = predict_full_clouds(*args)
     assert result.engine == "sparse"
     assert "fused closure kernel unavailable" in caplog.text and "no C compiler" in caplog.text
-    with pytest.raises(fused.KernelUnavailable, match="no C compiler"):
+    with pytest.raises(fused_clouds.KernelUnavailable, match="no C compiler"):
         predict_full_clouds(*args, engine="fused")
 
 
@@ -195,7 +195,7 @@ def test_kernels_are_cached_on_disk(monkeypatch, tmp_path):
         model, table, normalizer, clouds.offsets, clouds.indices, clouds.queries, engine="fused"
     )
     built = sorted((tmp_path / "kernels").glob("kernel_*.so"))
-    assert len(built) == 2  # the fused pass and the point embedding (vcnn.fused_mlp)
+    assert len(built) == 2  # the fused pass and the point embedding (vcnn.engines.fused_mlp)
     assert not [p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]  # no leftovers
     # a new process (no kernel loaded) finds them on disk and builds nothing
     monkeypatch.setattr(kernels, "_LIBRARIES", {})
@@ -208,18 +208,18 @@ def test_kernels_are_cached_on_disk(monkeypatch, tmp_path):
 def test_unsupported_nets_are_named():
     model, table, normalizer, clouds = _setup("published")
     dense = VectorCloudNet(dim=2, num_scalars=6, num_vectors=1).eval()
-    with pytest.raises(fused.KernelUnavailable, match="not factorised"):
-        fused.kernel_spec(dense, table, normalizer)
-    with pytest.raises(fused.KernelUnavailable, match="float32"):
-        fused.kernel_spec(model.double(), table, normalizer)
+    with pytest.raises(fused_clouds.KernelUnavailable, match="not factorised"):
+        fused_clouds.kernel_spec(dense, table, normalizer)
+    with pytest.raises(fused_clouds.KernelUnavailable, match="float32"):
+        fused_clouds.kernel_spec(model.double(), table, normalizer)
 
 
 def test_the_kernels_exp_is_accurate_and_saturates():
     model, table, normalizer, _ = _setup("published")
-    spec = fused.kernel_spec(model, table, normalizer)
+    spec = fused_clouds.kernel_spec(model, table, normalizer)
     x = torch.cat([torch.linspace(-86.9, 87.9, 64000), torch.tensor([-200.0, 200.0, math.nan, 0.0])])
     x = torch.cat([x, torch.zeros(-x.numel() % (spec.entry_lanes * spec.group))])
-    y = fused.probe(spec, "exp", x)
+    y = fused_clouds.probe(spec, "exp", x)
     exact = torch.exp(x.double())
     finite = x.abs() < 87
     relative = ((y.double() - exact).abs() / exact)[finite]
@@ -232,10 +232,10 @@ def test_the_kernels_exp_is_accurate_and_saturates():
 def test_the_kernels_activations_match_torch(activation):
     model, table, normalizer, _ = _setup("published")
     model = VectorCloudNet(**{**model.config.to_dict(), "activation": activation})
-    spec = fused.kernel_spec(model, table, normalizer)
+    spec = fused_clouds.kernel_spec(model, table, normalizer)
     x = torch.linspace(-60.0, 60.0, 48000)
     exact = model.pair_embedding.activation(x.double()).float()
-    y = fused.probe(spec, "activation", x)
+    y = fused_clouds.probe(spec, "activation", x)
     torch.testing.assert_close(y, exact, rtol=1e-6, atol=1e-6)
 
 

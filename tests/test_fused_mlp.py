@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from vcnn import kernels
-from vcnn.fused_mlp import mlp_rows
-from vcnn.kernels import KernelUnavailable
+from vcnn.engines import kernels
+from vcnn.engines.fused_mlp import mlp_rows
+from vcnn.engines.kernels import KernelUnavailable
 from vcnn.network import MLP, VectorCloudNet
 
 pytestmark = pytest.mark.skipif(

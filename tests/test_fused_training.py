@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.test_fused import CONFIGS, _setup
-from vcnn import kernels
+from vcnn.engines import kernels
 from vcnn.inference import predict_rows, row_kernel
 from vcnn.network import CloudInputError
 

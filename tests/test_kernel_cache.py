@@ -1,4 +1,4 @@
-"""The compiled-kernel cache (vcnn.kernels): private folders, checks, rebuilds, LRU bound."""
+"""The compiled-kernel cache (vcnn.engines.kernels): private folders, checks, rebuilds, LRU bound."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vcnn import kernels
+from vcnn.engines import kernels
 
 SOURCE = "int answer(void) { return 42; }\n"
 PLANTED = "int answer(void) { return 666; }\n"
@@ -112,7 +112,7 @@ def test_a_library_planted_by_another_user_is_never_loaded(cache, caplog, where)
         os.chown(cache, OTHER_UID, OTHER_UID)
         os.chmod(cache, 0o755)
     before = [_snapshot(library) for library in planted]
-    with caplog.at_level(logging.WARNING, logger="vcnn.kernels"):
+    with caplog.at_level(logging.WARNING, logger="vcnn.engines.kernels"):
         assert _answer() == 42  # built in a private folder, never the planted 666
     assert [_snapshot(library) for library in planted] == before
     assert "kernel cache not used" in caplog.text
@@ -123,7 +123,7 @@ def test_a_library_planted_by_another_user_is_never_loaded(cache, caplog, where)
 def test_a_group_writable_cache_folder_of_ours_is_refused(cache, caplog):
     cache.mkdir(parents=True)
     os.chmod(cache, 0o770)
-    with caplog.at_level(logging.WARNING, logger="vcnn.kernels"):
+    with caplog.at_level(logging.WARNING, logger="vcnn.engines.kernels"):
         assert _answer() == 42
     assert f"{cache} is writable by group or others" in caplog.text
     assert list(cache.iterdir()) == [] and stat.S_IMODE(os.lstat(cache).st_mode) == 0o770
@@ -135,7 +135,7 @@ def test_a_symlinked_cache_folder_is_refused(cache, tmp_path, caplog):
     elsewhere.mkdir(mode=0o700)
     cache.parent.mkdir(mode=0o700)
     cache.symlink_to(elsewhere)
-    with caplog.at_level(logging.WARNING, logger="vcnn.kernels"):
+    with caplog.at_level(logging.WARNING, logger="vcnn.engines.kernels"):
         assert _answer() == 42
     assert f"{cache} is a symbolic link" in caplog.text
     assert list(elsewhere.iterdir()) == []
@@ -161,7 +161,7 @@ def test_a_symlinked_library_is_never_loaded(cache, tmp_path):
 _LOADER = """
 import json, logging, sys
 logging.basicConfig(level=logging.WARNING)
-from vcnn import kernels
+from vcnn.engines import kernels
 answers = {}
 for source in json.loads(sys.argv[1]):
     try:
@@ -263,7 +263,7 @@ def test_the_cache_keeps_the_most_recently_used_within_the_bound(cache, monkeypa
 
 _FALLBACK = """
 import tempfile
-from vcnn import kernels
+from vcnn.engines import kernels
 print(kernels.compiled_library("int answer(void) { return 42; }", symbols=("answer",)).answer())
 print(kernels._PRIVATE[0], oct(kernels._PRIVATE[0].stat().st_mode & 0o777))
 """

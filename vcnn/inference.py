@@ -29,10 +29,10 @@ from torch import nn
 from vcnn.engines import CLOUDS, ROWS, CloudSet, FullCloudResult, PassData, bind, resolve
 from vcnn.engines.base import point_embedding
 from vcnn.engines.fused_cpu import FusedRows
+from vcnn.engines.fused_rows import TrainingKernel
 from vcnn.engines.reference import gathered_rows, predict_padded
 from vcnn.engines.sparse import COMPILE_MIN_ENTRIES
 from vcnn.features import FeatureNormalizer, FieldTable
-from vcnn.fused_training import TrainingKernel
 from vcnn.network import VectorCloudNet
 
 __all__ = [

@@ -849,7 +849,7 @@ class VectorCloudNet(nn.Module):
                 With ``point_rows``: (U, m), the embedding of U distinct points.
             point_rows: (B, n) int rows of a (U, m) ``point_embedding``, one per entry (each
                 distinct point embedded once; the backends of :mod:`vcnn.engines` run the same net
-                on row batches, e.g. with the training kernel of :mod:`vcnn.fused_training`).
+                on row batches, e.g. with the training kernel of :mod:`vcnn.engines.fused_rows`).
 
         Returns:
             (B,) for ``output="scalar"``, (B, d) for ``"vector"``, (B, d, d) symmetric for

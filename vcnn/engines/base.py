@@ -11,7 +11,7 @@ pooled moments -> head) in two forms:
 
 Both first bind the backend to a network and a data set (a table and its normaliser): what
 costs a compilation or a pass over the table happens there, once, and may raise
-:class:`vcnn.kernels.KernelUnavailable`. :meth:`Engine.supports` says beforehand, without
+:class:`vcnn.engines.kernels.KernelUnavailable`. :meth:`Engine.supports` says beforehand, without
 building anything, whether the backend applies at all. Which backend runs is decided in one
 place, :func:`vcnn.engines.registry.bind`.
 """
@@ -204,11 +204,11 @@ class Engine(Protocol):
         ...
 
     def full_clouds(self, model: nn.Module, data: PassData) -> CloudForward:
-        """Bind the full-cloud forward (may raise :class:`vcnn.kernels.KernelUnavailable`)."""
+        """Bind the full-cloud forward (may raise :class:`vcnn.engines.kernels.KernelUnavailable`)."""
         ...
 
     def training_rows(self, model: nn.Module, data: PassData) -> RowForward:
-        """Bind the training-rows forward (may raise :class:`vcnn.kernels.KernelUnavailable`)."""
+        """Bind the training-rows forward (may raise :class:`vcnn.engines.kernels.KernelUnavailable`)."""
         ...
 
 

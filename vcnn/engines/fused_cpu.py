@@ -2,16 +2,16 @@
 
 For a factorised float32 net on the CPU:
 
-* the point embedding ``A`` runs in the row-MLP kernel of :mod:`vcnn.fused_mlp` (forward, and
+* the point embedding ``A`` runs in the row-MLP kernel of :mod:`vcnn.engines.fused_mlp` (forward, and
   backward in the parameters);
-* full clouds: :class:`vcnn.fused.FusedPass` computes inputs, pair kernels, pooling weights,
+* full clouds: :class:`vcnn.engines.fused_clouds.FusedPass` computes inputs, pair kernels, pooling weights,
   moments and range counts in one C loop per cloud; the head runs in torch on the moments;
-* training rows: :class:`vcnn.fused_training.TrainingKernel` computes the pooled sums of a
+* training rows: :class:`vcnn.engines.fused_rows.TrainingKernel` computes the pooled sums of a
   row batch (forward and backward) reading only table rows, each distinct point of the
   batch embedded once.
 
 :meth:`FusedCpuEngine.supports` checks what the kernels cover; binding compiles (or loads
-from the cache) the kernels and raises :class:`vcnn.kernels.KernelUnavailable` where that
+from the cache) the kernels and raises :class:`vcnn.engines.kernels.KernelUnavailable` where that
 fails (no C compiler, ``VCNN_KERNELS=0``), which :func:`vcnn.engines.registry.bind` reports.
 """
 
@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from vcnn import fused, fused_mlp, fused_training, kernels
+from vcnn.engines import fused_clouds, fused_mlp, fused_rows, kernels
 from vcnn.engines.base import (
     CloudSet,
     FullCloudResult,
@@ -76,7 +76,7 @@ class FusedCpuEngine:
         if device.type != "cpu":
             return "the C kernels run on the CPU only"
         try:
-            fused.kernel_spec(model, data.table, data.normalizer)
+            fused_clouds.kernel_spec(model, data.table, data.normalizer)
         except kernels.KernelUnavailable as error:
             return str(error)
         return None
@@ -87,7 +87,7 @@ class FusedCpuEngine:
         table, normalizer = data.table, data.normalizer
         with torch.no_grad():
             embedded = embed_points(model, table, normalizer)
-        bound = fused.FusedPass.build(
+        bound = fused_clouds.FusedPass.build(
             model,
             table,
             normalizer,
@@ -98,14 +98,14 @@ class FusedCpuEngine:
 
     def training_rows(self, model: nn.Module, data: PassData) -> FusedRows:
         """Build the training kernel for the data set (and load the embedding kernel)."""
-        kernel = fused_training.TrainingKernel.build(model, data.table, data.normalizer)
+        kernel = fused_rows.TrainingKernel.build(model, data.table, data.normalizer)
         with torch.no_grad():  # the row-MLP kernel: built (or found) now, not at the first batch
             embed_points(model, data.table, data.normalizer, torch.zeros(1, dtype=torch.int64))
         return FusedRows(kernel, data)
 
 
 class FusedRows:
-    """The training-rows forward of a :class:`~vcnn.fused_training.TrainingKernel`.
+    """The training-rows forward of a :class:`~vcnn.engines.fused_rows.TrainingKernel`.
 
     Args:
         kernel: the kernel built for the data set.
@@ -114,7 +114,7 @@ class FusedRows:
 
     engine = "fused"
 
-    def __init__(self, kernel: fused_training.TrainingKernel, data: PassData) -> None:
+    def __init__(self, kernel: fused_rows.TrainingKernel, data: PassData) -> None:
         self.kernel = kernel
         self.data = data
 
@@ -144,7 +144,7 @@ class _FusedClouds:
     engine = "fused"
 
     def __init__(
-        self, model: VectorCloudNet, data: PassData, bound: fused.FusedPass, seconds: float
+        self, model: VectorCloudNet, data: PassData, bound: fused_clouds.FusedPass, seconds: float
     ) -> None:
         self.model = model
         self.data = data

@@ -4,7 +4,7 @@
 with ``"auto"`` the first whose :meth:`~vcnn.engines.base.Engine.supports` passes and that
 binds; it is the only place that handles a backend's unavailability: a backend that applies
 but cannot be built here (no C compiler, ``VCNN_KERNELS=0``) is reported once per process and
-reason (:func:`vcnn.kernels.warn_unavailable`) and the next one runs; a requested backend that
+reason (:func:`vcnn.engines.kernels.warn_unavailable`) and the next one runs; a requested backend that
 cannot run is refused with its reason.
 """
 
@@ -14,8 +14,7 @@ import logging
 
 from torch import nn
 
-from vcnn import kernels
-from vcnn.engines import fused_cpu, reference, sparse
+from vcnn.engines import fused_cpu, kernels, reference, sparse
 from vcnn.engines.base import (
     CLOUDS,
     CloudForward,

@@ -19,7 +19,7 @@ has a fixed trip count: :func:`kernel_defines`); the per-model numbers (weights,
 statistics, region, cutoff and frame constants: :func:`kernel_constants`) are arguments at run
 time, so one library serves every model of one architecture. It is compiled with the system C
 compiler (``$CC``, else ``cc``) once per source and machine, and cached on disk in the private per-user
-cache of :mod:`vcnn.kernels` (``$VCNN_CACHE_DIR/kernels``, else ``~/.cache/vcnn/kernels``);
+cache of :mod:`vcnn.engines.kernels` (``$VCNN_CACHE_DIR/kernels``, else ``~/.cache/vcnn/kernels``);
 compilation takes well under a second.
 
 The formulas mirror :func:`vcnn.features.entry_inputs`, :class:`vcnn.features.FeatureNormalizer`
@@ -42,8 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vcnn.features import FeatureNormalizer, FieldTable, normalized_point_scalars
-from vcnn.kernels import (
+from vcnn.engines.kernels import (
     KernelUnavailable,
     MlpShape,
     activation_define,
@@ -53,6 +52,7 @@ from vcnn.kernels import (
     mlp_layer_defines,
     split_queries,
 )
+from vcnn.features import FeatureNormalizer, FieldTable, normalized_point_scalars
 from vcnn.network import VectorCloudNet
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class KernelSpec(MlpShape):
     """Everything the kernel depends on (hashable).
 
     The architecture (:func:`kernel_defines`) and the per-model numbers
-    (:func:`kernel_constants`): the pair MLP's shape (:class:`vcnn.kernels.MlpShape`) and the
+    (:func:`kernel_constants`): the pair MLP's shape (:class:`vcnn.engines.kernels.MlpShape`) and the
     following.
 
     Attributes:

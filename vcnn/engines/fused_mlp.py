@@ -13,7 +13,7 @@ slope and the residual in registers, and the rows stored once. The backward's in
 run the same way from the stored slopes; the weight gradients, products over all rows, are
 BLAS matrix products (``torch.mm``), which run them near the machine's peak. Same arithmetic
 as :class:`vcnn.network.MLP` up to float32 round-off; ``tests/test_fused_mlp.py`` compares them.
-It runs for float32 CPU tensors when the kernel can be built (:mod:`vcnn.kernels`); otherwise
+It runs for float32 CPU tensors when the kernel can be built (:mod:`vcnn.engines.kernels`); otherwise
 :class:`KernelUnavailable` says why and the caller runs the module.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vcnn.kernels import (
+from vcnn.engines.kernels import (
     KernelUnavailable,
     MlpShape,
     activation_define,

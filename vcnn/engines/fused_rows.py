@@ -20,7 +20,7 @@ per entry and accumulates the gradients of the MLP's parameters and of A in per-
 buffers. The entry inputs come from the same C function as the inference kernel's
 (``entry_values`` of ``vcnn_entry.h``), so training, validation and the closure see one computation
 of the inputs.
-It runs for float32 on the CPU when the kernel can be built (:mod:`vcnn.kernels`); otherwise,
+It runs for float32 on the CPU when the kernel can be built (:mod:`vcnn.engines.kernels`); otherwise,
 and on CUDA, :func:`vcnn.inference.predict_rows` gathers the inputs and runs the net's torch
 operations. ``tests/test_fused_training.py`` checks values and gradients of one against the
 other.
@@ -34,8 +34,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from vcnn.features import FeatureNormalizer, FieldTable
-from vcnn.fused import (
+from vcnn.engines.fused_clouds import (
     KernelSpec,
     kernel_constants,
     kernel_defines,
@@ -43,7 +42,8 @@ from vcnn.fused import (
     point_periods,
     point_records,
 )
-from vcnn.kernels import bind, c_source, compiled_library, even_parts
+from vcnn.engines.kernels import bind, c_source, compiled_library, even_parts
+from vcnn.features import FeatureNormalizer, FieldTable
 from vcnn.network import CloudInputError, VectorCloudNet
 
 __all__ = ["TrainingKernel"]

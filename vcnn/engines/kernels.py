@@ -1,7 +1,7 @@
 """C kernels: compiled once per source and machine, cached on disk, loaded with ctypes.
 
-The kernels of :mod:`vcnn.fused` (inference), :mod:`vcnn.fused_training` (training) and
-:mod:`vcnn.fused_mlp` (point embedding) are C files in ``vcnn/engines/csrc`` (:data:`CSRC`);
+The kernels of :mod:`vcnn.engines.fused_clouds` (inference), :mod:`vcnn.engines.fused_rows` (training) and
+:mod:`vcnn.engines.fused_mlp` (point embedding) are C files in ``vcnn/engines/csrc`` (:data:`CSRC`);
 :func:`c_source` puts a header of ``#define``s (the sizes and options of one net
 architecture) in front of one of them, with the folder's headers inlined. Per-model numbers
 (weights, normaliser statistics, region and cutoff constants) are arguments at run time, so one
