@@ -60,10 +60,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
-from vcnn.checkpoint import load_model
 from vcnn.datasets import CaseSource
 from vcnn.evaluation import predict_case
-loaded = load_model(sys.argv[1])
+try:  # releases with vcnn.closure predict through a Closure, earlier ones through the model
+    from vcnn.closure import load_closure
+    loaded = load_closure(sys.argv[1], device="cpu")
+except ImportError:
+    from vcnn.checkpoint import load_model
+    loaded = load_model(sys.argv[1])
 best = None
 for _ in range(int(sys.argv[4])):
     start = time.perf_counter()
