@@ -63,14 +63,8 @@ static int moments_part(int64_t first, int64_t last, int64_t part, const int64_t
           for (int b = 0; b < LANES; ++b)
             if (valid[b]) uses[row[b]] += 1;
 #endif
-        vf out[KERNELS];
-        pair_kernels(x, params, out);
+        weighted_kernels(x, params, w, extra, scaled, v);
         total += w;
-        for (int k = 0; k < KERNELS; ++k) {
-          const vf s = w + w * out[k];
-          *(vfu*)(scaled[k][0] + v) = s;
-          for (int c = 1; c < CHANNELS; ++c) *(vfu*)(scaled[k][c] + v) = s * extra[c - 1];
-        }
       }
       pooled_sums(acc, scaled, block_rows, table, size);
     }

@@ -69,14 +69,8 @@ static int forward_part(int64_t first, int64_t last, int64_t part, int64_t n,
           for (int c = 0; c < CHANNELS - 1; ++c) *(vfu*)(keep + (INPUTS + c) * saved_stride) = extra[c];
           *(vfu*)(keep + (SAVED_VALUES - 1) * saved_stride) = w;
         }
-        vf out[KERNELS];
-        pair_kernels(x, params, out);
+        weighted_kernels(x, params, w, extra, scaled, v);
         total += w;
-        for (int k = 0; k < KERNELS; ++k) {
-          const vf s = w + w * out[k];
-          *(vfu*)(scaled[k][0] + v) = s;
-          for (int c = 1; c < CHANNELS; ++c) *(vfu*)(scaled[k][c] + v) = s * extra[c - 1];
-        }
       }
       pooled_sums(acc, scaled, block_rows, table, size);
     }

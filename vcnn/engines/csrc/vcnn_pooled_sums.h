@@ -30,3 +30,17 @@ static inline void pooled_sums(vr acc[KERNELS][CHANNELS][WIDTH / ROW],
       for (int c = 0; c < WIDTH / ROW; ++c) acc[k][h][c] = sum[h][c] + odd[h][c];
   }
 }
+
+/* weighted_kernels: the pair kernels of one vector of entries (x), times the pooling weight w
+   plus w itself (the mean part), into lanes v .. v + LANES - 1 of scaled: channel 0 that value,
+   channel c > 0 that value times the entry's extra value c - 1. */
+static inline void weighted_kernels(const vf* x, const float* params, vf w, const vf* extra,
+                                    float scaled[KERNELS][CHANNELS][BLOCK], int64_t v) {
+  vf out[KERNELS];
+  pair_kernels(x, params, out);
+  for (int k = 0; k < KERNELS; ++k) {
+    const vf s = w + w * out[k];
+    *(vfu*)(scaled[k][0] + v) = s;
+    for (int c = 1; c < CHANNELS; ++c) *(vfu*)(scaled[k][c] + v) = s * extra[c - 1];
+  }
+}
