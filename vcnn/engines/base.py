@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vcnn.clouds import map_images
 from vcnn.features import FeatureNormalizer, FieldTable, normalized_point_scalars
 from vcnn.network import VectorCloudNet
 
@@ -116,6 +117,15 @@ class CloudSet:
     def num_entries(self) -> int:
         """Cloud entries in all."""
         return int(self.offsets[-1])
+
+    def table_rows(self) -> np.ndarray:
+        """(nnz,) the entries' table rows: :attr:`indices`, image ids mapped to their points.
+
+        The torch passes read table rows; the fused kernel reads image ids itself.
+        """
+        if self.image_points is None:
+            return self.indices
+        return map_images(np.asarray(self.image_points), np.asarray(self.indices))
 
 
 @dataclass

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from vcnn.clouds import map_images
 from vcnn.engines.base import (
     CloudSet,
     FullCloudResult,
@@ -138,9 +137,7 @@ class _PaddedClouds:
         model, table, normalizer = self.model, self.data.table, self.data.normalizer
         device = self.data.device
         counter = RangeCounter(table, normalizer)
-        offsets, queries, indices = clouds.offsets, clouds.queries, clouds.indices
-        if clouds.image_points is not None:  # this pass reads table rows
-            indices = map_images(np.asarray(clouds.image_points), np.asarray(indices))
+        offsets, queries, indices = clouds.offsets, clouds.queries, clouds.table_rows()
         output = torch.empty(queries.size, dtype=torch.float64, device=device)
         seconds = {"inputs": 0.0, "network": 0.0}
         with torch.no_grad():

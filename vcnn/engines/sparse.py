@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from vcnn.clouds import map_images
 from vcnn.engines.base import (
     CloudSet,
     FullCloudResult,
@@ -87,9 +86,7 @@ class _SparseClouds:
         model, table, normalizer = self.model, self.data.table, self.data.normalizer
         device = self.data.device
         counter = RangeCounter(table, normalizer)
-        offsets, queries, indices = clouds.offsets, clouds.queries, clouds.indices
-        if clouds.image_points is not None:  # this pass reads table rows
-            indices = map_images(np.asarray(clouds.image_points), np.asarray(indices))
+        offsets, queries, indices = clouds.offsets, clouds.queries, clouds.table_rows()
         if compile == "auto":
             compile = device.type == "cpu" and clouds.num_entries >= COMPILE_MIN_ENTRIES
         output = torch.empty(queries.size, dtype=torch.float64, device=device)
