@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     import dolfinx.mesh
 
-__all__ = ["CELL_TAG_KEYS", "MeshError", "read_mesh", "read_meshio"]
+__all__ = ["CELL_TAG_KEYS", "MeshError", "read_mesh", "read_meshio", "read_xdmf_fields"]
 
 logger = logging.getLogger(__name__)
 
@@ -399,3 +399,86 @@ def _to_dolfinx_order(cells: np.ndarray, meshio_type: str) -> np.ndarray:
     cell_type = dolfinx.mesh.to_type(_DOLFINX_CELL_NAMES[meshio_type])
     permutation = dolfinx.io.utils.cell_perm_vtk(cell_type, cells.shape[1])
     return cells[:, permutation]
+
+
+#: Names :func:`read_xdmf_fields` gives the mesh; no field may take them.
+_XDMF_MESH_KEYS = ("points", "cells")
+
+
+def read_xdmf_fields(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Mesh and fields of an XDMF file written by ``vcnn generate`` or ``vcnn simulate``.
+
+    dolfinx writes the mesh and one temporal grid per function into one ``.xdmf`` (the XML)
+    and its ``.h5`` (the arrays); ``meshio.read`` takes only one grid ("Only supports one
+    grid") and ``meshio.xdmf.TimeSeriesReader`` only the last function, so this reads the XML
+    with the standard library and every array it names with h5py (``Format="XML"`` inline
+    arrays as well). ParaView opens the same file (the ``Xdmf3ReaderT`` reader).
+
+    Args:
+        path: the ``.xdmf`` file (its ``.h5`` is found through the names it holds).
+
+    Returns:
+        ``points`` (N, gdim) float64 and ``cells`` (M, nodes per cell) int64 of the mesh, and
+        each field by its name at its last time step: (N,) for a scalar, (N, 3) for a vector
+        (dolfinx pads 2-D vectors with a zero z component); a cell field has M rows.
+
+    Raises:
+        MeshError: the file is missing, not dolfinx XDMF, or h5py is not installed.
+    """
+    import xml.etree.ElementTree as ElementTree
+
+    path = Path(path)
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError) as error:
+        raise MeshError(f"cannot read the XDMF file {str(path)!r}: {error}") from None
+    grids = [g for g in root.iter("Grid") if g.find("Topology") is not None]
+    if not grids or grids[0].find("Geometry") is None:
+        raise MeshError(f"XDMF file {str(path)!r} has no grid with a topology and a geometry")
+    mesh = grids[0]
+    files: dict[Path, Any] = {}
+    try:
+        fields = {
+            "points": _xdmf_array(mesh.find("Geometry/DataItem"), path, files),
+            "cells": _xdmf_array(mesh.find("Topology/DataItem"), path, files).astype(np.int64),
+        }
+        for attribute in root.iter("Attribute"):  # in file order: a later step replaces
+            name = attribute.get("Name", "")
+            if name in _XDMF_MESH_KEYS:
+                raise MeshError(f"XDMF file {str(path)!r} has a field named {name!r}")
+            values = _xdmf_array(attribute.find("DataItem"), path, files)
+            fields[name] = values[:, 0] if values.ndim == 2 and values.shape[1] == 1 else values
+    finally:
+        for handle in files.values():
+            handle.close()
+    return fields
+
+
+def _xdmf_array(item: Any, path: Path, files: dict[Path, Any]) -> np.ndarray:
+    """The array of one XDMF ``DataItem``: an HDF5 dataset (``file.h5:/group/name``) or XML."""
+    if item is None:
+        raise MeshError(f"XDMF file {str(path)!r} has an element without a DataItem")
+    shape = tuple(int(n) for n in item.get("Dimensions", "").split())
+    text = (item.text or "").strip()
+    if item.get("Format", "XML") == "XML":
+        return np.asarray(text.split(), dtype=np.float64).reshape(shape)
+    if item.get("Format") != "HDF":
+        raise MeshError(f"XDMF file {str(path)!r}: data format {item.get('Format')!r}")
+    try:
+        import h5py
+    except ImportError:
+        raise MeshError(
+            "reading XDMF output needs h5py: pip install h5py (part of 'vcnn-closures[fem]')"
+        ) from None
+    name, _, dataset = text.partition(":/")
+    h5 = path.parent / name
+    if h5 not in files:
+        try:
+            files[h5] = h5py.File(h5, "r")
+        except OSError as error:
+            raise MeshError(f"cannot read {str(h5)!r}, named by {str(path)!r}: {error}") from None
+    try:
+        values = np.asarray(files[h5]["/" + dataset])
+    except KeyError:
+        raise MeshError(f"{str(h5)!r} has no dataset /{dataset} (named by {str(path)!r})") from None
+    return values.reshape(shape) if shape else values

@@ -1,7 +1,9 @@
 """Boundary roles of a flow problem: walls, inlets, outlets and periodic pairs.
 
 A :class:`BoundarySpec` names what each facet tag of a mesh means to the solvers. The hill
-family has a fixed spec (:func:`hill_boundary_spec`); a user mesh gets one from its config.
+family has a fixed spec (:func:`hill_boundary_spec`); a user mesh gets one from its config
+(:func:`solvers.generate.boundary_spec`), which gives every boundary group of the mesh a role
+and refuses a group it does not list.
 """
 
 from __future__ import annotations
@@ -38,10 +40,20 @@ class PeriodicPair:
 class BoundarySpec:
     """What each facet tag means to the flow and closure solvers.
 
+    A facet tag in none of the roles gets the natural conditions of the weak forms, those of an
+    outlet. The config of a user mesh therefore lists every boundary group: one that is open
+    without being an outlet (a far field, an open top) goes under ``natural`` there and lands
+    in ``outlets`` here.
+
     Attributes:
         walls: tags with no slip (u = 0) and tau = 0.
-        inlets: tag -> inlet velocity profile; tau = 0 there as well.
-        outlets: tags with the natural (do-nothing) condition for u and zero flux for tau.
+        inlets: tag -> inlet velocity profile. Tau is zero on an inlet (a homogeneous
+            Dirichlet condition, as on walls, whatever the profile): the inflow carries no
+            tau in, and tau is made inside the domain by its production term. There is no
+            setting for another inlet value.
+        outlets: tags with the natural conditions: do-nothing for u (zero traction, which
+            also fixes the pressure level; without any outlet the pressure is pinned at one
+            point) and zero diffusive flux for tau (tau is advected out freely).
         periodic: periodic pairs; with a pair and no inlet, the flow is driven by a body force
             that fixes the bulk velocity along the first pair's translation.
     """

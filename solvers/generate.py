@@ -156,6 +156,10 @@ class GenerateConfig:
             Profiles: ``parabolic`` (mean_velocity), ``uniform`` (velocity = [ux, uy]) or
             ``expression`` (components = ["arithmetic of x, y, z", ...], see
             :mod:`vcnn.expressions`).
+            Every boundary group of the mesh needs a role (:data:`BOUNDARY_ROLES`); one that
+            is open without being an outlet goes under ``natural = ["name"]`` (the conditions
+            of an outlet: do-nothing for u, zero flux for tau). Tau is zero on walls and
+            inlets.
     """
 
     alphas: list[float] = field(default_factory=lambda: [1.0])
@@ -338,6 +342,13 @@ def check_case_name(name: str, *, where: str) -> str:
     return name
 
 
+#: Roles of a boundary group in the ``boundaries`` table of a file mesh: ``walls`` (no slip,
+#: tau = 0), ``inlets`` (a velocity profile, tau = 0), ``outlets`` (do-nothing for u, zero flux
+#: for tau), ``periodic`` (pairs identified by a translation) and ``natural`` (an outlet's
+#: conditions on a boundary that is not an outlet, e.g. an open top). Every group needs one.
+BOUNDARY_ROLES = ("walls", "inlets", "outlets", "periodic", "natural")
+
+
 def check_boundaries_table(table: Mapping[str, Any]) -> None:
     """Check the ``[generate.boundaries]`` table of a file mesh before anything is solved.
 
@@ -347,8 +358,8 @@ def check_boundaries_table(table: Mapping[str, Any]) -> None:
     Raises:
         ConfigError: naming the key or inlet.
     """
-    check_keys(table, {"walls", "inlets", "outlets", "periodic"}, "[generate.boundaries]")
-    for key in ("walls", "outlets"):
+    check_keys(table, set(BOUNDARY_ROLES), "[generate.boundaries]")
+    for key in ("walls", "outlets", "natural"):
         names = table.get(key, [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ConfigError(f"[generate.boundaries] {key} must be a list of boundary names")
@@ -572,18 +583,7 @@ def _generate_cases(
     def write_summary() -> None:
         table = summary.table()
         atomic_write_text(output / "summary.md", table + "\n")
-        counts = {
-            status: sum(1 for c in summary.cases if c.status == status)
-            for status in ("written", "skipped", "failed")
-        }
-        logger.info(
-            "\n%s\n\n%d case(s) written, %d skipped (complete), %d failed; outputs in %s",
-            table,
-            counts["written"],
-            counts["skipped"],
-            counts["failed"],
-            output.resolve(),
-        )
+        # the table is the command's output: `vcnn generate` prints it (vcnn.cli)
 
     on_root(comm, write_summary)
     return summary
@@ -807,12 +807,29 @@ def build_mesh(mesh_config: MeshConfig, alpha: float | None, *, comm: MPI.Comm):
     return read_mesh(mesh_config.file, comm=comm)
 
 
-def boundary_spec(config: GenerateConfig, tagged) -> BoundarySpec:
-    """Boundary roles: the hill spec, or the one of the config for a file mesh."""
+def boundary_spec(config: GenerateConfig | Any, tagged) -> BoundarySpec:
+    """Boundary roles: the hill spec, or the one of the config for a file mesh.
+
+    Every boundary group (facet tag name) of a file mesh must have exactly one role in the
+    config's boundaries table (see :data:`BOUNDARY_ROLES`); ``natural`` boundaries get the
+    conditions of an outlet (do-nothing for u, zero diffusive flux for tau) and are outlets in
+    the returned spec.
+
+    Args:
+        config: a :class:`GenerateConfig` or a ``SimulateConfig`` (same ``mesh`` and
+            ``boundaries``).
+        tagged: the tagged mesh.
+
+    Raises:
+        ConfigError: a listed boundary the mesh lacks, a boundary listed twice, or a boundary
+            group of the mesh the table does not list (naming it and the roles it can take).
+    """
     if config.mesh.kind != "file":
         return hill_boundary_spec(tagged.boundaries, tagged.period)
+    # "[generate.boundaries]" or "[simulate.boundaries]": the table the user wrote
+    where = f"[{type(config).__name__.removesuffix('Config').lower()}.boundaries]"
     table = dict(config.boundaries)
-    check_keys(table, {"walls", "inlets", "outlets", "periodic"}, "[generate.boundaries]")
+    check_keys(table, set(BOUNDARY_ROLES), where)
 
     def tag(name: str) -> int:
         if name not in tagged.boundaries:
@@ -831,12 +848,33 @@ def boundary_spec(config: GenerateConfig, tagged) -> BoundarySpec:
         periodic.append(
             PeriodicPair(tag(pair["slave"]), tag(pair["master"]), tuple(pair["translation"]))
         )
+    walls = tuple(tag(n) for n in table.get("walls", []))
+    outlets = tuple(tag(n) for n in [*table.get("outlets", []), *table.get("natural", [])])
+    listed = _listed_boundaries(table)
+    twice = sorted({name for name in listed if listed.count(name) > 1})
+    if twice:
+        raise ConfigError(f"boundary {twice[0]!r} has more than one role in {where}")
+    unlisted = sorted(set(tagged.boundaries) - set(listed))
+    if unlisted:
+        source = f" of mesh file {str(config.mesh.file)!r}" if config.mesh.file else ""
+        raise ConfigError(
+            f"boundary {unlisted[0]!r}{source} has no role in {where}"
+            + (f" (nor have {unlisted[1:]})" if len(unlisted) > 1 else "")
+            + ": list it under walls, inlets, outlets, periodic, or natural (do-nothing for "
+            "u, zero flux for tau: an outlet's conditions)"
+        )
     return BoundarySpec(
-        walls=tuple(tag(n) for n in table.get("walls", [])),
-        inlets=inlets,
-        outlets=tuple(tag(n) for n in table.get("outlets", [])),
-        periodic=tuple(periodic),
+        walls=walls, inlets=inlets, outlets=outlets, periodic=tuple(periodic)
     )
+
+
+def _listed_boundaries(table: Mapping[str, Any]) -> list[str]:
+    """Every boundary name a boundaries table gives a role, once per mention."""
+    names = [*table.get("walls", []), *table.get("outlets", []), *table.get("natural", [])]
+    names += list(dict(table.get("inlets", {})))
+    for pair in table.get("periodic", []):
+        names += [pair["slave"], pair["master"]]
+    return names
 
 
 def inlet_profile(

@@ -17,10 +17,13 @@ constants is refused unless ``allow_physics_mismatch``.
 
 Outputs in ``output``: per case a case file (the closure's tau and the flow; the truth's
 fields under ``tau_truth``, ``velocity_truth``, ``strain_rate_truth``, ``nu_t_truth`` and the
-a-priori prediction under ``tau_a_priori``), an XDMF file, a PNG (closure against truth), and
-for a run that failed the last state under ``failed/``; ``metrics.json`` (one entry per case,
-see :data:`solvers.simulate_metrics.METRIC_KEYS`), ``summary.md`` and the resolved
-``config.toml``.
+a-priori prediction under ``tau_a_priori``), an XDMF file (P1 nodal fields ``velocity``,
+``pressure``, ``tau``, ``nu_t``; with ``compare`` also ``velocity_truth``, ``pressure_truth``,
+``tau_truth``, ``nu_t_truth``, ``tau_a_priori`` and the signed differences ``tau_minus_truth``
+and ``tau_a_priori_minus_truth``; read it with :func:`meshes.io.read_xdmf_fields` or ParaView),
+a PNG (closure against truth), and for a run that failed the last state under ``failed/``;
+``metrics.json`` (one entry per case, see :data:`solvers.simulate_metrics.METRIC_KEYS`),
+``summary.md`` and the resolved ``config.toml``.
 """
 
 from __future__ import annotations
@@ -487,9 +490,7 @@ def _simulate_cases(
         atomic_write_text(output / "metrics.json", text + "\n")
         table = summary.table()
         atomic_write_text(output / "summary.md", table + "\n")
-        logger.info(
-            "\n%s\n\ncase files, figures, XDMF and metrics.json in %s", table, output.resolve()
-        )
+        # the table is the command's output: `vcnn simulate` prints it (vcnn.cli)
 
     on_root(comm, write_summary)
     return summary
@@ -884,6 +885,9 @@ def _write_outputs(
             if getattr(truth.flow, "p", None) is not None:
                 functions["pressure_truth"] = truth.flow.p
             nodal.update(tau_truth=truth.tau, nu_t_truth=truth.nu_t)
+            nodal.update(tau_minus_truth=state.tau - truth.tau)
+            if a_priori is not None:
+                nodal.update(tau_a_priori=a_priori, tau_a_priori_minus_truth=a_priori - truth.tau)
         for key, values in nodal.items():
             functions[key] = problem.to_function(values, fem.Function(problem.V, name=key))
         write_xdmf(output / f"{name}.xdmf", problem.mesh, functions)
