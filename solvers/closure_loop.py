@@ -370,7 +370,7 @@ class _FixedPointMap:
                 if step.out_of_range_fraction is None
                 else f", out of range {100 * step.out_of_range_fraction:.2f} %"
             )
-            logger.info(
+            logger.debug(
                 "outer %d (%s): change tau %.3e u %.3e, Newton flow %d tau %d, "
                 "integral tau %.6g, body force %.6e, %.2f s%s",
                 evaluation,

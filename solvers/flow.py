@@ -103,8 +103,9 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
 
 
 def _log(comm: MPI.Comm, message: str, *args: object) -> None:
+    """Log a solver step on rank 0 at DEBUG (``vcnn -v``): a run's summary is its caller's."""
     if comm.rank == 0:
-        logger.info(message, *args)
+        logger.debug(message, *args)
 
 
 def _check_parameters(

@@ -633,7 +633,7 @@ class TauSolver:
         wall_time = time.perf_counter() - start
         _log(
             comm,
-            logging.INFO,
+            logging.DEBUG,
             "tau (%s): %d Newton iterations, integral %.6g, %.2f s",
             self.production,
             iterations,

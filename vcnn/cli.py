@@ -85,12 +85,135 @@ def _number(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help text that keeps the line breaks of the description and of the examples."""
+
+
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors take the command line's one error path (one line)."""
+    """An argument parser whose errors take the command line's one error path (one line).
+
+    Its help shows every option's default (:func:`_show_defaults`), read when the help is
+    printed, so that ``vcnn --help`` imports no solver and no torch.
+
+    Args:
+        config_class: returns the verb's config dataclass (imported only for the help), whose
+            field defaults are the defaults of the flags; None: the flags' argparse defaults.
+        config_keys: the config key of each flag whose destination is not its key, e.g.
+            ``{"out": "output", "resolution": "mesh.resolution"}``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        config_class: Callable[[], type] | None = None,
+        config_keys: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.config_class = config_class
+        self.config_keys = dict(config_keys or {})
+        self._defaults_shown = False
+
+    def format_help(self) -> str:
+        """The help, with the default of every option that takes a value."""
+        if not self._defaults_shown:
+            self._defaults_shown = True
+            _show_defaults(self)
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         """Raise a UsageError instead of printing the usage and exiting."""
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print ``vcnn <version>`` (from the package metadata) and exit."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(
+            option_strings, dest, default=argparse.SUPPRESS, nargs=0, help="print the version"
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        """Print the version and exit with code 0."""
+        import vcnn
+
+        print(f"vcnn {vcnn.__version__}")
+        parser.exit()
+
+
+def _unset_means(action: argparse.Action, meaning: str) -> argparse.Action:
+    """Say in the help what the flag's default of None means (e.g. "every point")."""
+    action.none_means = meaning  # type: ignore[attr-defined]
+    return action
+
+
+def config_defaults(config_class: type, *, prefix: str = "") -> dict[str, Any]:
+    """The default of every key of a config dataclass; nested tables as ``table.key``.
+
+    A field without a default maps to :data:`dataclasses.MISSING`.
+    """
+    import dataclasses
+
+    defaults: dict[str, Any] = {}
+    for field in dataclasses.fields(config_class):
+        if field.default is not dataclasses.MISSING:
+            value = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            value = dataclasses.MISSING
+        if dataclasses.is_dataclass(value):
+            defaults.update(config_defaults(type(value), prefix=f"{prefix}{field.name}."))
+        else:
+            defaults[f"{prefix}{field.name}"] = value
+    return defaults
+
+
+def _format_default(value: Any) -> str:
+    """A default as a user types it on the command line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return " ".join(_format_default(item) for item in value)
+    return str(value)
+
+
+def _show_defaults(parser: _Parser) -> None:
+    """Append ``(default: ...)`` to the help of every option of ``parser`` that takes a value.
+
+    The default is the verb's config class's (``parser.config_class``) for a flag that maps to
+    a config key, else the flag's own: help and config cannot drift. Switches (store_true,
+    counts) are off unless given; a help that already says its default is left as it is.
+    """
+    import dataclasses
+
+    defaults: dict[str, Any] = {}
+    if parser.config_class is not None:
+        try:
+            defaults = config_defaults(parser.config_class())
+        except ImportError as error:  # no FEM stack: the help is still useful without them
+            parser.epilog = f"{parser.epilog or ''}\n(defaults not shown: {FEM_HINT}; {error})"
+            return
+    table = parser.prog.split()[-1]
+    for action in parser._actions:
+        if not action.option_strings or action.nargs == 0 or action.help == argparse.SUPPRESS:
+            continue
+        help_text = action.help or ""
+        if "default" in help_text or "required" in help_text:
+            continue
+        key = parser.config_keys.get(action.dest, action.dest)
+        value = defaults.get(key, action.default)
+        if value is dataclasses.MISSING:
+            text = f"required: the flag or {key} in [{table}] of --config"
+        elif value is None:
+            text = f"default: {getattr(action, 'none_means', 'none')}"
+        else:
+            text = f"default: {_format_default(value)}"
+        action.help = f"{help_text} ({text})" if help_text else f"({text})"
 
 
 def _section(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -102,6 +225,76 @@ def _section(args: argparse.Namespace, name: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise UsageError(f"--config {str(args.config)!r}: [{name}] must be a table")
     return dict(table)
+
+
+def _flags_from_config(args: argparse.Namespace, verb: str) -> None:
+    """Fill the flags not given with the ``[verb]`` table of --config (evaluate, export, plot).
+
+    The table's keys are the long names of the verb's flags with ``_`` (``cloud_size``); flags
+    win. Then every flag in ``args.needs`` must have a value.
+
+    Raises:
+        ConfigError: an unknown key (naming the allowed ones), or a value of the wrong type.
+        UsageError: a needed flag that neither the command line nor the table gives.
+    """
+    from vcnn.config import check_keys
+
+    actions = {
+        action.dest: action
+        for action in args.flags._actions
+        if action.dest not in ("help", "config", "verb_verbose", "verb_quiet")
+    }
+    table = _section(args, verb)
+    where = f"[{verb}] of --config {str(args.config)!r}"
+    check_keys(table, set(actions), where)
+    for key, value in table.items():
+        action = actions[key]
+        if getattr(args, key) in (action.default, []):  # not given on the command line
+            setattr(args, key, _config_value(action, value, where=f"{where}: {key}"))
+    for key in args.needs:
+        if getattr(args, key) in (None, []):
+            flag = "CASES" if key == "cases" else f"--{key.replace('_', '-')}"
+            raise UsageError(
+                f"vcnn {verb}: give {flag} (or {key} in the [{verb}] table of --config)"
+            )
+
+
+def _config_value(action: argparse.Action, value: Any, *, where: str) -> Any:
+    """A config table's value of a flag, checked and converted like the flag's text.
+
+    Raises:
+        ConfigError: naming ``where``, what the flag takes and the value.
+    """
+    from vcnn.config import ConfigError
+
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    many = action.nargs in ("+", "*")
+    items = [value] if not many or isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{where} must be a list of values, got {value!r}")
+    textual = action.type in (None, str, Path)
+    converted = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, str if textual else int | float):
+            kind = "a string" if textual else "a number"
+            raise ConfigError(f"{where} must be {kind}, got {item!r}")
+        try:
+            item = action.type(str(item)) if action.type is not None else item
+        except argparse.ArgumentTypeError as error:
+            raise ConfigError(f"{where} {error}") from None
+        if action.choices is not None and item not in action.choices:
+            raise ConfigError(f"{where} must be one of {list(action.choices)}, got {item!r}")
+        converted.append(item)
+    return converted if many else converted[0]
+
+
+def _output(text: str) -> None:
+    """Print the command's result (its table) to stdout, whatever the verbosity (rank 0)."""
+    if _mpi_rank() == 0:
+        print(text, flush=True)
 
 
 def _mesh_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,6 +371,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         config = GenerateConfig.from_dict(_section(args, "generate"), overrides=flags)
         agreement.agree(config.to_dict())
     summary = run_generate(config)
+    counts = {
+        status: sum(1 for case in summary.cases if case.status == status)
+        for status in ("written", "skipped", "failed")
+    }
+    _output(
+        f"{summary.table()}\n\n{counts['written']} case(s) written, {counts['skipped']} "
+        f"skipped (complete), {counts['failed']} failed; outputs in {summary.output.resolve()}"
+    )
     return 0 if summary.all_succeeded else 1
 
 
@@ -214,6 +415,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         config = SimulateConfig.from_dict(_section(args, "simulate"), overrides=flags)
         agreement.agree(config.to_dict())
     summary = run_simulate(config)
+    _output(f"{summary.table()}\n\nmetrics.json and the outputs in {summary.output.resolve()}")
     return 0 if summary.all_succeeded else 1
 
 
@@ -234,6 +436,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "overwrite": True if args.overwrite else None,
         "amp": True if args.amp else None,
         "num_threads": args.threads,
+        "init_model": None if args.init_model is None else str(args.init_model),
     }
     config = TrainConfig.from_dict(merge(_section(args, "train"), flags))
     check_output_dir(config.out_dir, flag="--out (out_dir)")
@@ -243,11 +446,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"training ended without a best checkpoint in {str(result.out_dir)!r}: no epoch "
             "gave a finite validation error"
         )
-    logger.info(
-        "best validation relative L2 error %.3f %% at epoch %d; checkpoints in %s",
-        result.best_validation_rel_l2_percent,
-        result.best_epoch,
-        result.out_dir,
+    _output(
+        f"best validation relative L2 error {result.best_validation_rel_l2_percent:.3f} % at "
+        f"epoch {result.best_epoch}; checkpoints in {result.out_dir}"
     )
     return 0
 
@@ -274,6 +475,7 @@ def _case_files(targets: Sequence[str | os.PathLike], *, flag: str) -> list[Path
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    _flags_from_config(args, "evaluate")
     from vcnn.casefile import CaseFileError, inspect_case, read_case
     from vcnn.checkpoint import load_checkpoint
     from vcnn.evaluation import evaluate
@@ -314,11 +516,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"{m.integral_rel_error:.3e} | {100 * m.out_of_range_fraction:.3g} | "
             f"{m.seconds:.2f} |"
         )
-    logger.info("%s\n\nmetrics and figures in %s", "\n".join(lines), Path(args.out).resolve())
+    table = "\n".join(lines)
+    _output(f"{table}\n\nmetrics and figures in {Path(args.out).resolve()}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    _flags_from_config(args, "export")
     from vcnn.checkpoint import export_model, is_exported_file
     from vcnn.outputs import check_output_file
 
@@ -330,11 +534,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
             "checkpoint, or another file): give another --out, or --overwrite to replace it"
         )
     out = export_model(args.model, args.out)
-    logger.info("wrote %s (%.0f KB)", out, out.stat().st_size / 1024)
+    _output(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB)")
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    _flags_from_config(args, "plot")
     from vcnn.casefile import inspect_case, read_case
     from vcnn.outputs import check_output_dir
     from vcnn.plotting import plot_case
@@ -353,35 +558,155 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         case = read_case(path)
         figure = (out or path.parent) / f"{path.stem}.png"
         plot_case(case, figure)
-        logger.info("wrote %s", figure)
+        _output(f"wrote {figure}")
     return 0
 
 
+def _generate_config() -> type:
+    from solvers.generate import GenerateConfig
+
+    return GenerateConfig
+
+
+def _simulate_config() -> type:
+    from solvers.simulate import SimulateConfig
+
+    return SimulateConfig
+
+
+def _train_config() -> type:
+    from vcnn.training import TrainConfig
+
+    return TrainConfig
+
+
+#: The config keys of the mesh flags of generate and simulate.
+MESH_KEYS = {
+    "mesh": "mesh.kind",
+    "resolution": "mesh.resolution",
+    "size": "mesh.size",
+    "mesh_file": "mesh.file",
+}
+
+#: An example of each verb (its help's epilog); the paths exist in a fresh clone or are made
+#: by the example before.
+EXAMPLES = {
+    "generate": """\
+examples:
+  vcnn generate --alphas 0.8 1.0 1.3 --resolution 0.25 --out data/hills
+  vcnn generate --config experiments/coupled/generate.toml   # the coupled recipe's cases""",
+    "simulate": """\
+examples:
+  vcnn simulate --model experiments/coupled/model/best.pt --alphas 1.45 --resolution 0.25 \\
+      --coupling two-way --compare --out results/simulate
+  vcnn simulate --config experiments/coupled/simulate.toml""",
+    "train": """\
+examples:
+  vcnn generate --config experiments/coupled/generate.toml   # the cases it trains on
+  vcnn train --config experiments/coupled/train.toml   # into runs/coupled""",
+    "evaluate": """\
+examples:
+  vcnn generate --alphas 1.45 1.9 --resolution 0.25 --out data/hills
+  vcnn evaluate --model experiments/published/model/best.pt --data data/hills \\
+      --out results/evaluate""",
+    "export": """\
+example:
+  vcnn export --model experiments/coupled/model/best.pt --out coupled_exported.pt""",
+    "plot": """\
+examples:
+  vcnn generate --alphas 1.0 --resolution 0.25 --out data/hills
+  vcnn plot data/hills --out figures""",
+}
+
+
+def _verbosity_parent() -> argparse.ArgumentParser:
+    """-v/-q after the verb (``vcnn generate -v``); they add to the ones before it."""
+    parent = _Parser(add_help=False)
+    parent.add_argument(
+        "-v", "--verbose", dest="verb_verbose", action="count", default=0,
+        help="more output: solver steps (-v), tracebacks of errors",
+    )
+    parent.add_argument(
+        "-q", "--quiet", dest="verb_quiet", action="count", default=0,
+        help="less output: warnings and the result table only",
+    )
+    return parent
+
+
+def _add_verb(
+    verbs: Any, name: str, *, summary: str, table: bool = True, **kwargs: Any
+) -> _Parser:
+    """A verb's parser: its summary, example, -v/-q and ``--config``."""
+    parser = verbs.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=EXAMPLES[name],
+        parents=[_verbosity_parent()],
+        **kwargs,
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help=f"TOML file; its [{name}] table holds "
+        + ("keys of the config reference" if not table else "the flags' long names with _")
+        + "; flags win (default: none)",
+    )
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``vcnn`` command."""
+    """The argument parser of the ``vcnn`` command.
+
+    Nothing heavy is imported here: a verb's config class (for the defaults its help shows) is
+    imported only when that verb's help is printed.
+    """
     parser = _Parser(
         prog="vcnn",
         description=(
-            "Learned nonlocal closures: generate cases, train and evaluate networks, "
+            "Learned nonlocal closures: generate cases, train and evaluate networks,\n"
             "simulate with them in the loop."
         ),
+        epilog="""\
+a first run (five minutes on a laptop):
+  vcnn generate --alphas 0.8 1.0 1.3 --resolution 0.25 --out data/hills
+  vcnn evaluate --model experiments/published/model/best.pt --data data/hills \\
+      --out results/evaluate
+`vcnn VERB --help` shows each verb's flags, defaults and an example.""",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less output")
+    parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="more output: solver steps (-v), tracebacks of errors",
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="count", default=0,
+        help="less output: warnings and the result table only",
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    generate = verbs.add_parser("generate", help="solve cases and write case files")
-    generate.add_argument("--config", type=Path, help="TOML file ([generate] table)")
+    generate = _add_verb(
+        verbs,
+        "generate",
+        summary="solve cases and write case files",
+        table=False,
+        config_class=_generate_config,
+        config_keys={**MESH_KEYS, "out": "output"},
+    )
     _add_mesh_options(generate)
     generate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
     generate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient (0: one-way)")
-    generate.add_argument(
-        "--flow-from",
-        help="take the velocity from this source instead of solving for it: a case file "
-        "(.npz), a meshio-readable file with point or cell data, or an OpenFOAM case directory",
+    _unset_means(
+        generate.add_argument(
+            "--flow-from",
+            help="take the velocity from this source instead of solving for it: a case file "
+            "(.npz), a meshio-readable file with point or cell data, or an OpenFOAM case "
+            "directory",
+        ),
+        "solve the flow",
     )
     generate.add_argument(
-        "--flow-time", help="OpenFOAM source: 'latest' (default) or a time directory, e.g. 341"
+        "--flow-time", help="OpenFOAM source: 'latest' or a time directory, e.g. 341"
     )
     generate.add_argument(
         "--flow-field", help="velocity field name in the source (default: U, then velocity)"
@@ -396,36 +721,54 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-xdmf", action="store_true", help="skip the XDMF per case")
     generate.set_defaults(handler=_cmd_generate)
 
-    simulate = verbs.add_parser(
-        "simulate", help="a closure in the loop of the flow solver, against the PDE truth"
+    simulate = _add_verb(
+        verbs,
+        "simulate",
+        summary="a closure in the loop of the flow solver, against the PDE truth",
+        table=False,
+        config_class=_simulate_config,
+        config_keys={**MESH_KEYS, "out": "output"},
     )
-    simulate.add_argument("--config", type=Path, help="TOML file ([simulate] table)")
     _add_mesh_options(simulate)
-    simulate.add_argument("--model", type=Path, help="trained closure (best.pt or exported)")
-    simulate.add_argument(
-        "--closure", choices=["network", "pde"], help="network (default) or the tau PDE"
+    _unset_means(
+        simulate.add_argument(
+            "--model", type=Path, help="trained closure (best.pt or exported)"
+        ),
+        "none, needed by --closure network",
     )
+    simulate.add_argument("--closure", choices=["network", "pde"], help="network or the tau PDE")
     simulate.add_argument(
         "--coupling", choices=["one-way", "two-way"], help="flow fixed, or nu_t from tau"
     )
     simulate.add_argument("--compare", action="store_true", help="also solve the PDE truth")
-    simulate.add_argument(
-        "--flow-from",
-        help="one-way: take the fixed flow from this source (case file, meshio file, OpenFOAM "
-        "case) instead of solving it",
+    _unset_means(
+        simulate.add_argument(
+            "--flow-from",
+            help="one-way: take the fixed flow from this source (case file, meshio file, "
+            "OpenFOAM case) instead of solving it",
+        ),
+        "solve the flow",
     )
     simulate.add_argument("--flow-time", help="OpenFOAM source: 'latest' or a time directory")
-    simulate.add_argument("--flow-field", help="velocity field name in the source")
-    simulate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
-    simulate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient C_k")
+    simulate.add_argument(
+        "--flow-field", help="velocity field name in the source (default: U, then velocity)"
+    )
+    _unset_means(
+        simulate.add_argument(
+            "--production", choices=["frozen", "coupled"], help="tau production"
+        ),
+        "the closure's",
+    )
+    _unset_means(
+        simulate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient C_k"),
+        "the closure's",
+    )
     simulate.add_argument(
         "--outer", choices=["anderson", "ngmres", "picard"], help="two-way outer iteration"
     )
-    simulate.add_argument("--relaxation", type=_number, help="omega of relaxed Picard (0.7)")
-    simulate.add_argument("--tol", type=_number, help="relative change to converge (1e-6)")
-    simulate.add_argument(
-        "--max-iterations", type=_count(1), help="flow solves at most per run (40)"
-    )
+    simulate.add_argument("--relaxation", type=_number, help="omega of relaxed Picard")
+    simulate.add_argument("--tol", type=_number, help="relative change to converge")
+    simulate.add_argument("--max-iterations", type=_count(1), help="flow solves at most per run")
     simulate.add_argument(
         "--allow-physics-mismatch",
         action="store_true",
@@ -442,17 +785,31 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--no-xdmf", action="store_true", help="skip the XDMF per case")
     simulate.set_defaults(handler=_cmd_simulate)
 
-    train = verbs.add_parser("train", help="train a vector-cloud network on case files")
-    train.add_argument("--config", type=Path, help="TOML file ([train] table)")
+    train = _add_verb(
+        verbs,
+        "train",
+        summary="train a vector-cloud network on case files",
+        table=False,
+        config_class=_train_config,
+        config_keys={"data": "data_dir", "out": "out_dir", "threads": "num_threads"},
+    )
     train.add_argument("--data", help="folder of case files")
     train.add_argument("--out", help="run folder (checkpoints, lcurve.tsv, figures)")
-    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto")
-    train.add_argument("--epochs", type=_count(1))
-    train.add_argument("--batch-size", type=_count(1))
-    train.add_argument("--cloud-size", type=_count(1), help="points sampled per cloud (150)")
-    train.add_argument("--queries-per-case", type=_count(1), help="clouds per case per epoch")
-    train.add_argument("--seed", type=_count(0))
-    train.add_argument("--threads", type=_count(1), help="torch CPU threads")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device")
+    train.add_argument("--epochs", type=_count(1), help="epochs at most")
+    train.add_argument("--batch-size", type=_count(1), help="clouds per optimiser step")
+    train.add_argument("--cloud-size", type=_count(1), help="points sampled per cloud")
+    _unset_means(
+        train.add_argument(
+            "--queries-per-case", type=_count(1), help="clouds per case per epoch"
+        ),
+        "every point",
+    )
+    train.add_argument("--seed", type=_count(0), help="seed of weights, clouds and shuffling")
+    _unset_means(
+        train.add_argument("--threads", type=_count(1), help="torch CPU threads"),
+        "torch's choice",
+    )
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true", help="continue the run from last.pt")
     resume.add_argument(
@@ -461,39 +818,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the run the --out folder holds (or write beside another verb's outputs)",
     )
     train.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    train.add_argument(
+        "--init-model",
+        type=Path,
+        help="start a new run from this checkpoint's weights, normaliser and target scale "
+        "(fine-tuning; same [train.model]; not with --resume)",
+    )
     train.set_defaults(handler=_cmd_train)
 
-    evaluate = verbs.add_parser("evaluate", help="a-priori errors of a model on case files")
-    evaluate.add_argument("--model", type=Path, required=True, help="checkpoint (best.pt)")
+    evaluate = _add_verb(verbs, "evaluate", summary="a-priori errors of a model on case files")
+    evaluate.add_argument("--model", type=Path, help="checkpoint, e.g. best.pt (required)")
     evaluate.add_argument(
-        "--data", type=Path, nargs="+", required=True, help="case files or folders of them"
+        "--data", type=Path, nargs="+", help="case files or folders of them (required)"
     )
-    evaluate.add_argument("--out", type=Path, required=True, help="folder of metrics and figures")
+    evaluate.add_argument("--out", type=Path, help="folder of metrics and figures (required)")
     evaluate.add_argument(
         "--overwrite",
         action="store_true",
         help="write into a folder that holds another verb's outputs (a training run, cases)",
     )
-    evaluate.add_argument(
-        "--cloud-size", type=_count(1), help="fixed n per cloud (default: full)"
+    _unset_means(
+        evaluate.add_argument("--cloud-size", type=_count(1), help="fixed n per cloud"),
+        "the full cloud",
     )
-    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    evaluate.set_defaults(handler=_cmd_evaluate, config=None)
+    evaluate.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="inference device"
+    )
+    evaluate.set_defaults(handler=_cmd_evaluate, flags=evaluate, needs=("model", "data", "out"))
 
-    export = verbs.add_parser("export", help="inference-only copy of a checkpoint (small)")
-    export.add_argument("--model", type=Path, required=True, help="checkpoint (best.pt)")
-    export.add_argument("--out", type=Path, required=True, help="file to write")
+    export = _add_verb(verbs, "export", summary="inference-only copy of a checkpoint (small)")
+    export.add_argument("--model", type=Path, help="checkpoint, e.g. best.pt (required)")
+    export.add_argument("--out", type=Path, help="file to write (required)")
     export.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an existing --out that is not an exported model (e.g. a training checkpoint)",
     )
-    export.set_defaults(handler=_cmd_export, config=None)
+    export.set_defaults(handler=_cmd_export, flags=export, needs=("model", "out"))
 
-    plot = verbs.add_parser("plot", help="draw case files (speed, streamlines, tau)")
-    plot.add_argument("cases", nargs="+", help="case files or folders of case files")
+    plot = _add_verb(verbs, "plot", summary="draw case files (speed, streamlines, tau)")
+    plot.add_argument(
+        "cases", nargs="*", type=Path, help="case files or folders of case files (or cases = "
+        "[...] in [plot] of --config)"
+    )
     plot.add_argument("--out", type=Path, help="folder of the figures (default: beside each)")
-    plot.set_defaults(handler=_cmd_plot, config=None)
+    plot.set_defaults(handler=_cmd_plot, flags=plot, needs=("cases",))
     return parser
 
 
@@ -514,8 +883,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as error:
         return run_verb(_shared_usage_error, error, verbose=False, report=report)
-    configure_logging(args.verbose - args.quiet)
-    return run_verb(args.handler, args, verbose=args.verbose > 0, report=report)
+    verbosity = args.verbose + args.verb_verbose - args.quiet - args.verb_quiet
+    configure_logging(verbosity)
+    verbose = args.verbose + args.verb_verbose > 0
+    return run_verb(args.handler, args, verbose=verbose, report=report)
 
 
 def _shared_usage_error(error: UsageError) -> NoReturn:
