@@ -145,6 +145,8 @@ def training_throughput(model_path: Path, threads: int, quick: bool) -> float:
                 "data_dir": str(data),
                 "out_dir": scratch,
                 "train_alphas": [1.0, 1.5, 2.0],
+                "validation_alphas": [0.5],  # a run needs a validation case
+                "ema_decay": 0.0,  # the throughput of the plain optimiser step
                 "epochs": 2,
                 "queries_per_case": 300 if quick else 1500,
                 "batch_size": int(train_config.get("batch_size", 256)),

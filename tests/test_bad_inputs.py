@@ -361,6 +361,44 @@ BAD: dict[str, Bad] = {
                                str(w / "cases"), "--out", str(s / "run")],
         "epochs must be an integer, got the string '3'", _named("epochs"),
         _toml('[train]\nepochs = "3"\n')),
+    "train-one-case-no-validation": Bad(
+        "train", _verb("train", "--data", "SANDBOX/one", "--out", "SANDBOX/run", "--epochs", "1"),
+        r"holds 1 case\(s\) for training .* no validation case .* validation_cases",
+        _named("channel_a1.000"),
+        lambda w, s: (s / "one").mkdir() or shutil.copy2(w / "cases" / "channel_a1.000.npz",
+                                                         s / "one")),
+    "train-split-without-validation": Bad(
+        "train", lambda w, s: ["train", "--config", str(s / "c.toml"), "--data",
+                               str(w / "cases"), "--out", str(s / "run")],
+        "no validation case: the training split is given but no validation split",
+        _named("validation_alphas"), _toml("[train]\ntrain_alphas = [0.5, 1.0]\n")),
+    "train-validation-tau-zero": Bad(
+        "train", lambda w, s: ["train", "--config", str(s / "c.toml"), "--data",
+                               str(s / "zero"), "--out", str(s / "run")],
+        r"have tau = 0 at every point, so their relative error is undefined",
+        _named("channel_a2.000"),
+        _copy("cases", "zero", then=lambda w, s: np.savez(
+            s / "zero" / "channel_a2.000.npz",
+            **{**_arrays(channel_case(2.0, nx=12, ny=6)),
+               "tau": np.zeros(72)}) or _toml("[train]\nvalidation_alphas = [2.0]\n")(w, s))),
+    "train-queries-per-case-word": Bad(
+        "train", lambda w, s: ["train", "--config", str(s / "c.toml"), "--data",
+                               str(w / "cases"), "--out", str(s / "run")],
+        r"queries_per_case must be an integer >= 1 or 'all' \(every point\), got 'every'",
+        _named("queries_per_case"), _toml('[train]\nqueries_per_case = "every"\n')),
+    "train-init-model-other-architecture": Bad(
+        "train", lambda w, s: ["train", "--config", str(s / "c.toml"), "--data",
+                               str(w / "cases"), "--out", str(s / "run"), "--init-model",
+                               str(w / "model.pt")],
+        r"the network differs from the checkpoint's \(model fitting: \[32\] in it, \[16\] now",
+        _named("model.pt"),
+        _toml(TRAIN_TOML.replace("fitting = [32]", "fitting = [16]"))),
+    "train-init-model-with-resume": Bad(
+        "train", _train("--out", "SANDBOX/run", "--resume", "--init-model", "WORLD/model.pt"),
+        "exclude each other", _named("--init-model")),
+    "train-init-model-missing": Bad(
+        "train", _train("--out", "SANDBOX/run", "--init-model", "SANDBOX/none.pt"),
+        "does not exist", _named("none.pt")),
     # ------------------------------------------------------------------ evaluate
     "evaluate-empty-folder": Bad(
         "evaluate", _verb("evaluate", "--model", "WORLD/model.pt", "--data", "WORLD/empty",
@@ -604,6 +642,22 @@ BAD: dict[str, Bad] = {
               'kind = "file"\nfile = "WORLD/channel.msh"\n[simulate.boundaries]\n'
               'walls = ["walls", "cylinder"]\noutlets = ["exit"]\n'
               '[simulate.boundaries.inlets.inlet]\nprofile = "parabolic"\n')),
+    "simulate-file-mesh-boundary-unlisted": Bad(
+        # channel.msh has walls, cylinder, inlet and outlet: the outlet is given no role
+        "simulate", _verb("-q", "simulate", "--config", "SANDBOX/c.toml", "--out", "SANDBOX/sim"),
+        r"boundary 'outlet' of mesh file .*channel.msh' has no role in \[simulate.boundaries\]: "
+        r"list it under walls, inlets, outlets, periodic, or natural", _named("'outlet'"),
+        _toml('[simulate]\nclosure = "pde"\ncoupling = "one-way"\n[simulate.mesh]\n'
+              'kind = "file"\nfile = "WORLD/channel.msh"\n[simulate.boundaries]\n'
+              'walls = ["walls", "cylinder"]\n'
+              '[simulate.boundaries.inlets.inlet]\nprofile = "parabolic"\n')),
+    "generate-file-mesh-boundary-unlisted": Bad(
+        "generate", _verb("-q", "generate", "--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        r"boundary 'cylinder' of mesh file .* has no role in \[generate.boundaries\]",
+        _named("'cylinder'"),
+        _toml('[generate.mesh]\nkind = "file"\nfile = "WORLD/channel.msh"\n'
+              '[generate.boundaries]\nwalls = ["walls"]\nnatural = ["outlet"]\n'
+              '[generate.boundaries.inlets.inlet]\nprofile = "parabolic"\n')),
     "simulate-physics-nan": Bad(
         "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--config",
                           "SANDBOX/c.toml", "--out", "SANDBOX/sim"),

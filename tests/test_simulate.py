@@ -42,7 +42,7 @@ def coupled_model(tmp_path_factory):
     train(TrainConfig.from_dict(
         {"data_dir": str(folder / "cases"), "out_dir": str(folder / "run"),
          "validation_alphas": [1.0], "epochs": 4, "batch_size": 64, "cloud_size": 32,
-         "learning_rate": 3e-3, "device": "cpu", "num_threads": 1,
+         "learning_rate": 3e-3, "device": "cpu", "num_threads": 1, "ema_decay": 0.0,
          "model": {"embedding": [8, 16], "fitting": [32]}}
     ))
     return folder / "run" / "best.pt"

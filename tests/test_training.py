@@ -37,6 +37,7 @@ def _config(data_dir, out_dir, **overrides):
         "seed": 3,
         "device": "cpu",
         "num_threads": 1,
+        "ema_decay": 0.0,  # no weight average (the default's spans more steps than these runs)
         "model": {"embedding": [16, 32], "fitting": [64, 32], "axis_neurons": 4},
     }
     values.update(overrides)

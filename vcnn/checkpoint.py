@@ -26,6 +26,7 @@ key                         meaning
 ``best``                    best validation metrics so far and the patience counter
 ``train_config``            the resolved :class:`vcnn.training.TrainConfig` as a dict
 ``versions``                package versions (python, torch, numpy, vcnn)
+``init_model``              the checkpoint a fine-tuning run started from (``--init-model``)
 ==========================  ===============================================================
 
 Loading is defensive, because a checkpoint may come from anywhere. Before ``torch.load`` sees

@@ -284,6 +284,39 @@ def make_split(
     return CaseSplit(train=train_sources, validation=validation_sources, test=test_sources)
 
 
+#: Tag of the seed that chooses the held-out validation cases (see :func:`hold_out_cases`).
+_HOLD_OUT_STREAM = 2**31 - 3
+
+
+def hold_out_cases(
+    sources: Sequence[CaseSource], *, fraction: float, seed: int
+) -> tuple[list[CaseSource], list[CaseSource]]:
+    """Hold out whole cases: ``round(fraction * n)`` of them, at least one, chosen by the seed.
+
+    The choice depends only on the seed and the case names (not on the order of discovery),
+    so a resumed run holds out the same cases.
+
+    Args:
+        sources: the cases to split (at least two).
+        fraction: share of the cases held out, in (0, 1).
+        seed: the run's seed.
+
+    Returns:
+        The kept cases and the held-out cases, each in the order of ``sources``.
+
+    Raises:
+        DatasetError: for fewer than two cases (nothing would be left on one side).
+    """
+    if len(sources) < 2:
+        raise DatasetError(f"cannot hold out a case from {len(sources)} case(s): need two or more")
+    count = min(max(1, math.floor(fraction * len(sources) + 0.5)), len(sources) - 1)
+    by_name = sorted(range(len(sources)), key=lambda index: sources[index].name)
+    order = np.random.default_rng(derive_seed(seed, _HOLD_OUT_STREAM)).permutation(len(sources))
+    held = {by_name[int(position)] for position in order[:count]}
+    kept = [source for index, source in enumerate(sources) if index not in held]
+    return kept, [source for index, source in enumerate(sources) if index in held]
+
+
 # ------------------------------------------------------------------------------ normalisers
 @dataclass
 class TargetScaler:
@@ -590,6 +623,7 @@ __all__ = [
     "as_case_sources",
     "derive_seed",
     "discover_cases",
+    "hold_out_cases",
     "make_split",
     "select_by_alpha",
 ]

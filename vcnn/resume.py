@@ -6,6 +6,9 @@
 * :func:`check_resumable`: resuming continues *the same* run. Every setting that changes what
   the run computes must match the checkpoint; only the number of epochs may grow (and the
   settings of where and how fast it runs: device, threads, time limit, progress, patience).
+  The one-cycle schedule is fixed by its length, so its ``epochs`` cannot change.
+* :func:`check_initialisable`: a run that starts from another run's weights (``init_model``)
+  must build the same network on the same inputs.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from typing import Any
 from vcnn.checkpoint import CheckpointError, is_exported
 from vcnn.config import ConfigError
 
-__all__ = ["RUN_FILES", "RESUME_FREE_SETTINGS", "check_resumable", "check_run_folder"]
+__all__ = [
+    "RUN_FILES",
+    "RESUME_FREE_SETTINGS",
+    "check_initialisable",
+    "check_resumable",
+    "check_run_folder",
+]
 
 #: Files that make a folder a training run.
 RUN_FILES = ("last.pt", "best.pt", "lcurve.tsv")
@@ -37,8 +46,16 @@ RESUME_FREE_SETTINGS = frozenset(
         "patience",
         "data_dir",  # the data are compared by the split's case names instead
         "out_dir",
+        "init_model",  # where the first session's weights came from; last.pt holds them now
     }
 )
+#: What a checkpoint that leaves a setting out meant by it, for the settings whose default
+#: changed (a checkpoint of an older vcnn recorded "off" by leaving the key out).
+_ABSENT_MEANS = {
+    "ema_decay": 0.0,
+    "queries_per_case": "all",
+    "validation_queries_per_case": "all",
+}
 #: Settings that select the cases; compared through the resolved split.
 _SPLIT_SETTINGS = frozenset(
     {
@@ -115,6 +132,15 @@ def check_resumable(
         )
     saved = dict(checkpoint.get("train_config") or {})
     saved.setdefault("seed", checkpoint.get("seed"))
+    for key, meant in _ABSENT_MEANS.items():
+        saved.setdefault(key, meant)
+    if saved.get("scheduler") == "onecycle" and not _same(saved.get("epochs"), config.get("epochs")):
+        raise CheckpointError(
+            f"--resume: {where!r} runs the onecycle schedule, whose shape is fixed by its "
+            f"length ({saved.get('epochs')} epochs), so epochs cannot change to "
+            f"{config.get('epochs')}; resume with epochs = {saved.get('epochs')}, or start a "
+            "run with scheduler = \"cosine\", which extends smoothly"
+        )
     mismatches = []
     for key in sorted(set(saved) | set(config)):
         if key in RESUME_FREE_SETTINGS or key in _SPLIT_SETTINGS:
@@ -134,6 +160,50 @@ def check_resumable(
             f"--resume: {where!r} belongs to a run with other settings ({'; '.join(mismatches)}); "
             "resume with the run's settings (only epochs may grow), or train into another --out"
         )
+
+
+def check_initialisable(
+    metadata: Mapping[str, Any],
+    *,
+    path: str | os.PathLike,
+    model_kind: str,
+    model_config: Mapping[str, Any],
+    feature_spec: Mapping[str, Any],
+) -> None:
+    """Refuse to start a run from a checkpoint whose network or inputs differ from the run's.
+
+    Args:
+        metadata: the checkpoint's records (``model_kind``, ``model_config``,
+            ``feature_spec``, and ``train_config`` for the message).
+        path: the checkpoint (for messages).
+        model_kind: the class name of this run's network.
+        model_config: the constructor arguments of this run's network.
+        feature_spec: this run's input specification (``FeatureSpec.to_dict()``).
+
+    Raises:
+        CheckpointError: naming the file and every differing key with both values.
+    """
+    differences = []
+    if metadata.get("model_kind") != model_kind:
+        differences.append(f"kind: {metadata.get('model_kind')!r} in it, {model_kind!r} now")
+    for what, theirs, ours in (
+        ("model", dict(metadata.get("model_config") or {}), dict(model_config)),
+        ("features", dict(metadata.get("feature_spec") or {}), dict(feature_spec)),
+    ):
+        for key in sorted(set(theirs) | set(ours)):
+            if not _same(theirs.get(key), ours.get(key)):
+                differences.append(
+                    f"{what} {key}: {theirs.get(key)!r} in it, {ours.get(key)!r} now"
+                )
+    if not differences:
+        return
+    table = (metadata.get("train_config") or {}).get("model")
+    hint = f" (its run's [train.model] table: {dict(table)})" if table is not None else ""
+    raise CheckpointError(
+        f"--init-model {str(path)!r}: the network differs from the checkpoint's "
+        f"({'; '.join(differences)}); give the checkpoint's [train.model] and [train.features] "
+        f"tables{hint}"
+    )
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -7,10 +7,27 @@ the clouds of every query point each epoch. Outputs in ``out_dir``:
 * ``config.toml``: the resolved configuration (with the seed);
 * ``lcurve.tsv``: one row per epoch (losses, relative L2 errors in percent, learning rate,
   wall-clock seconds since the start of the run);
-* ``last.pt`` / ``best.pt``: atomic checkpoints after every epoch / at the best validation
-  error (see :mod:`vcnn.checkpoint`); ``resume = true`` continues from ``last.pt`` and gives
-  the same result as an uninterrupted run of the same seed;
+* ``last.pt``: the checkpoint of the last completed epoch, written atomically after every
+  epoch (see :mod:`vcnn.checkpoint`); ``resume = true`` continues from it and gives the same
+  result as an uninterrupted run of the same seed and settings;
+* ``best.pt``: the checkpoint of the epoch with the lowest validation relative L2 error so
+  far (an epoch counts as better when it improves on the best by more than ``min_delta``
+  percentage points): its weights, the moving average of the weights when ``ema_decay`` is on,
+  with the normalisers and the run's records; written atomically (a temporary file renamed
+  over the old one) whenever the validation error improves, so it is always a complete
+  checkpoint of one epoch;
 * ``lcurve.png``: the loss curves, drawn at the end.
+
+The split is by whole cases. Without a validation split (and without a training split), a
+fraction :data:`HOLD_OUT_FRACTION` of the cases (at least one) is held out for validation,
+chosen by the seed, and one log line names them; a run whose validation split would be empty
+is refused, so the validation error is never undefined.
+
+Resuming with a larger ``epochs`` extends the schedule without a jump: the step schedule
+continues as it is, and the cosine schedule continues from the learning rate it has reached,
+falling to ``min_learning_rate`` at the new last epoch (the learning rate never rises again;
+a finished cosine run that is extended stays at ``min_learning_rate``). ``init_model``
+starts a new run from a checkpoint's weights (fine-tuning): see :class:`TrainConfig`.
 
 Relative L2 error (percent) = 100 ||pred - tau||_2 / ||tau||_2 over the query points of the
 cases, unweighted by default (every closure point counts once, as in the paper); with
@@ -51,6 +68,7 @@ from vcnn.checkpoint import (
     CheckpointError,
     capture_rng_state,
     load_checkpoint,
+    load_model,
     package_versions,
     restore_rng_state,
     save_checkpoint,
@@ -73,18 +91,23 @@ from vcnn.datasets import (
     TargetScaler,
     derive_seed,
     discover_cases,
+    hold_out_cases,
     make_split,
 )
 from vcnn.engines import TrainingPass
 from vcnn.errors import TrainingDivergedError, UsageError, one_line
-from vcnn.features import FeatureSpec
+from vcnn.features import FeatureNormalizer, FeatureSpec
 from vcnn.outputs import check_output_owner, output_lock
 from vcnn.physics import Physics
-from vcnn.resume import check_resumable, check_run_folder
+from vcnn.resume import check_initialisable, check_resumable, check_run_folder
 
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("step", "cosine", "onecycle", "constant")
+#: ``queries_per_case`` / ``validation_queries_per_case`` value for "every point".
+ALL_QUERIES = "all"
+#: Share of the cases held out for validation when no split is given (at least one case).
+HOLD_OUT_FRACTION = 0.2
 BATCH_GROUPINGS = ("random", "case")
 LCURVE_COLUMNS = (
     "epoch",
@@ -101,12 +124,20 @@ LCURVE_COLUMNS = (
 class TrainConfig:
     """Everything a training run depends on; TOML-friendly (see :meth:`from_dict`).
 
+    The defaults are the documented CPU recipe, ``experiments/published/train_cpu.toml``
+    (the run behind the shipped published model): its every setting except the data, the
+    split and the two settings of the machine it ran on (``time_limit_minutes = 58``,
+    ``num_threads = 1``), so that ``vcnn train --data D --out O`` trains as that recipe does.
+
     Attributes:
         data_dir: folder of the case files (``*.npz``).
         out_dir: run folder (checkpoints, lcurve.tsv, config.toml, figures).
         train_cases: names/paths of the training cases; default: every case of ``data_dir``
             that is in no other split (or the cases of ``train_alphas``).
         validation_cases: names/paths of the validation cases (early stopping, best.pt).
+            Without ``validation_cases``/``validation_alphas`` (and without a training
+            split), :data:`HOLD_OUT_FRACTION` of the cases (rounded, at least one) are held
+            out, chosen by ``seed``; a run without a validation case is refused.
         test_cases: names/paths of held-out cases (recorded, not used in training).
         train_alphas: select the training cases by ``meta["alpha"]`` instead of by name.
         validation_alphas: select the validation cases by alpha.
@@ -117,15 +148,18 @@ class TrainConfig:
         epochs: maximum number of epochs.
         batch_size: clouds per optimiser step (per rank under torchrun).
         cloud_size: points drawn per cloud each epoch (150 in the paper).
-        queries_per_case: query points drawn per case per epoch; None: every point.
-        validation_queries_per_case: query points per validation case; None: every point.
+        queries_per_case: query points drawn per case per epoch; ``"all"``: every point.
+        validation_queries_per_case: query points per validation case (drawn once);
+            ``"all"``: every point.
         learning_rate: Adam's (peak) learning rate.
         weight_decay: Adam's L2 weight decay.
-        scheduler: ``"step"`` (StepLR, as in the paper), ``"cosine"`` (to
-            ``min_learning_rate`` at ``epochs``), ``"onecycle"`` (per epoch) or ``"constant"``.
+        scheduler: ``"cosine"`` (to ``min_learning_rate`` at ``epochs``; a resume with more
+            epochs continues from the current rate down to ``min_learning_rate`` at the new
+            ``epochs``, never rising), ``"step"`` (StepLR, as in the paper), ``"onecycle"``
+            (per epoch; its length cannot change on resume) or ``"constant"``.
         step_size: StepLR period in epochs.
         gamma: StepLR factor.
-        min_learning_rate: floor of the cosine schedule.
+        min_learning_rate: floor of the cosine schedule (at most ``learning_rate``).
         patience: stop after this many epochs without a validation improvement larger than
             ``min_delta`` (relative L2 percent); None: never stop early.
         min_delta: improvement threshold of early stopping, in percentage points.
@@ -133,12 +167,21 @@ class TrainConfig:
         batch_grouping: ``"case"`` (each batch comes from one case: fewer distinct points
             per batch, so a factorised net embeds each point once per batch at a fraction of
             the cost) or ``"random"`` (every batch mixes all cases).
-        ema_decay: when given (e.g. 0.998), validate, select and save an exponential moving
-            average of the weights, ``w_avg <- decay w_avg + (1 - decay) w`` after every
-            optimiser step (the raw weights are kept in ``last.pt`` to resume): the average
-            is smoother than the last iterate and usually generalises better.
+        ema_decay: when in (0, 1), validate, select and save an exponential moving average
+            of the weights, ``w_avg <- decay w_avg + (1 - decay) w`` after every optimiser
+            step (the raw weights are kept in ``last.pt`` to resume): the average is smoother
+            than the last iterate and usually generalises better. It spans about
+            ``1 / (1 - decay)`` steps (500 for 0.998), so a run of fewer steps than that
+            selects weights close to the initial ones: set 0 (no average) for short runs.
         resume: continue from ``out_dir/last.pt`` when it exists; the run's settings must
             match the checkpoint's (only ``epochs`` may grow), see :mod:`vcnn.resume`.
+        init_model: start a new run from this checkpoint's weights (fine-tuning; a
+            ``best.pt``, ``last.pt`` or exported model). The network (``model`` table) and
+            the inputs (``features`` table) must be the checkpoint's; the input normaliser
+            and the target scale are the checkpoint's too (not refitted), so the network
+            sees its inputs as it did before; the optimiser, the schedule and the epochs start
+            afresh. Recorded in ``config.toml`` and as ``init_model`` in the checkpoints.
+            Excludes ``resume`` (a resumed run continues from its ``last.pt``).
         overwrite: replace the run that ``out_dir`` holds (without it, and without
             ``resume``, a folder that holds a run is refused).
         progress: per-batch progress text on stderr; None: only when stderr is a terminal.
@@ -167,22 +210,23 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     epochs: int = 100
-    batch_size: int = 1024
+    batch_size: int = 256
     cloud_size: int = 150
-    queries_per_case: int | None = None
-    validation_queries_per_case: int | None = None
-    learning_rate: float = 1e-3
+    queries_per_case: int | str | None = 2000
+    validation_queries_per_case: int | str | None = 2500
+    learning_rate: float = 2e-3
     weight_decay: float = 0.0
-    scheduler: str = "step"
+    scheduler: str = "cosine"
     step_size: int = 600
     gamma: float = 0.7
-    min_learning_rate: float = 0.0
+    min_learning_rate: float = 2e-5
     patience: int | None = None
     min_delta: float = 0.0
     volume_weighted_metrics: bool = False
     batch_grouping: str = "case"
-    ema_decay: float | None = None
+    ema_decay: float | None = 0.998
     resume: bool = False
+    init_model: str | None = None
     overwrite: bool = False
     progress: bool | None = None
     num_threads: int | None = None
@@ -206,8 +250,33 @@ class TrainConfig:
             )
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must lie in (0, 1) or be absent, got {self.ema_decay}")
+        # The "off" values that TOML can write (it has no null), so config.toml reads back.
+        if self.ema_decay is None:
+            self.ema_decay = 0.0
+        if isinstance(self.ema_decay, bool) or not 0 <= self.ema_decay < 1:
+            raise ConfigError(
+                f"ema_decay must lie in [0, 1) (0: no moving average), got {self.ema_decay}"
+            )
+        self.ema_decay = float(self.ema_decay)
+        for name in ("queries_per_case", "validation_queries_per_case"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, value := ALL_QUERIES)
+            if value != ALL_QUERIES and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(
+                    f"{name} must be an integer >= 1 or {ALL_QUERIES!r} (every point), "
+                    f"got {value!r}"
+                )
+        if self.init_model is not None and self.resume:
+            raise ConfigError(
+                "init_model (--init-model) and resume (--resume) exclude each other: --resume "
+                "continues the run in --out from its last.pt; --init-model starts a new run "
+                "from another model's weights"
+            )
+        if self.init_model is not None and not str(self.init_model).strip():
+            raise ConfigError("init_model must be a checkpoint path, got an empty string")
         if self.batch_grouping not in BATCH_GROUPINGS:
             raise ConfigError(
                 f"batch_grouping must be one of {BATCH_GROUPINGS}, got {self.batch_grouping!r}"
@@ -216,7 +285,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("queries_per_case", "validation_queries_per_case", "patience", "num_threads"):
+        for name in ("patience", "num_threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be an integer >= 1 or absent, got {value!r}")
@@ -228,6 +297,12 @@ class TrainConfig:
             raise ConfigError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.weight_decay < 0 or self.min_learning_rate < 0 or self.min_delta < 0:
             raise ConfigError("weight_decay, min_learning_rate and min_delta must be >= 0")
+        if self.scheduler == "cosine" and self.min_learning_rate > self.learning_rate:
+            raise ConfigError(
+                f"min_learning_rate ({self.min_learning_rate:g}) must not exceed learning_rate "
+                f"({self.learning_rate:g}) for the cosine schedule, which falls from one to "
+                "the other"
+            )
         if not all(isinstance(t, dict) for t in (self.model, self.cloud, self.features)):
             raise ConfigError("model, cloud and features must be tables")
         try:
@@ -276,6 +351,11 @@ class TrainConfig:
         """TOML-friendly dictionary (None values left out; TOML has no null)."""
         return {key: value for key, value in asdict(self).items() if value is not None}
 
+    def queries(self, *, validation: bool = False) -> int | None:
+        """Query points per case per draw (None: every point) for training or validation."""
+        value = self.validation_queries_per_case if validation else self.queries_per_case
+        return None if value == ALL_QUERIES else int(value)
+
 
 @dataclass
 class EpochRecord:
@@ -284,9 +364,9 @@ class EpochRecord:
     Attributes:
         epoch: 1-based epoch number.
         train_loss: mean squared error of the scaled target over the epoch's batches.
-        validation_loss: same on the validation clouds (NaN without validation cases).
+        validation_loss: same on the validation clouds.
         train_rel_l2_percent: relative L2 error of tau on the training clouds, percent.
-        validation_rel_l2_percent: same on the validation cases (NaN without them).
+        validation_rel_l2_percent: same on the validation cases.
         learning_rate: learning rate used in this epoch.
         wall_clock_s: seconds since the start of the run (summed over resumed sessions).
     """
@@ -309,9 +389,9 @@ class TrainResult:
         best_checkpoint: path of ``best.pt``.
         last_checkpoint: path of ``last.pt``.
         history: one record per epoch (including epochs of earlier sessions when resumed).
-        best_epoch: epoch of the best validation error (or of the last epoch without
-            validation cases).
-        best_validation_rel_l2_percent: the best validation error (NaN without validation).
+        best_epoch: epoch of ``best.pt``: the lowest validation relative L2 error (0 when no
+            epoch ran in this or an earlier session).
+        best_validation_rel_l2_percent: that error, percent (inf when no epoch ran).
         stopped_early: whether early stopping ended the run.
         seed: the run's seed.
         clouds_per_second: training throughput of this session (clouds per second per run,
@@ -427,9 +507,7 @@ def _build_scheduler(
             optimizer, step_size=config.step_size, gamma=config.gamma
         )
     if config.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=config.epochs, eta_min=config.min_learning_rate
-        )
+        return CosineToFloor(optimizer, epochs=config.epochs, min_lr=config.min_learning_rate)
     if config.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=config.learning_rate, total_steps=config.epochs + 1
@@ -441,9 +519,71 @@ def _constant_factor(epoch: int) -> float:
     return 1.0
 
 
-def _make_split(config: TrainConfig) -> CaseSplit:
+class CosineToFloor(torch.optim.lr_scheduler.LRScheduler):
+    """Cosine annealing to ``min_lr`` at epoch ``epochs`` whose horizon can be moved smoothly.
+
+    The rate after ``t`` steps (one per epoch) is ``min_lr + (lr0 - min_lr) (1 + cos(pi (t -
+    t0) / (T - t0))) / 2`` on the current segment, which starts at step ``t0 = 0`` from the
+    base rate and ends at ``T = epochs`` (where it equals ``CosineAnnealingLR``). :meth:`extend`
+    starts a new segment at the current step from the current rate, so a resumed run with
+    another number of epochs continues without a jump and never rises. The segment is part of
+    :meth:`state_dict`, so resuming an extended run is exact.
+
+    Args:
+        optimizer: the optimiser whose rate is scheduled.
+        epochs: the last epoch (the segment's end ``T``).
+        min_lr: the floor, reached at ``T``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, epochs: int, min_lr: float) -> None:
+        self.horizon = int(epochs)
+        self.min_lr = float(min_lr)
+        self.segment_start = 0
+        self.start_lrs: list[float] | None = None  # None: the optimiser's base rates
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        """The rates of the current step (closed form)."""
+        start_lrs = self.start_lrs if self.start_lrs is not None else self.base_lrs
+        span = max(self.horizon - self.segment_start, 1)
+        progress = min(max(self.last_epoch - self.segment_start, 0), span) / span
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return [self.min_lr + (start - self.min_lr) * factor for start in start_lrs]
+
+    def extend(self, epochs: int) -> bool:
+        """Move the end of the schedule to ``epochs``, continuing from the current rate.
+
+        Returns:
+            Whether the horizon changed.
+        """
+        if int(epochs) == self.horizon:
+            return False
+        self.start_lrs = [float(lr) for lr in self.get_last_lr()]
+        self.segment_start = self.last_epoch
+        self.horizon = int(epochs)
+        return True
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state, also from a ``CosineAnnealingLR`` of an older checkpoint."""
+        state = dict(state_dict)
+        if "horizon" not in state and "T_max" in state:
+            state["horizon"] = int(state.pop("T_max"))
+            state.pop("eta_min", None)
+        super().load_state_dict(state)
+
+
+def _make_split(config: TrainConfig, *, log: bool = True) -> CaseSplit:
+    """The split of the config; without a validation split, cases held out for it.
+
+    Args:
+        config: the run's configuration.
+        log: log the held-out cases (the main rank).
+
+    Raises:
+        DatasetError: when the split is inconsistent or no validation case can be had.
+    """
     sources = discover_cases(config.data_dir)
-    return make_split(
+    split = make_split(
         sources,
         train=config.train_cases,
         validation=config.validation_cases,
@@ -452,6 +592,136 @@ def _make_split(config: TrainConfig) -> CaseSplit:
         validation_alphas=config.validation_alphas,
         test_alphas=config.test_alphas,
         data_dir=config.data_dir,
+    )
+    if split.validation:
+        return split
+    fix = (
+        "name the validation cases with validation_alphas = [...] or validation_cases = "
+        "[names or paths] in the [train] table of --config"
+    )
+    if config.validation_cases is not None or config.validation_alphas is not None:
+        raise DatasetError(f"the validation split is empty: {fix}")
+    if config.train_cases is not None or config.train_alphas is not None:
+        raise DatasetError(
+            f"no validation case: the training split is given but no validation split; {fix} "
+            f"(or give neither, and {HOLD_OUT_FRACTION:.0%} of the cases are held out)"
+        )
+    if len(split.train) < 2:
+        names = ", ".join(source.name for source in split.train)
+        raise DatasetError(
+            f"--data {str(config.data_dir)!r} holds {len(split.train)} case(s) for training "
+            f"({names}) and no validation case (best.pt and early stopping are chosen on one): "
+            "add cases to hold one out, or name a validation case elsewhere with "
+            "validation_cases = [path] in the [train] table of --config"
+        )
+    kept, held = hold_out_cases(split.train, fraction=HOLD_OUT_FRACTION, seed=config.seed)
+    (logger.warning if log else logger.debug)(
+        "no validation split given: holding out %d of %d cases (%.0f %%, chosen by seed %d) "
+        "for validation: %s; choose them with validation_alphas or validation_cases in [train]",
+        len(held),
+        len(split.train),
+        100 * HOLD_OUT_FRACTION,
+        config.seed,
+        ", ".join(source.name for source in held),
+    )
+    return CaseSplit(train=kept, validation=held, test=split.test)
+
+
+@dataclass
+class _InitialModel:
+    """What a fine-tuning run takes from its ``init_model`` checkpoint."""
+
+    metadata: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    normalizer: FeatureNormalizer
+    target_scale: float
+    record: dict[str, Any]
+
+
+def _load_initial_model(path: str) -> _InitialModel:
+    """The weights, normaliser and target scale of ``init_model`` (every number checked).
+
+    Raises:
+        CheckpointError: naming the file when it is unusable or has no input normaliser.
+    """
+    where = f"--init-model {str(path)!r}"
+    try:
+        loaded = load_model(path, device="cpu")
+    except CheckpointError as error:
+        raise CheckpointError(f"{where}: {error}") from error
+    if loaded.feature_normalizer_state is None or "feature_spec" not in loaded.metadata:
+        raise CheckpointError(
+            f"{where} records no input normaliser or feature spec: give a checkpoint that "
+            "vcnn train wrote (best.pt, last.pt or its export)"
+        )
+    normalizer = FeatureNormalizer()
+    try:
+        normalizer.load_state_dict(loaded.feature_normalizer_state)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {error}") from error
+    metadata = loaded.metadata
+    record = {
+        "path": str(Path(path).resolve()),
+        "epoch": metadata.get("epoch"),
+        "seed": metadata.get("seed"),
+    }
+    return _InitialModel(
+        metadata=metadata,
+        state=loaded.model.state_dict(),
+        normalizer=normalizer,
+        target_scale=loaded.target_scale,
+        record=record,
+    )
+
+
+def _log_initial_model(path: str, metadata: dict[str, Any], physics: Physics | None) -> None:
+    """One line on where the weights come from, and one when the physics changes."""
+    logger.info(
+        "starting from the weights of %s (epoch %s), with its input normaliser and target "
+        "scale; optimiser and schedule start afresh",
+        path,
+        metadata.get("epoch", "?"),
+    )
+    recorded = metadata.get("physics")
+    if physics is not None and recorded is not None:
+        try:
+            differences = Physics.from_dict(recorded).differences(physics)
+        except (TypeError, ValueError):
+            differences = ["unreadable physics record"]
+        if differences:
+            logger.warning(
+                "the init model was trained on data of other physics (%s): fine-tuning to "
+                "the physics of --data",
+                "; ".join(differences),
+            )
+
+
+def _warn_short_average(config: TrainConfig, *, steps: int) -> None:
+    """Warn when the moving average spans more optimiser steps than a new run takes."""
+    span = 1.0 / (1.0 - float(config.ema_decay))
+    if steps < span:
+        logger.warning(
+            "ema_decay %g averages over about %.0f optimiser steps but this run takes about %d: "
+            "best.pt will stay close to the initial weights; set ema_decay = 0 for short runs",
+            config.ema_decay,
+            span,
+            steps,
+        )
+
+
+def _check_validation_target(split: CaseSplit) -> None:
+    """Refuse validation cases whose tau is zero everywhere (their relative error is undefined).
+
+    Raises:
+        DatasetError: naming the cases.
+    """
+    cases = [source.load() for source in split.validation]
+    if sum(float(np.dot(case.tau, case.tau)) for case in cases) > 0:
+        return
+    names = ", ".join(source.name for source in split.validation)
+    raise DatasetError(
+        f"the validation cases ({names}) have tau = 0 at every point, so their relative error "
+        "is undefined: choose other validation cases (validation_alphas or validation_cases)"
     )
 
 
@@ -754,10 +1024,14 @@ def _train(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % (2**32))
 
-    split = _make_split(config)
+    split = _make_split(config, log=is_main)
     spec = config.feature_spec()
-    target_scaler = TargetScaler.fit(source.load() for source in split.train)
     physics = _data_physics(split)
+    initial = None if config.init_model is None else _load_initial_model(config.init_model)
+    if initial is None:
+        target_scaler = TargetScaler.fit(source.load() for source in split.train)
+    else:  # fine-tuning: the target as the initial model learnt it
+        target_scaler = TargetScaler(scale=initial.target_scale)
     cloud_options = CloudOptions.from_dict(config.cloud)
     if physics is not None:
         cloud_options = cloud_options.resolved(diffusivity=physics.diffusivity, zeta=physics.zeta)
@@ -772,20 +1046,34 @@ def _train(
     common = dict(
         spec=spec, target_scaler=target_scaler, cloud_options=cloud_options, device=device
     )
-    train_data = CloudDataset(split.train, **common)
-    # The normaliser sees clouds like those of training (a draw of its own, fixed seed).
-    normalizer = train_data.fit_normalizer(
-        train_data.draw(
-            config.cloud_size,
-            seed=derive_seed(config.seed, 2**31 - 2),
-            queries_per_case=config.queries_per_case,
+    if initial is None:
+        train_data = CloudDataset(split.train, **common)
+        # The normaliser sees clouds like those of training (a draw of its own, fixed seed).
+        normalizer = train_data.fit_normalizer(
+            train_data.draw(
+                config.cloud_size,
+                seed=derive_seed(config.seed, 2**31 - 2),
+                queries_per_case=config.queries(),
+            )
         )
-    )
-    validation_data = None
-    if split.validation:
-        validation_data = CloudDataset(split.validation, normalizer=normalizer, **common)
+    else:  # fine-tuning: the inputs as the initial model saw them
+        normalizer = initial.normalizer
+        train_data = CloudDataset(split.train, normalizer=normalizer, **common)
+    _check_validation_target(split)
+    validation_data = CloudDataset(split.validation, normalizer=normalizer, **common)
 
     model = _build_network(config, dim=train_data.dim, spec=spec)
+    if initial is not None:
+        check_initialisable(
+            initial.metadata,
+            path=config.init_model,
+            model_kind=type(model).__name__,
+            model_config=model.to_config(),
+            feature_spec=spec.to_dict(),
+        )
+        model.load_state_dict(initial.state)
+        if is_main:
+            _log_initial_model(config.init_model, initial.metadata, physics)
     model.to(device=device, dtype=torch.float32)
     # The fused step: one pass over all parameters instead of a dozen small ops per tensor
     # (0.24 ms against 0.9 ms a step on two cores for the default net); same arithmetic.
@@ -797,9 +1085,10 @@ def _train(
     )
     scheduler = _build_scheduler(optimizer, config)
     # The model that is validated, selected and saved: the weights' moving average, or them.
-    averaged = copy.deepcopy(model) if config.ema_decay is not None else model
+    averaged = copy.deepcopy(model) if config.ema_decay else model
 
     start_epoch = 1
+    init_record = None if initial is None else initial.record
     best = {"epoch": 0, "rel_l2_percent": math.inf, "epochs_without_improvement": 0}
     elapsed_before = 0.0
     history: list[EpochRecord] = []
@@ -826,8 +1115,18 @@ def _train(
         start_epoch = int(checkpoint["epoch"]) + 1
         elapsed_before = float(checkpoint.get("wall_clock_s", 0.0))
         history = _read_lcurve(lcurve_path, int(checkpoint["epoch"]))
+        init_record = checkpoint.get("init_model")
         if is_main:
             logger.info("resuming from %s after epoch %d", last_path, start_epoch - 1)
+        if isinstance(scheduler, CosineToFloor) and scheduler.extend(config.epochs) and is_main:
+            logger.info(
+                "epochs changed to %d: the cosine schedule continues from lr %.3e down to %.3e "
+                "at epoch %d",
+                config.epochs,
+                scheduler.get_last_lr()[0],
+                config.min_learning_rate,
+                config.epochs,
+            )
     elif config.resume and is_main:
         logger.info("resume requested but %s does not exist: starting afresh", last_path)
 
@@ -835,9 +1134,7 @@ def _train(
     # kernels of vcnn.engines.fused_cpu where they can). DistributedDataParallel wraps the
     # pass itself, so data-parallel training runs the same backend.
     train_pass = TrainingPass(model, train_data.table, normalizer)
-    validation_pass = None
-    if validation_data is not None:
-        validation_pass = TrainingPass(averaged, validation_data.table, normalizer)
+    validation_pass = TrainingPass(averaged, validation_data.table, normalizer)
 
     network: nn.Module = train_pass
     if distributed.world_size > 1:
@@ -859,19 +1156,17 @@ def _train(
             "%d rank(s), engine %s",
             train_data.num_cases,
             train_data.num_points,
-            0 if validation_data is None else validation_data.num_cases,
+            validation_data.num_cases,
             sum(p.numel() for p in model.parameters()),
             device,
             distributed.world_size,
             train_pass.engine,
         )
-    validation_plan = None
-    if validation_data is not None:
-        validation_plan = validation_data.draw(
-            config.cloud_size,
-            seed=derive_seed(config.seed, 2**31 - 1),
-            queries_per_case=config.validation_queries_per_case,
-        )
+    validation_plan = validation_data.draw(
+        config.cloud_size,
+        seed=derive_seed(config.seed, 2**31 - 1),
+        queries_per_case=config.queries(validation=True),
+    )
 
     progress = _Progress(
         is_main and (config.progress if config.progress is not None else sys.stderr.isatty())
@@ -889,11 +1184,13 @@ def _train(
         plan = train_data.draw(
             config.cloud_size,
             seed=derive_seed(config.seed, epoch),
-            queries_per_case=config.queries_per_case,
+            queries_per_case=config.queries(),
         )
         generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, 1))
         epoch_batches = _epoch_batches(plan, train_data, config, generator, distributed)
         batches = len(epoch_batches)
+        if epoch == 1 and is_main and config.ema_decay:
+            _warn_short_average(config, steps=batches * config.epochs)
         learning_rate = optimizer.param_groups[0]["lr"]
         sums = _Sums()
         network.train()
@@ -921,25 +1218,21 @@ def _train(
         trained_clouds += plan.queries.numel()
         train_sums = sums.reduced(distributed, device)
 
-        validation_sums = _Sums()
-        if validation_pass is not None and validation_plan is not None:
-            validation_sums = _evaluate_plan(
-                validation_pass,
-                validation_data,
-                validation_plan,
-                batch_size=config.batch_size,
-                distributed=distributed,
-                device=device,
-                amp=amp,
-                weighted=config.volume_weighted_metrics,
-            )
-            score = validation_sums.rel_l2_percent
-        else:
-            score = train_sums.rel_l2_percent
+        validation_sums = _evaluate_plan(
+            validation_pass,
+            validation_data,
+            validation_plan,
+            batch_size=config.batch_size,
+            distributed=distributed,
+            device=device,
+            amp=amp,
+            weighted=config.volume_weighted_metrics,
+        )
+        score = validation_sums.rel_l2_percent
         # The sums are reduced over the ranks, so every rank takes the same decision here.
         for what, value in (
             ("training", train_sums.mean_loss),
-            ("validation", validation_sums.mean_loss if validation_data is not None else 0.0),
+            ("validation", validation_sums.mean_loss),
         ):
             if not math.isfinite(value):
                 kept = "no checkpoint was written"
@@ -1005,6 +1298,7 @@ def _train(
                 "train_config": config.to_dict(),
                 "split": split.names(),
                 "versions": package_versions(),
+                **({} if init_record is None else {"init_model": init_record}),
             }
             _write_lcurve(lcurve_path, history)
             save_checkpoint(last_path, payload)
@@ -1048,9 +1342,7 @@ def _train(
         last_checkpoint=last_path,
         history=history,
         best_epoch=int(best["epoch"]),
-        best_validation_rel_l2_percent=(
-            float(best["rel_l2_percent"]) if validation_data is not None else math.nan
-        ),
+        best_validation_rel_l2_percent=float(best["rel_l2_percent"]),
         stopped_early=stopped_early,
         seed=config.seed,
         clouds_per_second=trained_clouds / train_seconds if train_seconds > 0 else math.nan,
