@@ -1,4 +1,13 @@
-"""Figures of case files: triangulations of the closure points and field plots (matplotlib Agg)."""
+"""Figures of case files: triangulations of the closure points and field plots (matplotlib Agg).
+
+Also the conventions every figure of the toolkit shares (:mod:`vcnn.plotting_training`,
+:mod:`vcnn.plotting_simulation`): round contour levels (:func:`field_levels`), labelled colour
+bars with round ticks (:func:`add_colorbar`), labelled plane axes (:func:`label_plane`) and
+difference panels on a symmetric diverging scale centred at zero that say "identical to
+round-off" instead of drawing a colour scale for a difference that is round-off
+(:func:`draw_difference`). Figures are built as :class:`matplotlib.figure.Figure` objects
+(``*_figure`` functions, no pyplot state) and written by the ``plot_*`` functions.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,9 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colorbar import Colorbar
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from matplotlib.tri import LinearTriInterpolator, Triangulation
 from scipy.spatial import Delaunay, cKDTree
 
@@ -24,6 +36,16 @@ logger = logging.getLogger(__name__)
 #: Delaunay triangles with an edge longer than this many local point spacings are dropped:
 #: they bridge concave parts of the domain (the hill) or holes (a cylinder).
 _EDGE_FACTOR = 4.0
+
+#: A difference whose largest magnitude is at most this fraction of the largest magnitude of
+#: the compared field is round-off: it is written as text, not drawn on a colour scale.
+ROUND_OFF = 1e-12
+
+#: Colour-bar ticks (at most; round values chosen by :func:`round_locator`).
+COLORBAR_TICKS = 6
+
+#: Steps of round ticks and levels: 1, 2, 2.5 or 5 times a power of ten.
+_ROUND_STEPS = (1.0, 2.0, 2.5, 5.0, 10.0)
 
 
 class CaseTriangulation(NamedTuple):
@@ -92,8 +114,41 @@ def _edge_lengths(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     return np.linalg.norm(corners - np.roll(corners, 1, axis=1), axis=2)
 
 
+def case_figure(case: Case, *, streamlines: bool = True) -> Figure:
+    """Two panels of a 2-D case: the speed with streamlines, and tau.
+
+    Args:
+        case: a 2-D case.
+        streamlines: draw streamlines of the velocity over the speed.
+
+    Returns:
+        The figure (not saved).
+    """
+    triangulation, source = case_triangulation(case)
+    speed = np.linalg.norm(case.velocity, axis=1)[source]
+    aspect = case_aspect(case)
+    figure = Figure(figsize=(9, 2 * 7.4 * aspect + 1.5), layout="constrained")
+    axes = figure.subplots(2, 1, sharex=True)
+    image = axes[0].tricontourf(triangulation, speed, levels=field_levels(speed), cmap="viridis")
+    add_colorbar(figure, image, axes[0], "|u|")
+    if streamlines:
+        _streamlines(axes[0], triangulation, case.velocity[source])
+    tau = case.tau[source]
+    image = axes[1].tricontourf(triangulation, tau, levels=field_levels(tau), cmap="magma")
+    add_colorbar(figure, image, axes[1], "tau")
+    for axis in axes:  # the domain, not the streamlines' overshoot
+        axis.set_xlim(triangulation.x.min(), triangulation.x.max())
+        axis.set_ylim(triangulation.y.min(), triangulation.y.max())
+    axes[0].set_title(f"{case_title(case)}: speed and streamlines")
+    axes[1].set_title(f"tau, integral {case.tau_integral():.4g}")
+    for axis in axes:
+        label_plane(axis)
+        axis.label_outer()  # the shared x axis is labelled once, at the bottom
+    return figure
+
+
 def plot_case(case: Case, path: str | os.PathLike, *, streamlines: bool = True) -> Path:
-    """Two panels: speed with streamlines, and tau.
+    """Write :func:`case_figure` (speed with streamlines, and tau) to a PNG file.
 
     Args:
         case: a 2-D case.
@@ -103,28 +158,132 @@ def plot_case(case: Case, path: str | os.PathLike, *, streamlines: bool = True) 
     Returns:
         The path written.
     """
-    path = Path(path)
-    triangulation, source = case_triangulation(case)
-    speed = np.linalg.norm(case.velocity, axis=1)[source]
-    extent = np.ptp(case.points, axis=0)
-    aspect = extent[1] / max(extent[0], 1e-12)
-    figure, axes = plt.subplots(2, 1, figsize=(9, 2 * 9 * aspect + 1.2), constrained_layout=True)
-    image = axes[0].tricontourf(triangulation, speed, levels=40, cmap="viridis")
-    figure.colorbar(image, ax=axes[0], label="|u|")
-    if streamlines:
-        _streamlines(axes[0], triangulation, case.velocity[source])
-    image = axes[1].tricontourf(triangulation, case.tau[source], levels=40, cmap="magma")
-    figure.colorbar(image, ax=axes[1], label="tau")
+    return save_figure(case_figure(case, streamlines=streamlines), path, dpi=110)
+
+
+def case_title(case: Case) -> str:
+    """The case name, with its alpha when the case has one."""
     title = case.name
     if case.meta.get("alpha") is not None:
         title += f"  (alpha = {case.meta['alpha']:g})"
-    axes[0].set_title(f"{title}: speed and streamlines")
-    axes[1].set_title(f"tau, integral {case.tau_integral():.4g}")
-    for axis in axes:
-        axis.set_aspect("equal")
-        axis.set_xlabel("x")
-        axis.set_ylabel("y")
-    return save_figure(figure, path, dpi=110)
+    return title
+
+
+def field_levels(values: np.ndarray, *, levels: int = 40) -> np.ndarray:
+    """Round contour levels (at most ``levels`` bands) spanning the finite values.
+
+    A constant field gets a small range around its value, so that it still has levels.
+
+    Args:
+        values: field values (any shape; NaN and inf are ignored).
+        levels: the most bands.
+
+    Returns:
+        Increasing levels; the first is at most the smallest value, the last at least the
+        largest.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.linspace(0.0, 1.0, levels + 1)
+    low, high = float(finite.min()), float(finite.max())
+    if high - low <= 1e-12 * max(abs(low), abs(high)):  # constant: 5 % around the value
+        pad = 0.05 * abs(low) if low != 0 else 0.05
+        low, high = low - pad, high + pad
+    return round_locator(levels).tick_values(low, high)
+
+
+def round_locator(bins: int) -> MaxNLocator:
+    """At most ``bins`` intervals between ticks 1, 2, 2.5 or 5 times a power of ten apart."""
+    return MaxNLocator(nbins=bins, steps=_ROUND_STEPS)
+
+
+def add_colorbar(figure: Figure, mappable, axis, label: str, **options) -> Colorbar:
+    """A colour bar beside ``axis``, labelled, with round ticks (not the contour levels).
+
+    Args:
+        figure: the figure of ``axis``.
+        mappable: what the bar shows (a contour set, an image).
+        axis: the axes the bar goes beside.
+        label: the quantity, e.g. ``tau`` or ``tau - tau_truth``.
+        **options: passed to :meth:`matplotlib.figure.Figure.colorbar` (e.g. ``shrink``).
+
+    Returns:
+        The colour bar.
+    """
+    colorbar = figure.colorbar(mappable, ax=axis, **options)
+    colorbar.locator = round_locator(COLORBAR_TICKS)
+    colorbar.update_ticks()
+    colorbar.set_label(label)
+    return colorbar
+
+
+def draw_difference(
+    figure: Figure,
+    axis,
+    triangulation: Triangulation,
+    difference: np.ndarray,
+    reference: np.ndarray,
+    label: str,
+    *,
+    levels: int = 40,
+    **options,
+) -> Colorbar | None:
+    """A difference field on a symmetric diverging scale centred at zero, or a note.
+
+    When the largest ``|difference|`` is at most :data:`ROUND_OFF` times the largest
+    ``|reference|`` (a zero difference included), no colour scale is drawn: the domain is
+    filled in light grey and the panel says "identical to round-off" with the largest
+    ``|difference|``.
+
+    Args:
+        figure: the figure of ``axis``.
+        axis: the axes to draw in.
+        triangulation: the triangulation of the field.
+        difference: values at the triangulation's nodes.
+        reference: the compared field (its magnitude sets what is round-off).
+        label: the quantity, e.g. ``tau - tau_truth`` (the colour bar's label).
+        levels: contour bands.
+        **options: passed to :func:`add_colorbar`.
+
+    Returns:
+        The colour bar, or None when the difference is round-off.
+    """
+    difference = np.asarray(difference, dtype=np.float64)
+    magnitude = np.abs(difference[np.isfinite(difference)])
+    bound = float(magnitude.max()) if magnitude.size else 0.0
+    reference = np.abs(np.asarray(reference, dtype=np.float64))
+    scale = float(np.nanmax(reference)) if reference.size else 0.0
+    if bound <= ROUND_OFF * scale:
+        axis.tricontourf(triangulation, np.zeros_like(difference), levels=[-1, 1], colors=["0.93"])
+        axis.text(
+            0.5,
+            0.5,
+            f"{label}: identical to round-off\n(max |difference| = {bound:.2g})",
+            transform=axis.transAxes,
+            ha="center",
+            va="center",
+            fontsize=9,
+        )
+        return None
+    top = round_locator(4).tick_values(0.0, bound)[-1]  # a round bound >= max |d|
+    image = axis.tricontourf(
+        triangulation, difference, levels=np.linspace(-top, top, levels + 1), cmap="RdBu_r"
+    )
+    return add_colorbar(figure, image, axis, label, **options)
+
+
+def label_plane(axis, *, fontsize: float | None = None) -> None:
+    """Label the axes of a field panel (``x``, ``y``, in the mesh's length unit), equal aspect."""
+    axis.set_xlabel("x", fontsize=fontsize)
+    axis.set_ylabel("y", fontsize=fontsize)
+    axis.set_aspect("equal")
+
+
+def case_aspect(case: Case) -> float:
+    """Height over width of a case's bounding box."""
+    extent = np.ptp(case.points, axis=0)
+    return float(extent[1] / max(extent[0], 1e-12))
 
 
 def save_figure(figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:

@@ -15,14 +15,24 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from matplotlib.tri import LinearTriInterpolator
 
 from vcnn.casefile import Case
-from vcnn.plotting import CaseTriangulation, case_triangulation, save_figure
+from vcnn.plotting import (
+    CaseTriangulation,
+    add_colorbar,
+    case_aspect,
+    case_title,
+    case_triangulation,
+    draw_difference,
+    field_levels,
+    label_plane,
+    save_figure,
+)
 
-__all__ = ["NUM_STATIONS", "plot_simulation", "station_profiles"]
+__all__ = ["NUM_STATIONS", "plot_simulation", "simulation_figure", "station_profiles"]
 
 #: Profile stations across the domain.
 NUM_STATIONS = 10
@@ -66,17 +76,16 @@ def station_profiles(
     return stations, y, profiles
 
 
-def plot_simulation(case: Case, path: str | os.PathLike, *, title: str | None = None) -> Path:
+def simulation_figure(case: Case, *, title: str | None = None) -> Figure:
     """Fields and station profiles of a coupled run, against the truth when the case has it.
 
     Args:
         case: a 2-D case from ``vcnn simulate``; the truth is read from its extra keys
             ``tau_truth`` and ``velocity_truth`` when present.
-        path: PNG file to write.
         title: figure title (default: the case name and its alpha).
 
     Returns:
-        The path written.
+        The figure (not saved).
     """
     truth_tau = case.extra.get("tau_truth")
     truth_velocity = case.extra.get("velocity_truth")
@@ -84,42 +93,30 @@ def plot_simulation(case: Case, path: str | os.PathLike, *, title: str | None = 
     shared = case_triangulation(case)
     triangulation, source = shared
     speed = np.linalg.norm(case.velocity, axis=1)
-    extent = np.ptp(case.points, axis=0)
-    aspect = extent[1] / max(extent[0], 1e-12)
     columns = 3 if has_truth else 1
     width = 15 if has_truth else 8
-    field_height = width / columns * aspect + 0.6
-    figure = plt.figure(figsize=(width, 2 * field_height + 2 * 2.6), constrained_layout=True)
-    grid = figure.add_gridspec(4, columns, height_ratios=[field_height] * 2 + [2.6, 2.6])
+    field_height = width / columns * case_aspect(case) + 0.8
+    figure = Figure(figsize=(width, 2 * field_height + 2 * 2.8), layout="constrained")
+    grid = figure.add_gridspec(4, columns, height_ratios=[field_height] * 2 + [2.8, 2.8])
 
     rows = [("tau", case.tau, "magma"), ("|u|", speed, "viridis")]
     truths = [truth_tau, np.linalg.norm(truth_velocity, axis=1)] if has_truth else [None, None]
     for row, ((label, values, colormap), truth) in enumerate(zip(rows, truths, strict=True)):
-        levels = np.linspace(
-            *_range(values if truth is None else np.concatenate([values, truth])), 41
-        )
-        panels = [(f"{label}, closure in the loop", values, colormap, levels)]
+        levels = field_levels(values if truth is None else np.concatenate([values, truth]))
+        panels = [(f"{label}, closure in the loop", values)]
         if has_truth:
-            difference = values - truth
-            bound = max(float(np.abs(difference).max()), 1e-30)
-            panels += [
-                (f"{label}, PDE truth", truth, colormap, levels),
-                (
-                    f"{label} difference (closure - truth)",
-                    difference,
-                    "RdBu_r",
-                    np.linspace(-bound, bound, 41),
-                ),
-            ]
-        for column, (name, field, cmap, field_levels) in enumerate(panels):
+            panels.append((f"{label}, PDE truth", truth))
+        for column, (name, field) in enumerate(panels):
             axis = figure.add_subplot(grid[row, column])
-            image = axis.tricontourf(
-                triangulation, field[source], levels=field_levels, cmap=cmap, extend="both"
-            )
-            figure.colorbar(image, ax=axis, shrink=0.9)
-            axis.set_title(name, fontsize=9)
-            axis.set_aspect("equal")
-            axis.tick_params(labelsize=7)
+            image = axis.tricontourf(triangulation, field[source], levels=levels, cmap=colormap)
+            add_colorbar(figure, image, axis, label, shrink=0.9)
+            _field_axis(axis, name)
+        if has_truth:
+            axis = figure.add_subplot(grid[row, 2])
+            difference = (values - truth)[source]
+            name = f"{label} - " + ("|u_truth|" if label == "|u|" else f"{label}_truth")
+            draw_difference(figure, axis, triangulation, difference, truth, name, shrink=0.9)
+            _field_axis(axis, f"{label} difference (closure - truth)")
 
     profile_rows = [
         ("u_x", case.velocity[:, 0], None if not has_truth else truth_velocity[:, 0]),
@@ -134,7 +131,7 @@ def plot_simulation(case: Case, path: str | os.PathLike, *, title: str | None = 
             reference = truth_profiles
         spacing = stations[1] - stations[0] if stations.size > 1 else 1.0
         peak = np.nanmax(np.abs(reference)) if np.isfinite(reference).any() else 1.0
-        scale = 0.8 * spacing / max(peak, 1e-30)
+        scale = _round_down(0.8 * spacing / max(peak, 1e-30))
         for k, x in enumerate(stations):
             axis.axvline(x, color="0.85", linewidth=0.6)
             axis.plot(
@@ -153,21 +150,43 @@ def plot_simulation(case: Case, path: str | os.PathLike, *, title: str | None = 
                     linewidth=1.0,
                     label="PDE truth" if k == 0 else None,
                 )
-        axis.set_xlabel(f"x + {scale:.3g} {label}", fontsize=8)
+        axis.set_xlabel(f"x + {label}" if scale == 1 else f"x + {scale:g} {label}", fontsize=8)
         axis.set_ylabel("y", fontsize=8)
         axis.set_title(f"{label} at {stations.size} stations", fontsize=9)
-        axis.legend(fontsize=7, loc="upper right")
+        # above the axes at the right, never over a profile
+        axis.legend(
+            fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, frameon=False
+        )
         axis.tick_params(labelsize=7)
-    if title is None:
-        title = case.name
-        if case.meta.get("alpha") is not None:
-            title += f"  (alpha = {case.meta['alpha']:g})"
-    figure.suptitle(title, fontsize=11)
-    return save_figure(figure, path, dpi=110)
+    figure.suptitle(case_title(case) if title is None else title, fontsize=11)
+    return figure
 
 
-def _range(values: np.ndarray) -> tuple[float, float]:
-    low, high = float(np.min(values)), float(np.max(values))
-    if high <= low:
-        high = low + 1e-12
-    return low, high
+def plot_simulation(case: Case, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Write :func:`simulation_figure` (fields and station profiles) to a PNG file.
+
+    Args:
+        case: a 2-D case from ``vcnn simulate``; the truth is read from its extra keys
+            ``tau_truth`` and ``velocity_truth`` when present.
+        path: PNG file to write.
+        title: figure title (default: the case name and its alpha).
+
+    Returns:
+        The path written.
+    """
+    return save_figure(simulation_figure(case, title=title), path, dpi=110)
+
+
+def _field_axis(axis, title: str) -> None:
+    axis.set_title(title, fontsize=9)
+    label_plane(axis, fontsize=8)
+    axis.tick_params(labelsize=7)
+
+
+def _round_down(value: float) -> float:
+    """The largest of 1, 2, 5 times a power of ten that is at most ``value`` (> 0)."""
+    power = 10.0 ** np.floor(np.log10(value))
+    for factor in (5.0, 2.0, 1.0):
+        if factor * power <= value:
+            return float(factor * power)
+    return float(power)

@@ -1326,7 +1326,7 @@ def _train(
         from vcnn.plotting_training import plot_learning_curves
 
         try:
-            plot_learning_curves(history, out_dir / "lcurve.png")
+            plot_learning_curves(history, out_dir / "lcurve.png", best_epoch=best["epoch"] or None)
         except (OSError, ValueError) as error:  # a figure must never lose a trained model
             logger.warning("could not draw the learning curves: %s", error)
     if stopped_early and is_main:
