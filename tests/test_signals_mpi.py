@@ -195,7 +195,7 @@ def _signal_trial(out: Path, signum: int, delay: float) -> dict:
     def read_stderr():
         for line in process.stderr:
             lines.append((time.monotonic(), line.rstrip("\n")))
-            if "Newton" in line:  # the ranks are in the first collective solve
+            if "mesh done" in line:  # the ranks are up, in the first case's collective work
                 up.set()
 
     readers = [threading.Thread(target=read_stderr, daemon=True),
