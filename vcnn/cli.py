@@ -348,14 +348,32 @@ def _fem_world() -> Any:
     return MPI.COMM_WORLD
 
 
+def _agreed_config(
+    world: Any, args: argparse.Namespace, verb: str, config_class: Any, flags: Callable[[], dict]
+) -> Any:
+    """The verb's config from its ``[verb]`` table and ``flags()``, agreed by every MPI rank.
+
+    Every rank resolves its own config; the ranks agree on it (or share the user error one of
+    them raised) before any collective work (:func:`solvers.collective.config_agreement`).
+    """
+    from solvers.collective import config_agreement
+
+    with config_agreement(world, verb=verb) as agreement:
+        config = config_class.from_dict(_section(args, verb), overrides=flags())
+        agreement.agree(config.to_dict())
+    return config
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     world = _fem_world()
-    from solvers.collective import config_agreement
     from solvers.generate import GenerateConfig, run_generate
 
-    # Every rank resolves its own config; the ranks agree on it before any collective work.
-    with config_agreement(world, verb="generate") as agreement:
-        flags = {
+    config = _agreed_config(
+        world,
+        args,
+        "generate",
+        GenerateConfig,
+        lambda: {
             "alphas": args.alphas,
             "output": None if args.out is None else str(args.out),
             "production": args.production,
@@ -367,9 +385,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             "flow_time": args.flow_time,
             "flow_field": args.flow_field,
             "mesh": _mesh_flags(args),
-        }
-        config = GenerateConfig.from_dict(_section(args, "generate"), overrides=flags)
-        agreement.agree(config.to_dict())
+        },
+    )
     summary = run_generate(config)
     counts = {
         status: sum(1 for case in summary.cases if case.status == status)
@@ -384,12 +401,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     world = _fem_world()
-    from solvers.collective import config_agreement
     from solvers.simulate import SimulateConfig, run_simulate
 
-    # Every rank resolves its own config; the ranks agree on it before any collective work.
-    with config_agreement(world, verb="simulate") as agreement:
-        flags = {
+    config = _agreed_config(
+        world,
+        args,
+        "simulate",
+        SimulateConfig,
+        lambda: {
             "alphas": args.alphas,
             "output": None if args.out is None else str(args.out),
             "model": None if args.model is None else str(args.model),
@@ -411,9 +430,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             "plots": False if args.no_plots else None,
             "xdmf": False if args.no_xdmf else None,
             "mesh": _mesh_flags(args),
-        }
-        config = SimulateConfig.from_dict(_section(args, "simulate"), overrides=flags)
-        agreement.agree(config.to_dict())
+        },
+    )
     summary = run_simulate(config)
     _output(f"{summary.table()}\n\nmetrics.json and the outputs in {summary.output.resolve()}")
     return 0 if summary.all_succeeded else 1
