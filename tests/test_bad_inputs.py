@@ -336,6 +336,10 @@ BAD: dict[str, Bad] = {
         "train", lambda w, s: ["train", "--config", str(w / "train.toml"), "--data",
                                str(w / "empty"), "--out", str(s / "run")],
         r"no case files \(\*\.npz\)", _named("empty")),
+    "train-queries-per-case-flag-word": Bad(
+        "train", _train("--out", "SANDBOX/run", "--queries-per-case", "every"),
+        r"must be an integer >= 1 or 'all' \(every point\), got 'every'",
+        _named("--queries-per-case")),
     "train-batch-size-0": Bad(
         "train", _train("--out", "SANDBOX/run", "--batch-size", "0"),
         "must be an integer >= 1, got 0", _named("--batch-size")),

@@ -214,3 +214,10 @@ def test_generate_prints_its_table_and_logs_newton_steps_only_with_v(tmp_path, c
     verbose = capsys.readouterr()
     assert re.search(r"^Newton \d+: residual", verbose.err, flags=re.M)
     assert re.search(r"^tau \(frozen\): \d+ Newton iterations", verbose.err, flags=re.M)
+
+
+def test_queries_per_case_takes_every_point_on_the_command_line_too():
+    args = cli.build_parser().parse_args(["train", "--queries-per-case", "all"])
+    assert args.queries_per_case == "all"
+    args = cli.build_parser().parse_args(["train", "--queries-per-case", "300"])
+    assert args.queries_per_case == 300

@@ -74,6 +74,18 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _count_or_all(text: str) -> int | str:
+    """An argparse type: an integer >= 1, or ``all`` (every point of a case)."""
+    if text == "all":
+        return text
+    try:
+        return _count(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer >= 1 or 'all' (every point), got {text!r}"
+        ) from None
+
+
 def _number(text: str) -> float:
     """An argparse type: a finite number."""
     try:
@@ -819,7 +831,9 @@ a first run (five minutes on a laptop):
     train.add_argument("--cloud-size", type=_count(1), help="points sampled per cloud")
     _unset_means(
         train.add_argument(
-            "--queries-per-case", type=_count(1), help="clouds per case per epoch"
+            "--queries-per-case",
+            type=_count_or_all,
+            help="clouds per case per epoch, or 'all' (every point)",
         ),
         "every point",
     )
