@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -326,3 +327,17 @@ def test_a_cosine_state_of_an_older_checkpoint_continues_as_it_was():
     for _ in range(3):
         optimizer.step(), old.step(), again.step(), new.step()
         assert new.get_last_lr() == pytest.approx(old.get_last_lr(), rel=1e-12)
+
+
+def test_the_progress_bar_is_a_tqdm_bar_per_epoch_and_is_cleared(data_dir, tmp_path, capsys):
+    train(_config(data_dir, tmp_path / "run", epochs=2, progress=True))
+    err = capsys.readouterr().err
+    # tqdm's bar of each epoch (percentage, bar, batch counter and unit), cleared at its end
+    bars = re.findall(r"\repoch (\d)/2: +\d+%\|.*?\| \d+/(\d+) \[.*?batch/s.*?\]", err)
+    assert [epoch for epoch, _ in bars[:1]] == ["1"] and "2" in {epoch for epoch, _ in bars}, err
+    assert len(re.findall(r"\r +\r", err)) == 2, err  # two bars, each erased (leave=False)
+
+
+def test_no_progress_bar_when_it_is_off(data_dir, tmp_path, capsys):
+    train(_config(data_dir, tmp_path / "run", epochs=1, progress=False))
+    assert "batch/s" not in capsys.readouterr().err

@@ -184,7 +184,8 @@ class TrainConfig:
             Excludes ``resume`` (a resumed run continues from its ``last.pt``).
         overwrite: replace the run that ``out_dir`` holds (without it, and without
             ``resume``, a folder that holds a run is refused).
-        progress: per-batch progress text on stderr; None: only when stderr is a terminal.
+        progress: a per-batch progress bar (tqdm) on stderr; None: only when stderr is a
+            terminal.
         num_threads: torch CPU threads; None: torch's default.
         time_limit_minutes: stop after the epoch during which the run's wall clock (summed
             over resumed sessions) passes this many minutes; None: no limit. The checkpoints
@@ -448,26 +449,41 @@ def _init_distributed(device_request: str) -> _Distributed:
 
 
 class _Progress:
-    """Plain-text per-batch progress on stderr (carriage return, one line)."""
+    """A per-batch progress bar of each epoch on stderr (tqdm), removed when the epoch ends.
+
+    The epoch's summary line is logged after it, so a finished run shows only those lines.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self._bar = None
+        self._epoch = 0
 
     def update(self, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
+        """Advance the bar of ``epoch`` to ``batch`` of ``batches``, showing the batch loss."""
         if not self.enabled:
             return
-        width = 24
-        filled = int(width * batch / max(batches, 1))
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(
-            f"\repoch {epoch}/{epochs} [{bar}] {batch}/{batches} loss {loss:.3e}   "
-        )
-        sys.stderr.flush()
+        if self._bar is None or self._epoch != epoch:
+            from tqdm import tqdm
+
+            self.close()
+            self._bar = tqdm(
+                total=batches,
+                desc=f"epoch {epoch}/{epochs}",
+                unit="batch",
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+            self._epoch = epoch
+        self._bar.update(batch - self._bar.n)
+        self._bar.set_postfix_str(f"loss {loss:.3e}", refresh=False)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        """Remove the bar (the epoch ended)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _build_network(
