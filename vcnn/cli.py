@@ -376,6 +376,23 @@ def _agreed_config(
     return config
 
 
+def _solver_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The overrides of the flags that generate and simulate share (None = not given)."""
+    return {
+        "alphas": args.alphas,
+        "output": None if args.out is None else str(args.out),
+        "production": args.production,
+        "c_k": args.c_k,
+        "overwrite": True if args.overwrite else None,
+        "plots": False if args.no_plots else None,
+        "xdmf": False if args.no_xdmf else None,
+        "flow_from": args.flow_from,
+        "flow_time": args.flow_time,
+        "flow_field": args.flow_field,
+        "mesh": _mesh_flags(args),
+    }
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     world = _fem_world()
     from solvers.generate import GenerateConfig, run_generate
@@ -385,19 +402,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args,
         "generate",
         GenerateConfig,
-        lambda: {
-            "alphas": args.alphas,
-            "output": None if args.out is None else str(args.out),
-            "production": args.production,
-            "c_k": args.c_k,
-            "overwrite": True if args.overwrite else None,
-            "plots": False if args.no_plots else None,
-            "xdmf": False if args.no_xdmf else None,
-            "flow_from": args.flow_from,
-            "flow_time": args.flow_time,
-            "flow_field": args.flow_field,
-            "mesh": _mesh_flags(args),
-        },
+        lambda: _solver_flags(args),
     )
     summary = run_generate(config)
     counts = {
@@ -421,27 +426,17 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         "simulate",
         SimulateConfig,
         lambda: {
-            "alphas": args.alphas,
-            "output": None if args.out is None else str(args.out),
+            **_solver_flags(args),
             "model": None if args.model is None else str(args.model),
             "closure": args.closure,
             "coupling": args.coupling,
             "compare": True if args.compare else None,
-            "production": args.production,
-            "c_k": args.c_k,
             "outer": args.outer,
             "relaxation": args.relaxation,
             "tol": args.tol,
             "max_iterations": args.max_iterations,
             "allow_physics_mismatch": True if args.allow_physics_mismatch else None,
-            "overwrite": True if args.overwrite else None,
             "device": args.device,
-            "flow_from": args.flow_from,
-            "flow_time": args.flow_time,
-            "flow_field": args.flow_field,
-            "plots": False if args.no_plots else None,
-            "xdmf": False if args.no_xdmf else None,
-            "mesh": _mesh_flags(args),
         },
     )
     summary = run_simulate(config)

@@ -153,6 +153,26 @@ class FullCloudResult:
     seconds: dict[str, float] = field(default_factory=dict)
     engine: str = ""
 
+    @classmethod
+    def counted(
+        cls,
+        output: torch.Tensor,
+        clouds: CloudSet,
+        counter: RangeCounter,
+        *,
+        seconds: dict[str, float],
+        engine: str,
+    ) -> FullCloudResult:
+        """The result of a pass: its output (Q,) on any device, the counts of ``counter``."""
+        return cls(
+            output=output.cpu().numpy(),
+            num_entries=clouds.num_entries,
+            out_of_range_entries=counter.entries,
+            out_of_range_by_input=counter.by_input(),
+            seconds=seconds,
+            engine=engine,
+        )
+
 
 class CloudForward(Protocol):
     """A full-cloud forward bound to a network and a data set (see :meth:`Engine.full_clouds`)."""

@@ -172,17 +172,13 @@ class _FusedClouds:
                 rows = slice(first, min(first + _HEAD_QUERIES, count))
                 sums = moments.sums[rows] / moments.totals[rows, None, None, None]  # (Q,K,C,m_k)
                 output[rows] = self.model.head_from_sums(sums).to(torch.float64)
-        return FullCloudResult(
-            output=output.numpy(),
-            num_entries=clouds.num_entries,
-            out_of_range_entries=counter.entries,
-            out_of_range_by_input=counter.by_input(),
-            seconds={
-                "tables": self.tables_seconds,
-                "kernel": kernel_seconds,
-                "head": time.perf_counter() - start,
-            },
-            engine=self.engine,
+        seconds = {
+            "tables": self.tables_seconds,
+            "kernel": kernel_seconds,
+            "head": time.perf_counter() - start,
+        }
+        return FullCloudResult.counted(
+            output, clouds, counter, seconds=seconds, engine=self.engine
         )
 
 

@@ -153,13 +153,8 @@ class _PaddedClouds:
                     model, table, normalizer, chunk_queries, entry_points,
                     torch.diff(local_offsets), counter, seconds,
                 ).to(torch.float64)
-        return FullCloudResult(
-            output=output.cpu().numpy(),
-            num_entries=clouds.num_entries,
-            out_of_range_entries=counter.entries,
-            out_of_range_by_input=counter.by_input(),
-            seconds=seconds,
-            engine=self.engine,
+        return FullCloudResult.counted(
+            output, clouds, counter, seconds=seconds, engine=self.engine
         )
 
 

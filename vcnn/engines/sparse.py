@@ -120,13 +120,8 @@ class _SparseClouds:
                     model, table, values, entry_points, local_offsets, tables
                 ).to(torch.float64)
                 seconds["products"] += time.perf_counter() - start
-        return FullCloudResult(
-            output=output.cpu().numpy(),
-            num_entries=clouds.num_entries,
-            out_of_range_entries=counter.entries,
-            out_of_range_by_input=counter.by_input(),
-            seconds=seconds,
-            engine=self.engine,
+        return FullCloudResult.counted(
+            output, clouds, counter, seconds=seconds, engine=self.engine
         )
 
 
