@@ -11,7 +11,7 @@ from vcnn.checkpoint import (
     save_checkpoint,
 )
 from vcnn.network import VectorCloudNet
-from vcnn.training import SCHEDULERS, TrainConfig, _build_scheduler
+from vcnn.training import SCHEDULERS, TrainConfig, build_scheduler
 
 
 def _payload():
@@ -91,13 +91,13 @@ def test_every_scheduler_state_is_weights_only_loadable(tmp_path, name):
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.Adam(model.parameters())
     config = TrainConfig(data_dir=".", out_dir=".", scheduler=name, epochs=5)
-    scheduler = _build_scheduler(optimizer, config)
+    scheduler = build_scheduler(optimizer, config)
     optimizer.step()
     scheduler.step()
     path = tmp_path / "s.pt"
     torch.save({"s": scheduler.state_dict(), "o": optimizer.state_dict()}, path)
     loaded = torch.load(path, weights_only=True)
-    fresh = _build_scheduler(torch.optim.Adam(model.parameters()), config)
+    fresh = build_scheduler(torch.optim.Adam(model.parameters()), config)
     fresh.load_state_dict(loaded["s"])
     assert fresh.get_last_lr() == scheduler.get_last_lr()
 

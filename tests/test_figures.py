@@ -13,9 +13,9 @@ from matplotlib.collections import PathCollection
 from matplotlib.contour import ContourSet
 
 from tests.ddp_scripts.synthetic_cases import channel_case
-from vcnn.plotting import case_figure, field_levels, plot_case
-from vcnn.plotting_simulation import plot_simulation, simulation_figure
-from vcnn.plotting_training import (
+from vcnn.plotting.cases import case_figure, field_levels, plot_case
+from vcnn.plotting.simulation import plot_simulation, simulation_figure
+from vcnn.plotting.training import (
     error_against_alpha_figure,
     field_comparison_figure,
     learning_curve_figure,

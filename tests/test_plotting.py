@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from vcnn.casefile import Case
-from vcnn.plotting import case_triangulation, plot_case
+from vcnn.plotting.cases import case_triangulation, plot_case
 
 
 def wavy_channel_case(with_cells: bool):

@@ -164,7 +164,7 @@ def test_data_parallel_ranks_end_identical(data_dir, tmp_path):
 def test_a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     data_dir, tmp_path, monkeypatch
 ):
-    import vcnn.training as training
+    import vcnn.training.loop as training
     from vcnn.errors import TrainingDivergedError
 
     out = tmp_path / "run"

@@ -15,7 +15,8 @@ from vcnn import cli
 from vcnn.checkpoint import CheckpointError, export_model, load_checkpoint
 from vcnn.config import ConfigError
 from vcnn.datasets import DatasetError, discover_cases, hold_out_cases
-from vcnn.training import HOLD_OUT_FRACTION, TrainConfig, _build_network, train
+from vcnn.training import HOLD_OUT_FRACTION, TrainConfig, train
+from vcnn.training.loop import _build_network
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "experiments" / "published" / "train_cpu.toml"

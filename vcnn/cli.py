@@ -567,7 +567,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     _flags_from_config(args, "plot")
     from vcnn.casefile import inspect_case, read_case
     from vcnn.outputs import check_output_dir
-    from vcnn.plotting import plot_case
+    from vcnn.plotting.cases import plot_case
 
     paths = _case_files(args.cases, flag="vcnn plot")
     for path in paths:

@@ -220,7 +220,7 @@ def evaluate(
     # period, velocity or cloud size, NaN fields) leaves no partial output behind.
     out_dir.mkdir(parents=True, exist_ok=True)
     if figures:
-        from vcnn.plotting_training import plot_field_comparison
+        from vcnn.plotting.training import plot_field_comparison
 
         for result in results:
             if result.case.dim == 2:
@@ -230,7 +230,7 @@ def evaluate(
     text = json.dumps([asdict(m) for m in metrics_list], indent=2, allow_nan=True)
     atomic_write_text(out_dir / "metrics.json", text + "\n")
     if figures and results:
-        from vcnn.plotting_training import plot_error_against_alpha, plot_parity
+        from vcnn.plotting.training import plot_error_against_alpha, plot_parity
 
         plot_parity(
             [r.case.tau for r in results],

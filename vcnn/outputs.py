@@ -128,7 +128,7 @@ def output_owners(folder: str | os.PathLike) -> dict[str, Path]:
       table named after the verb (``[generate]``, ``[simulate]``, ``[train]``);
     * case files (``*.npz``): their ``meta`` has a ``simulate`` key when ``vcnn simulate``
       wrote them, else they are generate's (training data);
-    * ``last.pt`` / ``best.pt`` / ``lcurve.tsv``: a training run (as :mod:`vcnn.resume`);
+    * ``last.pt`` / ``best.pt`` / ``lcurve.tsv``: a training run (as :mod:`vcnn.training.resume`);
     * ``metrics.json``: simulate's entries have ``coupling``, evaluate's ``rel_l2_percent``.
 
     Files that cannot be read or classified are nobody's (they are not vcnn outputs).
@@ -139,7 +139,7 @@ def output_owners(folder: str | os.PathLike) -> dict[str, Path]:
     Returns:
         Verb name -> a file of that verb (the first found), in no particular order.
     """
-    from vcnn.resume import RUN_FILES  # torch: imported only when a folder is inspected
+    from vcnn.training.resume import RUN_FILES  # torch: imported only when a folder is inspected
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -180,7 +180,7 @@ def check_output_owner(
 
     The outputs are found by :func:`output_owners`. A verb adding to its own folder is allowed
     (generate adds cases, simulate replaces its cases, evaluate its metrics; train's own rules
-    are :func:`vcnn.resume.check_run_folder`).
+    are :func:`vcnn.training.resume.check_run_folder`).
 
     Args:
         folder: the output folder.

@@ -29,7 +29,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from vcnn.casefile import Case
-from vcnn.plotting import (
+from vcnn.plotting.cases import (
     add_colorbar,
     case_aspect,
     case_triangulation,

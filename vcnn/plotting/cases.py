@@ -1,7 +1,7 @@
 """Figures of case files: triangulations of the closure points and field plots (matplotlib Agg).
 
-Also the conventions every figure of the toolkit shares (:mod:`vcnn.plotting_training`,
-:mod:`vcnn.plotting_simulation`): round contour levels (:func:`field_levels`), labelled colour
+Also the conventions every figure of the toolkit shares (:mod:`vcnn.plotting.training`,
+:mod:`vcnn.plotting.simulation`): round contour levels (:func:`field_levels`), labelled colour
 bars with round ticks (:func:`add_colorbar`), labelled plane axes (:func:`label_plane`) and
 difference panels on a symmetric diverging scale centred at zero that say "identical to
 round-off" instead of drawing a colour scale for a difference that is round-off

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.tri import LinearTriInterpolator
 
 from vcnn.casefile import Case
-from vcnn.plotting import (
+from vcnn.plotting.cases import (
     CaseTriangulation,
     add_colorbar,
     case_aspect,
