@@ -1,9 +1,20 @@
-"""The Python examples of the README run and pass their own checks."""
+"""The README is a short front door, and the Python examples of it and of docs/ run."""
 
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_readme_is_a_front_door():
+    lines = README.read_text().splitlines()
+    assert len(lines) < 400, f"the README has {len(lines)} lines: move reference material to docs/"
+    for page in ("docs/user-guide.md", "docs/configuration.md", "docs/results.md"):
+        assert f"]({page}" in README.read_text(), f"the README does not link {page}"
 
 
 def test_readme_python_examples_run():
@@ -11,3 +22,9 @@ def test_readme_python_examples_run():
     assert blocks, "the README has no Python example"
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
+
+
+@pytest.mark.parametrize("page", PAGES[1:], ids=lambda page: page.name)
+def test_docs_python_examples_run(page):
+    for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL):
+        exec(compile(block, str(page), "exec"), {})
