@@ -3,7 +3,7 @@
 The ERCOFTAC periodic-hill profile is defined piecewise in native units (hill height 28) on
 ``0 <= x <= 126`` and mirrored about ``x = 126``. The slope factor ``alpha`` stretches both hill
 flanks in x and shifts the flat floor so that the period becomes
-``L = (252 - 108 (1 - alpha)) / 28`` in hill-height units (DESIGN section 3.1). Everything this
+``L = (252 - 108 (1 - alpha)) / 28`` in hill-height units (docs/physics.md). Everything this
 module returns is in hill-height units (h = 1).
 """
 

@@ -2,7 +2,7 @@
 
 Every field here lives in (or is sampled at) a scalar P1 space ``V``: the P1 degrees of
 freedom are the points where the closure variable tau is solved for and where the case files
-store nodal data (DESIGN section 4).
+store nodal data (docs/design.md).
 
 Choices made here:
 
@@ -12,7 +12,9 @@ Choices made here:
   exact for constants and converges (first order in general, second on uniform meshes) under
   refinement. No linear solve is needed, so it is cheap and parallel-safe.
 - Wall distance is the exact Euclidean distance to the piecewise-linear wall (the mesh's wall
-  facets), not a PDE-based approximation.
+  facets), not a PDE-based approximation. A quadrilateral wall facet of a hexahedral mesh is
+  taken as two triangles: exact where the facet is planar (flat walls, the extruded hill), a
+  second-order approximation of a warped bilinear facet.
 """
 
 from __future__ import annotations
@@ -214,7 +216,9 @@ def wall_segments(
 
     Returns:
         (M, d, gdim) float64: the d vertices of each of the M wall facets (segments in 2-D,
-        triangles in 3-D). Facets shared as ghosts may appear twice, which is harmless.
+        triangles in 3-D; each quadrilateral facet of a hexahedral mesh is split into two
+        triangles, so M counts those). Facets shared as ghosts may appear twice, which is
+        harmless.
     """
     tdim = mesh.topology.dim
     gdim = mesh.geometry.dim
@@ -225,12 +229,21 @@ def wall_segments(
         raise ValueError("wall_tags is empty: name at least one wall facet tag")
     facets = np.unique(np.concatenate([facet_tags.find(tag) for tag in wall_tags]))
     facets = facets.astype(np.int32)
+    facet_type = dolfinx.cpp.mesh.cell_entity_type(mesh.topology.cell_type, tdim - 1, 0)
+    quadrilateral = facet_type == dolfinx.mesh.CellType.quadrilateral
     if facets.size:
         mesh.topology.create_connectivity(tdim - 1, tdim)
         nodes = dolfinx.mesh.entities_to_geometry(mesh, tdim - 1, facets)
-        # Only the facet's vertices: for a higher-order geometry the first tdim nodes of a
-        # facet are its vertices, the rest are edge/interior nodes.
-        local = mesh.geometry.x[nodes[:, :tdim], :gdim]
+        if quadrilateral:
+            # dolfinx numbers a quadrilateral's vertices in tensor-product order, so going
+            # round it is 0, 1, 3, 2: the diagonal 0-3 splits it into two triangles. (The
+            # first four nodes are the vertices, also for a higher-order geometry.)
+            corners = np.concatenate([nodes[:, [0, 1, 3]], nodes[:, [0, 3, 2]]])
+        else:
+            # Only the facet's vertices: for a higher-order geometry the first tdim nodes of
+            # a facet (a simplex) are its vertices, the rest are edge/interior nodes.
+            corners = nodes[:, :tdim]
+        local = mesh.geometry.x[corners, :gdim]
     else:
         local = np.empty((0, tdim, gdim), dtype=np.float64)
     gathered = mesh.comm.allgather(np.ascontiguousarray(local, dtype=np.float64))

@@ -40,6 +40,7 @@ from solvers.boundaries import BoundarySpec
 from solvers.linalg import (
     SolverDivergedError,
     create_direct_solver,
+    default_solver_options,
     destroy_solver,
     format_history,
     solve_linear,
@@ -244,8 +245,16 @@ class FlowSolver:
                 ``mesh``; the forms hold it, so new values in the same Function take effect
                 at the next solve.
             degree: velocity degree; the pressure gets ``degree - 1`` (Taylor-Hood).
-            petsc_options: overrides of the MUMPS LU options, see
-                :func:`solvers.linalg.create_direct_solver`.
+            petsc_options: PETSc options of the linear solver, over the MUMPS LU defaults of
+                :func:`solvers.linalg.create_direct_solver`; None picks by size
+                (:func:`solvers.linalg.default_solver_options`). The iterative path that
+                converges at the hill's Re = 100 is
+                :data:`solvers.linalg.ITERATIVE_FLOW_OPTIONS` (GMRES on a low-rank MUMPS LU).
+                With ``pc_type fieldsplit`` (:data:`solvers.linalg.FIELDSPLIT_FLOW_OPTIONS`,
+                low Reynolds numbers) the splits are named ``u`` (velocity, blocked per node,
+                translations as near-null space) and ``p``; with Schur preconditioning
+                "user" the solver supplies ``-M_p / nu``, or with ``fieldsplit_p_pc_type
+                mat`` the pressure convection-diffusion approximation.
 
         Raises:
             ValueError: on NaN/inf or otherwise invalid parameters or inlet profiles.
@@ -263,6 +272,7 @@ class FlowSolver:
         self.spec = spec
         self.comm: MPI.Comm = mesh.comm
         self._nu_t = nu_t
+        self._nu = nu
         self._petsc_options = petsc_options
         gdim = mesh.geometry.dim
         velocity_element = basix.ufl.element("Lagrange", mesh.basix_cell(), degree, shape=(gdim,))
@@ -354,6 +364,8 @@ class FlowSolver:
         self._increment = dolfinx.fem.petsc.create_vector(W)
         # Created at the first Newton step: a solve that starts converged leaves no options.
         self._ksp: PETSc.KSP | None = None
+        self._split_objects: tuple = ()
+        self._pcd: _PressureConvectionDiffusion | None = None
         self.body_force = 0.0
         self._has_solution = False
         self._closed = False
@@ -372,6 +384,9 @@ class FlowSolver:
         self._closed = True
         destroy_solver(self._ksp)
         self._ksp = None
+        if self._pcd is not None:
+            self._pcd.free()
+            self._pcd = None
         for petsc_object in (
             self._jacobian_reduced,
             self._jacobian,
@@ -600,24 +615,243 @@ class FlowSolver:
             iterations += 1
 
     def _factorize(self, timings: dict[str, float]) -> None:
-        """Assemble the Jacobian at the current state, restrict it and hand it to the LU."""
+        """Assemble the Jacobian at the current state, restrict it and hand it to the solver."""
+        self._jacobian_reduced = self._assemble_reduced(
+            self._jacobian, self._jacobian_form, self._jacobian_reduced, timings
+        )
+        if self._ksp is None:
+            options = self._petsc_options
+            if options is None:
+                options = default_solver_options(
+                    kind="flow", num_dofs=self.num_dofs, tdim=self.mesh.topology.dim
+                )
+            self._ksp = create_direct_solver(self.comm, petsc_options=options, name="flow")
+            if self._ksp.getPC().getType() == PETSc.PC.Type.FIELDSPLIT:
+                self._set_field_splits(self._ksp.getPC())
+        elif self._pcd is not None:
+            self._pcd.update()
+        self._ksp.setOperators(self._jacobian_reduced)
+
+    def _assemble_reduced(
+        self,
+        matrix: PETSc.Mat,
+        form: dolfinx.fem.Form,
+        reduced: PETSc.Mat | None,
+        timings: dict[str, float],
+    ) -> PETSc.Mat:
+        """Assemble ``form`` into ``matrix`` at the current state and restrict it (``K^T A K``).
+
+        Returns:
+            The reduced matrix, with the pinned pressure row and column replaced by the
+            identity's; ``reduced`` refilled in place when given (the sparsity never changes).
+        """
         with _timed(timings, "assembly"):
-            self._jacobian.zeroEntries()
-            dolfinx.fem.petsc.assemble_matrix(self._jacobian, self._jacobian_form, bcs=self._bcs)
-            self._jacobian.assemble()
+            matrix.zeroEntries()
+            dolfinx.fem.petsc.assemble_matrix(matrix, form, bcs=self._bcs)
+            matrix.assemble()
         with _timed(timings, "restriction"):
-            # Same sparsity at every assembly: the reduced matrix is refilled in place.
-            self._jacobian_reduced = self.constraint.restrict_matrix(
-                self._jacobian, out=self._jacobian_reduced
-            )
+            reduced = self.constraint.restrict_matrix(matrix, out=reduced)
             if self._pin_pressure:
                 # Collective: every rank calls it, only the owner names the row.
-                self._jacobian_reduced.zeroRowsColumns(self._pinned, diag=1.0)
-        if self._ksp is None:
-            self._ksp = create_direct_solver(
-                self.comm, petsc_options=self._petsc_options, name="flow"
+                reduced.zeroRowsColumns(self._pinned, diag=1.0)
+        return reduced
+
+    def _set_field_splits(self, pc: PETSc.PC) -> None:
+        """Name the velocity ("u") and pressure ("p") dofs of the reduced system for fieldsplit.
+
+        The velocity index set lists the components of each node together (block size d), so
+        that algebraic multigrid on the velocity block aggregates nodes, and carries the d
+        rigid translations as its near-null space (PCFIELDSPLIT hands both to the sub-matrix).
+        """
+        gdim = self.mesh.geometry.dim
+        constraint = self.constraint
+        num_owned = self.W.dofmap.index_map.size_local * self.W.dofmap.index_map_bs
+        nodes = self._velocity_dofs.reshape(-1, gdim)
+        nodes = nodes[nodes[:, 0] < num_owned]
+        # The components of one node share its owner and its periodic image.
+        nodes = nodes[~constraint.slave_mask[nodes[:, 0]]]
+        velocity = constraint.reduced_index[nodes].ravel().astype(PETSc.IntType)
+        pressure = self._pressure_dofs[self._pressure_dofs < num_owned]
+        pressure = constraint.reduced_index[pressure[~constraint.slave_mask[pressure]]]
+        velocity_set = PETSc.IS().createGeneral(velocity, comm=self.comm)
+        velocity_set.setBlockSize(gdim)
+        pressure_set = PETSc.IS().createGeneral(pressure.astype(PETSc.IntType), comm=self.comm)
+        translations = []
+        for component in range(gdim):
+            vector = PETSc.Vec().createMPI(
+                (velocity.size, PETSc.DECIDE), bsize=gdim, comm=self.comm
             )
-        self._ksp.setOperators(self._jacobian_reduced)
+            array = np.zeros(velocity.size)
+            array[component::gdim] = 1.0
+            vector.setArray(array)
+            vector.normalize()
+            translations.append(vector)
+        near_null_space = PETSc.NullSpace().create(vectors=translations, comm=self.comm)
+        velocity_set.compose("nearnullspace", near_null_space)
+        pc.setFieldSplitIS(("u", velocity_set), ("p", pressure_set))
+        objects = [velocity_set, pressure_set, near_null_space, *translations]
+        prefix = pc.getOptionsPrefix() or ""
+        options = PETSc.Options(prefix)
+        if options.getString("pc_fieldsplit_schur_precondition", "") == "user":
+            if options.getString("fieldsplit_p_pc_type", "") == "mat":
+                self._pcd = _PressureConvectionDiffusion(self, pressure_set, prefix=prefix)
+                schur_preconditioner = self._pcd.operator
+            else:
+                schur_preconditioner = self._pressure_block(
+                    _scaled_mass_form(self.W, -1.0 / self._nu), pressure_set, pin_diagonal=1.0
+                )
+                objects.append(schur_preconditioner)
+            pc.setFieldSplitSchurPreType(PETSc.PC.FieldSplitSchurPreType.USER, schur_preconditioner)
+        self._split_objects = tuple(objects)
+
+    def _pressure_block(
+        self,
+        form: dolfinx.fem.Form,
+        pressure_set: PETSc.IS,
+        *,
+        pin_diagonal: float,
+        out: PETSc.Mat | None = None,
+        full: PETSc.Mat | None = None,
+    ) -> PETSc.Mat:
+        """A pressure-pressure form assembled on the mixed space, in the reduced numbering.
+
+        Args:
+            form: a bilinear form whose trial and test functions are the pressure parts of
+                ``W``'s trial and test functions.
+            pressure_set: the owned reduced pressure indices (the ``p`` split).
+            pin_diagonal: diagonal entry of the pinned pressure dof (its row and column are
+                zeroed) when the pressure is pinned.
+            out: the matrix of an earlier call with the same form, refilled in place.
+            full: a matrix of ``W``'s layout with the form's sparsity to assemble into (kept
+                by the caller for repeated assemblies); a temporary one when None.
+
+        Returns:
+            The (n_p, n_p) float64 pressure block (``out`` when given).
+        """
+        own_full = full is None
+        if own_full:
+            full = dolfinx.fem.petsc.create_matrix(form)
+        full.zeroEntries()
+        dolfinx.fem.petsc.assemble_matrix(full, form)
+        full.assemble()
+        reduced = self.constraint.restrict_matrix(full)
+        if self._pin_pressure:
+            reduced.zeroRowsColumns(self._pinned, diag=pin_diagonal)
+        if out is None:
+            out = reduced.createSubMatrix(pressure_set, pressure_set)
+        else:
+            reduced.createSubMatrix(pressure_set, pressure_set, submat=out)
+        reduced.destroy()
+        if own_full:
+            full.destroy()
+        return out
+
+
+def _scaled_mass_form(W: dolfinx.fem.FunctionSpace, scale: float) -> dolfinx.fem.Form:
+    """``scale * integral(p q)`` on the pressure parts of the mixed space ``W``."""
+    _, pressure = ufl.TrialFunctions(W)
+    _, test = ufl.TestFunctions(W)
+    coefficient = dolfinx.fem.Constant(W.mesh, PETSc.ScalarType(scale))
+    return dolfinx.fem.form(coefficient * pressure * test * ufl.dx)
+
+
+class _PressureConvectionDiffusion:
+    """The pressure convection-diffusion (PCD) approximation of the inverse Schur complement.
+
+    For the Newton systems ``[F B^T; B 0]`` of the velocity-pressure system (``B = -div``),
+    ``S = -B F^-1 B^T ~ -A_p F_p^-1 M_p``, so ``S^-1 ~ -M_p^-1 F_p A_p^-1`` with ``M_p`` the
+    pressure mass matrix, ``A_p`` the pressure Laplacian and ``F_p`` the convection-diffusion
+    operator ``(nu + nu_t) grad p . grad q + (u . grad p) q`` on the pressure space, with the
+    current velocity ``u`` (Elman, Silvester and Wathen, *Finite Elements and Fast Iterative
+    Solvers*, ch. 9). Unlike ``-M_p / nu`` (its Stokes limit, ``F_p = nu A_p``) it accounts for
+    convection, which dominates at cell Reynolds numbers far above 1 (coarse 3-D hills at
+    Re = 100). Walls (u = 0) and periodic pairs need no boundary terms; no inflow boundary is
+    treated specially (an inlet or outlet flow gets the Neumann form, a weaker approximation).
+
+    Applied as a shell matrix (``fieldsplit_p_pc_type mat`` applies the "user" Schur
+    preconditioning matrix). ``A_p^-1`` and ``M_p^-1`` are KSPs with the option prefixes
+    ``<flow prefix>pcd_laplace_`` and ``<flow prefix>pcd_mass_``. ``F_p`` is reassembled at
+    every Jacobian refresh (:meth:`update`).
+    """
+
+    def __init__(self, solver: FlowSolver, pressure_set: PETSc.IS, *, prefix: str) -> None:
+        """Assemble ``M_p``, ``A_p`` and ``F_p`` and set up the two inner solvers."""
+        self._solver = solver
+        self._pressure_set = pressure_set
+        W = solver.W
+        _, pressure_trial = ufl.TrialFunctions(W)
+        _, pressure_test = ufl.TestFunctions(W)
+        current_velocity, _ = ufl.split(solver._w)
+        viscosity = ufl.as_ufl(solver._nu)
+        if solver._nu_t is not None:
+            viscosity = viscosity + solver._nu_t
+        gradients = ufl.inner(ufl.grad(pressure_trial), ufl.grad(pressure_test))
+        self._laplace_form = dolfinx.fem.form(gradients * ufl.dx)
+        self._convection_form = dolfinx.fem.form(
+            (
+                viscosity * gradients
+                + ufl.inner(ufl.dot(current_velocity, ufl.grad(pressure_trial)), pressure_test)
+            )
+            * ufl.dx
+        )
+        self.mass = solver._pressure_block(
+            _scaled_mass_form(W, 1.0), pressure_set, pin_diagonal=1.0
+        )
+        self.laplace = solver._pressure_block(self._laplace_form, pressure_set, pin_diagonal=1.0)
+        self._convection_full = dolfinx.fem.petsc.create_matrix(self._convection_form)
+        # -1 on the pinned dof: the product -M_p^-1 F_p A_p^-1 is +1 there, as the Schur
+        # complement (the pinned row and column of the Jacobian are the identity's).
+        self.convection: PETSc.Mat | None = None
+        self.update()
+        comm = solver.comm
+        self._solvers = []
+        for name, matrix in (("laplace", self.laplace), ("mass", self.mass)):
+            ksp = PETSc.KSP().create(comm)
+            ksp.setOptionsPrefix(f"{prefix}pcd_{name}_")
+            ksp.setOperators(matrix)
+            ksp.setFromOptions()
+            ksp.setUp()
+            self._solvers.append(ksp)
+        self._work = [self.mass.createVecLeft() for _ in range(2)]
+        size = self.mass.getSizes()
+        self.operator = PETSc.Mat().createPython(size, context=self, comm=comm)
+        self.operator.setUp()
+
+    def update(self) -> None:
+        """Reassemble ``F_p`` with the current velocity (and eddy viscosity)."""
+        self.convection = self._solver._pressure_block(
+            self._convection_form,
+            self._pressure_set,
+            pin_diagonal=-1.0,
+            out=self.convection,
+            full=self._convection_full,
+        )
+
+    def mult(self, matrix: PETSc.Mat, x: PETSc.Vec, y: PETSc.Vec) -> None:
+        """``y = -M_p^-1 F_p A_p^-1 x`` (the shell matrix's product)."""
+        laplace_solver, mass_solver = self._solvers
+        first, second = self._work
+        laplace_solver.solve(x, first)
+        self.convection.mult(first, second)
+        mass_solver.solve(second, y)
+        y.scale(-1.0)
+
+    def free(self) -> None:
+        """Free the matrices, vectors and inner solvers.
+
+        Not named ``destroy``: PETSc calls a shell context's ``destroy(mat)`` itself.
+        """
+        for petsc_object in (
+            self.operator,
+            *self._solvers,
+            *self._work,
+            self.mass,
+            self.laplace,
+            self.convection,
+            self._convection_full,
+        ):
+            if petsc_object is not None:
+                petsc_object.destroy()
 
 
 def solve_flow(
@@ -655,8 +889,7 @@ def solve_flow(
         rtol: relative tolerance, see :meth:`FlowSolver.solve`.
         atol: convergence as well when the residual norm falls below ``atol``.
         max_iterations: maximum number of Newton steps.
-        petsc_options: overrides of the MUMPS LU options, see
-            :func:`solvers.linalg.create_direct_solver`.
+        petsc_options: PETSc options of the linear solver, see :class:`FlowSolver`.
 
     Returns:
         The converged :class:`FlowSolution`; ``timings["setup"]`` holds the set-up time.

@@ -18,6 +18,7 @@ __all__ = [
     "SolverDivergedError",
     "check_linear_solve",
     "create_direct_solver",
+    "default_solver_options",
     "destroy_solver",
     "format_history",
     "is_interrupt",
@@ -38,6 +39,88 @@ DIRECT_SOLVER_OPTIONS: dict[str, object] = {
     "pc_factor_mat_solver_type": "mumps",
     "mat_mumps_icntl_14": 100,
 }
+
+#: Iterative path of the Taylor-Hood (velocity-pressure) Newton systems: GMRES preconditioned
+#: by a block low-rank (BLR) MUMPS LU of the same matrix, whose off-diagonal blocks are
+#: compressed to the relative accuracy ``mat_mumps_cntl_7`` (ICNTL(35) = 2: compressed
+#: factors in the solves too). GMRES restores the exact Newton step, so the discrete
+#: solution is the direct solver's (to ``ksp_rtol``); the approximate factorisation is
+#: insensitive to the cell Reynolds number, unlike the Schur-complement preconditioners
+#: measured on the 3-D hill at Re = 100 (:data:`FIELDSPLIT_FLOW_OPTIONS`). Measured on the
+#: hex hill (experiments/bench_solvers3d.py): 1-10 GMRES iterations per solve, and less time
+#: and memory than plain MUMPS from about 60 k unknowns on (:data:`ITERATIVE_THRESHOLD_3D`).
+ITERATIVE_FLOW_OPTIONS: dict[str, object] = {
+    "ksp_type": "gmres",
+    "ksp_gmres_restart": 100,
+    "ksp_rtol": 1e-10,
+    "ksp_atol": 1e-14,
+    "ksp_max_it": 200,
+    "pc_type": "lu",
+    "pc_factor_mat_solver_type": "mumps",
+    "mat_mumps_icntl_35": 2,
+    "mat_mumps_cntl_7": 1e-3,
+}
+
+#: Fieldsplit path of the Taylor-Hood Newton systems, for low Reynolds numbers: FGMRES on a
+#: lower Schur-complement fieldsplit, the velocity block by smoothed-aggregation AMG (GAMG;
+#: the FEniCSx wheel's PETSc has no hypre) with the velocity dofs blocked per node and the
+#: rigid translations as near-null space, the Schur complement preconditioned by the pressure
+#: mass matrix ``-M_p / nu`` ("user": :class:`solvers.flow.FlowSolver` supplies it) with
+#: Jacobi; with ``fieldsplit_p_pc_type mat`` it supplies the pressure convection-diffusion
+#: (PCD) approximation instead (inner solvers under ``pcd_laplace_`` and ``pcd_mass_``).
+#: Split names: ``u``, ``p``. Measured on the coarse 3-D hill (7 k unknowns): at Re = 10
+#: it matches MUMPS to 1e-15 (73-139 iterations per solve; with exact blocks 125 for the
+#: mass matrix, 45 for PCD); at Re = 100 (cell Reynolds number ~ 90) neither Schur
+#: approximation converges in 1000 iterations even with exact velocity and pressure
+#: solves (PCD: 339 and 944 in the first Newton steps; 540 at 48 k unknowns), nor does
+#: ``selfp``, LSC, an augmented-Lagrangian grad-div velocity block or the Picard operator
+#: as preconditioning matrix.
+FIELDSPLIT_FLOW_OPTIONS: dict[str, object] = {
+    "ksp_type": "fgmres",
+    "ksp_gmres_restart": 200,
+    "ksp_rtol": 1e-9,
+    "ksp_atol": 1e-14,
+    "ksp_max_it": 1000,
+    "pc_type": "fieldsplit",
+    "pc_fieldsplit_type": "schur",
+    "pc_fieldsplit_schur_fact_type": "lower",
+    "pc_fieldsplit_schur_precondition": "user",
+    "fieldsplit_u_ksp_type": "preonly",
+    "fieldsplit_u_pc_type": "gamg",
+    "fieldsplit_u_pc_gamg_threshold": 0.02,
+    "fieldsplit_u_mg_levels_ksp_type": "richardson",
+    "fieldsplit_u_mg_levels_pc_type": "sor",
+    "fieldsplit_p_ksp_type": "preonly",
+    "fieldsplit_p_pc_type": "jacobi",
+    "pcd_laplace_ksp_type": "preonly",
+    "pcd_laplace_pc_type": "gamg",
+    "pcd_mass_ksp_type": "preonly",
+    "pcd_mass_pc_type": "jacobi",
+}
+
+#: Iterative path of scalar (tau) Newton systems: GMRES with GAMG.
+ITERATIVE_SCALAR_OPTIONS: dict[str, object] = {
+    "ksp_type": "gmres",
+    "ksp_gmres_restart": 100,
+    "ksp_rtol": 1e-10,
+    "ksp_atol": 1e-15,
+    "ksp_max_it": 1000,
+    "pc_type": "gamg",
+    "mg_levels_ksp_type": "richardson",
+    "mg_levels_pc_type": "sor",
+}
+
+#: Global unknowns above which a 3-D system gets the iterative path by default (2-D systems
+#: always get MUMPS: their LU fill stays moderate); None: never by default. Measured by
+#: experiments/bench_solvers3d.py on the hex hill at Re = 100 (2 shared cores, serial unless
+#: said): the flow's low-rank LU + GMRES path (:data:`ITERATIVE_FLOW_OPTIONS`) is slower
+#: than plain MUMPS at 7-48 k unknowns (48 k: 213 s against 153 s, 1.01 GB against 1.07 GB;
+#: two ranks 81 s against 82 s) and faster at 90 k (150 s against 240 s, 1.96 GB against
+#: 2.23 GB): the flow switches at 60 k. The tau systems (GMRES with GAMG,
+#: :data:`ITERATIVE_SCALAR_OPTIONS`) cost about the same as MUMPS at 1-4 k unknowns and less
+#: from 15 k on (6.6 s against 12.4 s at 15 k, 12 s against 17 s at 48 k, 70 s against
+#: 195 s at 157 k): tau switches at 10 k.
+ITERATIVE_THRESHOLD_3D: dict[str, int | None] = {"flow": 60_000, "scalar": 10_000}
 
 _prefix_counter = itertools.count()
 
@@ -87,6 +170,29 @@ def create_direct_solver(
     # The entries stay in the options table: MUMPS reads its ICNTLs only at factorisation.
     ksp.setFromOptions()
     return ksp
+
+
+def default_solver_options(*, kind: str, num_dofs: int, tdim: int) -> dict[str, object]:
+    """The PETSc options a solver gets when its caller names none.
+
+    Args:
+        kind: "flow" (Taylor-Hood saddle point) or "scalar" (tau).
+        num_dofs: global number of unknowns of the system.
+        tdim: topological dimension of the mesh.
+
+    Returns:
+        ``{}`` (MUMPS LU, :data:`DIRECT_SOLVER_OPTIONS`) unless the mesh is 3-D and the system
+        is larger than its :data:`ITERATIVE_THRESHOLD_3D` (when that is set: 60 k unknowns
+        for the flow, 10 k for tau, as measured there); then :data:`ITERATIVE_FLOW_OPTIONS`
+        or :data:`ITERATIVE_SCALAR_OPTIONS` (they override the direct defaults in
+        :func:`create_direct_solver`).
+    """
+    if kind not in ITERATIVE_THRESHOLD_3D:
+        raise ValueError(f"kind must be one of {sorted(ITERATIVE_THRESHOLD_3D)}, got {kind!r}")
+    threshold = ITERATIVE_THRESHOLD_3D[kind]
+    if tdim < 3 or threshold is None or num_dofs <= threshold:
+        return {}
+    return dict(ITERATIVE_FLOW_OPTIONS if kind == "flow" else ITERATIVE_SCALAR_OPTIONS)
 
 
 def reason_name(enum: type, code: int) -> str:

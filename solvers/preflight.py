@@ -28,7 +28,8 @@ from vcnn.physics import Physics
 from vcnn.system import machine_bytes
 
 if TYPE_CHECKING:
-    from solvers.generate import GenerateConfig, MeshConfig
+    from solvers.case_setup import MeshConfig
+    from solvers.generate import GenerateConfig
 
 __all__ = [
     "ALPHA_RANGE",
@@ -38,6 +39,7 @@ __all__ = [
     "check_existing_case",
     "check_mesh_size",
     "estimate_cells",
+    "estimate_cells3d",
     "machine_memory",
 ]
 
@@ -123,6 +125,7 @@ def check_case_size(
     processes: int = 1,
     memory: int | None = None,
     history_size: int = 0,
+    crest_amplitude: float | None = None,
 ) -> None:
     """Refuse a hill case whose mesh would be too large for the machine or too coarse.
 
@@ -132,10 +135,14 @@ def check_case_size(
         processes: MPI processes that share the case (each loads the libraries).
         memory: bytes available to them (default: this machine's memory).
         history_size: past iterates the outer iteration keeps (0: none, one-way or Picard).
+        crest_amplitude: a 3-D hill's crest amplitude (None: the 2-D hill).
 
     Raises:
         ConfigError: with the estimated cells and memory.
     """
+    if crest_amplitude is not None:
+        _check_case_size3d(mesh, alpha, processes=processes, memory=memory)
+        return
     cells, across = estimate_cells(mesh, alpha)
     if mesh.kind == "file":
         return
@@ -159,6 +166,69 @@ def check_case_size(
             f"machine has {memory / _GIB:.3g} GiB: "
             f"{'lower --resolution' if mesh.kind == 'structured' else 'raise --size'} "
             "or the slope factor"
+        )
+
+
+#: Memory of a 3-D hill case per cell (Taylor-Hood Q2/Q1 flow, MUMPS LU), on top of the
+#: libraries: the peak memory of structured cases of 800 and 6,400 hexahedra (0.95 and 4.7 GB,
+#: serial) grows by 0.69 MB per cell; a tetrahedron counts as 1/5 of a hexahedron (a P2
+#: tetrahedral mesh has about 1/5.7 of the velocity nodes per cell of a Q2 hexahedral one).
+BYTES_PER_HEXAHEDRON = 700 << 10
+_HEXAHEDRA_PER_TETRAHEDRON = 0.2
+
+
+def estimate_cells3d(mesh: MeshConfig, alpha: float) -> tuple[int, int]:
+    """Cells of the 3-D hill mesh of slope factor ``alpha``, and cells across the channel.
+
+    Structured: the 2-D grid times ``span_cells`` layers (hexahedra). Unstructured: regular
+    tetrahedra of edge ``size`` filling the volume, plus 1.5 ``A / wall_size^2`` per layer of
+    the wall refinement (walls of area A, sizes growing geometrically from ``wall_size`` to
+    ``size``); fitted to gmsh's meshes of alpha = 1 (size 0.35 and 0.5) within 5 %.
+
+    Returns:
+        (cells, cells across the channel).
+    """
+    from meshes.hills3d import SPAN_LENGTH, default_span_cells
+
+    if mesh.kind == "structured":
+        section, across = estimate_cells(mesh, alpha)
+        layers = mesh.span_cells or default_span_cells(mesh.resolution)
+        return section * layers, across
+    length = hill_period(alpha)
+    x = np.linspace(0.0, length, 2001)
+    volume = SPAN_LENGTH * (
+        length * TOP_WALL_HEIGHT - float(np.trapezoid(hill_profile(x, alpha), x))
+    )
+    wall_size = mesh.wall_size if mesh.wall_size is not None else mesh.size / 3.0
+    tetrahedron = mesh.size**3 / (6.0 * math.sqrt(2.0))  # volume of a regular one
+    wall_area = 2.0 * length * SPAN_LENGTH
+    band = 1.5 * wall_area / wall_size**2 * _GROWTH / (_GROWTH - 1.0)
+    return int(volume / tetrahedron + band), int(TOP_WALL_HEIGHT / mesh.size)
+
+
+def _check_case_size3d(
+    mesh: MeshConfig, alpha: float, *, processes: int, memory: int | None
+) -> None:
+    """:func:`check_case_size` of a 3-D hill (structured hexahedra or gmsh tetrahedra)."""
+    cells, across = estimate_cells3d(mesh, alpha)
+    structured = mesh.kind == "structured"
+    setting = f"--resolution {mesh.resolution:g}" if structured else f"--size {mesh.size:g}"
+    if across < MIN_CELLS_ACROSS:
+        raise ConfigError(
+            f"3-D alpha = {alpha:g} with {setting} gives only {across} cell(s) across the hill "
+            f"channel; at least {MIN_CELLS_ACROSS} are needed: "
+            f"{'raise --resolution' if structured else 'lower --size'}"
+        )
+    memory = machine_bytes() if memory is None else memory
+    hexahedra = cells if structured else cells * _HEXAHEDRA_PER_TETRAHEDRON
+    needed = processes * BASE_BYTES_PER_PROCESS + hexahedra * BYTES_PER_HEXAHEDRON
+    if needed > memory:
+        kind = "hexahedra" if structured else "tetrahedra"
+        raise ConfigError(
+            f"3-D alpha = {alpha:g} with {setting} needs about {cells:.3g} {kind}, an "
+            f"estimated {needed / _GIB:.3g} GiB of memory; this machine has "
+            f"{memory / _GIB:.3g} GiB: "
+            f"{'lower --resolution or --span-cells' if structured else 'raise --size'}"
         )
 
 
@@ -251,12 +321,21 @@ def case_differences(
     wanted = config.mesh
     if mesh.get("kind") != wanted.kind:
         found.append(f"mesh kind {mesh.get('kind')!r} vs {wanted.kind!r}")
+    elif wanted.kind == "structured" and getattr(config, "dim", 2) == 3:
+        from meshes.hills3d import default_span_cells
+
+        layers = wanted.span_cells or default_span_cells(wanted.resolution)
+        for key, value in (("resolution", wanted.resolution), ("span_cells", layers)):
+            if differ(mesh.get(key), value):
+                found.append(f"mesh {key} {mesh.get(key)!r} vs {value!r}")
     elif wanted.kind == "structured":
         for key in ("resolution", "cell_type"):
             if differ(mesh.get(key), getattr(wanted, key)):
                 found.append(f"mesh {key} {mesh.get(key)!r} vs {getattr(wanted, key)!r}")
     elif wanted.kind == "unstructured":
-        wall_size = wanted.wall_size if wanted.wall_size is not None else wanted.size / 5.0
+        # gmsh's default wall size: size / 5 in 2-D, size / 3 in 3-D (meshes.hills3d)
+        share = 3.0 if getattr(config, "dim", 2) == 3 else 5.0
+        wall_size = wanted.wall_size if wanted.wall_size is not None else wanted.size / share
         for key, value in (("size", wanted.size), ("wall_size", wall_size)):
             if differ(mesh.get(key), value):
                 found.append(f"mesh {key} {mesh.get(key)!r} vs {value!r}")

@@ -1,4 +1,4 @@
-"""Steady closure-transport (tau) equation, DESIGN section 3.3.
+"""Steady closure-transport (tau) equation, docs/physics.md.
 
     u . grad(tau) - div(D grad tau) + zeta |tau|^p tau = P,   P = gamma l_m sqrt(tau_P) |S|^2
 
@@ -32,7 +32,7 @@ from mpi4py import MPI
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import dolfinx
@@ -47,6 +47,7 @@ from solvers.fields import mixing_length
 from solvers.linalg import (
     SolverDivergedError,
     create_direct_solver,
+    default_solver_options,
     destroy_solver,
     format_history,
     solve_linear,
@@ -231,6 +232,7 @@ class _NewtonSolver:
         *,
         constraint=None,
         options_prefix: str = "tau",
+        petsc_options: Mapping[str, object] | None = None,
     ) -> None:
         self.unknown = unknown
         self.bcs = list(bcs)
@@ -241,7 +243,16 @@ class _NewtonSolver:
         self.matrix = dolfinx.fem.petsc.create_matrix(self.jacobian_form)
         self.vector = dolfinx.fem.petsc.create_vector(unknown.function_space)
         self.step = fem.Function(unknown.function_space)
-        self.ksp = create_direct_solver(unknown.function_space.mesh.comm, name=options_prefix)
+        space = unknown.function_space
+        if petsc_options is None:
+            petsc_options = default_solver_options(
+                kind="scalar",
+                num_dofs=space.dofmap.index_map.size_global * space.dofmap.index_map_bs,
+                tdim=space.mesh.topology.dim,
+            )
+        self.ksp = create_direct_solver(
+            space.mesh.comm, petsc_options=petsc_options, name=options_prefix
+        )
         self.reduced_matrix: PETSc.Mat | None = None
         self.history: list[float] = []
 
@@ -430,7 +441,7 @@ def tau_residual_form(
     tau_p: float = DEFAULT_PHYSICS.tau_p,
     regularization: float = 1e-8,
 ) -> ufl.Form:
-    """Residual form of the tau equation of DESIGN 3.3 (see :func:`solve_tau`)."""
+    """Residual form of the tau equation of docs/physics.md (see :func:`solve_tau`)."""
     if production not in PRODUCTION_MODES:
         raise ValueError(f"unknown production mode {production!r}: use one of {PRODUCTION_MODES}")
     if not regularization > 0:
@@ -506,6 +517,7 @@ class TauSolver:
         tau_p: float = DEFAULT_PHYSICS.tau_p,
         regularization: float = 1e-8,
         constraint=None,
+        petsc_options: Mapping[str, object] | None = None,
     ) -> None:
         """Build the form, the boundary condition and the Newton solver.
 
@@ -559,7 +571,10 @@ class TauSolver:
             tau_p=tau_p,
             **self._coefficients,
         )
-        self._newton = _NewtonSolver(residual, self.tau, self._bcs, constraint=constraint)
+        self._petsc_options = petsc_options
+        self._newton = _NewtonSolver(
+            residual, self.tau, self._bcs, constraint=constraint, petsc_options=petsc_options
+        )
         self._integral_form = fem.form(self.tau * ufl.dx)
         self._frozen_solver: TauSolver | None = None
         self._closed = False
@@ -670,6 +685,7 @@ class TauSolver:
                 production="frozen",
                 tau_p=guess_level,
                 constraint=self.constraint,
+                petsc_options=self._petsc_options,
                 **self._coefficients,
             )
         frozen = self._frozen_solver.solve(rtol=rtol, atol=atol, max_iterations=max_iterations)
@@ -699,8 +715,9 @@ def solve_tau(
     max_iterations: int = 30,
     regularization: float = 1e-8,
     constraint=None,
+    petsc_options: Mapping[str, object] | None = None,
 ) -> TauSolution:
-    """Solve the steady tau equation of DESIGN 3.3 on a scalar P1 space, once.
+    """Solve the steady tau equation of docs/physics.md on a scalar P1 space, once.
 
     ``u . grad(tau) - div(D grad tau) + zeta |tau|^p tau = gamma l_m sqrt(tau_P) |S|^2``,
     ``l_m = min(0.41 d, 0.135)``; tau = 0 on ``spec.dirichlet_tags``, zero flux on outlets,
@@ -733,6 +750,9 @@ def solve_tau(
         regularization: eps of :func:`regularized_sqrt`.
         constraint: a prebuilt PeriodicConstraint on V (built from spec when None and the spec
             is periodic); pass it when solving repeatedly on the same space.
+        petsc_options: PETSc options of the Newton steps' linear solver, over the MUMPS LU
+            defaults; None picks by size (:func:`solvers.linalg.default_solver_options`:
+            GMRES with GAMG for large 3-D problems).
 
     Returns:
         TauSolution (its wall time includes the set-up).
@@ -757,6 +777,7 @@ def solve_tau(
         tau_p=tau_p,
         regularization=regularization,
         constraint=constraint,
+        petsc_options=petsc_options,
     ) as solver:
         solution = solver.solve(
             initial_guess=initial_guess, rtol=rtol, atol=atol, max_iterations=max_iterations

@@ -7,6 +7,9 @@ difference panels on a symmetric diverging scale centred at zero that say "ident
 round-off" instead of drawing a colour scale for a difference that is round-off
 (:func:`draw_difference`). Figures are built as :class:`matplotlib.figure.Figure` objects
 (``*_figure`` functions, no pyplot state) and written by the ``plot_*`` functions.
+
+A 3-D case is drawn through plane sections of its cells (:func:`plane_section`): the mid-span
+x-y plane, x-z planes at a few heights, and profiles across the channel.
 """
 
 from __future__ import annotations
@@ -109,6 +112,191 @@ def case_triangulation(case: Case) -> CaseTriangulation:
     return CaseTriangulation(Triangulation(*nodes.T, triangles), source)
 
 
+#: A hexahedron in dolfinx's tensor-product vertex order as six tetrahedra around its 0-7
+#: diagonal (neighbouring cells of a structured grid split their shared faces alike).
+_HEXAHEDRON_TETRAHEDRA = np.array(
+    [[0, 1, 3, 7], [0, 1, 5, 7], [0, 2, 3, 7], [0, 2, 6, 7], [0, 4, 5, 7], [0, 4, 6, 7]]
+)
+
+#: The six edges of a tetrahedron, as pairs of its vertices.
+_TETRAHEDRON_EDGES = np.array([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+
+
+class PlaneSection(NamedTuple):
+    """A plane section of a 3-D case: a triangulation whose nodes interpolate case points.
+
+    Each node lies on an edge of a cell, between the case points ``ends[:, 0]`` and
+    ``ends[:, 1]`` at ``fraction`` from the first, so a nodal field ``f`` is
+    ``f[ends[:, 0]] + fraction * (f[ends[:, 1]] - f[ends[:, 0]])`` there (:meth:`values`):
+    the piecewise-linear field of the cells (hexahedra split into tetrahedra), sectioned.
+
+    Attributes:
+        triangulation: matplotlib Triangulation in the plane's two other coordinates (x-y for
+            a z plane, x-z for a y plane).
+        ends: (M, 2) int64 case points at both ends of each node's edge.
+        fraction: (M,) float64 position of each node along its edge.
+        axes: the two case coordinates of the triangulation's x and y, e.g. ``(0, 2)``.
+    """
+
+    triangulation: Triangulation
+    ends: np.ndarray
+    fraction: np.ndarray
+    axes: tuple[int, int]
+
+    def values(self, field: np.ndarray) -> np.ndarray:
+        """A nodal field of the case at the section's nodes.
+
+        Args:
+            field: (N,) or (N, k) float values at the case points.
+
+        Returns:
+            (M,) or (M, k) float64.
+        """
+        field = np.asarray(field, dtype=np.float64)
+        first, second = field[self.ends[:, 0]], field[self.ends[:, 1]]
+        weight = self.fraction.reshape((-1,) + (1,) * (field.ndim - 1))
+        return first + weight * (second - first)
+
+
+def case_tetrahedra(case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of a 3-D case as tetrahedra, with their corners unwrapped across periods.
+
+    Args:
+        case: a 3-D case whose extra key ``cells`` holds (M, 4) tetrahedra or (M, 8)
+            hexahedra (dolfinx vertex order) of point indices.
+
+    Returns:
+        (T, 4) int64 point indices and (T, 4, 3) float64 corner coordinates; a cell that wraps
+        around a periodic direction has its corners on one side, one period apart.
+
+    Raises:
+        ValueError: not a 3-D case, no volume cells, or tetrahedra exactly half a period long
+            (two cells across a period: which side they lie on is ambiguous).
+    """
+    cells = case.extra.get("cells")
+    if case.dim != 3 or cells is None or cells.ndim != 2 or cells.shape[1] not in (4, 8):
+        raise ValueError(
+            "3-D figures section the case's cells: a 3-D case with (M, 4) tetrahedra or (M, 8) "
+            "hexahedra under the extra key 'cells' is needed"
+        )
+    cells = np.asarray(cells, dtype=np.int64)
+    corners = case.points[cells]
+    for axis, length in enumerate(case.period):
+        if length <= 0:
+            continue
+        coordinate = corners[..., axis]
+        top = coordinate.max(axis=1, keepdims=True)
+        # more than half a period below the cell's top: a corner across the periodic side
+        coordinate[coordinate < top - 0.5 * length * (1.0 + 1e-9)] += length
+        if cells.shape[1] == 8:
+            _unwrap_half_period_hexahedra(corners, axis, length)
+        elif np.any(np.abs(np.ptp(coordinate, axis=1) - 0.5 * length) <= 1e-9 * length):
+            raise ValueError(
+                "a tetrahedral case with two cells across a period cannot be sectioned: its "
+                "cells half a period long are the same on both sides of the periodic boundary"
+            )
+    if cells.shape[1] == 8:
+        split = _HEXAHEDRON_TETRAHEDRA
+        return cells[:, split].reshape(-1, 4), corners[:, split].reshape(-1, 4, 3)
+    return cells, corners
+
+
+def _unwrap_half_period_hexahedra(corners: np.ndarray, axis: int, length: float) -> None:
+    """Unwrap, in place, the hexahedra exactly half a period long along ``axis``.
+
+    With two cells across a period, a cell and its neighbour across the periodic side have
+    the same corner coordinates; only the vertex order tells them apart. Cells are taken as
+    positively oriented in dolfinx's tensor-product order (as :mod:`meshes.hills3d` builds
+    them): the corners half a period below are moved up when that makes the cell positive.
+    """
+    coordinate = corners[..., axis]
+    tie = np.abs(np.ptp(coordinate, axis=1) - 0.5 * length) <= 1e-9 * length
+    if not tie.any():
+        return
+    candidate = corners[tie].copy()
+    low = candidate[..., axis] < candidate[..., axis].max(axis=1, keepdims=True) - 0.25 * length
+    candidate[..., axis] += low * length
+    flip = (_hexahedron_orientation(corners[tie]) < 0) & (_hexahedron_orientation(candidate) > 0)
+    corners[np.flatnonzero(tie)[flip]] = candidate[flip]
+
+
+def _hexahedron_orientation(corners: np.ndarray) -> np.ndarray:
+    """Sign of the Jacobian at vertex 0 of hexahedra (M, 8, 3) in tensor-product order."""
+    edges = corners[:, [1, 2, 4]] - corners[:, [0]]
+    return np.sign(np.linalg.det(edges.transpose(0, 2, 1)))
+
+
+def plane_section(case: Case, axis: int, position: float) -> PlaneSection:
+    """The section of a 3-D case's cells by the plane ``x[axis] = position``.
+
+    Nodes within 1e-9 of the case's extent of the plane are taken as on it: a plane through a
+    layer of nodes (the mid-span plane of an even number of layers) shows their values.
+
+    Args:
+        case: a 3-D case with cells (see :func:`case_tetrahedra`).
+        axis: 0, 1 or 2: the coordinate the plane is normal to.
+        position: where the plane cuts that coordinate.
+
+    Returns:
+        The section (see :class:`PlaneSection`).
+
+    Raises:
+        ValueError: the case has no volume cells, or the plane misses every cell.
+    """
+    tetrahedra, corners = case_tetrahedra(case)
+    extent = float(np.ptp(case.points[:, axis])) or 1.0
+    offset = corners[..., axis] - position
+    on_plane = np.abs(offset) < 1e-9 * extent
+    for side in (1.0, -1.0):  # the plane passes just below such nodes, or above at the top
+        offset[on_plane] = side * 1e-9 * extent
+        crossed = (offset.min(axis=1) < 0) & (offset.max(axis=1) > 0)
+        if crossed.any():
+            break
+    tetrahedra, corners, offset = tetrahedra[crossed], corners[crossed], offset[crossed]
+    on_plane = on_plane[crossed]
+    if not len(tetrahedra):
+        raise ValueError(f"the plane x[{axis}] = {position:g} misses every cell of the case")
+    start, end = _TETRAHEDRON_EDGES[:, 0], _TETRAHEDRON_EDGES[:, 1]
+    cut = np.sign(offset[:, start]) != np.sign(offset[:, end])  # (T, 6): 3 or 4 edges each
+    rise = offset[:, start] - offset[:, end]
+    fraction = np.where(cut, offset[:, start] / np.where(cut, rise, 1.0), 0.0)
+    # a node on the plane is a node of the section: the slivers next to it collapse to
+    # nothing (and are dropped) instead of leaving near-duplicate nodes
+    fraction = np.where(on_plane[:, start], 0.0, np.where(on_plane[:, end], 1.0, fraction))
+    plane_axes = tuple(a for a in range(3) if a != axis)
+    nodes = corners[:, start][..., plane_axes] + fraction[..., None] * (
+        corners[:, end][..., plane_axes] - corners[:, start][..., plane_axes]
+    )  # (T, 6, 2)
+    # the cut edges of each tetrahedron first, in order of angle around their centre
+    centre = (nodes * cut[..., None]).sum(axis=1) / cut.sum(axis=1, keepdims=True)
+    angle = np.arctan2(*(nodes - centre[:, None, :]).transpose(2, 0, 1)[::-1])
+    order = np.argsort(np.where(cut, angle, np.inf), axis=1)
+    count = cut.sum(axis=1)
+    rows = np.arange(len(tetrahedra))[:, None]
+    first = np.stack([order[:, 0], order[:, 1], order[:, 2]], axis=1)
+    quads = count == 4
+    second = np.stack([order[quads, 0], order[quads, 2], order[quads, 3]], axis=1)
+    corner_edges = np.concatenate([first, second])  # (K, 3) edge of each triangle corner
+    owners = np.concatenate([rows[:, 0], rows[quads, 0]])
+    coordinates = nodes[owners[:, None], corner_edges].reshape(-1, 2)
+    ends = np.stack(
+        [tetrahedra[owners[:, None], start[corner_edges]],
+         tetrahedra[owners[:, None], end[corner_edges]]],
+        axis=-1,
+    ).reshape(-1, 2)
+    weights = fraction[owners[:, None], corner_edges].reshape(-1)
+    # one node per place: matplotlib's interpolators need a triangulation without duplicates
+    scale = float(np.ptp(coordinates, axis=0).max()) or 1.0
+    _, unique, inverse = np.unique(
+        np.round(coordinates / (1e-9 * scale)), axis=0, return_index=True, return_inverse=True
+    )
+    triangles = inverse.reshape(-1, 3)
+    keep = (triangles[:, 0] != triangles[:, 1]) & (triangles[:, 1] != triangles[:, 2])
+    keep &= triangles[:, 0] != triangles[:, 2]
+    triangulation = Triangulation(*coordinates[unique].T, triangles[keep])
+    return PlaneSection(triangulation, ends[unique], weights[unique], plane_axes)
+
+
 def _edge_lengths(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     corners = points[triangles]
     return np.linalg.norm(corners - np.roll(corners, 1, axis=1), axis=2)
@@ -147,25 +335,123 @@ def case_figure(case: Case, *, streamlines: bool = True) -> Figure:
     return figure
 
 
-def plot_case(case: Case, path: str | os.PathLike, *, streamlines: bool = True) -> Path:
-    """Write :func:`case_figure` (speed with streamlines, and tau) to a PNG file.
+#: Heights of the x-z sections of a 3-D case, as fractions of its extent across (y).
+SECTION_HEIGHTS = (0.25, 0.5, 0.75)
+
+#: Streamwise stations of the profiles of a 3-D case, as fractions of its extent along x.
+PROFILE_STATIONS = (0.0, 0.25, 0.5, 0.75)
+
+
+def case3d_figure(case: Case, *, streamlines: bool = True) -> Figure:
+    """Sections and profiles of a 3-D case.
+
+    Panels: the mid-span x-y plane (speed with in-plane streamlines, and tau), tau in x-z
+    planes at :data:`SECTION_HEIGHTS` of the height, and profiles of u_x and tau across the
+    channel (along y, at mid-span) at :data:`PROFILE_STATIONS` along x.
 
     Args:
-        case: a 2-D case.
+        case: a 3-D case with cells (see :func:`case_tetrahedra`).
+        streamlines: draw streamlines of the in-plane velocity over the speed.
+
+    Returns:
+        The figure (not saved).
+    """
+    low, high = case.points.min(axis=0), case.points.max(axis=0)
+    span = case.period[2] if case.period[2] > 0 else high[2] - low[2]
+    middle = low[2] + 0.5 * span
+    mid_plane = plane_section(case, 2, middle)
+    figure = Figure(figsize=(10, 13), layout="constrained")
+    panels = figure.subplot_mosaic(
+        [["speed"] * 6, ["tau"] * 6, ["xz0", "xz0", "xz1", "xz1", "xz2", "xz2"],
+         ["ux", "ux", "ux", "profile", "profile", "profile"]],
+        height_ratios=[1.2, 1.2, 1.0, 1.2],
+    )
+    triangulation = mid_plane.triangulation
+    speed = mid_plane.values(np.linalg.norm(case.velocity, axis=1))
+    image = panels["speed"].tricontourf(
+        triangulation, speed, levels=field_levels(speed), cmap="viridis"
+    )
+    add_colorbar(figure, image, panels["speed"], "|u|")
+    if streamlines:
+        _streamlines(panels["speed"], triangulation, mid_plane.values(case.velocity[:, :2]))
+    tau = mid_plane.values(case.tau)
+    image = panels["tau"].tricontourf(triangulation, tau, levels=field_levels(tau), cmap="magma")
+    add_colorbar(figure, image, panels["tau"], "tau")
+    panels["speed"].set_title(f"{case_title(case)}: speed, mid-span plane z = {middle:.3g}")
+    integral = case.tau_integral()
+    panels["tau"].set_title(f"tau, mid-span plane (integral over the case {integral:.4g})")
+    for name in ("speed", "tau"):
+        axis = panels[name]
+        axis.set_xlim(triangulation.x.min(), triangulation.x.max())
+        axis.set_ylim(triangulation.y.min(), triangulation.y.max())
+        label_plane(axis)
+    levels = field_levels(case.tau)
+    for number, fraction in enumerate(SECTION_HEIGHTS):
+        axis = panels[f"xz{number}"]
+        height = low[1] + fraction * (high[1] - low[1])
+        section = plane_section(case, 1, height)
+        image = axis.tricontourf(
+            section.triangulation, section.values(case.tau), levels=levels, cmap="magma"
+        )
+        axis.set_xlim(low[0], low[0] + (case.period[0] or high[0] - low[0]))
+        axis.set_ylim(low[2], low[2] + span)
+        axis.set_title(f"tau at y = {height:.3g}", fontsize=9)
+        axis.set_xlabel("x")
+        axis.set_ylabel("z")
+        axis.set_aspect("equal")
+    add_colorbar(figure, image, [panels[f"xz{n}"] for n in range(3)], "tau", shrink=0.8)
+    _draw_profiles(panels["ux"], panels["profile"], case, mid_plane, low, high)
+    return figure
+
+
+def _draw_profiles(velocity_axis, tau_axis, case: Case, mid_plane: PlaneSection, low, high):
+    """u_x and tau along y at a few stations x of the mid-span plane."""
+    interpolate_velocity = LinearTriInterpolator(
+        mid_plane.triangulation, mid_plane.values(case.velocity[:, 0])
+    )
+    interpolate_tau = LinearTriInterpolator(mid_plane.triangulation, mid_plane.values(case.tau))
+    y = np.linspace(low[1], high[1], 400)
+    length = case.period[0] or high[0] - low[0]
+    for fraction in PROFILE_STATIONS:
+        station = low[0] + fraction * length
+        label = f"x = {station:.3g}"
+        # just inside the first column of cells, not on the periodic side itself
+        x = np.full_like(y, station + (1e-9 * length if fraction == 0 else 0.0))
+        velocity_axis.plot(np.ma.filled(interpolate_velocity(x, y), np.nan), y, label=label)
+        tau_axis.plot(np.ma.filled(interpolate_tau(x, y), np.nan), y, label=label)
+    velocity_axis.set_xlabel("u_x")
+    tau_axis.set_xlabel("tau")
+    for axis in (velocity_axis, tau_axis):
+        axis.set_ylabel("y")
+        axis.grid(alpha=0.3)
+    velocity_axis.set_title("profiles at mid-span", fontsize=9)
+    tau_axis.legend(fontsize=8)
+
+
+def plot_case(case: Case, path: str | os.PathLike, *, streamlines: bool = True) -> Path:
+    """Write :func:`case_figure` (2-D) or :func:`case3d_figure` (3-D) to a PNG file.
+
+    Args:
+        case: a 2-D case, or a 3-D case with cells.
         path: PNG file to write.
-        streamlines: draw streamlines of the velocity over the speed.
+        streamlines: draw streamlines of the (in-plane) velocity over the speed.
 
     Returns:
         The path written.
     """
+    if case.dim == 3:
+        return save_figure(case3d_figure(case, streamlines=streamlines), path, dpi=100)
     return save_figure(case_figure(case, streamlines=streamlines), path, dpi=110)
 
 
 def case_title(case: Case) -> str:
-    """The case name, with its alpha when the case has one."""
+    """The case name, with its alpha (and a 3-D hill's crest amplitude) when it has one."""
     title = case.name
     if case.meta.get("alpha") is not None:
-        title += f"  (alpha = {case.meta['alpha']:g})"
+        title += f"  (alpha = {case.meta['alpha']:g}"
+        if case.meta.get("crest_amplitude") is not None:
+            title += f", crest amplitude {case.meta['crest_amplitude']:g}"
+        title += ")"
     return title
 
 
