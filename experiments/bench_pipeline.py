@@ -38,7 +38,7 @@ def worker(alpha: float, resolution: float) -> None:
         config = GenerateConfig.from_dict(
             {
                 "alphas": [alpha],
-                "output": folder,
+                "out": folder,
                 "plots": False,
                 "xdmf": False,
                 "mesh": {"resolution": resolution},

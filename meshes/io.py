@@ -117,7 +117,7 @@ def read_mesh(
         "facet_tag_values": [int(v) for v in present],
     }
     if comm.rank == 0:
-        logger.info("read %s mesh %s: %d cells", file_format, path, info["num_cells"])
+        logger.debug("read %s mesh %s: %d cells", file_format, path, info["num_cells"])
     return TaggedMesh(
         mesh=mesh,
         facet_tags=facet_tags,

@@ -234,7 +234,7 @@ def structured_hill_mesh(
         "period": grid.period,
     }
     if comm.rank == 0:
-        logger.info(
+        logger.debug(
             "structured hill mesh alpha=%g: %d x %d %s cells", alpha, grid.nx, grid.ny, cell_type
         )
     return TaggedMesh(

@@ -272,7 +272,7 @@ def unstructured_hill_mesh(
         "msh_path": None if msh_path is None else str(msh_path),
     }
     if comm.rank == 0:
-        logger.info(
+        logger.debug(
             "unstructured hill mesh alpha=%g: %d triangles", alpha, info["num_cells"]
         )
     return TaggedMesh(

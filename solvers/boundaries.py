@@ -2,7 +2,7 @@
 
 A :class:`BoundarySpec` names what each facet tag of a mesh means to the solvers. The hill
 family has a fixed spec (:func:`hill_boundary_spec`); a user mesh gets one from its config
-(:func:`solvers.generate.boundary_spec`), which gives every boundary group of the mesh a role
+(:func:`solvers.case_setup.boundary_spec`), which gives every boundary group of the mesh a role
 and refuses a group it does not list.
 """
 
@@ -88,11 +88,15 @@ def hill_boundary_spec(boundaries: Mapping[str, int], period: Sequence[float]) -
     """Boundary spec of the periodic-hill family.
 
     Args:
-        boundaries: name -> tag with keys ``bottom``, ``top``, ``left``, ``right``.
-        period: (d,) periodic lengths; ``period[0]`` is the hill period L.
+        boundaries: name -> tag with keys ``bottom``, ``top``, ``left``, ``right`` (and
+            ``front``, ``back`` for the 3-D hills).
+        period: (d,) periodic lengths; ``period[0]`` is the hill period L, ``period[2]`` the
+            spanwise period L_z of a 3-D hill.
 
     Returns:
-        Walls at bottom and top, the right side periodic with the left one (translation -L).
+        Walls at bottom and top, the right side periodic with the left one (translation -L);
+        in 3-D with a spanwise period, the back side (z = L_z) periodic with the front one
+        (translation -L_z) as a second pair (the first pair keeps driving the flow along x).
     """
     missing = {"bottom", "top", "left", "right"} - set(boundaries)
     if missing:
@@ -101,7 +105,27 @@ def hill_boundary_spec(boundaries: Mapping[str, int], period: Sequence[float]) -
     if not length > 0:
         raise ValueError(f"hill period must be positive, got {length}")
     translation = (-length,) + (0.0,) * (len(period) - 1)
-    return BoundarySpec(
-        walls=(boundaries["bottom"], boundaries["top"]),
-        periodic=(PeriodicPair(boundaries["right"], boundaries["left"], translation),),
-    )
+    pairs = [PeriodicPair(boundaries["right"], boundaries["left"], translation)]
+    if len(period) == 3 and float(period[2]) > 0:
+        missing = {"front", "back"} - set(boundaries)
+        if missing:
+            raise ValueError(f"spanwise periodic hill mesh lacks boundary tags {sorted(missing)}")
+        span = (0.0, 0.0, -float(period[2]))
+        pairs.append(PeriodicPair(boundaries["back"], boundaries["front"], span))
+    return BoundarySpec(walls=(boundaries["bottom"], boundaries["top"]), periodic=tuple(pairs))
+
+
+def periodic_lengths(spec: BoundarySpec, gdim: int) -> tuple[float, ...]:
+    """Periodic length along each axis from the spec's axis-aligned periodic pairs.
+
+    Returns:
+        (gdim,) lengths, 0 where not periodic. A pair whose translation is not along an axis
+        contributes nothing (its wall images are then not included in the wall distance).
+    """
+    lengths = np.zeros(gdim)
+    for pair in spec.periodic:
+        translation = np.abs(np.asarray(pair.translation, dtype=float))
+        nonzero = np.flatnonzero(translation > 0)
+        if nonzero.size == 1:
+            lengths[nonzero[0]] = translation[nonzero[0]]
+    return tuple(float(length) for length in lengths)

@@ -1,4 +1,4 @@
-"""Two-way coupled flow and tau with the tau PDE as the closure (DESIGN 3.2, 3.3, 7).
+"""Two-way coupled flow and tau with the tau PDE as the closure (docs/physics.md, docs/design.md).
 
 :func:`solve_coupled` is the PDE-coupled solve in one call: it builds a
 :class:`solvers.problem.ClosureProblem`, closes it with the tau PDE
@@ -22,9 +22,8 @@ import numpy as np
 import ufl
 from dolfinx import fem
 
-from solvers.boundaries import BoundarySpec
+from solvers.boundaries import BoundarySpec, periodic_lengths
 from solvers.flow import FlowSolution
-from solvers.problem import periodic_lengths
 from solvers.transport import TauSolution
 from vcnn.physics import DEFAULT_PHYSICS, PRODUCTION_MODES, Physics
 

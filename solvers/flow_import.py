@@ -61,8 +61,7 @@ from dolfinx import fem
 from scipy.interpolate import LinearNDInterpolator
 from scipy.spatial import Delaunay, QhullError, cKDTree
 
-from solvers.boundaries import BoundarySpec
-from solvers.coupled import periodic_lengths
+from solvers.boundaries import BoundarySpec, periodic_lengths
 from solvers.flow_sources import (
     MIN_SAMPLES_PER_MESH_POINT,
     FlowSource,

@@ -1,36 +1,47 @@
 """Dataset generation: mesh -> flow -> derived fields -> tau -> case files, XDMF and figures.
 
 :func:`run_generate` is what ``vcnn generate`` runs. For each case (one per hill slope factor
-alpha, or one for a user mesh) it solves the flow (or, with ``flow_from``, takes it from
-another code: :mod:`solvers.flow_import`) and the closure transport, gathers the nodal data at
-the P1 points on rank 0 and writes the case file of DESIGN 4 atomically, an XDMF file of mesh
-and fields for ParaView and a PNG. A case that fails is reported and skipped; complete
-cases are not recomputed unless ``overwrite`` is set.
+alpha, or one per user mesh of a family, see :mod:`solvers.case_setup`) it solves the flow
+(or, with ``flow_from``, takes it from another code: :mod:`solvers.flow_import`) and the
+closure transport, gathers the nodal data at the P1 points on rank 0 and writes the case file
+of docs/design.md atomically, an XDMF file of mesh and fields for ParaView and a PNG. A case
+that fails is reported and skipped; complete cases are not recomputed unless ``overwrite`` is
+set. The output folder keeps a record of every run (:mod:`solvers.run_folder`).
 """
 
 from __future__ import annotations
 
 from mpi4py import MPI
 
-import contextlib
-import errno
 import logging
 import math
-import os
-import re
-import shutil
-import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from solvers.boundaries import BoundarySpec, PeriodicPair, hill_boundary_spec
+from solvers.boundaries import BoundarySpec
+from solvers.case_setup import (
+    BOUNDARY_ROLES,
+    MESH_KINDS,
+    CaseJob,
+    MeshConfig,
+    boundary_spec,
+    build_mesh,
+    case_config,
+    case_jobs,
+    case_meshes,
+    check_boundaries_table,
+    check_case_name,
+    check_config_flow_source,
+    hill_case_name,
+    inlet_profile,
+    package_versions,
+)
 from solvers.collective import on_root
 from solvers.flow_sources import MIN_SAMPLES_PER_MESH_POINT
 from solvers.linalg import is_interrupt
@@ -41,80 +52,52 @@ from solvers.preflight import (
     check_mesh_size,
     machine_memory,
 )
-from vcnn.atomic import atomic_write_text
-from vcnn.casefile import write_case
-from vcnn.config import ConfigError, check_keys, check_types, merge, write_resolved_config
-from vcnn.expressions import ExpressionError, compile_expression
-from vcnn.inputs import check_regular_input
-from vcnn.outputs import (
-    check_output_dir,
-    check_output_owner,
-    disk_full_error,
-    is_disk_full,
-    output_lock,
+from solvers.run_folder import (
+    CaseProgress,
+    append_summary,
+    check_run_folder,
+    locked_run,
+    run_stamp,
 )
+from solvers.xdmf import write_xdmf
+from vcnn.casefile import write_case
+from vcnn.config import (
+    RENAMED_KEYS,
+    ConfigError,
+    check_keys,
+    check_types,
+    merge,
+    renamed_keys,
+)
+from vcnn.inputs import check_regular_input
+from vcnn.outputs import is_disk_full
 from vcnn.physics import PRODUCTION_MODES, Physics
 
 logger = logging.getLogger(__name__)
 
-MESH_KINDS = ("structured", "unstructured", "file")
-
-
-@dataclass
-class MeshConfig:
-    """Which mesh each case is solved on.
-
-    Attributes:
-        kind: ``structured`` (graded quadrilaterals like the published meshes),
-            ``unstructured`` (gmsh triangles) or ``file`` (a user mesh).
-        resolution: structured: factor on the published 200 alpha x 200 cells.
-        cell_type: structured: ``quadrilateral`` or ``triangle``.
-        size: unstructured: target cell size in the core of the flow.
-        wall_size: unstructured: cell size at the walls (default size / 5).
-        file: file: path of a ``.msh`` or meshio-readable mesh with tagged boundaries.
-    """
-
-    kind: str = "structured"
-    resolution: float = 1.0
-    cell_type: str = "quadrilateral"
-    size: float = 0.05
-    wall_size: float | None = None
-    file: str | None = None
-
-    def __post_init__(self) -> None:
-        check_types(asdict(self), MeshConfig, "[generate.mesh]")
-        if self.kind not in MESH_KINDS:
-            raise ConfigError(f"mesh kind must be one of {MESH_KINDS}, got {self.kind!r}")
-        for name in ("resolution", "size", "wall_size"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"[generate.mesh] {name} must be a positive number, got {value}")
-        if self.cell_type not in ("quadrilateral", "triangle"):
-            raise ConfigError(
-                f"[generate.mesh] cell_type must be 'quadrilateral' or 'triangle', got "
-                f"{self.cell_type!r}"
-            )
-        if self.wall_size is not None and self.wall_size > self.size:
-            raise ConfigError(
-                f"[generate.mesh] wall_size ({self.wall_size:g}) must not exceed size "
-                f"({self.size:g})"
-            )
-        if self.file is not None:
-            self.file = str(self.file)
-        if self.kind == "file":
-            if not self.file:
-                raise ConfigError("mesh kind 'file' needs mesh.file (or --mesh-file)")
-            check_regular_input(
-                self.file,
-                what="mesh file",
-                flag="--mesh-file / [generate.mesh] file",
-                error=ConfigError,
-            )
-        elif self.file is not None:
-            raise ConfigError(
-                f"mesh file {self.file!r} is given but the mesh kind is {self.kind!r}: use "
-                "--mesh file (kind = \"file\") to solve on it, or leave the file out"
-            )
+#: Names that moved to :mod:`solvers.case_setup` and :mod:`solvers.xdmf`, still importable
+#: from here.
+__all__ = [
+    "BOUNDARY_ROLES",
+    "MESH_KINDS",
+    "CaseReport",
+    "GenerateConfig",
+    "GenerateSummary",
+    "MeshConfig",
+    "boundary_spec",
+    "build_mesh",
+    "case_jobs",
+    "case_meshes",
+    "check_boundaries_table",
+    "check_case_name",
+    "check_config_flow_source",
+    "generate_case",
+    "hill_case_name",
+    "inlet_profile",
+    "package_versions",
+    "run_generate",
+    "write_xdmf",
+]
 
 
 #: The ``[generate.physics]`` table: the constants of :class:`vcnn.physics.Physics` except the
@@ -129,15 +112,22 @@ class GenerateConfig:
     """Configuration of ``vcnn generate`` (the ``[generate]`` table of a TOML file).
 
     Attributes:
-        alphas: hill slope factors, one case each (ignored for a file mesh).
-        output: folder of the case files, figures, XDMF and summary.
+        alphas: hill slope factors, one case each (ignored for file meshes).
+        dim: 2, or 3 for the 3-D hills of :mod:`meshes.hills3d` (periodic across a span of
+            4.5 hill heights; structured hexahedra, or tetrahedra with ``mesh.kind =
+            "unstructured"``): one case per slope factor and crest amplitude.
+        crest_amplitudes: 3-D only: crest amplitudes a in [0, 0.3] of the crest height
+            ``h(z) = 1 + a cos(2 pi z / L_z)`` (0: the 2-D hill extruded); default [0].
+        out: folder of the case files, figures, XDMF and summary (formerly ``output``).
         production: ``frozen`` (fixed source, the published data) or ``coupled`` (tau_P = tau).
         c_k: eddy-viscosity coefficient; > 0 couples nu_t = C_k l_m sqrt(tau) into the flow.
         overwrite: recompute cases whose case file exists.
         plots: write a PNG per case.
         xdmf: write an XDMF file of mesh and fields per case.
-        name: case name for a file mesh (default: the file's stem).
-        mesh: see :class:`MeshConfig`.
+        name: case name for a single file mesh (default: the file's stem); the cases of a
+            family (``mesh.files``, script parameters) are named by their files' stems and
+            parameter values, e.g. ``bump_bump_height0.2``.
+        mesh: see :class:`solvers.case_setup.MeshConfig`.
         physics: the constants of :class:`vcnn.physics.Physics`; its ``production`` and
             ``c_k`` are the top-level ``production`` and ``c_k`` of this config.
         flow_from: take the velocity from this source instead of solving for it: a case
@@ -163,7 +153,9 @@ class GenerateConfig:
     """
 
     alphas: list[float] = field(default_factory=lambda: [1.0])
-    output: str = "data/hills"
+    dim: int = 2
+    crest_amplitudes: list[float] | None = None
+    out: str = "data/hills"
     production: str = "frozen"
     c_k: float = 0.0
     overwrite: bool = False
@@ -213,31 +205,73 @@ class GenerateConfig:
                 f"{density!r}"
             )
         self.alphas = [float(a) for a in self.alphas]
-        self.output = str(self.output)
+        self.out = str(self.out)
         if self.name is not None:
             check_case_name(self.name, where="[generate] name")
+        self._check_dimension()
         if self.mesh.kind != "file":
             check_alphas(self.alphas)
-            names: dict[str, float] = {}
-            for alpha in self.alphas:
-                name = hill_case_name(alpha)
-                if name in names:
-                    raise ConfigError(
-                        f"alphas lists the slope factor {alpha:g} twice: give each one once"
-                        if names[name] == alpha
-                        else f"alphas {names[name]!r} and {alpha!r} both give the case {name!r}"
-                    )
-                names[name] = alpha
+            lists = (("alphas", self.alphas), ("crest_amplitudes", self.crest_amplitudes))
+            for key, values in lists:
+                names: dict[str, float] = {}
+                for value in values or []:
+                    name = hill_case_name(value)
+                    if name in names:
+                        raise ConfigError(
+                            f"{key} lists {value:g} twice: give each one once"
+                            if names[name] == value
+                            else f"{key} {names[name]!r} and {value!r} both give the case {name!r}"
+                        )
+                    names[name] = value
         elif not self.boundaries:
             raise ConfigError("a file mesh needs a [generate.boundaries] table naming its walls")
         else:
             check_boundaries_table(self.boundaries)
+
+    def _check_dimension(self) -> None:
+        """Refuse 3-D settings in 2-D, and in 3-D what does not work there yet."""
+        if isinstance(self.dim, bool) or self.dim not in (2, 3):
+            raise ConfigError(f"dim must be 2 or 3, got {self.dim!r}")
+        if self.dim == 2:
+            for key, value in (
+                ("crest_amplitudes (--crest-amplitudes)", self.crest_amplitudes),
+                ("mesh.span_cells (--span-cells)", self.mesh.span_cells),
+            ):
+                if value is not None:
+                    raise ConfigError(
+                        f"{key} is a setting of the 3-D hills: give --dim 3 (dim = 3), or "
+                        "leave it out"
+                    )
+            return
+        from meshes.hills3d import MAX_CREST_AMPLITUDE
+
+        self.crest_amplitudes = [float(a) for a in self.crest_amplitudes or [0.0]]
+        bad = [a for a in self.crest_amplitudes if not 0.0 <= a <= MAX_CREST_AMPLITUDE]
+        if bad:
+            raise ConfigError(
+                f"crest amplitudes must lie in [0, {MAX_CREST_AMPLITUDE:g}] (h(z) = 1 + a "
+                f"cos(2 pi z / L_z); 0: the extruded 2-D hill), got {bad}"
+            )
+        refusals = (
+            (self.mesh.kind == "file", "a file mesh is as many dimensions as its file: leave "
+             "--dim out (dim = 3 makes the 3-D hills)"),
+            (self.mesh.cell_type != "quadrilateral", "the structured 3-D hill is made of "
+             "hexahedra: leave --cell-type out, or use --mesh unstructured for tetrahedra"),
+            (self.flow_from is not None, "--flow-from (flow_from) does not take 3-D sources "
+             "yet: leave it out to solve the 3-D flow"),
+            (self.c_k > 0, "the coupled closure (c_k > 0) is not available in 3-D yet: "
+             "give c_k = 0 (one-way)"),
+        )
+        for refused, message in refusals:
+            if refused:
+                raise ConfigError(f"dim = 3: {message}")
 
     @classmethod
     def from_dict(
         cls, values: Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None
     ) -> GenerateConfig:
         """Build from a ``[generate]`` table, with flag ``overrides`` (None = not given)."""
+        values = renamed_keys(values, RENAMED_KEYS, "[generate]")
         values = merge(values, overrides or {})
         check_keys(values, {f for f in cls.__dataclass_fields__}, "[generate]")
         check_types(values, cls, "[generate]")
@@ -251,6 +285,11 @@ class GenerateConfig:
         except ValueError as error:
             raise ConfigError(str(error)) from error
         return cls(**values, mesh=MeshConfig(**mesh), physics=physics_constants)
+
+    @property
+    def output(self) -> str:
+        """The output folder: ``out`` under its former name (for existing callers)."""
+        return self.out
 
     def to_dict(self) -> dict[str, Any]:
         """Plain TOML-friendly dictionary (the resolved config)."""
@@ -304,93 +343,14 @@ class GenerateSummary:
         return "\n".join(rows)
 
 
-def hill_case_name(alpha: float) -> str:
-    """File stem of the hill case of slope factor alpha, e.g. ``hill_a1.000``.
-
-    Three decimals, or as many more as the value needs (``hill_a1.0004``), so that distinct
-    slope factors never share a case file.
-    """
-    for digits in range(3, 16):
-        text = f"{alpha:.{digits}f}"
-        if float(text) == alpha:
-            return f"hill_a{text}"
-    return f"hill_a{alpha!r}"
-
-
-#: Case names are file stems: letters, digits and ``_ . + -``, no path separators, no ``..``.
-_CASE_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]*")
-
-
-def check_case_name(name: str, *, where: str) -> str:
-    """Refuse a case name that is not a plain file stem (it must not leave ``--out``).
-
-    Raises:
-        ConfigError: for separators, ``..``, a leading dot, or other characters.
-    """
-    if (
-        not isinstance(name, str)
-        or not _CASE_NAME.fullmatch(name)
-        or ".." in name
-        or os.sep in name
-        or (os.altsep is not None and os.altsep in name)
-        or len(name) > 200
-    ):
-        raise ConfigError(
-            f"{where} {name!r} is not a valid case name: use letters, digits and _ . + - "
-            "(no path separators, no '..', no leading dot)"
-        )
-    return name
-
-
-#: Roles of a boundary group in the ``boundaries`` table of a file mesh: ``walls`` (no slip,
-#: tau = 0), ``inlets`` (a velocity profile, tau = 0), ``outlets`` (do-nothing for u, zero flux
-#: for tau), ``periodic`` (pairs identified by a translation) and ``natural`` (an outlet's
-#: conditions on a boundary that is not an outlet, e.g. an open top). Every group needs one.
-BOUNDARY_ROLES = ("walls", "inlets", "outlets", "periodic", "natural")
-
-
-def check_boundaries_table(table: Mapping[str, Any]) -> None:
-    """Check the ``[generate.boundaries]`` table of a file mesh before anything is solved.
-
-    Expressions of inlet profiles are parsed here (see :mod:`vcnn.expressions`), so that a bad
-    or unsafe one is refused before any mesh is read.
-
-    Raises:
-        ConfigError: naming the key or inlet.
-    """
-    check_keys(table, set(BOUNDARY_ROLES), "[generate.boundaries]")
-    for key in ("walls", "outlets", "natural"):
-        names = table.get(key, [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ConfigError(f"[generate.boundaries] {key} must be a list of boundary names")
-    inlets = table.get("inlets", {})
-    if not isinstance(inlets, Mapping):
-        raise ConfigError("[generate.boundaries] inlets must be a table of inlet tables")
-    for name, settings in inlets.items():
-        where = f"[generate.boundaries.inlets.{name}]"
-        if not isinstance(settings, Mapping):
-            raise ConfigError(f"{where} must be a table")
-        if settings.get("profile") == "expression":
-            components = settings.get("components")
-            if not isinstance(components, list) or not components:
-                raise ConfigError(f"{where} components must be a list of expressions")
-            for component in components:
-                try:
-                    compile_expression(component, where=f"{where} components")
-                except ExpressionError as error:
-                    raise ConfigError(str(error)) from error
-    periodic = table.get("periodic", [])
-    if not isinstance(periodic, list) or not all(isinstance(p, Mapping) for p in periodic):
-        raise ConfigError("[generate.boundaries] periodic must be a list of tables")
-
-
 def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> GenerateSummary:
     """Solve every case of ``config`` and write its outputs (collective over ``comm``).
 
     Everything that can be checked is checked before anything is written: the output folder,
     the size of each hill mesh, the settings of existing case files (a complete case is skipped
-    only when it matches this run), and for a file mesh its boundary names. Where rank 0 alone
-    does I/O, its errors are raised on every rank (:func:`solvers.collective.on_root`).
+    only when it matches this run), and for file meshes their boundary names. Where rank 0
+    alone does I/O, its errors are raised on every rank (:func:`solvers.collective.on_root`).
+    The folder keeps a record of every run (:mod:`solvers.run_folder`).
 
     Returns:
         The summary; failed cases are listed with their error, not raised.
@@ -404,204 +364,164 @@ def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> 
             outputs written before are kept.
         KeyboardInterrupt: the run was interrupted (Ctrl-C, SIGTERM), also inside a solve.
     """
-    output = Path(config.output)
-    on_root(comm, lambda: check_output_dir(output, flag="--out (output)"))
-
-    def check_owner() -> None:
-        check_output_owner(
-            output, verb="generate", overwrite=config.overwrite, flag="--out (output)"
-        )
-
-    on_root(comm, check_owner)
+    output = Path(config.out)
+    check_owner = check_run_folder(output, verb="generate", overwrite=config.overwrite, comm=comm)
     jobs = case_jobs(config)
     memory = machine_memory(comm) if config.mesh.kind != "file" else 0
     processes = comm.size
 
     def check_sizes() -> None:
-        for _, alpha in jobs:
-            if alpha is not None:
-                check_case_size(config.mesh, alpha, processes=processes, memory=memory)
+        for job in jobs:
+            if job.alpha is not None:
+                check_case_size(
+                    config.mesh,
+                    job.alpha,
+                    processes=processes,
+                    memory=memory,
+                    crest_amplitude=job.crest_amplitude,
+                )
 
     on_root(comm, check_sizes)
 
     def inspect_existing() -> dict[str, str]:
         state = {}
-        for name, alpha in jobs:
-            target = output / f"{name}.npz"
+        for job in jobs:
+            target = output / f"{job.name}.npz"
             if not target.exists():
-                state[name] = "missing"
+                state[job.name] = "missing"
             elif config.overwrite:
-                state[name] = "overwrite"
+                state[job.name] = "overwrite"
             else:
-                check_existing_case(target, config, alpha)
-                state[name] = "complete"
+                check_existing_case(target, case_config(config, job), job.alpha)
+                state[job.name] = "complete"
         return state
 
     state = on_root(comm, inspect_existing, share_result=True) or {}
-    prepared = None
-    if config.mesh.kind == "file" and state.get(jobs[0][0]) != "complete":
-        # One case on one mesh: read it now, so that a boundary the mesh lacks is refused
-        # before anything is written.
-        tagged = build_mesh(config.mesh, None, comm=comm)
-        prepared = (tagged, boundary_spec(config, tagged))
+    prepared = _prepare_file_meshes(config, jobs, state, comm=comm)
     _check_inputs(config, jobs, state, prepared, comm=comm)
+    stamp = comm.bcast(run_stamp() if comm.rank == 0 else None, root=0)
     # The first write: the folder is locked for the run (and checked again under the lock).
-    with output_lock(
+    with locked_run(
         output,
         verb="generate",
-        flag="--out (output)",
-        then=check_owner,
-        on_root=lambda action: on_root(comm, action),
+        resolved=config.to_dict(),
+        check_owner=check_owner,
+        stamp=stamp,
+        comm=comm,
     ):
-        on_root(comm, lambda: write_resolved_config(output, {"generate": config.to_dict()}))
-        return _generate_cases(config, jobs, state, prepared, comm=comm)
+        return _generate_cases(config, jobs, state, prepared, stamp=stamp, comm=comm)
+
+
+def _prepare_file_meshes(
+    config: GenerateConfig, jobs: list[CaseJob], state: Mapping[str, str], *, comm: MPI.Comm
+) -> dict[str, tuple[Any, BoundarySpec]]:
+    """Read (or mesh) every user mesh still to solve on, before anything is written.
+
+    So that a boundary the mesh lacks, or a mesh too large, is refused up front. One mesh is
+    kept for its case; a family's meshes are checked one at a time and built again for their
+    cases, so that they are not all held in memory at once.
+
+    Returns:
+        (TaggedMesh, BoundarySpec) by case name, of the meshes kept.
+
+    Raises:
+        ConfigError: a boundary without a role or not in a mesh; a mesh too large.
+    """
+    to_solve = [job for job in jobs if job.alpha is None and state.get(job.name) != "complete"]
+    prepared = {}
+    for job in to_solve:
+        tagged = build_mesh(job.mesh, None, comm=comm)
+        spec = boundary_spec(case_config(config, job), tagged)
+        info, memory, processes = tagged.info, machine_memory(comm), comm.size
+        on_root(comm, lambda: check_mesh_size(info, processes=processes, memory=memory))
+        if len(to_solve) == 1:
+            prepared[job.name] = (tagged, spec)
+    return prepared
 
 
 def _check_inputs(
     config: GenerateConfig,
-    jobs: list[tuple[str, float | None]],
+    jobs: list[CaseJob],
     state: Mapping[str, str],
-    prepared: tuple[Any, BoundarySpec] | None,
+    prepared: Mapping[str, tuple[Any, BoundarySpec]],
     *,
     comm: MPI.Comm,
 ) -> None:
     """Check the inputs that need a mesh, before anything is written (collective).
 
-    A file mesh (already read, ``prepared``) must fit in memory; a flow source is read and
-    measured against the mesh of every case still to compute (built here for a hill), as
-    :func:`solvers.flow_import.import_flow` will measure it.
+    A flow source is read and measured against the mesh of every case still to compute (built
+    here unless ``prepared``), as :func:`solvers.flow_import.import_flow` will measure it.
 
     Raises:
-        ConfigError: the file mesh is too large.
         FlowSourceError: the source is unreadable, malformed, never solved, too sparse or does
             not fit a mesh.
     """
-    if prepared is not None:
-        info, memory, processes = prepared[0].info, machine_memory(comm), comm.size
-        on_root(comm, lambda: check_mesh_size(info, processes=processes, memory=memory))
-    to_compute = [(name, alpha) for name, alpha in jobs if state.get(name) != "complete"]
+    to_compute = [job for job in jobs if state.get(job.name) != "complete"]
     check_config_flow_source(config, to_compute, prepared=prepared, comm=comm)
-
-
-def check_config_flow_source(
-    config: Any,
-    jobs: list[tuple[str, float | None]],
-    *,
-    prepared: tuple[Any, BoundarySpec] | None = None,
-    comm: MPI.Comm,
-) -> None:
-    """Read the config's ``flow_from`` and check it against each case's mesh, up front.
-
-    Args:
-        config: generate's or simulate's configuration (``flow_from``, ``flow_field``,
-            ``flow_time``, ``flow_min_samples_per_point``); nothing is done without a source.
-        jobs: (name, alpha) of the cases to check.
-        prepared: the file mesh's, when the caller has read it already.
-        comm: the communicator of the meshes.
-
-    Raises:
-        FlowSourceError: see :func:`solvers.flow_import.check_flow_source`.
-    """
-    if config.flow_from is None:
-        return
-    from solvers.flow_import import check_flow_source
-
-    check_flow_source(
-        config.flow_from,
-        case_meshes(config, jobs, prepared=prepared, comm=comm),
-        field=config.flow_field,
-        time=config.flow_time,
-        min_samples_per_point=config.flow_min_samples_per_point,
-        comm=comm,
-    )
-
-
-def case_meshes(
-    config: Any,
-    jobs: list[tuple[str, float | None]],
-    *,
-    prepared: tuple[Any, BoundarySpec] | None = None,
-    comm: MPI.Comm,
-) -> Iterator[tuple[Any, BoundarySpec]]:
-    """(TaggedMesh, BoundarySpec) of each case, built one at a time (collective).
-
-    Args:
-        config: generate's or simulate's configuration.
-        jobs: (name, alpha) of the cases.
-        prepared: the file mesh's, when the caller has read it already.
-        comm: the communicator of the meshes.
-    """
-    for _, alpha in jobs:
-        if prepared is not None:
-            yield prepared
-            continue
-        tagged = build_mesh(config.mesh, alpha, comm=comm)
-        yield tagged, boundary_spec(config, tagged)
 
 
 def _generate_cases(
     config: GenerateConfig,
-    jobs: list[tuple[str, float | None]],
+    jobs: list[CaseJob],
     state: Mapping[str, str],
-    prepared: Any,
+    prepared: Mapping[str, tuple[Any, BoundarySpec]],
     *,
+    stamp: str,
     comm: MPI.Comm,
 ) -> GenerateSummary:
     """The cases of :func:`run_generate` once it has checked everything (collective)."""
-    output = Path(config.output)
+    output = Path(config.out)
     reports = []
-    for number, (name, alpha) in enumerate(jobs, start=1):
-        target = output / f"{name}.npz"
-        prefix = f"[{number}/{len(jobs)}] {name}"
-        if state.get(name) == "complete":
-            if comm.rank == 0:
-                logger.info("%s: complete, skipped (use --overwrite to recompute)", prefix)
-            on_root(comm, lambda target=target, prefix=prefix: _missing_figure(config, target, prefix))
-            reports.append(CaseReport(name, alpha, "skipped"))
-            continue
-        start = time.perf_counter()
-        try:
-            report = generate_case(
-                config, name, alpha, comm=comm, log_prefix=prefix, prepared=prepared
-            )
-        except ConfigError:
-            raise  # a config error fails every case: stop, with the one message
-        except Exception as error:  # one failed case must not lose the others
-            if is_interrupt(error):
-                raise KeyboardInterrupt(f"interrupted in case {name}") from error
-            if is_disk_full(error):
-                raise  # the run's end (one line naming the file), not this case's failure
-            message = f"{type(error).__name__}: {error}"
-            if comm.rank == 0:
-                logger.error("%s: FAILED: %s", prefix, message)
-                logger.debug("%s", traceback.format_exc())
-            report = CaseReport(name, alpha, "failed", error=message)
-        report.wall_time = time.perf_counter() - start
-        reports.append(report)
+    with CaseProgress(len(jobs), verb="generate", comm=comm) as progress:
+        for number, job in enumerate(jobs, start=1):
+            name, alpha = job.name, job.alpha
+            target = output / f"{name}.npz"
+            prefix = f"[{number}/{len(jobs)}] {name}"
+            progress.start(name)
+            if state.get(name) == "complete":
+                if comm.rank == 0:
+                    logger.info("%s: complete, skipped (use --overwrite to recompute)", prefix)
+                on_root(
+                    comm,
+                    lambda target=target, prefix=prefix: _missing_figure(config, target, prefix),
+                )
+                reports.append(CaseReport(name, alpha, "skipped"))
+                progress.done()
+                continue
+            start = time.perf_counter()
+            try:
+                report = generate_case(
+                    case_config(config, job),
+                    name,
+                    alpha,
+                    comm=comm,
+                    log_prefix=prefix,
+                    prepared=prepared.get(name),
+                    crest_amplitude=job.crest_amplitude,
+                )
+            except ConfigError:
+                raise  # a config error fails every case: stop, with the one message
+            except Exception as error:  # one failed case must not lose the others
+                if is_interrupt(error):
+                    raise KeyboardInterrupt(f"interrupted in case {name}") from error
+                if is_disk_full(error):
+                    raise  # the run's end (one line naming the file), not this case's failure
+                message = f"{type(error).__name__}: {error}"
+                if comm.rank == 0:
+                    logger.error("%s: FAILED: %s", prefix, message)
+                    logger.debug("%s", traceback.format_exc())
+                report = CaseReport(name, alpha, "failed", error=message)
+            report.wall_time = time.perf_counter() - start
+            reports.append(report)
+            progress.done()
     summary = GenerateSummary(reports, output)
 
     def write_summary() -> None:
-        table = summary.table()
-        atomic_write_text(output / "summary.md", table + "\n")
+        append_summary(output, summary.table(), verb="generate", stamp=stamp)
         # the table is the command's output: `vcnn generate` prints it (vcnn.cli)
 
     on_root(comm, write_summary)
     return summary
-
-
-def case_jobs(config: Any, *, section: str = "generate") -> list[tuple[str, float | None]]:
-    """(case name, alpha) of every case of a run; alpha is None for a file mesh.
-
-    Args:
-        config: a run configuration with ``mesh``, ``alphas`` and ``name`` (generate's or
-            simulate's).
-        section: the configuration section that names the case (for the error message).
-    """
-    if config.mesh.kind == "file":
-        name = config.name or Path(config.mesh.file).stem
-        check_case_name(name, where=f"case name (set [{section}] name)")
-        return [(name, None)]
-    return [(hill_case_name(alpha), alpha) for alpha in config.alphas]
 
 
 def _missing_figure(config: GenerateConfig, target: Path, prefix: str) -> None:
@@ -610,12 +530,11 @@ def _missing_figure(config: GenerateConfig, target: Path, prefix: str) -> None:
     if not config.plots or figure.exists():
         return
     from vcnn.casefile import read_case
-    from vcnn.plotting import plot_case
+    from vcnn.plotting.cases import plot_case
 
     case = read_case(target)
-    if case.dim == 2:
-        plot_case(case, figure)
-        logger.info("%s: figure was missing, drew %s", prefix, figure.name)
+    plot_case(case, figure)
+    logger.info("%s: figure was missing, drew %s", prefix, figure.name)
 
 
 def generate_case(
@@ -626,10 +545,12 @@ def generate_case(
     comm: MPI.Comm = MPI.COMM_WORLD,
     log_prefix: str = "",
     prepared: tuple[Any, BoundarySpec] | None = None,
+    crest_amplitude: float | None = None,
 ) -> CaseReport:
     """Solve one case and write its case file (and XDMF, PNG); collective over ``comm``.
 
     ``prepared`` is the (TaggedMesh, BoundarySpec) of the case when the caller built them.
+    ``crest_amplitude`` makes a hill case the 3-D hill of that crest amplitude (None: 2-D).
     """
     from dolfinx import fem
 
@@ -648,7 +569,7 @@ def generate_case(
             logger.info("%s: %s done in %.1f s", log_prefix, stage, times[stage])
 
     if prepared is None:
-        tagged = build_mesh(config.mesh, alpha, comm=comm)
+        tagged = build_mesh(config.mesh, alpha, comm=comm, crest_amplitude=crest_amplitude)
         spec = boundary_spec(config, tagged)
     else:
         tagged, spec = prepared
@@ -674,11 +595,7 @@ def generate_case(
         tau_integral = problem.integral(tau)
         tau_residuals = closure.last_solution.residual_history
 
-        reversal = None
-        if alpha is not None and problem.mesh.geometry.dim == 2:
-            from solvers.diagnostics import hill_flow_reversal
-
-            reversal = hill_flow_reversal(flow.u, alpha)
+        reversal = flow_reversal_meta(flow.u, problem, alpha)
         flow_statistics = {}  # an imported flow has no solver statistics; its source is in meta
         if not imported:
             flow_statistics = {
@@ -688,6 +605,7 @@ def generate_case(
         meta = {
             "case": name,
             "alpha": alpha,
+            **({} if crest_amplitude is None else {"crest_amplitude": crest_amplitude}),
             "mesh": {**tagged.info, "kind": tagged.kind, "num_cells": _num_cells(problem.mesh)},
             "physics": physics.to_dict(),
             **physics.flat_case_meta(),
@@ -696,8 +614,7 @@ def generate_case(
             "body_force": None if imported else flow.body_force,
             "flow_source": flow.to_meta() if imported else None,
             "tau_integral": tau_integral,
-            "separation_x": None if reversal is None else reversal.separation.tolist(),
-            "reattachment_x": None if reversal is None else reversal.reattachment.tolist(),
+            **reversal,
             "solver": {
                 **flow_statistics,
                 "tau_newton_iterations": result.closure_iterations,
@@ -711,7 +628,7 @@ def generate_case(
             "versions": package_versions(),
         }
         case = problem.case(result.tau, name=name, meta=meta)
-        output = Path(config.output)
+        output = Path(config.out)
         on_root(comm, lambda: write_case(output / f"{name}.npz", case))
         if config.xdmf:
             fields = {
@@ -727,8 +644,8 @@ def generate_case(
             write_xdmf(output / f"{name}.xdmf", problem.mesh, fields)
 
     def draw() -> None:
-        if config.plots and case.dim == 2:
-            from vcnn.plotting import plot_case
+        if config.plots:
+            from vcnn.plotting.cases import plot_case
 
             plot_case(case, output / f"{name}.png")
 
@@ -744,6 +661,37 @@ def generate_case(
         tau_integral=tau_integral,
         stage_times=times,
     )
+
+
+def flow_reversal_meta(velocity, problem, alpha: float | None) -> dict[str, Any]:
+    """Separation and reattachment for a case's meta (collective; 2-D; None in 3-D).
+
+    A hill's along its bottom wall (abscissas x); a user mesh's along every named wall
+    (:func:`solvers.diagnostics.wall_flow_reversal`): their x and their points.
+
+    Returns:
+        ``separation_x`` and ``reattachment_x`` (lists of x), and for a user mesh
+        ``separation_points`` and ``reattachment_points`` (lists of [x, y]).
+    """
+    from solvers.diagnostics import hill_flow_reversal, wall_flow_reversal
+
+    if problem.mesh.geometry.dim != 2:
+        return {"separation_x": None, "reattachment_x": None}
+    if alpha is not None:
+        hill = hill_flow_reversal(velocity, alpha)
+        return {
+            "separation_x": hill.separation.tolist(),
+            "reattachment_x": hill.reattachment.tolist(),
+        }
+    walls = wall_flow_reversal(velocity, problem.facet_tags, problem.spec.walls)
+    separation = np.concatenate([w.separation for w in walls] or [np.zeros((0, 2))])
+    reattachment = np.concatenate([w.reattachment for w in walls] or [np.zeros((0, 2))])
+    return {
+        "separation_x": separation[:, 0].tolist(),
+        "reattachment_x": reattachment[:, 0].tolist(),
+        "separation_points": separation.tolist(),
+        "reattachment_points": reattachment.tolist(),
+    }
 
 
 def solve_physics(config: GenerateConfig, problem, closure, *, lap=None):
@@ -788,324 +736,8 @@ def solve_physics(config: GenerateConfig, problem, closure, *, lap=None):
     return result, 0
 
 
-def build_mesh(mesh_config: MeshConfig, alpha: float | None, *, comm: MPI.Comm):
-    """The TaggedMesh of one case."""
-    if mesh_config.kind == "structured":
-        from meshes.structured import structured_hill_mesh
-
-        return structured_hill_mesh(
-            alpha, resolution=mesh_config.resolution, comm=comm, cell_type=mesh_config.cell_type
-        )
-    if mesh_config.kind == "unstructured":
-        from meshes.unstructured import unstructured_hill_mesh
-
-        return unstructured_hill_mesh(
-            alpha, size=mesh_config.size, wall_size=mesh_config.wall_size, comm=comm
-        )
-    from meshes.io import read_mesh
-
-    return read_mesh(mesh_config.file, comm=comm)
-
-
-def boundary_spec(config: GenerateConfig | Any, tagged) -> BoundarySpec:
-    """Boundary roles: the hill spec, or the one of the config for a file mesh.
-
-    Every boundary group (facet tag name) of a file mesh must have exactly one role in the
-    config's boundaries table (see :data:`BOUNDARY_ROLES`); ``natural`` boundaries get the
-    conditions of an outlet (do-nothing for u, zero diffusive flux for tau) and are outlets in
-    the returned spec.
-
-    Args:
-        config: a :class:`GenerateConfig` or a ``SimulateConfig`` (same ``mesh`` and
-            ``boundaries``).
-        tagged: the tagged mesh.
-
-    Raises:
-        ConfigError: a listed boundary the mesh lacks, a boundary listed twice, or a boundary
-            group of the mesh the table does not list (naming it and the roles it can take).
-    """
-    if config.mesh.kind != "file":
-        return hill_boundary_spec(tagged.boundaries, tagged.period)
-    # "[generate.boundaries]" or "[simulate.boundaries]": the table the user wrote
-    where = f"[{type(config).__name__.removesuffix('Config').lower()}.boundaries]"
-    table = dict(config.boundaries)
-    check_keys(table, set(BOUNDARY_ROLES), where)
-
-    def tag(name: str) -> int:
-        if name not in tagged.boundaries:
-            raise ConfigError(
-                f"boundary {name!r} is not in the mesh; it has {sorted(tagged.boundaries)}"
-            )
-        return tagged.boundaries[name]
-
-    inlets = {
-        tag(name): inlet_profile(settings, tagged, tag(name), where=f"inlet {name!r}")
-        for name, settings in dict(table.get("inlets", {})).items()
-    }
-    periodic = []
-    for pair in table.get("periodic", []):
-        check_keys(pair, {"slave", "master", "translation"}, "a periodic pair")
-        periodic.append(
-            PeriodicPair(tag(pair["slave"]), tag(pair["master"]), tuple(pair["translation"]))
-        )
-    walls = tuple(tag(n) for n in table.get("walls", []))
-    outlets = tuple(tag(n) for n in [*table.get("outlets", []), *table.get("natural", [])])
-    listed = _listed_boundaries(table)
-    twice = sorted({name for name in listed if listed.count(name) > 1})
-    if twice:
-        raise ConfigError(f"boundary {twice[0]!r} has more than one role in {where}")
-    unlisted = sorted(set(tagged.boundaries) - set(listed))
-    if unlisted:
-        source = f" of mesh file {str(config.mesh.file)!r}" if config.mesh.file else ""
-        raise ConfigError(
-            f"boundary {unlisted[0]!r}{source} has no role in {where}"
-            + (f" (nor have {unlisted[1:]})" if len(unlisted) > 1 else "")
-            + ": list it under walls, inlets, outlets, periodic, or natural (do-nothing for "
-            "u, zero flux for tau: an outlet's conditions)"
-        )
-    return BoundarySpec(
-        walls=walls, inlets=inlets, outlets=outlets, periodic=tuple(periodic)
-    )
-
-
-def _listed_boundaries(table: Mapping[str, Any]) -> list[str]:
-    """Every boundary name a boundaries table gives a role, once per mention."""
-    names = [*table.get("walls", []), *table.get("outlets", []), *table.get("natural", [])]
-    names += list(dict(table.get("inlets", {})))
-    for pair in table.get("periodic", []):
-        names += [pair["slave"], pair["master"]]
-    return names
-
-
-def inlet_profile(
-    settings: Mapping[str, Any], tagged, facet_tag: int, *, where: str
-) -> Callable[[np.ndarray], np.ndarray]:
-    """An inlet velocity profile ``f(x: (3, M)) -> (d, M)`` from its config table.
-
-    ``parabolic``: a parabola across the inlet (zero at its ends) with the given mean velocity,
-    directed into the domain along the inlet's normal (straight 2-D inlets). ``uniform``: a
-    constant vector. ``expression``: one arithmetic expression of the coordinates per
-    component (``x``, ``y``, ``z`` or ``x[0]``, ``x[1]``, ``x[2]``; ``pi``, ``e``, ``sin``,
-    ``sqrt`` ...), parsed by :func:`vcnn.expressions.compile_expression`, never evaluated as
-    Python code.
-    """
-    settings = dict(settings)
-    kind = settings.get("profile", "parabolic")
-    dim = tagged.mesh.geometry.dim
-    if kind == "uniform":
-        check_keys(settings, {"profile", "velocity"}, where)
-        velocity = np.asarray(settings["velocity"], dtype=np.float64)
-        if velocity.shape != (dim,):
-            raise ConfigError(f"{where}: velocity must have {dim} components")
-        return lambda x: np.tile(velocity[:, None], (1, x.shape[1]))
-    if kind == "expression":
-        check_keys(settings, {"profile", "components"}, where)
-        components = list(settings["components"])
-        if len(components) != dim:
-            raise ConfigError(f"{where}: expression needs {dim} components")
-        try:
-            functions = [compile_expression(c, where=where) for c in components]
-        except ExpressionError as error:
-            raise ConfigError(str(error)) from error
-
-        def evaluate(x: np.ndarray) -> np.ndarray:
-            return np.asarray([function(x) for function in functions], dtype=np.float64)
-
-        return evaluate
-    if kind != "parabolic":
-        raise ConfigError(f"{where}: profile must be parabolic, uniform or expression")
-    check_keys(settings, {"profile", "mean_velocity"}, where)
-    if dim != 2:
-        raise ConfigError(f"{where}: the parabolic profile is for 2-D inlets; use expression")
-    mean = float(settings.get("mean_velocity", 1.0))
-    start, end, inward = _inlet_geometry(tagged, facet_tag)
-    length = float(np.linalg.norm(end - start))
-    direction = (end - start) / length
-
-    def parabola(x: np.ndarray) -> np.ndarray:
-        s = np.clip((x[:2].T - start) @ direction / length, 0.0, 1.0)
-        return (6.0 * mean * s * (1.0 - s))[None, :] * inward[:, None]
-
-    return parabola
-
-
-def _inlet_geometry(tagged, facet_tag: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """End points of a straight 2-D inlet and its inward unit normal (all ranks agree)."""
-    mesh = tagged.mesh
-    fdim = mesh.topology.dim - 1
-    mesh.topology.create_connectivity(fdim, 0)
-    facets = tagged.facet_tags.find(facet_tag)
-    from dolfinx.mesh import entities_to_geometry
-
-    nodes = entities_to_geometry(mesh, fdim, facets).reshape(-1)
-    local = mesh.geometry.x[nodes, :2]
-    points = np.concatenate(mesh.comm.allgather(local))
-    if points.shape[0] == 0:
-        raise ConfigError(f"inlet tag {facet_tag} has no facets")
-    centre = points.mean(axis=0)
-    _, _, axes = np.linalg.svd(points - centre)
-    direction = axes[0]
-    s = (points - centre) @ direction
-    start, end = centre + s.min() * direction, centre + s.max() * direction
-    normal = np.array([-direction[1], direction[0]])
-    cells = mesh.geometry.x[:, :2]
-    inside = np.concatenate(mesh.comm.allgather(cells.mean(axis=0, keepdims=True))).mean(axis=0)
-    if (inside - centre) @ normal < 0:
-        normal = -normal
-    return start, end, normal
-
-
-def write_xdmf(path: Path, mesh, functions: Mapping[str, Any]) -> None:
-    """Mesh and named fields in one XDMF file for ParaView (fields interpolated to P1).
-
-    Atomic, as a pair (collective over ``mesh.comm``): dolfinx writes ``<name>.xdmf`` and the
-    ``<name>.h5`` it names, so both are written under their final names into a private
-    temporary folder beside them (``.<name>.*.xdmf-tmp``, made by rank 0, written by every
-    rank), checked (the .xdmf must reference ``<name>.h5``), flushed to disk, and renamed into
-    place by rank 0, the .h5 first. After the call the folder holds the new pair, or (on a
-    failure before the renames) what it held before, or (a failure between the two renames)
-    neither; never a partial .h5 and never the temporary folder. HDF5's own error stack is
-    kept off the terminal (it is logged at debug level).
-
-    Args:
-        path: the ``.xdmf`` file to write.
-        mesh: the dolfinx mesh.
-        functions: field name -> dolfinx Function.
-
-    Raises:
-        OSError: ENOSPC/EDQUOT naming ``path`` when the disk (or quota) is full.
-    """
-    from dolfinx import fem, io
-
-    comm = mesh.comm
-    outputs = []
-    for name, function in functions.items():
-        shape = function.function_space.value_shape
-        space = fem.functionspace(mesh, ("Lagrange", 1, shape))
-        p1 = fem.Function(space, name=name)
-        p1.interpolate(function)
-        outputs.append(p1)
-    h5 = path.with_suffix(".h5")
-
-    def make_folder() -> str:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            return tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".xdmf-tmp")
-        except OSError as error:
-            full = disk_full_error(error, path)
-            if full is None:
-                raise
-            raise full from error
-
-    folder = Path(on_root(comm, make_folder, share_result=True))
-    staged, staged_h5 = folder / path.name, folder / h5.name
-    try:
-        failure: Exception | None = None
-        with _captured_stderr() as captured:
-            try:
-                with io.XDMFFile(comm, str(staged), "w") as stream:
-                    stream.write_mesh(mesh)
-                    for function in outputs:
-                        stream.write_function(function)
-            except Exception as error:  # decided together below: every rank raises or none
-                failure = error
-        full = disk_full_error(failure, path) if failure is not None else None
-        if comm.allreduce(full is not None, op=MPI.LOR):
-            if comm.rank == 0:
-                logger.debug("HDF5 reported:\n%s", captured.text())
-            raise full or OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        if comm.allreduce(failure is not None, op=MPI.LOR):
-            if comm.rank == 0:
-                logger.debug("HDF5 reported:\n%s", captured.text())
-            raise failure or RuntimeError(f"writing {str(path)!r} failed on another rank")
-        captured.replay()
-
-        def publish() -> None:
-            text = staged.read_text(encoding="utf-8")
-            if f">{h5.name}:/" not in text or not staged_h5.is_file():
-                raise RuntimeError(f"the XDMF file {str(staged)!r} does not reference {h5.name}")
-            try:
-                for written in (staged_h5, staged):
-                    descriptor = os.open(written, os.O_RDONLY)
-                    try:
-                        os.fsync(descriptor)
-                    finally:
-                        os.close(descriptor)
-            except OSError as error:
-                full = disk_full_error(error, path)
-                if full is None:
-                    raise
-                raise full from error
-            os.replace(staged_h5, h5)
-            try:
-                os.replace(staged, path)
-            except BaseException:
-                try:  # finish the pair (an interrupt between the renames) ...
-                    os.replace(staged, path)
-                except OSError:  # ... or take the new .h5 away with the .xdmf it would break
-                    h5.unlink(missing_ok=True)
-                    path.unlink(missing_ok=True)
-                raise
-
-        on_root(comm, publish)
-    finally:
-        if comm.rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-class _CapturedStderr:
-    """What was written to file descriptor 2 while it was captured (see below)."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def text(self) -> str:
-        if self.stream is None:
-            return ""
-        self.stream.seek(0)
-        return self.stream.read().decode(errors="replace")
-
-    def replay(self) -> None:
-        """Write what was captured to stderr (a successful write's warnings stay visible)."""
-        text = self.text()
-        if text:
-            sys.stderr.write(text)
-        if self.stream is not None:
-            self.stream.close()
-
-
-@contextlib.contextmanager
-def _captured_stderr() -> Iterator[_CapturedStderr]:
-    """Send file descriptor 2 to a temporary file (HDF5 prints dozens of lines per error)."""
-    try:
-        stream = tempfile.TemporaryFile()
-        saved = os.dup(2)
-    except OSError:  # no room for it: let HDF5 print
-        yield _CapturedStderr(None)
-        return
-    sys.stderr.flush()
-    os.dup2(stream.fileno(), 2)
-    try:
-        yield _CapturedStderr(stream)
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def _num_cells(mesh) -> int:
     index_map = mesh.topology.index_map(mesh.topology.dim)
     return int(index_map.size_global)
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that shape the results (recorded in every case)."""
-    from importlib import metadata
-
-    versions = {}
-    for package in ("vcnn-closures", "dolfinx-solver-real", "numpy", "scipy", "gmsh", "torch"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions

@@ -24,7 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from solvers.flow_sources import VELOCITY_NAMES, FlowSource, FlowSourceError, malformed_source
+from solvers.flow_source_types import (
+    VELOCITY_NAMES,
+    FlowSource,
+    FlowSourceError,
+    malformed_source,
+)
 
 __all__ = [
     "cyclic_period",

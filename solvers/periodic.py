@@ -409,7 +409,7 @@ class PeriodicConstraint:
         )
         self.K.assemble()
         if self.comm.rank == 0:
-            logger.info(
+            logger.debug(
                 "periodic constraint: %d of %d dofs are slaves",
                 self.num_slaves,
                 self._ownership.size,

@@ -34,7 +34,7 @@ import numpy as np
 import ufl
 from dolfinx import fem
 
-from solvers.boundaries import BoundarySpec
+from solvers.boundaries import BoundarySpec, periodic_lengths
 from solvers.closure_points import ClosurePoints
 from solvers.fields import (
     LumpedProjector,
@@ -54,22 +54,6 @@ __all__ = ["NO_WALL_DISTANCE", "ClosureProblem", "periodic_lengths"]
 
 #: Wall distance of a problem without walls: large enough that the mixing length takes its cap.
 NO_WALL_DISTANCE = 1e300
-
-
-def periodic_lengths(spec: BoundarySpec, gdim: int) -> tuple[float, ...]:
-    """Periodic length along each axis from the spec's axis-aligned periodic pairs.
-
-    Returns:
-        (gdim,) lengths, 0 where not periodic. A pair whose translation is not along an axis
-        contributes nothing (its wall images are then not included in the wall distance).
-    """
-    lengths = np.zeros(gdim)
-    for pair in spec.periodic:
-        translation = np.abs(np.asarray(pair.translation, dtype=float))
-        nonzero = np.flatnonzero(translation > 0)
-        if nonzero.size == 1:
-            lengths[nonzero[0]] = translation[nonzero[0]]
-    return tuple(float(length) for length in lengths)
 
 
 class ClosureProblem:

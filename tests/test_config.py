@@ -10,7 +10,7 @@ def test_toml_round_trip(tmp_path):
         "generate": {
             "alphas": [0.5, 1.0, 2.0],
             "mesh": {"kind": "structured", "resolution": 0.25},
-            "output": "data/hills",
+            "out": "data/hills",
             "overwrite": False,
             "seed": 7,
             "boundaries": {"periodic": [{"slave": "right", "master": "left", "translation": [-9.0, 0.0]}]},

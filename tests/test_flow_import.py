@@ -127,7 +127,7 @@ def solved(tmp_path_factory):
 def settings(output, **more):
     return {
         "alphas": [1.0],
-        "output": str(output),
+        "out": str(output),
         "mesh": {"resolution": RESOLUTION},
         "plots": False,
         "xdmf": False,

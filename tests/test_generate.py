@@ -29,7 +29,7 @@ def hill_area(alpha):
 def hill_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hills")
     config = GenerateConfig.from_dict(
-        {"alphas": [1.0], "output": str(out), "mesh": {"resolution": RESOLUTION}}
+        {"alphas": [1.0], "out": str(out), "mesh": {"resolution": RESOLUTION}}
     )
     return run_generate(config), out
 
@@ -68,14 +68,14 @@ def test_complete_cases_are_skipped_and_failures_reported(hill_run, monkeypatch)
     stamp = (out / "hill_a1.000.npz").stat().st_mtime_ns
     real_build = generate.build_mesh
 
-    def flaky_build(mesh_config, alpha, *, comm):
+    def flaky_build(mesh_config, alpha, *, comm, **options):
         if alpha == 1.5:
             raise RuntimeError("mesh generator crashed")
-        return real_build(mesh_config, alpha, comm=comm)
+        return real_build(mesh_config, alpha, comm=comm, **options)
 
     monkeypatch.setattr(generate, "build_mesh", flaky_build)
     config = GenerateConfig.from_dict(
-        {"alphas": [1.0, 1.5, 0.8], "output": str(out), "mesh": {"resolution": RESOLUTION},
+        {"alphas": [1.0, 1.5, 0.8], "out": str(out), "mesh": {"resolution": RESOLUTION},
          "plots": False, "xdmf": False}
     )
     summary = run_generate(config)

@@ -21,7 +21,7 @@ RESOLUTION = 0.05  # 10 x 10 cells at alpha = 1
 
 
 def _config(out, **values):
-    base = {"alphas": [1.0], "output": str(out), "mesh": {"resolution": RESOLUTION},
+    base = {"alphas": [1.0], "out": str(out), "mesh": {"resolution": RESOLUTION},
             "xdmf": False}
     base.update(values)
     return GenerateConfig.from_dict(base)

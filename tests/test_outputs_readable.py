@@ -40,7 +40,7 @@ def test_h5py_is_declared_with_meshio():
 def test_generate_xdmf_reads_back(tmp_path):
     out = tmp_path / "gen"
     config = GenerateConfig.from_dict(
-        {"alphas": [1.0], "output": str(out), "plots": False, "mesh": {"resolution": RESOLUTION}})
+        {"alphas": [1.0], "out": str(out), "plots": False, "mesh": {"resolution": RESOLUTION}})
     assert run_generate(config).all_succeeded
     fields = read_xdmf_fields(out / "hill_a1.000.xdmf")
     case = read_case(out / "hill_a1.000.npz")
@@ -61,7 +61,7 @@ def test_generate_xdmf_reads_back(tmp_path):
 def test_simulate_xdmf_holds_truth_network_a_priori_and_differences(tmp_path):
     out = tmp_path / "sim"
     config = SimulateConfig.from_dict(
-        {"alphas": [1.0], "output": str(out), "model": "test double", "coupling": "two-way",
+        {"alphas": [1.0], "out": str(out), "model": "test double", "coupling": "two-way",
          "compare": True, "plots": False, "mesh": {"resolution": RESOLUTION}})
     assert run_simulate(config, model=LocalEquilibriumClosure({"c_k": 0.15})).all_succeeded
     fields = read_xdmf_fields(out / "hill_a1.000.xdmf")

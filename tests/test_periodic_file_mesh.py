@@ -44,7 +44,7 @@ def test_a_hill_read_from_msh_gives_the_built_in_hill_case(tmp_path):
         GenerateConfig.from_dict(
             {
                 "alphas": [ALPHA],
-                "output": str(built_in),
+                "out": str(built_in),
                 "plots": False,
                 "xdmf": False,
                 "mesh": {"kind": "unstructured", "size": SIZE},

@@ -7,6 +7,7 @@ the resolved configuration into its output folder so that a run can be repeated 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import tomllib
@@ -18,6 +19,8 @@ from typing import Any
 
 from vcnn.atomic import atomic_write_text
 from vcnn.inputs import check_regular_input
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -53,6 +56,57 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
         else:
             merged[key] = value
     return merged
+
+
+#: Config keys of ``[generate]`` and ``[simulate]`` that were renamed so that one concept has
+#: one name across verbs and flags (``out`` is the output folder, as the flag ``--out``): the
+#: old key -> its name now. The old keys are still read, with a deprecation notice
+#: (:func:`renamed_keys`).
+RENAMED_KEYS: dict[str, str] = {"output": "out"}
+#: The renamed keys of ``[train]`` (:class:`vcnn.training.TrainConfig`): ``data`` is the folder
+#: of case files read (the flag ``--data``, as in ``[evaluate]``), ``out`` the run folder (the
+#: flag ``--out``). The checkpoints of earlier releases record the old names in their
+#: ``train_config``; the readers of checkpoints map them with this table too.
+TRAIN_RENAMED_KEYS: dict[str, str] = {"data_dir": "data", "out_dir": "out"}
+#: The renamed keys of ``[plot]``: ``data`` holds the case files or folders read, as in
+#: ``[evaluate]`` and ``[train]``.
+PLOT_RENAMED_KEYS: dict[str, str] = {"cases": "data"}
+
+_NOTICES_GIVEN: set[tuple[str, str]] = set()
+
+
+def renamed_keys(
+    values: Mapping[str, Any], renames: Mapping[str, str], where: str
+) -> dict[str, Any]:
+    """A config table with its old key names replaced by the current ones.
+
+    Each old key is reported once per process (logging WARNING, one line naming the table,
+    the old and the new key).
+
+    Args:
+        values: the table as read.
+        renames: old key -> current key (a subset of :data:`RENAMED_KEYS` for the table).
+        where: the table's name in messages, e.g. ``"[generate]"``.
+
+    Raises:
+        ConfigError: the table gives both an old key and its current name.
+    """
+    renamed = dict(values)
+    for old, new in renames.items():
+        if old not in renamed:
+            continue
+        if new in renamed:
+            raise ConfigError(
+                f"{where} gives both {old!r} and {new!r}: {old!r} is the old name of {new!r}, "
+                f"keep {new!r}"
+            )
+        renamed[new] = renamed.pop(old)
+        if (where, old) not in _NOTICES_GIVEN:
+            _NOTICES_GIVEN.add((where, old))
+            logger.warning(
+                "%s key %r is deprecated: it is now called %r", where, old, new
+            )
+    return renamed
 
 
 def check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:

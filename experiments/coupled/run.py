@@ -87,14 +87,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     steps = [["generate", "--config", str(HERE / "generate.toml")]]
     if not args.skip_train:
-        run = Path(load_toml(HERE / "train.toml")["train"]["out_dir"])
+        run = Path(load_toml(HERE / "train.toml")["train"]["out"])
         steps += [
             ["train", "--config", str(HERE / "train.toml"), "--resume"],
             ["export", "--model", str(run / "best.pt"), "--out", str(args.model)],
         ]
     outputs = {}
     for label, name in (("structured x0.5", "simulate.toml"), ("unstructured", "simulate_unstructured.toml")):
-        output = Path(load_toml(HERE / name)["simulate"]["output"])
+        output = Path(load_toml(HERE / name)["simulate"]["out"])
         outputs[label] = output
         steps.append(["simulate", "--config", str(HERE / name), "--model", str(args.model)])
     for step in steps:

@@ -54,7 +54,7 @@ def main() -> None:
     previous = None
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        run_generate(GenerateConfig.from_dict({**base, "output": str(work / "solved")}))
+        run_generate(GenerateConfig.from_dict({**base, "out": str(work / "solved")}))
         reference = read_case(work / "solved" / "hill_a1.000.npz")
         for m in args.subdivisions:
             points, velocity = subcell_centre_samples(flow.u, m)
@@ -62,7 +62,7 @@ def main() -> None:
             np.savez(source, points=points, velocity=velocity, period=tagged.period)
             out = work / f"imported_{m}"
             summary = run_generate(
-                GenerateConfig.from_dict({**base, "output": str(out), "flow_from": str(source)})
+                GenerateConfig.from_dict({**base, "out": str(out), "flow_from": str(source)})
             )
             case = read_case(out / "hill_a1.000.npz")
             seconds = summary.cases[0].stage_times["flow import"]

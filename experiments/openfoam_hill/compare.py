@@ -38,7 +38,7 @@ MIN_SAMPLES_PER_POINT = 0.05
 def generate(output: Path, resolution: float, **more) -> object:
     config = {
         "alphas": [1.0],
-        "output": str(output),
+        "out": str(output),
         "mesh": {"resolution": resolution},
         "plots": False,
         "xdmf": False,

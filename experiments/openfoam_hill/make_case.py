@@ -1,9 +1,9 @@
 """Make the small OpenFOAM periodic-hill case shipped in ``tests/data/openfoam_hill/``.
 
-A coarse periodic hill at alpha = 1 (h = 1, L = 9, top wall at 85/28; DESIGN 3.1) meshed with
+A coarse periodic hill at alpha = 1 (h = 1, L = 9, top wall at 85/28; docs/physics.md) meshed with
 blockMesh (three blocks: the two hill flanks and the floor, graded towards both walls, one cell
 thick with ``empty`` front and back), cyclic left/right patches, laminar flow with nu = 0.01,
-driven by the ``meanVelocityForce`` fvOption to the bulk velocity U_b = 0.721039 (DESIGN 3.2),
+driven by the ``meanVelocityForce`` fvOption to the bulk velocity U_b = 0.721039 (docs/physics.md),
 run with simpleFoam (SIMPLEC, second-order ``linearUpwind`` convection) until every initial
 residual is below 1e-9, then ``postProcess -func writeCellCentres``.
 

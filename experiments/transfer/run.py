@@ -57,7 +57,7 @@ def hill_cases(folder: Path, alphas, mesh: dict) -> list[Case]:
     if missing:
         run_generate(
             GenerateConfig.from_dict(
-                {"alphas": missing, "output": str(folder), "mesh": mesh, "xdmf": False}
+                {"alphas": missing, "out": str(folder), "mesh": mesh, "xdmf": False}
             )
         )
     return [read_case(folder / f"{hill_case_name(a)}.npz") for a in alphas]

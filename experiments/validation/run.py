@@ -1,4 +1,4 @@
-"""Validation of the dataset generator against the published reference figures (DESIGN 3.4).
+"""Validation of the dataset generator against the published reference figures (docs/physics.md).
 
 Usage: python experiments/validation/run.py [--out results/validation] [--quick]
 
@@ -22,7 +22,7 @@ from solvers.generate import GenerateConfig, run_generate
 from vcnn.casefile import Case, read_case
 
 ALPHAS = (0.5, 1.0, 2.0)
-#: Published reference (DESIGN 3.4): area-averaged u, max |u|, tau mean over cells, tau max.
+#: Published reference (docs/physics.md): area-averaged u, max |u|, tau mean over cells, tau max.
 REFERENCE = {
     0.5: (0.72104, 1.393, 0.416, 0.941),
     1.0: (0.72104, 1.362, 0.400, 1.033),
@@ -72,7 +72,7 @@ def format_row(label: str, alpha: float, row: dict[str, float]) -> str:
 
 def generate(out: Path, alphas, mesh: dict) -> list[Case]:
     config = GenerateConfig.from_dict(
-        {"alphas": list(alphas), "output": str(out), "mesh": mesh, "xdmf": False}
+        {"alphas": list(alphas), "out": str(out), "mesh": mesh, "xdmf": False}
     )
     summary = run_generate(config)
     return [read_case(out / f"{c.name}.npz") for c in summary.cases if c.status != "failed"]

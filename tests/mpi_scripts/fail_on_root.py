@@ -11,7 +11,7 @@ from mpi4py import MPI
 import errno
 import sys
 
-from solvers import generate
+from solvers import generate, run_folder
 from vcnn.cli import main
 
 
@@ -27,7 +27,7 @@ def fail_on_root(real):
 if __name__ == "__main__":
     where, out = sys.argv[1], sys.argv[2]
     if where == "config":
-        generate.write_resolved_config = fail_on_root(generate.write_resolved_config)
+        run_folder.write_resolved_config = fail_on_root(run_folder.write_resolved_config)
     else:
         generate.write_case = fail_on_root(generate.write_case)
     code = main(["generate", "--alphas", "1", "--resolution", "0.05", "--out", out,
