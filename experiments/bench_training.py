@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     queries = 100 if args.quick else 400
     base = {
-        "data_dir": str(args.data.resolve()),
+        "data": str(args.data.resolve()),
         "train_alphas": TRAIN_ALPHAS,
         "validation_alphas": [0.5],
         "validation_queries_per_case": 2000,
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     **extra,
                     "model": model_table,
                     "epochs": epochs,
-                    "out_dir": str(scratch / folder),
+                    "out": str(scratch / folder),
                 }
 
             def tree_of(number: int) -> Path:

@@ -90,7 +90,7 @@ def test_rng_state_round_trip():
 def test_every_scheduler_state_is_weights_only_loadable(tmp_path, name):
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.Adam(model.parameters())
-    config = TrainConfig(data_dir=".", out_dir=".", scheduler=name, epochs=5)
+    config = TrainConfig(data=".", out=".", scheduler=name, epochs=5)
     scheduler = build_scheduler(optimizer, config)
     optimizer.step()
     scheduler.step()

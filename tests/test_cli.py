@@ -135,7 +135,7 @@ def test_config_for_evaluate_export_and_plot(world, tmp_path, capsys):
         f'[evaluate]\nmodel = "{world / "run" / "best.pt"}"\ndata = ["{world / "cases"}"]\n'
         f'out = "{tmp_path / "evaluation"}"\ndevice = "cpu"\ncloud_size = 8\n'
         f'[export]\nmodel = "{world / "run" / "best.pt"}"\nout = "{tmp_path / "m.pt"}"\n'
-        f'[plot]\ncases = ["{world / "cases"}"]\nout = "{tmp_path / "figures"}"\n'
+        f'[plot]\ndata = ["{world / "cases"}"]\nout = "{tmp_path / "figures"}"\n'
     )
     for verb in ("evaluate", "export", "plot"):
         assert cli.main(["-q", verb, "--config", str(config)]) == 0, capsys.readouterr().err

@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
     for preset in ("default", "dense"):
         config = TrainConfig.from_dict(
             {
-                "data_dir": str(data_dir), "out_dir": str(folder / preset),
+                "data": str(data_dir), "out": str(folder / preset),
                 "validation_alphas": [1.0], "epochs": 2, "batch_size": 48, "cloud_size": 32,
                 "learning_rate": 3e-3, "device": "cpu", "num_threads": 1,
                 "model": {"preset": preset, "embedding": [8, 16], "fitting": [32]},
@@ -226,7 +226,7 @@ def test_training_on_cuda_with_bf16_autocast(trained, tmp_path):
     data_dir, _ = trained
     config = TrainConfig.from_dict(
         {
-            "data_dir": str(data_dir), "out_dir": str(tmp_path / "gpu"),
+            "data": str(data_dir), "out": str(tmp_path / "gpu"),
             "validation_alphas": [1.0], "epochs": 2, "batch_size": 48, "cloud_size": 32,
             "device": "cuda", "amp": True, "model": {"embedding": [8, 16], "fitting": [32]},
         }

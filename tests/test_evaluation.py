@@ -11,7 +11,7 @@ from vcnn.training import TrainConfig, train
 
 KEYS = {
     "case", "alpha", "rel_l2_percent", "max_abs_error", "integral_rel_error", "num_points",
-    "cloud_size", "out_of_range_fraction", "seconds", "engine",
+    "cloud_size", "out_of_range_fraction", "seconds", "engine", "clouds",
 }
 
 
@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     write_channel_cases(data_dir, [0.5, 1.0, 1.5], nx=24, ny=10)
     config = TrainConfig.from_dict(
         {
-            "data_dir": str(data_dir), "out_dir": str(folder / "run"),
+            "data": str(data_dir), "out": str(folder / "run"),
             "validation_alphas": [1.0], "epochs": 3, "batch_size": 48, "cloud_size": 32,
             "learning_rate": 3e-3, "device": "cpu", "num_threads": 1,
             "model": {"embedding": [8, 16], "fitting": [32]},

@@ -25,8 +25,8 @@ def data_dir(tmp_path_factory):
 
 def _config(data_dir, out_dir, **overrides):
     values = {
-        "data_dir": str(data_dir),
-        "out_dir": str(out_dir),
+        "data": str(data_dir),
+        "out": str(out_dir),
         "validation_alphas": [1.25],
         "test_alphas": [0.5],
         "epochs": 4,
@@ -118,22 +118,22 @@ def test_time_limit_stops_after_the_epoch_that_passes_it(data_dir, tmp_path):
     assert len(result.history) == 1
     assert (tmp_path / "run" / "last.pt").is_file()
     with pytest.raises(ConfigError, match="time_limit_minutes"):
-        TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "time_limit_minutes": 0})
+        TrainConfig.from_dict({"data": "d", "out": "o", "time_limit_minutes": 0})
 
 
 def test_config_round_trip_and_errors():
-    config = TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "epochs": 3})
+    config = TrainConfig.from_dict({"data": "d", "out": "o", "epochs": 3})
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown key"):
-        TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "epoch": 3})
+        TrainConfig.from_dict({"data": "d", "out": "o", "epoch": 3})
     with pytest.raises(ConfigError, match="needs"):
-        TrainConfig.from_dict({"data_dir": "d"})
+        TrainConfig.from_dict({"data": "d"})
     with pytest.raises(ConfigError, match="scheduler"):
-        TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "scheduler": "warp"})
+        TrainConfig.from_dict({"data": "d", "out": "o", "scheduler": "warp"})
     with pytest.raises(ConfigError, match="features"):
-        TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "features": {"pair_scalars": ["x"]}})
+        TrainConfig.from_dict({"data": "d", "out": "o", "features": {"pair_scalars": ["x"]}})
     with pytest.raises(ConfigError, match=r"\[cloud\]"):
-        TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", "cloud": {"shape": "x"}})
+        TrainConfig.from_dict({"data": "d", "out": "o", "cloud": {"shape": "x"}})
 
 
 @pytest.mark.slow

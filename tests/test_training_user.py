@@ -33,8 +33,8 @@ def data_dir(tmp_path_factory):
 
 def _config(data_dir, out_dir, **overrides) -> TrainConfig:
     values = {
-        "data_dir": str(data_dir),
-        "out_dir": str(out_dir),
+        "data": str(data_dir),
+        "out": str(out_dir),
         "validation_alphas": [1.25],
         "train_alphas": [0.75, 1.0, 1.5],
         "epochs": 3,
@@ -66,14 +66,14 @@ def _interrupt_after(epoch: int):
 # ------------------------------------------------------------------------------ defaults
 #: What the recipe sets that is no default: its data and split, and the machine it ran on.
 NOT_DEFAULTS = {
-    "data_dir", "out_dir", "train_alphas", "validation_alphas", "time_limit_minutes",
+    "data", "out", "train_alphas", "validation_alphas", "time_limit_minutes",
     "num_threads",
 }
 
 
 def test_defaults_equal_the_documented_cpu_recipe():
     recipe = tomllib.loads(RECIPE.read_text())["train"]
-    defaults = TrainConfig(data_dir="d", out_dir="o")
+    defaults = TrainConfig(data="d", out="o")
     compared = set(recipe) - NOT_DEFAULTS - {"model"}
     assert set(recipe) - compared - {"model"} == NOT_DEFAULTS  # nothing else left out
     for key in sorted(compared):
@@ -81,7 +81,7 @@ def test_defaults_equal_the_documented_cpu_recipe():
     # the recipe's network is the default network
     spec = defaults.feature_spec()
     recipe_net = _build_network(
-        TrainConfig(data_dir="d", out_dir="o", model=recipe["model"]), dim=2, spec=spec
+        TrainConfig(data="d", out="o", model=recipe["model"]), dim=2, spec=spec
     )
     default_net = _build_network(defaults, dim=2, spec=spec)
     assert recipe_net.to_config() == default_net.to_config()
@@ -103,11 +103,11 @@ def test_every_shipped_recipe_states_what_differs_from_the_defaults(recipe):
 
 def test_off_values_are_written_and_read_back():
     config = TrainConfig.from_dict(
-        {"data_dir": "d", "out_dir": "o", "ema_decay": 0, "queries_per_case": "all"}
+        {"data": "d", "out": "o", "ema_decay": 0, "queries_per_case": "all"}
     )
     assert config.queries() is None and config.queries(validation=True) == 2500
     assert TrainConfig.from_dict(config.to_dict()) == config
-    legacy = TrainConfig(data_dir="d", out_dir="o", ema_decay=None, queries_per_case=None)
+    legacy = TrainConfig(data="d", out="o", ema_decay=None, queries_per_case=None)
     assert legacy.ema_decay == 0.0 and legacy.queries_per_case == "all"
     for bad, match in (
         ({"queries_per_case": "every"}, "queries_per_case must be an integer >= 1 or 'all'"),
@@ -116,7 +116,7 @@ def test_off_values_are_written_and_read_back():
         ({"init_model": "m.pt", "resume": True}, "exclude each other"),
     ):
         with pytest.raises(ConfigError, match=match):
-            TrainConfig.from_dict({"data_dir": "d", "out_dir": "o", **bad})
+            TrainConfig.from_dict({"data": "d", "out": "o", **bad})
 
 
 # ------------------------------------------------------------------------------ the split

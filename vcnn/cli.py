@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from vcnn.config import load_toml, merge
+from vcnn.config import load_toml
 from vcnn.errors import (
     UsageError,
     handle_interrupts,
@@ -111,7 +111,7 @@ class _Parser(argparse.ArgumentParser):
         config_class: returns the verb's config dataclass (imported only for the help), whose
             field defaults are the defaults of the flags; None: the flags' argparse defaults.
         config_keys: the config key of each flag whose destination is not its key, e.g.
-            ``{"out": "output", "resolution": "mesh.resolution"}``.
+            ``{"threads": "num_threads", "resolution": "mesh.resolution"}``.
     """
 
     def __init__(
@@ -249,7 +249,7 @@ def _flags_from_config(args: argparse.Namespace, verb: str) -> None:
         ConfigError: an unknown key (naming the allowed ones), or a value of the wrong type.
         UsageError: a needed flag that neither the command line nor the table gives.
     """
-    from vcnn.config import check_keys
+    from vcnn.config import PLOT_RENAMED_KEYS, check_keys, renamed_keys
 
     actions = {
         action.dest: action
@@ -257,6 +257,8 @@ def _flags_from_config(args: argparse.Namespace, verb: str) -> None:
         if action.dest not in ("help", "config", "verb_verbose", "verb_quiet")
     }
     table = _section(args, verb)
+    if verb == "plot":  # its case files were once `cases`, now `data` as in [evaluate]
+        table = renamed_keys(table, PLOT_RENAMED_KEYS, "[plot]")
     where = f"[{verb}] of --config {str(args.config)!r}"
     check_keys(table, set(actions), where)
     for key, value in table.items():
@@ -265,7 +267,8 @@ def _flags_from_config(args: argparse.Namespace, verb: str) -> None:
             setattr(args, key, _config_value(action, value, where=f"{where}: {key}"))
     for key in args.needs:
         if getattr(args, key) in (None, []):
-            flag = "CASES" if key == "cases" else f"--{key.replace('_', '-')}"
+            action = actions[key]
+            flag = action.metavar if not action.option_strings else f"--{key.replace('_', '-')}"
             raise UsageError(
                 f"vcnn {verb}: give {flag} (or {key} in the [{verb}] table of --config)"
             )
@@ -312,7 +315,8 @@ def _output(text: str) -> None:
 def _mesh_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The ``mesh`` overrides of generate's and simulate's mesh flags."""
     kind = args.mesh
-    if args.mesh_file is not None:
+    files = [str(path) for path in args.mesh_file or []]
+    if files:
         if kind not in (None, "file"):
             raise UsageError(
                 f"--mesh-file is for --mesh file, but --mesh is {kind!r}: drop one of them"
@@ -322,8 +326,34 @@ def _mesh_flags(args: argparse.Namespace) -> dict[str, Any]:
         "kind": kind,
         "resolution": args.resolution,
         "size": args.size,
-        "file": None if args.mesh_file is None else str(args.mesh_file),
+        # one file is mesh.file, several a family (mesh.files)
+        "file": files[0] if len(files) == 1 else None,
+        "files": files if len(files) > 1 else None,
+        "parameters": _mesh_parameters(args.mesh_parameter or []) or None,
+        # generate's flag (3-D hills); simulate has none
+        "span_cells": getattr(args, "span_cells", None),
     }
+
+
+def _mesh_parameters(items: Sequence[str]) -> dict[str, list[float]]:
+    """``--mesh-parameter NAME=V1,V2`` flags as ``{NAME: [V1, V2]}``.
+
+    Raises:
+        UsageError: an item without ``=``, a name given twice, or a value that is no number.
+    """
+    parameters: dict[str, list[float]] = {}
+    for item in items:
+        name, equals, values = item.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise UsageError(f"--mesh-parameter {item!r}: give NAME=VALUE[,VALUE...]")
+        if name in parameters:
+            raise UsageError(f"--mesh-parameter {name!r} is given twice: list its values once")
+        try:
+            parameters[name] = [_number(value) for value in values.split(",")]
+        except argparse.ArgumentTypeError as error:
+            raise UsageError(f"--mesh-parameter {item!r}: {error}") from None
+    return parameters
 
 
 def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
@@ -332,8 +362,25 @@ def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", choices=["structured", "unstructured", "file"], help="mesh kind")
     parser.add_argument("--resolution", type=_number, help="structured: factor on 200a x 200")
     parser.add_argument("--size", type=_number, help="unstructured: target cell size")
-    parser.add_argument(
-        "--mesh-file", type=Path, help="a .msh or meshio-readable mesh (implies --mesh file)"
+    _unset_means(
+        parser.add_argument(
+            "--mesh-file",
+            type=Path,
+            nargs="+",
+            help="a .msh or meshio-readable mesh, or a gmsh script (.geo); several (or a quoted "
+            "glob) are a family, one case each (implies --mesh file)",
+        ),
+        "none",
+    )
+    _unset_means(
+        parser.add_argument(
+            "--mesh-parameter",
+            action="append",
+            metavar="NAME=V1,V2",
+            help="a parameter of a gmsh script and its values, one case per combination "
+            "(repeatable)",
+        ),
+        "the script's",
     )
 
 
@@ -361,17 +408,25 @@ def _fem_world() -> Any:
 
 
 def _agreed_config(
-    world: Any, args: argparse.Namespace, verb: str, config_class: Any, flags: Callable[[], dict]
+    world: Any,
+    args: argparse.Namespace,
+    verb: str,
+    config_class: Any,
+    flags: Callable[[], dict],
+    *,
+    table: Callable[[], dict] | None = None,
 ) -> Any:
     """The verb's config from its ``[verb]`` table and ``flags()``, agreed by every MPI rank.
 
     Every rank resolves its own config; the ranks agree on it (or share the user error one of
     them raised) before any collective work (:func:`solvers.collective.config_agreement`).
+    ``table()`` reads the verb's table instead of :func:`_section`.
     """
     from solvers.collective import config_agreement
 
     with config_agreement(world, verb=verb) as agreement:
-        config = config_class.from_dict(_section(args, verb), overrides=flags())
+        values = _section(args, verb) if table is None else table()
+        config = config_class.from_dict(values, overrides=flags())
         agreement.agree(config.to_dict())
     return config
 
@@ -380,7 +435,7 @@ def _solver_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The overrides of the flags that generate and simulate share (None = not given)."""
     return {
         "alphas": args.alphas,
-        "output": None if args.out is None else str(args.out),
+        "out": None if args.out is None else str(args.out),
         "production": args.production,
         "c_k": args.c_k,
         "overwrite": True if args.overwrite else None,
@@ -402,7 +457,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args,
         "generate",
         GenerateConfig,
-        lambda: _solver_flags(args),
+        lambda: {
+            **_solver_flags(args),
+            "dim": args.dim,
+            "crest_amplitudes": args.crest_amplitudes,
+        },
     )
     summary = run_generate(config)
     counts = {
@@ -418,7 +477,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     world = _fem_world()
-    from solvers.simulate import SimulateConfig, run_simulate
+    from solvers.simulate import SimulateConfig, run_simulate, simulate_table
 
     config = _agreed_config(
         world,
@@ -437,7 +496,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             "max_iterations": args.max_iterations,
             "allow_physics_mismatch": True if args.allow_physics_mismatch else None,
             "device": args.device,
+            "clouds": args.clouds,
         },
+        # a generate config's cases (alphas, meshes, boundaries) run as they are
+        table=lambda: {} if args.config is None else simulate_table(load_toml(args.config)),
     )
     summary = run_simulate(config)
     _output(f"{summary.table()}\n\nmetrics.json and the outputs in {summary.output.resolve()}")
@@ -449,8 +511,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vcnn.training import TrainConfig, train
 
     flags = {
-        "data_dir": args.data,
-        "out_dir": args.out,
+        "data": args.data,
+        "out": args.out,
         "device": args.device,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -463,16 +525,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "num_threads": args.threads,
         "init_model": None if args.init_model is None else str(args.init_model),
     }
-    config = TrainConfig.from_dict(merge(_section(args, "train"), flags))
-    check_output_dir(config.out_dir, flag="--out (out_dir)")
+    config = TrainConfig.from_dict(_section(args, "train"), overrides=flags)
+    if config.init_model is not None:  # a path, or a shipped model's name (vcnn.models)
+        from vcnn.models import resolve_model
+
+        config.init_model = str(resolve_model(config.init_model, flag="--init-model"))
+    check_output_dir(config.out, flag="--out")
     result = train(config)
     if not result.best_checkpoint.is_file():
         raise UsageError(
             f"training ended without a best checkpoint in {str(result.out_dir)!r}: no epoch "
             "gave a finite validation error"
         )
+    # An integral run scores each case by one number: its error is the RMS over the cases of
+    # the relative error of the integral of tau, not a relative L2 error of a field.
+    measure = (
+        "RMS relative integral error"
+        if config.target == "integral"
+        else "relative L2 error"
+    )
     _output(
-        f"best validation relative L2 error {result.best_validation_rel_l2_percent:.3f} % at "
+        f"best validation {measure} {result.best_validation_rel_l2_percent:.3f} % at "
         f"epoch {result.best_epoch}; checkpoints in {result.out_dir}"
     )
     return 0
@@ -504,9 +577,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from vcnn.casefile import CaseFileError, inspect_case, read_case
     from vcnn.checkpoint import load_checkpoint
     from vcnn.evaluation import evaluate
+    from vcnn.models import resolve_model
     from vcnn.outputs import check_output_dir, check_output_owner, output_lock
 
     # Everything is checked before the output folder is made: nothing partial is written.
+    args.model = resolve_model(args.model)  # a path, or a shipped model's name
     checkpoint = load_checkpoint(args.model)
     model_dim = checkpoint["model_config"].get("dim")
     cases = _case_files(args.data, flag="--data")
@@ -527,7 +602,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     check_owner()
     with output_lock(args.out, verb="evaluate", flag="--out", then=check_owner):
         metrics = evaluate(
-            args.model, cases, args.out, cloud_size=args.cloud_size, device=args.device
+            args.model, cases, args.out, cloud_size=args.cloud_size, device=args.device,
+            clouds=args.clouds,
         )
     lines = [
         "| case | alpha | rel L2 % | max abs error | integral rel error | inputs out of range % "
@@ -549,8 +625,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     _flags_from_config(args, "export")
     from vcnn.checkpoint import export_model, is_exported_file
+    from vcnn.models import resolve_model
     from vcnn.outputs import check_output_file
 
+    args.model = resolve_model(args.model)  # a path, or a shipped model's name
     check_output_file(args.out, flag="--out", not_same_as=args.model)
     if args.out.exists() and not args.overwrite and not is_exported_file(args.out):
         # a training checkpoint (train's output) or a file that is no model: not ours to replace
@@ -569,13 +647,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from vcnn.outputs import check_output_dir
     from vcnn.plotting.cases import plot_case
 
-    paths = _case_files(args.cases, flag="vcnn plot")
+    paths = _case_files(args.data, flag="vcnn plot")
+    drawable = "vcnn plot draws 2-D cases, and 3-D cases with their cells (tetrahedra or hexahedra)"
     for path in paths:
         header = inspect_case(path)
-        if header.dim != 2:
-            raise UsageError(f"vcnn plot draws 2-D cases; {str(path)!r} is {header.dim}-D")
+        if header.dim not in (2, 3):
+            raise UsageError(f"{drawable}; {str(path)!r} is {header.dim}-D")
     for path in paths:
-        read_case(path)  # every case is valid before the first figure is written
+        case = read_case(path)  # every case is valid before the first figure is written
+        cells = case.extra.get("cells")
+        if case.dim == 3 and (cells is None or cells.ndim != 2 or cells.shape[1] not in (4, 8)):
+            raise UsageError(f"{drawable}; {str(path)!r} is 3-D without them")
     out = Path(args.out) if args.out else None
     for folder in {out} if out is not None else {path.parent for path in paths}:
         check_output_dir(folder, flag="--out" if out is not None else "the case folder")
@@ -604,6 +686,10 @@ def _train_config() -> type:
 
     return TrainConfig
 
+
+#: The help of every model flag on the shipped models' names (``vcnn.models.SHIPPED_MODELS``,
+#: not imported here: it imports torch, and ``vcnn --help`` must stay fast).
+SHIPPED_HELP = "or a shipped model's name: published, coupled (an existing file wins)"
 
 #: The config keys of the mesh flags of generate and simulate.
 MESH_KEYS = {
@@ -716,9 +802,28 @@ a first run (five minutes on a laptop):
         summary="solve cases and write case files",
         table=False,
         config_class=_generate_config,
-        config_keys={**MESH_KEYS, "out": "output"},
+        config_keys={**MESH_KEYS, "span_cells": "mesh.span_cells"},
     )
     _add_mesh_options(generate)
+    generate.add_argument(
+        "--dim", type=int, choices=[2, 3], help="3: the 3-D hills (periodic across the span)"
+    )
+    _unset_means(
+        generate.add_argument(
+            "--crest-amplitudes",
+            type=_number,
+            nargs="+",
+            help="--dim 3: crest amplitudes a in [0, 0.3] of h(z) = 1 + a cos(2 pi z / L_z), "
+            "one case per slope factor and amplitude",
+        ),
+        "0 in 3-D, the extruded hill",
+    )
+    _unset_means(
+        generate.add_argument(
+            "--span-cells", type=_count(1), help="--dim 3, structured: cell layers across the span"
+        ),
+        "max(2, round(28 r))",
+    )
     generate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
     generate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient (0: one-way)")
     _unset_means(
@@ -752,12 +857,12 @@ a first run (five minutes on a laptop):
         summary="a closure in the loop of the flow solver, against the PDE truth",
         table=False,
         config_class=_simulate_config,
-        config_keys={**MESH_KEYS, "out": "output"},
+        config_keys=MESH_KEYS,
     )
     _add_mesh_options(simulate)
     _unset_means(
         simulate.add_argument(
-            "--model", type=Path, help="trained closure (best.pt or exported)"
+            "--model", type=Path, help=f"trained closure: best.pt, an export {SHIPPED_HELP}"
         ),
         "none, needed by --closure network",
     )
@@ -800,6 +905,11 @@ a first run (five minutes on a laptop):
         help="run although the physics differs from the closure's record",
     )
     simulate.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device")
+    simulate.add_argument(
+        "--clouds",
+        choices=["quadrature", "full"],
+        help="the network's clouds: full, or the cloud quadrature (bounded points per cloud)",
+    )
     simulate.add_argument("--out", type=Path, help="output folder")
     simulate.add_argument(
         "--overwrite",
@@ -816,7 +926,7 @@ a first run (five minutes on a laptop):
         summary="train a vector-cloud network on case files",
         table=False,
         config_class=_train_config,
-        config_keys={"data": "data_dir", "out": "out_dir", "threads": "num_threads"},
+        config_keys={"threads": "num_threads"},
     )
     train.add_argument("--data", help="folder of case files")
     train.add_argument("--out", help="run folder (checkpoints, lcurve.tsv, figures)")
@@ -849,12 +959,14 @@ a first run (five minutes on a laptop):
         "--init-model",
         type=Path,
         help="start a new run from this checkpoint's weights, normaliser and target scale "
-        "(fine-tuning; same [train.model]; not with --resume)",
+        f"(fine-tuning; same [train.model]; not with --resume); a path {SHIPPED_HELP}",
     )
     train.set_defaults(handler=_cmd_train)
 
     evaluate = _add_verb(verbs, "evaluate", summary="a-priori errors of a model on case files")
-    evaluate.add_argument("--model", type=Path, help="checkpoint, e.g. best.pt (required)")
+    evaluate.add_argument(
+        "--model", type=Path, help=f"checkpoint, e.g. best.pt, {SHIPPED_HELP} (required)"
+    )
     evaluate.add_argument(
         "--data", type=Path, nargs="+", help="case files or folders of them (required)"
     )
@@ -871,10 +983,19 @@ a first run (five minutes on a laptop):
     evaluate.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="inference device"
     )
+    evaluate.add_argument(
+        "--clouds",
+        default="full",
+        choices=["quadrature", "full"],
+        help="full clouds, or the cloud quadrature (a bounded number of weighted points per "
+        "cloud; ignored with --cloud-size)",
+    )
     evaluate.set_defaults(handler=_cmd_evaluate, flags=evaluate, needs=("model", "data", "out"))
 
     export = _add_verb(verbs, "export", summary="inference-only copy of a checkpoint (small)")
-    export.add_argument("--model", type=Path, help="checkpoint, e.g. best.pt (required)")
+    export.add_argument(
+        "--model", type=Path, help=f"checkpoint, e.g. best.pt, {SHIPPED_HELP} (required)"
+    )
     export.add_argument("--out", type=Path, help="file to write (required)")
     export.add_argument(
         "--overwrite",
@@ -883,13 +1004,15 @@ a first run (five minutes on a laptop):
     )
     export.set_defaults(handler=_cmd_export, flags=export, needs=("model", "out"))
 
-    plot = _add_verb(verbs, "plot", summary="draw case files (speed, streamlines, tau)")
+    plot = _add_verb(
+        verbs, "plot", summary="draw case files (speed, streamlines, tau; 3-D: sections, profiles)"
+    )
     plot.add_argument(
-        "cases", nargs="*", type=Path, help="case files or folders of case files (or cases = "
-        "[...] in [plot] of --config)"
+        "data", metavar="CASES", nargs="*", type=Path, help="case files or folders of case "
+        "files (or data = [...] in [plot] of --config)"
     )
     plot.add_argument("--out", type=Path, help="folder of the figures (default: beside each)")
-    plot.set_defaults(handler=_cmd_plot, flags=plot, needs=("cases",))
+    plot.set_defaults(handler=_cmd_plot, flags=plot, needs=("data",))
     return parser
 
 

@@ -344,7 +344,7 @@ def flag_rows(parser: argparse.ArgumentParser) -> list[KeyDoc]:
                 type=_code("list[str]" if action.nargs in ("+", "*") else "str"),
                 default="required",
                 allowed="",
-                flag=_code(action.dest.upper()) + " (positional)",
+                flag=_code(action.metavar or action.dest.upper()) + " (positional)",
                 meaning=_markdown(action.help or ""),
             )
         )
@@ -526,6 +526,31 @@ def reference_tables() -> list[TableDoc]:
     return tables
 
 
+def _renamed_keys_text() -> str:
+    """The paragraph on the keys renamed so that one concept has one name in every verb."""
+    from vcnn.config import PLOT_RENAMED_KEYS, RENAMED_KEYS, TRAIN_RENAMED_KEYS
+
+    renames = [
+        (table, old, new)
+        for tables, renamed in (
+            (("generate", "simulate"), RENAMED_KEYS),
+            (("train",), TRAIN_RENAMED_KEYS),
+            (("plot",), PLOT_RENAMED_KEYS),
+        )
+        for table in tables
+        for old, new in renamed.items()
+    ]
+    listed = ", ".join(f"`{old}` -> `{new}` in `[{table}]`" for table, old, new in renames)
+    return (
+        "One concept has one name in every verb: `out` is the output folder (`--out`), `data` "
+        "the case files or folders read (`--data`), `model` a checkpoint or a shipped model's "
+        "name (`--model` of simulate, evaluate and export; `[train]` starts from one with "
+        "`init_model`, its `[train.model]` table is the network to build). Renamed keys: "
+        f"{listed}. The old names are still read, with a "
+        "one-line deprecation notice; a table that gives both names of a key is refused."
+    )
+
+
 def render(tables: Sequence[TableDoc] | None = None) -> str:
     """The Markdown page of the reference."""
     tables = reference_tables() if tables is None else tables
@@ -541,6 +566,8 @@ def render(tables: Sequence[TableDoc] | None = None) -> str:
         "as `config.toml` into its output folder, so a run can be repeated with "
         "`--config <out>/config.toml`. Unknown keys, values of the wrong type and values "
         "outside the allowed range are refused with one line naming the key (exit code 2).",
+        "",
+        _renamed_keys_text(),
         "",
         "Tables: " + ", ".join(f"[`[{t.name}]`](#{t.name.replace('.', '')})" for t in tables) + ".",
         "",

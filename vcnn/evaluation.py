@@ -13,6 +13,10 @@ fixed-size random subset, and compared with the case's tau:
   range (the closure extrapolates there);
 * ``engine``: the backend of :mod:`vcnn.engines` that ran the network (``"fused"``,
   ``"sparse"`` or ``"padded"``).
+
+A checkpoint of the whole-discretisation integral model (:mod:`vcnn.integral`) gets the
+integral report instead: the predicted and true integral of each case
+(``integral_metrics.json``), its relative error as ``integral_rel_error``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from pathlib import Path
 import numpy as np
 
 from vcnn.casefile import Case
-from vcnn.closure import Closure, load_closure
+from vcnn.checkpoint import load_checkpoint
+from vcnn.closure import DEFAULT_CLOUDS, Closure, load_closure
 from vcnn.config import atomic_write_text
 from vcnn.datasets import CaseSource, as_case_sources, discover_cases
+from vcnn.integral import is_integral_checkpoint
+from vcnn.models import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ class CaseMetrics:
             range (NaN when the checkpoint records no ranges).
         seconds: wall time of the prediction.
         engine: the backend that ran the network (empty when not known).
+        clouds: the clouds the network ran on: ``"full"``, ``"quadrature"`` or ``"sample"``.
     """
 
     case: str
@@ -63,6 +71,7 @@ class CaseMetrics:
     out_of_range_fraction: float = math.nan
     seconds: float = math.nan
     engine: str = ""
+    clouds: str = "full"
 
 
 @dataclass
@@ -88,6 +97,7 @@ def case_metrics(
     out_of_range_fraction: float = math.nan,
     seconds: float = math.nan,
     engine: str = "",
+    clouds: str = "full",
 ) -> CaseMetrics:
     """Errors of a prediction of tau on a case (see the module docstring).
 
@@ -98,6 +108,7 @@ def case_metrics(
         out_of_range_fraction: recorded in the metrics.
         seconds: recorded in the metrics.
         engine: recorded in the metrics.
+        clouds: recorded in the metrics.
 
     Returns:
         The metrics.
@@ -120,6 +131,7 @@ def case_metrics(
         out_of_range_fraction=out_of_range_fraction,
         seconds=seconds,
         engine=engine,
+        clouds=clouds,
     )
 
 
@@ -130,6 +142,7 @@ def predict_case(
     cloud_size: int | None = None,
     seed: int = 0,
     frame: np.ndarray | None = None,
+    clouds: str = DEFAULT_CLOUDS,
 ) -> CasePrediction:
     """Predict tau at every point of a case and measure the errors against its tau.
 
@@ -140,13 +153,16 @@ def predict_case(
         seed: seed of the random subsets (``cloud_size`` given).
         frame: (d, d) orthogonal matrix: present the case in a rotated/reflected frame (see
             :meth:`vcnn.closure.Closure.predict`).
+        clouds: ``"full"`` or ``"quadrature"`` (see :meth:`vcnn.closure.Closure.predict`).
 
     Returns:
         The prediction and its metrics.
     """
     if isinstance(case, CaseSource):
         case = case.load()
-    result = closure.predict_detailed(case, cloud_size=cloud_size, seed=seed, frame=frame)
+    result = closure.predict_detailed(
+        case, cloud_size=cloud_size, seed=seed, frame=frame, clouds=clouds
+    )
     return CasePrediction(
         case=case,
         prediction=result.tau,
@@ -157,6 +173,7 @@ def predict_case(
             out_of_range_fraction=result.out_of_range_fraction,
             seconds=result.seconds["total"],
             engine=result.engine,
+            clouds=result.clouds,
         ),
     )
 
@@ -170,6 +187,7 @@ def evaluate(
     device: str = "auto",
     seed: int = 0,
     figures: bool = True,
+    clouds: str = DEFAULT_CLOUDS,
 ) -> list[CaseMetrics]:
     """Evaluate a trained network on case files; write ``metrics.json`` and figures.
 
@@ -183,6 +201,7 @@ def evaluate(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         seed: seed of the random cloud subsets.
         figures: draw the figures.
+        clouds: ``"full"`` or ``"quadrature"`` (see :meth:`vcnn.closure.Closure.predict`).
 
     Returns:
         Per-case metrics, in the order of the cases.
@@ -193,17 +212,19 @@ def evaluate(
     """
     if cloud_size is not None and cloud_size < 1:
         raise ValueError(f"cloud_size must be None (full clouds) or >= 1, got {cloud_size}")
-    closure = load_closure(model_path, device=device)
     if isinstance(data, str | os.PathLike) and Path(data).is_dir():
         sources = discover_cases(data)
     elif isinstance(data, str | os.PathLike):
         sources = as_case_sources([data])
     else:
         sources = as_case_sources(data)
+    if is_integral_checkpoint(load_checkpoint(resolve_model(model_path))):
+        return _evaluate_integral(resolve_model(model_path), sources, Path(out_dir))
+    closure = load_closure(model_path, device=device)
     out_dir = Path(out_dir)
     results: list[CasePrediction] = []
     for source in sources:
-        result = predict_case(closure, source, cloud_size=cloud_size, seed=seed)
+        result = predict_case(closure, source, cloud_size=cloud_size, seed=seed, clouds=clouds)
         metrics = result.metrics
         logger.info(
             "%s: rel L2 %.3f %%, max |error| %.3e, integral rel. error %.3e, inputs out of "
@@ -245,6 +266,36 @@ def evaluate(
                 [m.rel_l2_percent for m in with_alpha],
                 out_dir / "error_vs_alpha.png",
             )
+    return metrics_list
+
+
+def _evaluate_integral(
+    model_path: Path, sources: Sequence[CaseSource], out_dir: Path
+) -> list[CaseMetrics]:
+    """The integral report of an integral checkpoint (:mod:`vcnn.integral`).
+
+    Writes ``integral_metrics.json`` (true and predicted integral per case) and
+    ``metrics.json`` (the pointwise metrics' layout: ``integral_rel_error`` holds the model's
+    relative error, the pointwise errors are NaN: the model predicts no tau at points).
+    """
+    from vcnn.integral import evaluate_integral
+
+    records = evaluate_integral(model_path, [source.load() for source in sources], out_dir)
+    metrics_list = [
+        CaseMetrics(
+            case=r.case,
+            alpha=r.alpha,
+            rel_l2_percent=math.nan,
+            max_abs_error=math.nan,
+            integral_rel_error=r.rel_error_percent / 100,
+            num_points=r.num_points,
+            cloud_size=None,
+            engine="integral",
+        )
+        for r in records
+    ]
+    text = json.dumps([asdict(m) for m in metrics_list], indent=2, allow_nan=True)
+    atomic_write_text(out_dir / "metrics.json", text + "\n")
     return metrics_list
 
 

@@ -40,7 +40,7 @@ def check_output_dir(path: str | os.PathLike, *, flag: str) -> Path:
 
     Args:
         path: the output folder.
-        flag: how the user gave it (``"--out"``, ``"out_dir"`` ...), named in messages.
+        flag: how the user gave it (``"--out"``, ``"the case folder"`` ...), named in messages.
 
     Returns:
         The path.

@@ -21,7 +21,7 @@ from vcnn.evaluation import evaluate
 from vcnn.system import machine_summary
 
 TEST_ALPHAS = (0.5, 0.75, 1.075, 1.275, 1.475, 1.675, 1.875, 2.25, 2.5, 3.0, 3.5, 4.0)
-#: Published relative L2 errors (DESIGN 3.4): training data and alpha = 0.5.
+#: Published relative L2 errors (docs/physics.md): training data and alpha = 0.5.
 PUBLISHED = {"training": 0.41, 0.5: 3.0}
 
 

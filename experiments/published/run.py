@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     train_config = HERE / ("train_cpu.toml" if args.cpu else "train.toml")
     train_table = load_toml(train_config)["train"]
-    data = Path(train_table["data_dir"])
+    data = Path(train_table["data"])
     resolution = ["--resolution", "0.5"] if args.cpu else []
     for part in ("train", "test"):
         status = vcnn_main(
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)
     return evaluate.main(
-        ["--model", str(Path(train_table["out_dir"]) / "best.pt"), "--data", str(data)]
+        ["--model", str(Path(train_table["out"]) / "best.pt"), "--data", str(data)]
     )
 
 

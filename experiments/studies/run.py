@@ -44,7 +44,7 @@ def train_variant(name: str, out: Path, overrides: dict) -> tuple[Path, float]:
     table = merge(load_toml(BASE_CONFIG)["train"], {**STUDY_BUDGET, **overrides})
     if "model" in overrides:  # another kind of network: its table replaces the base one
         table["model"] = dict(overrides["model"])
-    table["out_dir"] = str(out / name)
+    table["out"] = str(out / name)
     table["resume"] = True
     table.pop("time_limit_minutes", None)
     # a weight average over ~500 steps would lag the few hundred steps of a study budget

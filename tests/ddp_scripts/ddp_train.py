@@ -21,8 +21,8 @@ def main() -> None:
     data_dir, out_dir = sys.argv[1], Path(sys.argv[2])
     config = TrainConfig.from_dict(
         {
-            "data_dir": data_dir,
-            "out_dir": str(out_dir / "run"),
+            "data": data_dir,
+            "out": str(out_dir / "run"),
             "validation_alphas": [1.25],
             "epochs": 2,
             "batch_size": 32,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,12 @@ from torch import nn
 from vcnn.closure import DEVICE_REQUEST
 from vcnn.clouds import CloudOptions
 from vcnn.config import (
+    TRAIN_RENAMED_KEYS,
     ConfigError,
     check_keys,
     check_types,
+    merge,
+    renamed_keys,
 )
 from vcnn.features import FeatureSpec
 
@@ -26,6 +30,9 @@ ALL_QUERIES = "all"
 #: Share of the cases held out for validation when no split is given (at least one case).
 HOLD_OUT_FRACTION = 0.2
 BATCH_GROUPINGS = ("random", "case")
+#: What a run learns: tau at each point from its cloud (the closure), or the integral of tau
+#: over the domain from the whole discretisation as one cloud (:mod:`vcnn.integral`).
+TARGETS = ("tau", "integral")
 LCURVE_COLUMNS = (
     "epoch",
     "train_loss",
@@ -47,9 +54,9 @@ class TrainConfig:
     ``num_threads = 1``), so that ``vcnn train --data D --out O`` trains as that recipe does.
 
     Attributes:
-        data_dir: folder of the case files (``*.npz``).
-        out_dir: run folder (checkpoints, lcurve.tsv, config.toml, figures).
-        train_cases: names/paths of the training cases; default: every case of ``data_dir``
+        data: folder of the case files (``*.npz``; formerly ``data_dir``).
+        out: run folder (checkpoints, lcurve.tsv, config.toml, figures; formerly ``out_dir``).
+        train_cases: names/paths of the training cases; default: every case of ``data``
             that is in no other split (or the cases of ``train_alphas``).
         validation_cases: names/paths of the validation cases (early stopping, best.pt).
             Without ``validation_cases``/``validation_alphas`` (and without a training
@@ -90,7 +97,7 @@ class TrainConfig:
             than the last iterate and usually generalises better. It spans about
             ``1 / (1 - decay)`` steps (500 for 0.998), so a run of fewer steps than that
             selects weights close to the initial ones: set 0 (no average) for short runs.
-        resume: continue from ``out_dir/last.pt`` when it exists; the run's settings must
+        resume: continue from ``out/last.pt`` when it exists; the run's settings must
             match the checkpoint's (only ``epochs`` may grow), see :mod:`vcnn.training.resume`.
         init_model: start a new run from this checkpoint's weights (fine-tuning; a
             ``best.pt``, ``last.pt`` or exported model). The network (``model`` table) and
@@ -99,7 +106,7 @@ class TrainConfig:
             sees its inputs as it did before; the optimiser, the schedule and the epochs start
             afresh. Recorded in ``config.toml`` and as ``init_model`` in the checkpoints.
             Excludes ``resume`` (a resumed run continues from its ``last.pt``).
-        overwrite: replace the run that ``out_dir`` holds (without it, and without
+        overwrite: replace the run that ``out`` holds (without it, and without
             ``resume``, a folder that holds a run is refused).
         progress: a per-batch progress bar (tqdm) on stderr; None: only when stderr is a
             terminal.
@@ -114,10 +121,14 @@ class TrainConfig:
             coefficients default to the training data's physics.
         features: input table (see :class:`vcnn.features.FeatureSpec`; default: its
             defaults).
+        target: ``"tau"`` (the pointwise closure) or ``"integral"`` (the integral of tau
+            of each case from all its points as one cloud, :mod:`vcnn.training.integral`;
+            full-batch over the training cases, so the cloud, batch and query settings do
+            not apply; it does not resume or fine-tune).
     """
 
-    data_dir: str
-    out_dir: str
+    data: str
+    out: str
     train_cases: list[str] | None = None
     validation_cases: list[str] | None = None
     test_cases: list[str] | None = None
@@ -152,6 +163,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     cloud: dict[str, Any] = field(default_factory=dict)
     features: dict[str, Any] = field(default_factory=dict)
+    target: str = "tau"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -165,6 +177,13 @@ class TrainConfig:
         if not (isinstance(self.device, str) and DEVICE_REQUEST.fullmatch(self.device)):
             raise ConfigError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
+        if self.target not in TARGETS:
+            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.target == "integral" and (self.resume or self.init_model is not None):
+            raise ConfigError(
+                "target = 'integral' trains in one session from fresh weights: drop resume "
+                "(--resume) and init_model (--init-model)"
             )
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
@@ -227,7 +246,15 @@ class TrainConfig:
             CloudOptions.from_dict(self.cloud)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"bad [cloud] table {self.cloud}: {error}") from error
-        self.feature_spec()
+        if self.target == "integral":
+            from vcnn.integral import integral_feature_spec
+
+            try:
+                integral_feature_spec(self.features)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"bad [features] table {self.features}: {error}") from error
+        else:
+            self.feature_spec()
 
     def feature_spec(self) -> FeatureSpec:
         """The input specification of the ``features`` table.
@@ -241,24 +268,30 @@ class TrainConfig:
             raise ConfigError(f"bad [features] table {self.features}: {error}") from error
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> TrainConfig:
-        """Build from a (TOML) dictionary.
+    def from_dict(
+        cls, config: Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None
+    ) -> TrainConfig:
+        """Build from a (TOML) ``[train]`` table, with flag ``overrides`` (None = not given).
+
+        The former keys ``data_dir`` and ``out_dir`` of the table are read as ``data`` and
+        ``out`` (:data:`vcnn.config.TRAIN_RENAMED_KEYS`), with a one-line deprecation notice.
 
         Raises:
-            ConfigError: on unknown keys, missing ``data_dir``/``out_dir`` or bad values.
+            ConfigError: on unknown keys, missing ``data``/``out``, a key given under both its
+                old and its current name, or bad values.
         """
+        config = merge(renamed_keys(config, TRAIN_RENAMED_KEYS, "[train]"), overrides or {})
         allowed = {f.name for f in fields(cls)}
         check_keys(config, allowed, "the train config")
         check_types(config, cls, "the train config:")
-        missing = [key for key in ("data_dir", "out_dir") if key not in config]
+        missing = [key for key in ("data", "out") if key not in config]
         if missing:
-            flags = {"data_dir": "--data", "out_dir": "--out"}
             raise ConfigError(
                 f"the train config needs {missing}: give "
-                f"{' and '.join(flags[key] for key in missing)} (or set them in [train])"
+                f"{' and '.join(f'--{key}' for key in missing)} (or set them in [train])"
             )
         values = dict(config)
-        for key in ("data_dir", "out_dir"):
+        for key in ("data", "out"):
             values[key] = str(values[key])
         try:
             return cls(**values)

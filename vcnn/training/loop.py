@@ -2,7 +2,7 @@
 
 :func:`train` reads the cases of a :class:`TrainConfig`, splits them by case, fits the
 normalisers on the training cases, and trains with Adam and a learning-rate schedule, redrawing
-the clouds of every query point each epoch. Outputs in ``out_dir``:
+the clouds of every query point each epoch. Outputs in ``out`` (the run folder):
 
 * ``config.toml``: the resolved configuration (with the seed);
 * ``lcurve.tsv``: one row per epoch (losses, relative L2 errors in percent, learning rate,
@@ -55,7 +55,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ from vcnn.datasets import (
     make_split,
 )
 from vcnn.engines import TrainingPass
+from vcnn.engines.device import DeviceDraws
 from vcnn.errors import TrainingDivergedError, UsageError, one_line
 from vcnn.features import FeatureNormalizer, FeatureSpec
 from vcnn.outputs import check_output_owner, output_lock
@@ -147,13 +148,23 @@ class _Progress:
     The epoch's summary line is logged after it, so a finished run shows only those lines.
     """
 
+    #: Seconds between two reads of the batch loss: each read waits for the device.
+    LOSS_READ_SECONDS = 0.5
+
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._bar = None
         self._epoch = 0
+        self._loss_read = -math.inf
 
-    def update(self, epoch: int, epochs: int, batch: int, batches: int, loss: float) -> None:
-        """Advance the bar of ``epoch`` to ``batch`` of ``batches``, showing the batch loss."""
+    def update(
+        self, epoch: int, epochs: int, batch: int, batches: int, loss: torch.Tensor
+    ) -> None:
+        """Advance the bar of ``epoch`` to ``batch`` of ``batches``, showing the batch loss.
+
+        The loss (a 0-d tensor, on the device) is read at most every
+        :attr:`LOSS_READ_SECONDS`, so the bar does not make each batch wait for the device.
+        """
         if not self.enabled:
             return
         if self._bar is None or self._epoch != epoch:
@@ -169,8 +180,12 @@ class _Progress:
                 dynamic_ncols=True,
             )
             self._epoch = epoch
+            self._loss_read = -math.inf  # every bar shows a loss from its first batch
         self._bar.update(batch - self._bar.n)
-        self._bar.set_postfix_str(f"loss {loss:.3e}", refresh=False)
+        now = time.monotonic()
+        if now - self._loss_read >= self.LOSS_READ_SECONDS:
+            self._loss_read = now
+            self._bar.set_postfix_str(f"loss {float(loss):.3e}", refresh=False)
 
     def close(self) -> None:
         """Remove the bar (the epoch ended)."""
@@ -217,7 +232,7 @@ def _make_split(config: TrainConfig, *, log: bool = True) -> CaseSplit:
     Raises:
         DatasetError: when the split is inconsistent or no validation case can be had.
     """
-    sources = discover_cases(config.data_dir)
+    sources = discover_cases(config.data)
     split = make_split(
         sources,
         train=config.train_cases,
@@ -226,7 +241,7 @@ def _make_split(config: TrainConfig, *, log: bool = True) -> CaseSplit:
         train_alphas=config.train_alphas,
         validation_alphas=config.validation_alphas,
         test_alphas=config.test_alphas,
-        data_dir=config.data_dir,
+        data_dir=config.data,
     )
     if split.validation:
         return split
@@ -244,7 +259,7 @@ def _make_split(config: TrainConfig, *, log: bool = True) -> CaseSplit:
     if len(split.train) < 2:
         names = ", ".join(source.name for source in split.train)
         raise DatasetError(
-            f"--data {str(config.data_dir)!r} holds {len(split.train)} case(s) for training "
+            f"--data {str(config.data)!r} holds {len(split.train)} case(s) for training "
             f"({names}) and no validation case (best.pt and early stopping are chosen on one): "
             "add cases to hold one out, or name a validation case elsewhere with "
             "validation_cases = [path] in the [train] table of --config"
@@ -362,12 +377,18 @@ def _check_validation_target(split: CaseSplit) -> None:
 
 @dataclass
 class _Sums:
-    """Sums of squared errors and squared targets (and a loss sum), reducible over ranks."""
+    """Sums of squared errors and squared targets (and a loss sum), reducible over ranks.
+
+    :meth:`add` accumulates on the predictions' device (float64, the same additions as on the
+    host) and :meth:`reduced` reads the sums once: no host synchronisation per batch.
+    """
 
     squared_error: float = 0.0
     squared_target: float = 0.0
     loss: float = 0.0
     count: float = 0.0
+    #: (3,) float64 on the device: squared error, squared target, loss not yet read.
+    pending: torch.Tensor | None = field(default=None, repr=False)
 
     def add(
         self,
@@ -380,14 +401,24 @@ class _Sums:
     ) -> None:
         error = (prediction.detach().float() - target).square()
         truth = target.square()
-        self.loss += float(error.sum())
+        loss = error.sum()
         self.count += count
         if weighted:
             error, truth = error * volume, truth * volume
-        self.squared_error += float(error.sum())
-        self.squared_target += float(truth.sum())
+        values = torch.stack([error.sum(), truth.sum(), loss]).to(torch.float64)
+        self.pending = values if self.pending is None else self.pending + values
+
+    def _settle(self) -> None:
+        """Read the device sums into the host fields (one synchronisation)."""
+        if self.pending is not None:
+            squared_error, squared_target, loss = self.pending.tolist()
+            self.squared_error += squared_error
+            self.squared_target += squared_target
+            self.loss += loss
+            self.pending = None
 
     def reduced(self, distributed: _Distributed, device: torch.device) -> _Sums:
+        self._settle()
         if distributed.world_size == 1:
             return self
         values = torch.tensor(
@@ -570,7 +601,7 @@ def _check_owner(out_dir: Path, config: TrainConfig) -> None:
         verb="train",
         overwrite=config.overwrite,
         continuing=config.resume,
-        flag="--out (out_dir)",
+        flag="--out",
     )
 
 
@@ -590,7 +621,7 @@ def _lock_run_folder(
                 output_lock(
                     out_dir,
                     verb="train",
-                    flag="--out (out_dir)",
+                    flag="--out",
                     then=lambda: _check_owner(out_dir, config),
                 )
             )
@@ -626,6 +657,10 @@ def train(
         DatasetError / CaseFileError: on bad or missing case files or splits.
         CheckpointError: when ``resume`` finds an unusable ``last.pt``.
     """
+    if config.target == "integral":  # the whole discretisation as one cloud per case
+        from vcnn.training.integral import train_integral
+
+        return train_integral(config, on_epoch_end=on_epoch_end)
     distributed = _init_distributed(config.device)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock, until the run ends
@@ -650,7 +685,7 @@ def _train(
         logger.warning("amp = true needs a CUDA device; training in float32 on %s", device)
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
-    out_dir = Path(config.out_dir)
+    out_dir = Path(config.out)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     lcurve_path = out_dir / "lcurve.tsv"
     # Before any work: a folder that holds another run is resumed or replaced, never mixed.
@@ -803,6 +838,9 @@ def _train(
         queries_per_case=config.queries(validation=True),
     )
 
+    # On a CUDA device the training clouds are searched once and drawn there every epoch
+    # (vcnn.engines.device): no cloud or batch crosses from the host.
+    device_draws = DeviceDraws(train_data) if device.type == "cuda" else None
     progress = _Progress(
         is_main and (config.progress if config.progress is not None else sys.stderr.isatty())
     )
@@ -816,13 +854,17 @@ def _train(
             stopped_early = True
             break
         epoch_start = time.perf_counter()
-        plan = train_data.draw(
+        plan = (train_data if device_draws is None else device_draws).draw(
             config.cloud_size,
             seed=derive_seed(config.seed, epoch),
             queries_per_case=config.queries(),
         )
         generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, 1))
         epoch_batches = _epoch_batches(plan, train_data, config, generator, distributed)
+        if device_draws is not None and epoch_batches:
+            # one transfer of the epoch's batch order, none per batch
+            sizes = [rows.numel() for rows in epoch_batches]
+            epoch_batches = list(torch.cat(epoch_batches).to(device).split(sizes))
         batches = len(epoch_batches)
         if epoch == 1 and is_main and config.ema_decay:
             _warn_short_average(config, steps=batches * config.epochs)
@@ -847,7 +889,7 @@ def _train(
                 weighted=config.volume_weighted_metrics,
                 count=rows.numel(),
             )
-            progress.update(epoch, config.epochs, batch_index + 1, batches, float(loss.detach()))
+            progress.update(epoch, config.epochs, batch_index + 1, batches, loss.detach())
         scheduler.step()
         train_seconds += time.perf_counter() - epoch_start
         trained_clouds += plan.queries.numel()

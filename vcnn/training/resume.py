@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vcnn.checkpoint import CheckpointError, is_exported
-from vcnn.config import ConfigError
+from vcnn.config import TRAIN_RENAMED_KEYS, ConfigError
 
 __all__ = [
     "RUN_FILES",
@@ -28,6 +28,7 @@ __all__ = [
     "check_initialisable",
     "check_resumable",
     "check_run_folder",
+    "saved_train_config",
 ]
 
 #: Files that make a folder a training run.
@@ -44,8 +45,8 @@ RESUME_FREE_SETTINGS = frozenset(
         "num_threads",
         "time_limit_minutes",
         "patience",
-        "data_dir",  # the data are compared by the split's case names instead
-        "out_dir",
+        "data",  # the data are compared by the split's case names instead
+        "out",
         "init_model",  # where the first session's weights came from; last.pt holds them now
     }
 )
@@ -130,7 +131,7 @@ def check_resumable(
             f"--resume: {where!r} is an exported (inference-only) checkpoint without optimiser "
             "and generator state; resume needs the last.pt a training run wrote"
         )
-    saved = dict(checkpoint.get("train_config") or {})
+    saved = saved_train_config(checkpoint)
     saved.setdefault("seed", checkpoint.get("seed"))
     for key, meant in _ABSENT_MEANS.items():
         saved.setdefault(key, meant)
@@ -160,6 +161,17 @@ def check_resumable(
             f"--resume: {where!r} belongs to a run with other settings ({'; '.join(mismatches)}); "
             "resume with the run's settings (only epochs may grow), or train into another --out"
         )
+
+
+def saved_train_config(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``train_config`` a checkpoint records, under the current key names.
+
+    A checkpoint of an earlier release records ``data_dir`` and ``out_dir``; they are read as
+    ``data`` and ``out`` (:data:`vcnn.config.TRAIN_RENAMED_KEYS`), silently: the file is a
+    record, not a config the user can edit.
+    """
+    saved = dict(checkpoint.get("train_config") or {})
+    return {TRAIN_RENAMED_KEYS.get(key, key): value for key, value in saved.items()}
 
 
 def check_initialisable(
