@@ -28,7 +28,7 @@
 # Everything is written into a work folder: the environment variable `VCNN_TUTORIAL_DIR`, or
 # `vcnn_tutorial/` in the current folder (a temporary folder when the current folder is inside
 # the repository: the tutorial never writes into your clone). The physics behind the equations
-# is in `docs/physics.md`; every key of the configs is in the configuration reference.
+# is in `docs/physics.md`; every key of the configs is in `docs/configuration.md`.
 
 # %% [markdown]
 # ## Set-up
@@ -238,13 +238,13 @@ print(f"wrote {Path('bump.toml').resolve()}")
 # ## 3. A family of cases
 #
 # `vcnn generate` solves, on each mesh, the flow and the tau equation together and writes a
-# **case file** `data/<mesh name>.npz` (points, velocity, tau, wall distance, ...), a figure
-# of it, and `summary.md`. A case that is already complete is skipped, so a rerun is quick.
-# `-q` keeps the output to the result table.
+# **case file** `data/<mesh name>.npz` (points, velocity, tau, wall distance, ...) and a
+# figure of it; `data/summary.md` tables the cases. Several mesh files (or a quoted glob, as
+# here) are a family: one case each, named after the file. A case that is already complete is
+# skipped, so a rerun is quick. `-q` keeps the output to the result table.
 
 # %%
-for path in MESHES.values():
-    vcnn(f"-q generate --config bump.toml --mesh-file {path} --out data")
+vcnn("-q generate --config bump.toml --mesh-file 'meshes/bump_h*.msh' --out data")
 show("data/bump_h0.60.png")
 
 # %% [markdown]

@@ -27,7 +27,7 @@ import vcnn
 from vcnn.clouds import CloudSampler
 from vcnn.system import cpu_model
 
-_PIECES = [  # ERCOFTAC hill profile, native units (h = 28), DESIGN 3.1
+_PIECES = [  # ERCOFTAC hill profile, native units (h = 28), docs/physics.md
     (9.0, (28.0, 0.0, 6.775070969851e-3, -2.124527775800e-3)),
     (14.0, (25.07355893131, 0.9754803562315, -1.016116352781e-1, 1.889794677828e-3)),
     (20.0, (25.79601052357, 0.8206693007457, -9.055370274339e-2, 1.626510569859e-3)),

@@ -86,7 +86,7 @@ def test_documented_train_ranges_are_enforced():
     documented = {key.split(".", 1)[1] for key in CHECKED_RANGES if key.startswith("train.")}
     assert documented == set(TRAIN_RANGE_PROBES), "every documented [train] range needs a probe"
     for key, (outside, edge) in TRAIN_RANGE_PROBES.items():
-        base = {"data_dir": "d", "out_dir": "o", "min_learning_rate": 0.0}  # any learning rate
+        base = {"data": "d", "out": "o", "min_learning_rate": 0.0}  # any learning rate
         TrainConfig.from_dict({**base, key: edge})
         with pytest.raises(ConfigError):
             TrainConfig.from_dict({**base, key: outside})

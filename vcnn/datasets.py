@@ -8,7 +8,7 @@ epoch), kept as an (M, n) int32 index array (O(N n) integers), and a batch of cl
 from the fields on the fly (:meth:`CloudDataset.gather`). The dense (clouds x n x features)
 tensor of a whole data set is never built.
 
-Everything the network needs is computed from the case-file contract keys of DESIGN section 4
+Everything the network needs is computed from the case-file contract keys of docs/design.md
 (``points``, ``velocity``, ``tau``, ``strain_rate``, ``wall_distance``, ``nodal_volume``,
 ``is_wall``, ``period``), so case files written by other codes work as they are.
 

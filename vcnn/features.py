@@ -67,7 +67,7 @@ __all__ = [
 
 BUILTIN_POINT_SCALARS = ("strain_rate", "wall_feature", "volume", "speed", "is_wall")
 BUILTIN_PAIR_SCALARS = ("proximity", "distance", "normalized_radius", "upstream_cosine")
-# Saturation of the mixing length l_m = min(kappa d, cap) of the closure (DESIGN 3.3).
+# Saturation of the mixing length l_m = min(kappa d, cap) of the closure (docs/physics.md).
 _DEFAULT_WALL_CAP = wall_feature_cap()
 # b = sqrt(D / zeta) |ln eps| of the default ellipse (D = 0.1, zeta = 3, eps = 0.2).
 _DEFAULT_PROXIMITY_LENGTH = math.sqrt(0.1 / 3.0) * abs(math.log(0.2))
@@ -659,7 +659,7 @@ def build_batch(
     """Network inputs of a set of clouds of one case (:func:`gather_inputs` on its table).
 
     Args:
-        fields_: the case (a :class:`vcnn.casefile.Case`, or a mapping with the DESIGN-4 keys).
+        fields_: the case (a :class:`vcnn.casefile.Case`, or a mapping of docs/design.md's keys).
         clouds: full clouds or padded/sampled clouds of the case (only their point indices
             are used: every input is computed by :func:`entry_inputs`).
         spec: which features.

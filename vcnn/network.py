@@ -10,7 +10,7 @@ The network consumes the batch contract of :mod:`vcnn.clouds` / :mod:`vcnn.featu
 * ``volume``: (B, n) float > 0 or None, the quadrature weight (nodal volume) of each point;
   needed by a network with ``pooling="volume"``.
 
-Descriptor (DeepPot-SE style, DESIGN section 5). An embedding MLP maps the invariant inputs of
+Descriptor (DeepPot-SE style, docs/design.md). An embedding MLP maps the invariant inputs of
 every point to ``G`` (B, n, m). The per-point vectors are stacked into ``Q`` (B, n, q, d)
 (the relative position and the k input vectors, so q = k + 1), optionally with a constant
 scalar channel. With ``w_i`` the point weights (mask times cutoff weight),
@@ -478,7 +478,7 @@ class VectorCloudNet(nn.Module):
     (preset ``"published"``) where the published choice is not smooth:
 
     * SiLU instead of ReLU: the output is then infinitely differentiable in the inputs, so the
-      closure-in-the-loop fixed-point map (DESIGN section 7) is smooth and Newton-type
+      closure-in-the-loop fixed-point map (docs/design.md) is smooth and Newton-type
       solvers get a well-defined Jacobian; ReLU nets are only piecewise linear.
     * ``position_vector="raw"``: ``Q`` holds ``x_i - x0`` itself rather than its direction,
       which jumps where a point crosses the query point; the distance is still offered to the

@@ -1,4 +1,4 @@
-"""The physical constants of the flow and the closure, in one place (DESIGN section 3).
+"""The physical constants of the flow and the closure, in one place (docs/physics.md).
 
 Everything that shapes the data a closure is trained on lives in :class:`Physics`: the solvers
 read it to build their equations, ``vcnn generate`` records it in every case file's meta (key
@@ -36,7 +36,7 @@ __all__ = [
 
 #: Von Karman constant of the mixing-length model.
 KAPPA = 0.41
-#: Cap of the mixing length, 0.09 * 1.5 (DESIGN 3.3).
+#: Cap of the mixing length, 0.09 * 1.5 (docs/physics.md).
 MIXING_LENGTH_CAP = 0.09 * 1.5
 #: Production modes of the tau equation.
 PRODUCTION_MODES = ("frozen", "coupled")
@@ -193,7 +193,7 @@ class Physics:
         """The physics a case file was generated with (its ``meta``), or None if it says not.
 
         Case files of this package hold a ``"physics"`` table. Older case files (and files of
-        other codes that follow the DESIGN-4 keys) give the constants as flat keys
+        other codes that follow the docs/design.md keys) give the constants as flat keys
         (``D``, ``zeta``, ``gamma``, ``tau_p``, ``production``, ``c_k``, ``nu``); their
         destruction exponent was 1/2 unless they say otherwise. A meta with neither (data of
         unknown origin) gives None.
