@@ -9,7 +9,7 @@ PYTHON ?= $(shell for p in python3.12 python3.13 python3.14 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
 	&& { echo $$p; break; }; done)
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench examples lint docs clean
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON)" ]; then echo "error: Python >= 3.12 not found on PATH" >&2; exit 1; fi
@@ -34,6 +34,26 @@ bench: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_pipeline.py
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_clouds.py $(BENCH_ARGS)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_closure.py --baseline $(BASELINE) $(BENCH_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/bench_closure.py --resolutions 0.5 1 2
+
+# The configuration reference, generated from the config classes (tests/test_docs.py fails when
+# it is stale), and the API reference from the docstrings (pdoc; HTML in docs/api/, git-ignored).
+API_PACKAGES ?= vcnn solvers meshes
+API_MODULES = import importlib, pkgutil; print(" ".join(name for package in "$(API_PACKAGES)".split() \
+	for name in [package] + [m.name for m in pkgutil.walk_packages( \
+	importlib.import_module(package).__path__, package + ".")] if "._" not in name))
+docs: venv
+	$(PY) -m vcnn.config_reference > docs/configuration.md.tmp
+	mv docs/configuration.md.tmp docs/configuration.md
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pdoc -d google -o docs/api $$($(PY) -c '$(API_MODULES)')
+	@echo "configuration reference: docs/configuration.md; API reference: docs/api/index.html"
+
+# The method's examples (atoms, integral), one command each; EXAMPLES_ARGS= for the full runs.
+# One thread each: their many small tensor operations run slower with two (measured).
+EXAMPLES_ARGS ?= --quick
+examples: venv
+	OMP_NUM_THREADS=1 PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/integral/run.py $(EXAMPLES_ARGS)
+	OMP_NUM_THREADS=1 PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/atoms/run.py $(EXAMPLES_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,10 @@
-"""Numerical check of the frame independence of any cloud model.
+"""Numerical check of the frame independence of any cloud model (and of a point-set scalar).
+
+:func:`check_point_set_symmetry` does the same for a scalar of a whole point set and its
+gradient (a potential energy and the negative forces, :mod:`vcnn.atoms`): the value must be
+invariant and the gradient equivariant under rotations, reflections (any, or the cube's
+symmetries for a periodic cubic box: :func:`random_cube_symmetry`), translations and
+permutations of the points.
 
 :func:`check_frame_independence` transforms a batch of clouds and compares the model's outputs
 with what an invariant (scalar) or equivariant (vector, tensor) model must return:
@@ -368,4 +374,170 @@ def check_frame_independence(
     return report
 
 
-__all__ = ["TRANSFORMATIONS", "SymmetryReport", "check_frame_independence", "random_orthogonal"]
+def random_cube_symmetry(dim: int, *, determinant: int, rng: np.random.Generator) -> np.ndarray:
+    """A random symmetry of the cube (a signed permutation matrix) with a given determinant.
+
+    These are the orthogonal maps that carry a periodic cubic lattice onto itself, hence the
+    rotations and reflections under which a system in a periodic cubic box is symmetric.
+
+    Args:
+        dim: size d.
+        determinant: +1 (rotation) or -1 (reflection).
+        rng: numpy random generator.
+
+    Returns:
+        (d, d) float64 matrix with one entry +-1 in each row and column.
+    """
+    if determinant not in (1, -1):
+        raise ValueError(f"determinant must be +1 or -1, got {determinant}")
+    matrix = np.eye(dim)[rng.permutation(dim)] * rng.choice([-1.0, 1.0], size=dim)[:, None]
+    if np.sign(np.linalg.det(matrix)) != determinant:
+        matrix[0] = -matrix[0]
+    return matrix
+
+
+@dataclass(frozen=True)
+class PointSetSymmetryReport:
+    """How far a scalar of a point set and its gradient are from invariance / equivariance.
+
+    Attributes:
+        value: deviations of the scalar (must be invariant), per transformation.
+        gradient: deviations of its gradient with respect to the points (must transform as
+            the points: ``R g`` per point under ``x -> R x``, reordered under a permutation,
+            unchanged under a translation).
+    """
+
+    value: SymmetryReport
+    gradient: SymmetryReport
+
+    def failures(self, tol: float | None = None) -> list[str]:
+        """``value:<name>`` / ``gradient:<name>`` of every deviation above ``tol``."""
+        return [f"value:{name}" for name in self.value.failures(tol)] + [
+            f"gradient:{name}" for name in self.gradient.failures(tol)
+        ]
+
+    def passed(self, tol: float | None = None) -> bool:
+        """Whether every relative deviation is at most ``tol`` (dtype default when None)."""
+        return not self.failures(tol)
+
+    def to_markdown(self) -> str:
+        """A Markdown table: transformation, relative deviation of the value and gradient."""
+        lines = [
+            f"| transformation | value (relative, {self.value.dtype}) | gradient (relative) |",
+            "|---|---|---|",
+        ]
+        for name in self.value.relative:
+            lines.append(
+                f"| {name} | {self.value.relative[name]:.2e} | "
+                f"{self.gradient.relative[name]:.2e} |"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+POINT_SET_TRANSFORMATIONS = ("rotation", "reflection", "translation", "permutation")
+
+
+def check_point_set_symmetry(
+    function: Callable[[torch.Tensor], torch.Tensor],
+    points: torch.Tensor | np.ndarray,
+    *,
+    num_trials: int = 3,
+    seed: int = 0,
+    orthogonal: Callable[..., np.ndarray] = random_orthogonal,
+    translation_scale: float | None = None,
+) -> PointSetSymmetryReport:
+    """Check a scalar of a whole point set (e.g. a potential energy) and its gradient.
+
+    ``function`` maps points (n, d) to a scalar (an energy E); its gradient (the negative
+    forces) comes from autograd. Under ``x -> R x`` (rotation, reflection), ``x -> x + t`` and
+    a reordering of the points, E must be unchanged and each point's gradient must rotate with
+    R, stay, or move with its point.
+
+    Args:
+        function: callable (n, d) float tensor -> scalar tensor (0-d or one element),
+            differentiable in the points.
+        points: (n, d) float, the point set (float64 for a round-off check).
+        num_trials: random draws per transformation.
+        seed: seed of every draw.
+        orthogonal: draws the maps: ``orthogonal(d, determinant=+-1, rng=...)``;
+            :func:`random_orthogonal` (any rotation, for a free point set) or
+            :func:`random_cube_symmetry` (for a periodic cubic box).
+        translation_scale: standard deviation of the random translations (default: the
+            largest coordinate magnitude).
+
+    Returns:
+        A :class:`PointSetSymmetryReport` (scalar and vector :class:`SymmetryReport`).
+    """
+    if num_trials < 1:
+        raise ValueError(f"num_trials must be >= 1, got {num_trials}")
+    points = torch.as_tensor(points)
+    if points.ndim != 2:
+        raise ValueError(f"points must be (n, d), got shape {tuple(points.shape)}")
+    count, dim = points.shape
+    rng = np.random.default_rng(seed)
+
+    def evaluate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            leaf = x.detach().clone().requires_grad_(True)
+            value = function(leaf).reshape(())
+            (gradient,) = torch.autograd.grad(value, leaf)
+        return value.detach(), gradient
+
+    reference, reference_gradient = evaluate(points)
+    scale = translation_scale
+    if scale is None:
+        scale = float(points.abs().max()) or 1.0
+    value_deviation = dict.fromkeys(POINT_SET_TRANSFORMATIONS, 0.0)
+    gradient_deviation = dict.fromkeys(POINT_SET_TRANSFORMATIONS, 0.0)
+
+    def record(name: str, x: torch.Tensor, expected_gradient: torch.Tensor) -> None:
+        value, gradient = evaluate(x)
+        value_deviation[name] = max(value_deviation[name], float((value - reference).abs()))
+        gradient_deviation[name] = max(
+            gradient_deviation[name], float((gradient - expected_gradient).abs().max())
+        )
+
+    for _ in range(num_trials):
+        for name, determinant in (("rotation", 1), ("reflection", -1)):
+            matrix = torch.as_tensor(
+                orthogonal(dim, determinant=determinant, rng=rng), dtype=points.dtype
+            )
+            record(name, points @ matrix.T, reference_gradient @ matrix.T)
+        shift = torch.as_tensor(rng.standard_normal(dim) * scale, dtype=points.dtype)
+        record("translation", points + shift, reference_gradient)
+        order = torch.as_tensor(rng.permutation(count))
+        record("permutation", points[order], reference_gradient[order])
+
+    def report(kind: str, reference_value: torch.Tensor, deviation: dict) -> SymmetryReport:
+        size = float(reference_value.abs().max())
+        denominator = size if size > 0 and np.isfinite(size) else 1.0
+        return SymmetryReport(
+            output_kind=kind,
+            dtype=str(points.dtype),
+            reference_scale=size,
+            num_trials=num_trials,
+            absolute=dict(deviation),
+            relative={name: value / denominator for name, value in deviation.items()},
+        )
+
+    result = PointSetSymmetryReport(
+        value=report("scalar", reference, value_deviation),
+        gradient=report("vector", reference_gradient, gradient_deviation),
+    )
+    logger.debug("point-set symmetry check:\n%s", result)
+    return result
+
+
+__all__ = [
+    "POINT_SET_TRANSFORMATIONS",
+    "TRANSFORMATIONS",
+    "PointSetSymmetryReport",
+    "SymmetryReport",
+    "check_frame_independence",
+    "check_point_set_symmetry",
+    "random_cube_symmetry",
+    "random_orthogonal",
+]

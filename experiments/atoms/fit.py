@@ -1,0 +1,201 @@
+"""Training an atomic energy model on energies and forces together, and its error measures.
+
+The loss of a batch of configurations is DeePMD's: both errors in units of the data,
+
+    p_E(t) mean(((E_pred - E) / N / energy_unit)^2) + p_F(t) mean(|F_pred - F|^2 / 3) / f^2,
+
+with ``f`` the RMS force component of the training set and the forces ``-dE/dx`` of the model
+by autograd (``create_graph=True``, so the loss is differentiated through them). The weights
+follow the learning rate, p(t) = p_final + (p_start - p_final) lr(t) / lr(0): training starts
+force-dominated (a force carries 3N numbers per configuration, the energy one) and ends with
+the energy weighted in. Adam with an exponentially decaying learning rate. Before the first
+step the descriptor standardisation of the model is set from the training configurations
+(:meth:`vcnn.atoms.AtomicEnergyModel.standardise_descriptor`).
+
+Measured on the quick data set (100 training configurations of 108 atoms, 300 steps of 4
+configurations, held-out force error): a plain loss with fixed weights and an energy scale of
+the force RMS, 65 %; the descriptor standardised, 60 %; plus the 1/r-spaced radial basis and a
+unit energy scale, 51 %; plus the force-first weights above, 22 %; plus a final learning rate
+of a tenth rather than a hundredth of the first, 10 %.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from experiments.atoms.lj import AtomsData
+from vcnn.atoms import AtomicEnergyModel, AtomicModelConfig, neighbour_clouds
+
+logger = logging.getLogger(__name__)
+
+
+def model_config(data: AtomsData, *, cutoff: float = 2.5, inner: float = 2.0) -> AtomicModelConfig:
+    """Model settings from training data: the mean energy per atom and neighbour weight."""
+    sample = data.positions[: min(len(data), 16)]
+    clouds = neighbour_clouds(sample, cutoff=cutoff, inner=inner, box=data.box)
+    atoms = data.positions.shape[1]
+    return AtomicModelConfig(
+        cutoff=cutoff,
+        inner=inner,
+        self_weight=float(clouds.weight.sum(-1).mean()),
+        energy_offset=float((data.energy / atoms).mean()),
+        # a unit scale: with the descriptor standardised, the fitting net's output varies by
+        # O(1) from atom to atom, the size of the per-atom energies' spread; scaling it by
+        # the force RMS (about 20) made every Adam step move the energies by several epsilon
+        energy_scale=1.0,
+    )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings.
+
+    Attributes:
+        steps: optimiser steps.
+        batch: configurations per step (at most the training set).
+        learning_rate: initial Adam rate.
+        final_learning_rate: rate at the last step (exponential decay in between).
+        start_energy_weight: p_E at the first step.
+        final_energy_weight: p_E at a vanishing learning rate.
+        start_force_weight: p_F at the first step.
+        final_force_weight: p_F at a vanishing learning rate.
+        energy_unit: energy per atom (epsilon) that the energy error is measured in; about
+            the spread of the energy per atom of the liquid samples. Fixed rather than taken
+            from the data so that one configuration trains with the same loss as a hundred.
+        dtype: ``"float32"`` or ``"float64"`` for training (MD and checks use float64).
+        seed: seed of the initial weights and batch order.
+    """
+
+    steps: int = 3000
+    batch: int = 4
+    learning_rate: float = 5e-3
+    final_learning_rate: float = 5e-4
+    start_energy_weight: float = 0.02
+    final_energy_weight: float = 1.0
+    start_force_weight: float = 1000.0
+    final_force_weight: float = 1.0
+    energy_unit: float = 0.3
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Errors:
+    """Errors of a model on a set of configurations.
+
+    Attributes:
+        energy_mae_per_atom: mean |E_pred - E| / N.
+        force_rel_rmse_percent: 100 sqrt(sum |F_pred - F|^2 / sum |F|^2).
+        force_rmse: sqrt(mean of the squared force-component errors).
+        configurations: how many configurations were evaluated.
+    """
+
+    energy_mae_per_atom: float
+    force_rel_rmse_percent: float
+    force_rmse: float
+    configurations: int
+
+
+def evaluate(model: AtomicEnergyModel, data: AtomsData, *, chunk: int = 8) -> Errors:
+    """Energy and force errors of ``model`` on ``data`` (in the model's dtype)."""
+    dtype = next(model.parameters()).dtype
+    atoms = data.positions.shape[1]
+    energy_error, force_error, force_norm = [], 0.0, 0.0
+    for start in range(0, len(data), chunk):
+        part = data.subset(slice(start, start + chunk))
+        prediction = model.energy_and_forces(part.positions.to(dtype), box=data.box)
+        energy_error.append((prediction.energy.double() - part.energy).abs() / atoms)
+        force_error += float(((prediction.forces.double() - part.forces) ** 2).sum())
+        force_norm += float((part.forces**2).sum())
+    components = len(data) * atoms * data.positions.shape[2]
+    return Errors(
+        energy_mae_per_atom=float(torch.cat(energy_error).mean()),
+        force_rel_rmse_percent=100.0 * math.sqrt(force_error / force_norm),
+        force_rmse=math.sqrt(force_error / components),
+        configurations=len(data),
+    )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: the trained model (float64 parameters, ready for MD and the symmetry check).
+        loss: (steps,) float64, the training loss of every step.
+        seconds: wall time of the optimisation.
+    """
+
+    model: AtomicEnergyModel
+    loss: np.ndarray
+    seconds: float
+
+
+def train(model: AtomicEnergyModel, data: AtomsData, settings: TrainSettings) -> TrainResult:
+    """Fit ``model`` to the energies and forces of ``data``.
+
+    Args:
+        model: an untrained model (its config from :func:`model_config`).
+        data: the training configurations.
+        settings: optimisation settings.
+
+    Returns:
+        A :class:`TrainResult`; the model is converted to float64 at the end.
+    """
+    dtype = getattr(torch, settings.dtype)
+    # statistics in float64 from (up to) 16 configurations, then the training dtype
+    model.to(torch.float64).standardise_descriptor(data.positions[:16], box=data.box)
+    model = model.to(dtype)
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    decay = (settings.final_learning_rate / settings.learning_rate) ** (1.0 / max(settings.steps, 1))
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=decay)
+    positions = data.positions.to(dtype)
+    energy = data.energy.to(dtype)
+    forces = data.forces.to(dtype)
+    atoms = positions.shape[1]
+    force_unit = float(data.forces.pow(2).mean().sqrt())
+    batch = min(settings.batch, len(data))
+    order = torch.randperm(len(data), generator=generator)
+    cursor = 0
+    losses = np.empty(settings.steps)
+    started = time.perf_counter()
+    for step in range(settings.steps):
+        if cursor + batch > len(data):
+            order, cursor = torch.randperm(len(data), generator=generator), 0
+        index = order[cursor : cursor + batch]
+        cursor += batch
+        prediction = model.energy_and_forces(positions[index], box=data.box, create_graph=True)
+        energy_loss = (((prediction.energy - energy[index]) / atoms) ** 2).mean()
+        force_loss = ((prediction.forces - forces[index]) ** 2).mean()
+        progress = optimiser.param_groups[0]["lr"] / settings.learning_rate
+        energy_weight = settings.final_energy_weight + progress * (
+            settings.start_energy_weight - settings.final_energy_weight
+        )
+        force_weight = settings.final_force_weight + progress * (
+            settings.start_force_weight - settings.final_force_weight
+        )
+        loss = (energy_weight * energy_loss / settings.energy_unit**2
+                + force_weight * force_loss / force_unit**2)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses[step] = float(loss.detach())
+        if step % max(settings.steps // 10, 1) == 0:
+            logger.info(
+                "step %d/%d: loss %.3e (energy/atom rmse %.2e, force rmse %.2f %% of RMS)",
+                step, settings.steps, losses[step], math.sqrt(float(energy_loss.detach())),
+                100.0 * math.sqrt(float(force_loss.detach())) / force_unit,
+            )
+    seconds = time.perf_counter() - started
+    return TrainResult(model=model.to(torch.float64), loss=losses, seconds=seconds)
+
+
+__all__ = ["Errors", "TrainResult", "TrainSettings", "evaluate", "model_config", "train"]
