@@ -9,7 +9,10 @@ moves values between the three places they live:
 - a P1 Function (every local dof, ghosts included), where the solvers need them;
 - the closure points owned by each rank (``(n,)`` local arrays, and the PETSc vector
   distributed the same way), where an outer iteration can keep them without communication;
-- the whole set on rank 0 (``(N,)`` arrays in case-file order), where a network evaluates them.
+- the whole set on rank 0 (``(N,)`` arrays in case-file order), where case files are written
+  (and a network closure that is not distributed evaluates them; a distributed one reads the
+  owned points, :attr:`ClosurePoints.local_points` and :attr:`ClosurePoints.global_ids`, and
+  exchanges a halo, :mod:`solvers.halo`).
 
 Because each rank's reduced dofs form one contiguous block of the reduced numbering, the
 closure points owned by rank r are the block ``[offset_r, offset_r + n_r)`` of the global
@@ -20,6 +23,8 @@ ownership ranges are those blocks.
 from __future__ import annotations
 
 from mpi4py import MPI
+
+import itertools
 
 import numpy as np
 from dolfinx import fem
@@ -46,6 +51,7 @@ class ClosurePoints:
         points: (N, d) float64 coordinates, on rank 0 (None elsewhere).
         is_wall: (N,) bool, points on the walls of ``spec``, on rank 0 (None elsewhere).
         local_is_wall: (n,) bool, the owned closure points on the walls.
+        local_points: (n, d) float64 coordinates of the owned closure points.
         cells: (num_cells, vertices) int64 P1 cells as closure-point indices, on rank 0.
     """
 
@@ -106,6 +112,7 @@ class ClosurePoints:
         wall[dirichlet_dofs(V, facet_tags, spec.walls)] = True
         self.local_is_wall = wall[:num_owned][keep]
         coordinates = V.tabulate_dof_coordinates()[:num_owned, :gdim]
+        self.local_points = np.ascontiguousarray(coordinates[keep], dtype=np.float64)
         gathered = comm.gather(
             (
                 reduced[keep],
@@ -170,6 +177,11 @@ class ClosurePoints:
         if any(np.any(positions < 0) for positions in positions_per_rank):
             raise RuntimeError("internal error: a dof maps to no closure point")
         return positions_per_rank
+
+    @property
+    def global_ids(self) -> np.ndarray:
+        """(n,) int64 global (case-file) index of each owned closure point."""
+        return self.offset + np.arange(self.local_dofs.size, dtype=np.int64)
 
     def create_vector(self) -> PETSc.Vec:
         """A zero PETSc vector over the closure points, distributed like them."""
@@ -299,10 +311,14 @@ def _match_periodic_copies(
 
     tree = cKDTree(points)
     matches = np.full(len(copies), -1, dtype=np.int64)
-    for pair in spec.periodic:
-        distance, index = tree.query(copies + np.asarray(pair.translation), k=1)
-        found = (matches < 0) & (distance < tol)
-        matches[found] = index[found]
+    translations = [np.asarray(pair.translation, dtype=np.float64) for pair in spec.periodic]
+    # A copy on an edge where two slave sides meet (a 3-D hill's wall nodes at x = L, z = L_z)
+    # stands for the point that both translations together lead to.
+    for count in range(1, len(translations) + 1):
+        for chosen in itertools.combinations(translations, count):
+            distance, index = tree.query(copies + np.sum(chosen, axis=0), k=1)
+            found = (matches < 0) & (distance < tol)
+            matches[found] = index[found]
     if np.any(matches < 0):
         raise RuntimeError(f"{np.count_nonzero(matches < 0)} periodic copies have no master")
     return matches

@@ -7,8 +7,11 @@ coupled run is the same code for both:
 - :class:`PdeClosure`: the tau transport PDE itself (the truth), solved by Newton's method,
   warm-started from its previous solution;
 - :class:`NetworkClosure`: a trained network (``vcnn.load_closure``, or any object with the
-  same contract: ``.physics`` and ``.predict(case)``), evaluated on rank 0 on the state
-  gathered as a :class:`vcnn.Case`.
+  same contract: ``.physics`` and ``.predict(case)``). Under MPI a vcnn closure is
+  distributed: each rank predicts at the closure points it owns, from a case of those points
+  and their halo (the points of other ranks within one cloud reach, :mod:`solvers.halo`);
+  other models, and a single rank, predict on rank 0 on the state gathered as a
+  :class:`vcnn.Case`.
 
 :func:`resolve_physics` decides the physics of a simulation from the closure's record and
 what the user asks for, and refuses a mismatch unless it is overridden.
@@ -24,16 +27,18 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from solvers.fields import strain_rate_expression
+from solvers.halo import HaloExchange
 from solvers.linalg import SolverDivergedError
 from solvers.problem import ClosureProblem
 from vcnn.casefile import Case
 from vcnn.closure import Closure as VcnnClosure
-from vcnn.errors import UserError
+from vcnn.cloud_quadrature import _FIT_NEIGHBOURS
+from vcnn.errors import UserError, one_line
 from vcnn.physics import Physics, PhysicsMismatchError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +57,14 @@ __all__ = [
 
 #: Keys of a closure's ``.physics`` record beyond those of :class:`vcnn.physics.Physics`.
 CLOUD_KEYS = ("eps", "dimension")
+#: Where a network closure runs under MPI: each rank on its owned points and their halo, or
+#: rank 0 on the gathered state.
+CLOSURE_RANKS = ("distributed", "root")
+# The cloud quadrature's values at a node come from the node's nearest points, and those
+# points' fits from their own nearest points (vcnn.cloud_quadrature): its halo reaches this
+# many times the largest distance from a point to the last of its fit's nearest points
+# (_FIT_NEIGHBOURS, the quadrature's own count) beyond the region.
+_QUADRATURE_HALO_SPACINGS = 3.0
 
 
 class ClosureError(UserError, RuntimeError):
@@ -120,7 +133,7 @@ class Closure(ABC):
 
 
 class PdeClosure(Closure):
-    """The tau transport PDE (DESIGN 3.3) on the problem's current flow: the truth.
+    """The tau transport PDE (docs/physics.md) on the problem's current flow: the truth.
 
     The form is built once on the problem's velocity Function, so each evaluation solves for
     the flow the problem holds; Newton starts from the previous tau (a warm start), and, if
@@ -194,27 +207,82 @@ class PdeClosure(Closure):
 
 
 class NetworkClosure(Closure):
-    """A trained network: the state gathered on rank 0 as a Case, tau predicted there.
+    """A trained network: tau at the closure points from the flow state.
 
-    The model lives on rank 0 only (``model`` is ignored elsewhere); its tau is split among
-    the owners of the closure points. Errors on rank 0 (NaN or inf from the model, a wrong
-    shape, an exception in the model) are sent to every rank and raised there as
-    :class:`ClosureError`, so all ranks stop together.
+    Two ways to run under MPI (``ranks``):
+
+    - ``"distributed"`` (the default, for a vcnn closure of an ellipse or ball region on more
+      than one rank): every rank holds the model and predicts at the closure points it owns,
+      from a case of those points and their halo: the points of other ranks within one cloud
+      reach of an owned point, periodic images included (:class:`solvers.halo.HaloExchange`,
+      rebuilt at every evaluation since the reach follows the velocity). The clouds of an
+      owned point are exactly its serial clouds (full clouds, or the cloud quadrature, whose
+      halo also holds the nearest points its nodes read), so tau equals the serial
+      prediction to the round-off of the pooling's summation order; no rank holds the whole
+      field.
+    - ``"root"`` (any other model, a k-nearest region, or a single rank): the state is
+      gathered on rank 0 as a :class:`vcnn.Case`, predicted there and split among the owners.
+
+    Errors (NaN or inf in the flow or from the model, a wrong shape, an exception in the
+    model), also those of one rank only, are shared by every rank and raised there as the
+    same one-line :class:`ClosureError` naming the rank that failed, so all ranks stop
+    together instead of waiting in a collective for one that stopped.
+
+    Attributes:
+        model: the model (on rank 0 only in the root mode).
+        ranks: the mode that runs: ``"distributed"`` or ``"root"``.
+        halo: the last halo (distributed mode; None before the first evaluation).
+        mean_speed: mean |u| over all closure points at the last distributed evaluation (the
+            cloud quadrature orients its nodes with it; None before).
+        last_case: the case of the last evaluation on rank 0 (root mode only; None otherwise).
+        engine: the backend of vcnn.engines that ran the last prediction (None: not reported).
     """
 
     kind = "network"
 
-    def __init__(self, model: ClosureModel | None, comm: MPI.Comm, *, name: str = "case") -> None:
-        """Wrap a model (on rank 0) for evaluation on the state of a problem on ``comm``."""
-        self.model = model if comm.rank == 0 else None
+    def __init__(
+        self,
+        model: ClosureModel | None,
+        comm: MPI.Comm,
+        *,
+        name: str = "case",
+        clouds: str = "full",
+        ranks: str = "distributed",
+    ) -> None:
+        """Wrap a model (given on rank 0) for evaluation on the state of a problem on ``comm``.
+
+        Args:
+            model: the model on rank 0 (ignored elsewhere: a distributed closure broadcasts
+                it).
+            comm: the problem's communicator (collective).
+            name: case name of the predictions.
+            clouds: ``"full"`` or ``"quadrature"``, for a vcnn closure (other models ignore
+                it).
+            ranks: ``"distributed"`` (where it applies, see the class) or ``"root"``.
+        """
+        if ranks not in CLOSURE_RANKS:
+            raise ValueError(f"ranks must be one of {CLOSURE_RANKS}, got {ranks!r}")
+        distributable = comm.bcast(
+            isinstance(model, VcnnClosure) and model.cloud_options.region != "knn", root=0
+        )
+        distributed = ranks == "distributed" and comm.size > 1 and distributable
+        self.ranks = "distributed" if distributed else "root"
+        if self.ranks == "distributed":
+            # every rank predicts: the model (a few hundred kB) goes to each once
+            self.model = comm.bcast(model if comm.rank == 0 else None, root=0)
+        else:
+            self.model = model if comm.rank == 0 else None
+        #: the clouds a vcnn closure predicts on (``"full"`` or ``"quadrature"``)
+        self.clouds = clouds
         self.comm = comm
         self.name = name
         self.last_case: Case | None = None
-        #: the backend of vcnn.engines that ran the last prediction (None: not reported)
+        self.halo: HaloExchange | None = None
+        self.mean_speed: float | None = None
         self.engine: str | None = None
 
     def predict(self, case: Case | None) -> tuple[np.ndarray | None, float | None]:
-        """Tau of the model on a case gathered on rank 0 (collective).
+        """Tau of the model on a case gathered on rank 0 (collective; the root mode).
 
         Args:
             case: the case on rank 0 (None elsewhere); its ``tau`` is not read.
@@ -225,61 +293,275 @@ class NetworkClosure(Closure):
         Raises:
             ClosureError: on every rank, when the model fails or returns unusable values.
         """
+        return self._predict_on_root(case, None)
+
+    def _predict_on_root(
+        self, case: Case | None, error: BaseException | None
+    ) -> tuple[np.ndarray | None, float | None]:
+        """:meth:`predict`, or the error rank 0 met building the case, raised on every rank."""
         tau = fraction = None
-        message = None
-        if self.comm.rank == 0:
+        if self.comm.rank == 0 and error is None:
             try:
-                tau, fraction = self._predict_on_root(case)
-            except Exception as error:  # sent to every rank: all must stop together
-                message = f"{type(error).__name__}: {error}"
-        message = self.comm.bcast(message, root=0)
-        if message is not None:
-            raise ClosureError(f"the network closure failed: {message}")
+                tau, fraction, _ = self._predict_on(case)
+            except Exception as caught:  # shared with every rank: all must stop together
+                error = caught
+        self._raise_on_every_rank(error)
         fraction, self.engine = self.comm.bcast((fraction, self.engine), root=0)
         return tau, fraction
 
-    def _predict_on_root(self, case: Case) -> tuple[np.ndarray, float | None]:
+    def _raise_on_every_rank(self, error: BaseException | None) -> None:
+        """Raise one :class:`ClosureError` on every rank when any rank failed (collective).
+
+        Every rank calls this at the same point with its own error or None; the message is
+        the first failing rank's, on one line, so every rank stops with the same error.
+        """
+        message = None if error is None else f"{type(error).__name__}: {one_line(error)}"
+        failed = [
+            (rank, text) for rank, text in enumerate(self.comm.allgather(message)) if text
+        ]
+        if not failed:
+            return
+        rank, text = failed[0]
+        where = f" (MPI rank {rank})" if self.comm.size > 1 else ""
+        raise ClosureError(f"the network closure failed{where}: {text}") from error
+
+    def _predict_on(
+        self, case: Case, queries: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float | None, int]:
+        """Tau at the queries (None: every point) of a case on this rank.
+
+        Returns:
+            ((Q,) float64 tau, out-of-range fraction or None, cloud entries evaluated).
+        """
         detailed = getattr(self.model, "predict_detailed", None)
         fraction = None
+        entries = 0
         if detailed is not None:
             # a vcnn closure's out-of-range warning would repeat every outer iteration; the
             # loop reports the fraction in its progress lines and metrics instead
             if isinstance(self.model, VcnnClosure):
-                result = detailed(case, warn=False)
+                extra = {} if queries is None else {"queries": queries}
+                if queries is not None and self.clouds == "quadrature":
+                    extra["mean_speed"] = self.mean_speed
+                result = detailed(case, warn=False, clouds=self.clouds, **extra)
             else:
                 result = detailed(case)
             tau = result.tau
             self.engine = getattr(result, "engine", None) or None
             fraction = getattr(result, "out_of_range_fraction", None)
             fraction = None if fraction is None else float(fraction)
+            entries = int(getattr(result, "num_entries", 0) or 0)
         else:
             tau = self.model.predict(case)
         tau = np.asarray(tau, dtype=np.float64)
-        if tau.shape != (case.num_points,):
+        expected = case.num_points if queries is None else queries.size
+        if tau.shape != (expected,):
             raise ClosureError(
-                f"the model returned tau of shape {tau.shape}, expected ({case.num_points},)"
+                f"the model returned tau of shape {tau.shape}, expected ({expected},)"
             )
         bad = ~np.isfinite(tau)
         if bad.any():
+            where = np.flatnonzero(bad)[0] if queries is None else queries[np.flatnonzero(bad)[0]]
             raise ClosureError(
                 f"the model predicted NaN or inf tau at {int(bad.sum())} of {tau.size} points "
-                f"(e.g. at x = {case.points[np.flatnonzero(bad)[0]].tolist()}); the flow may "
+                f"(e.g. at x = {case.points[where].tolist()}); the flow may "
                 "have left the range the network was trained on"
             )
-        return tau, fraction
+        return tau, fraction, entries
 
     def evaluate(self, problem: ClosureProblem) -> ClosureOutput:
-        """Gather the problem's state, predict on rank 0, return the owned part of tau."""
+        """Tau at the problem's owned closure points for its current flow (collective)."""
         start = time.perf_counter()
+        if self.ranks == "distributed":
+            tau, fraction = self._evaluate_distributed(problem)
+            return ClosureOutput(
+                tau=tau, out_of_range_fraction=fraction, seconds=time.perf_counter() - start
+            )
         zeros = np.zeros(problem.points.local_dofs.size)
-        case = problem.case(zeros, name=self.name)
-        tau, fraction = self.predict(case)
+        case = error = None
+        try:  # collective gathers, then rank 0 validates the whole state (a NaN in the flow)
+            case = problem.case(zeros, name=self.name)
+        except Exception as caught:  # shared with every rank, which all stop together
+            error = caught
+        tau, fraction = self._predict_on_root(case, error)
         self.last_case = case
         return ClosureOutput(
             tau=problem.points.distribute(tau),
             out_of_range_fraction=fraction,
             seconds=time.perf_counter() - start,
         )
+
+    def local_case(self, problem: ClosureProblem) -> Case | None:
+        """This rank's owned closure points and their halo as a case (collective).
+
+        The owned points come first, in global order, then the halo (:attr:`halo`, rebuilt
+        for the current velocity). The nodal volumes are scaled so that their mean is the
+        global mean: the ``volume`` input is the volume over the case's mean, and volume
+        pooling is a ratio that a common factor leaves unchanged. The mean speed over all
+        points, which the cloud quadrature reads, is kept in :attr:`mean_speed`.
+
+        Returns:
+            The case, or None on a rank that owns no closure point.
+
+        Raises:
+            ValueError: on this rank only, for a NaN or inf in its owned state (the others
+                then wait in the halo's collectives: :meth:`evaluate` checks first).
+        """
+        state = self._exchange_halo(problem, self._owned_state(problem))
+        return None if state is None else self._case_of(state, problem)
+
+    def _owned_state(self, problem: ClosureProblem) -> _OwnedState:
+        """This rank's state at its owned closure points, checked (local: no communication).
+
+        Raises:
+            ValueError: a NaN or inf in the flow at an owned point, or a volume <= 0.
+        """
+        points = problem.points
+        velocity = problem.velocity_values()
+        strain_rate = problem.values(problem.strain_rate())
+        checked = {
+            "velocity": velocity,
+            "strain_rate": strain_rate,
+            "wall_distance": problem.point_wall_distance,
+            "nodal_volume": problem.point_volumes,
+        }
+        for key, value in checked.items():
+            finite = np.isfinite(value)
+            finite = finite.all(axis=1) if finite.ndim > 1 else finite
+            if not finite.all():
+                bad = np.flatnonzero(~finite)
+                raise ValueError(
+                    f"{key} holds NaN or inf at {bad.size} of {finite.size} closure points "
+                    f"(e.g. at x = {points.local_points[bad[0]].tolist()}); the closure cannot "
+                    "predict from it"
+                )
+        if np.any(problem.point_volumes <= 0):
+            raise ValueError("nodal_volume is zero or negative at a closure point")
+        values = np.column_stack(
+            [
+                points.local_points,
+                velocity,
+                strain_rate,
+                problem.point_wall_distance,
+                problem.point_volumes,
+                points.local_is_wall.astype(np.float64),
+            ]
+        )
+        reach, spacing = _cloud_reach(self.model, points.local_points, velocity, self.clouds)
+        return _OwnedState(values, reach, spacing)
+
+    def _exchange_halo(self, problem: ClosureProblem, owned: _OwnedState) -> np.ndarray | None:
+        """(m, 2 d + 4) float64 owned state then halo, volumes rescaled (collective).
+
+        Returns None on a rank that owns no closure point.
+        """
+        points = problem.points
+        dim = points.local_points.shape[1]
+        speed = np.linalg.norm(owned.values[:, dim : 2 * dim], axis=1)
+        # case-wide quantities the prediction reads, over the whole field (not owned + halo)
+        volume_sum, speed_sum = self.comm.allreduce(
+            np.asarray([problem.point_volumes.sum(), speed.sum()]), op=MPI.SUM
+        )
+        spacing = self.comm.allreduce(owned.spacing, op=MPI.MAX)
+        self.mean_speed = float(speed_sum / points.num_points)
+        reach = owned.reach + _QUADRATURE_HALO_SPACINGS * spacing
+        self.halo = HaloExchange.build(
+            points.local_points, reach, points.global_ids, problem.period, self.comm
+        )
+        state = np.concatenate([owned.values, self.halo.exchange(owned.values)])
+        logger.debug(
+            "rank %d: %d owned closure points, %d halo points of %d",
+            self.comm.rank, owned.values.shape[0], self.halo.num_halo, points.num_points,
+        )
+        if owned.values.shape[0] == 0:
+            return None
+        volumes = state[:, 2 * dim + 2]
+        state[:, 2 * dim + 2] = volumes * ((volume_sum / points.num_points) / volumes.mean())
+        return state
+
+    def _case_of(self, state: np.ndarray, problem: ClosureProblem) -> Case:
+        """The case of this rank's points: (m, 2 d + 4) state of :meth:`_exchange_halo`."""
+        dim = problem.points.local_points.shape[1]
+        return Case(
+            points=state[:, :dim],
+            velocity=state[:, dim : 2 * dim],
+            tau=np.zeros(state.shape[0]),
+            strain_rate=state[:, 2 * dim],
+            wall_distance=state[:, 2 * dim + 1],
+            nodal_volume=state[:, 2 * dim + 2],
+            is_wall=state[:, 2 * dim + 3] > 0.5,
+            period=problem.period,
+            name=self.name,
+        )
+
+    def _evaluate_distributed(self, problem: ClosureProblem) -> tuple[np.ndarray, float | None]:
+        """Owned tau from this rank's case of owned points and halo, errors shared.
+
+        A bad state found on one rank (a NaN in its part of the flow) is shared before the
+        halo's collectives, an exception of the model after them: every rank then raises the
+        same :class:`ClosureError` instead of waiting for one that stopped.
+        """
+        num_owned = problem.points.local_dofs.size
+        tau, fraction, entries = np.zeros(num_owned), None, 0
+        owned = error = None
+        try:
+            owned = self._owned_state(problem)
+        except Exception as caught:  # shared with every rank: all must stop together
+            error = caught
+        self._raise_on_every_rank(error)
+        state = self._exchange_halo(problem, owned)
+        try:
+            if state is not None:
+                case = self._case_of(state, problem)
+                tau, fraction, entries = self._predict_on(case, np.arange(num_owned))
+        except Exception as caught:  # shared with every rank: all must stop together
+            error = caught
+        self._raise_on_every_rank(error)
+        # the fraction of all cloud entries: each rank's fraction weighted by its entries
+        weighted = (fraction or 0.0) * entries
+        weighted, entries, known = self.comm.allreduce(
+            np.asarray([weighted, entries, float(fraction is not None)]), op=MPI.SUM
+        )
+        fraction = float(weighted / entries) if known and entries else None
+        self.engine = self.comm.bcast(self.engine, root=0)
+        return tau, fraction
+
+
+class _OwnedState(NamedTuple):
+    """A rank's state at its owned closure points, before the halo.
+
+    Attributes:
+        values: (n, 2 d + 4) float64 columns: points (d), velocity (d), |S|, wall distance,
+            nodal volume, is_wall (0 or 1).
+        reach: (n,) float64 distance each point's cloud region reaches.
+        spacing: for quadrature clouds, the largest distance from an owned point to the
+            farthest of its fit's nearest owned points (0 for full clouds): the halo's
+            margin for the nearest points that give the values at the nodes, and their fits.
+    """
+
+    values: np.ndarray
+    reach: np.ndarray
+    spacing: float
+
+
+def _cloud_reach(
+    model: VcnnClosure, points: np.ndarray, velocity: np.ndarray, clouds: str
+) -> tuple[np.ndarray, float]:
+    """(n,) float64 distance the region of each owned point reaches, and the spacing margin.
+
+    The largest semi-axis of its region; for the cloud quadrature also the largest distance
+    from an owned point to the farthest of its fit's nearest owned points (a distance among
+    the owned points only bounds the true one from above: a safe margin), 0 for full clouds.
+    """
+    along, across = model.cloud_options.semi_axes(np.linalg.norm(velocity, axis=1))
+    reach = np.maximum(np.asarray(along, dtype=np.float64), float(across))
+    neighbours = min(_FIT_NEIGHBOURS, points.shape[0])
+    if clouds != "quadrature" or neighbours < 2:
+        return reach, 0.0
+    from scipy.spatial import cKDTree
+
+    distance, _ = cKDTree(points).query(points, neighbours)
+    return reach, float(distance[:, -1].max())
 
 
 def load_network_closure(
