@@ -24,10 +24,19 @@ about 28 M cloud entries) it solves the flow once, then measures:
 
 Prints a Markdown table (and writes it to results/bench/closure.md).
 
+With ``--resolutions 0.5 1 2`` it measures instead the cost against the mesh: at each
+resolution of the alpha = 1 hill, the tau solve, the closure with full clouds and with the cloud
+quadrature (:mod:`vcnn.cloud_quadrature`), their ratios to the tau solve, the observed cost
+exponent between consecutive resolutions (time ~ N^p) and the a priori errors (rel L2 against
+the PDE's tau, and quadrature against full clouds). Writes results/bench/resolutions.md and
+.json; exits non-zero when the quadrature leaves full clouds by more than 0.2 points of rel L2
+against the truth at any resolution.
+
 Usage::
 
     python experiments/bench_closure.py [--model experiments/published/model/best.pt]
         [--resolution 1.0] [--threads 2] [--baseline 6b28f81] [--quick]
+    python experiments/bench_closure.py --resolutions 0.5 1 2 [--threads 2]
 """
 
 from __future__ import annotations
@@ -142,8 +151,8 @@ def training_throughput(model_path: Path, threads: int, quick: bool) -> float:
     with tempfile.TemporaryDirectory() as scratch:
         config = TrainConfig.from_dict(
             {
-                "data_dir": str(data),
-                "out_dir": scratch,
+                "data": str(data),
+                "out": scratch,
                 "train_alphas": [1.0, 1.5, 2.0],
                 "validation_alphas": [0.5],  # a run needs a validation case
                 "ema_decay": 0.0,  # the throughput of the plain optimiser step
@@ -160,6 +169,96 @@ def training_throughput(model_path: Path, threads: int, quick: bool) -> float:
         return train(config).clouds_per_second
 
 
+def solved_hill(resolution: float, repeats: int):
+    """The alpha = 1 hill at a resolution: (case with the PDE's tau, best tau solve seconds)."""
+    tagged = structured_hill_mesh(1.0, resolution=resolution, comm=MPI.COMM_WORLD)
+    spec = hill_boundary_spec(tagged.boundaries, tagged.period)
+    with ClosureProblem.from_tagged_mesh(tagged, spec, Physics()) as problem:
+        problem.solve_flow()
+        with PdeClosure(problem) as pde:
+            pde.evaluate(problem)  # forms compiled, first factorisation
+            solver = pde._solver
+            seconds, solution = best_of(repeats, lambda: solver.solve(warm_start=False))
+            tau = problem.values(solution.tau)
+        case = problem.case(tau, name="hill_a1.000", meta={"alpha": 1.0})
+    return case, seconds
+
+
+def resolution_table(args: argparse.Namespace) -> int:
+    """Closure (full clouds and quadrature) against the tau solve at several resolutions."""
+    repeats = 2
+    closure = load_closure(args.model, device="cpu")
+    closure.predict_detailed(solved_hill(0.1, 1)[0])  # kernels built before any timing
+    rows = []
+    for resolution in args.resolutions:
+        case, tau_seconds = solved_hill(resolution, repeats)
+        row = {"resolution": resolution, "points": case.num_points, "tau_seconds": tau_seconds}
+        for mode in ("full", "quadrature"):
+            seconds, result = best_of(
+                repeats, lambda mode=mode: closure.predict_detailed(case, clouds=mode, warn=False)
+            )
+            row[mode] = {
+                "seconds": seconds,
+                "entries_per_cloud": result.num_entries / case.num_points,
+                "rel_l2_percent": 100 * float(
+                    np.linalg.norm(result.tau - case.tau) / np.linalg.norm(case.tau)
+                ),
+                "engine": result.engine,
+                "tau": result.tau,
+            }
+        row["quadrature_vs_full_percent"] = 100 * float(
+            np.linalg.norm(row["quadrature"]["tau"] - row["full"]["tau"])
+            / np.linalg.norm(row["full"]["tau"])
+        )
+        for mode in ("full", "quadrature"):
+            del row[mode]["tau"]
+        rows.append(row)
+        print(f"resolution {resolution:g}: {json.dumps(row)}", flush=True)
+
+    def exponent(index: int, key: str) -> str:
+        if index == 0:
+            return ""
+        before, now = rows[index - 1], rows[index]
+        value = lambda row: row["tau_seconds"] if key == "tau" else row[key]["seconds"]  # noqa: E731
+        p = np.log(value(now) / value(before)) / np.log(now["points"] / before["points"])
+        now.setdefault("exponents", {})[key] = float(p)
+        return f"{p:.2f}"
+
+    lines = [
+        "| resolution | points | tau solve s (p) | full clouds s (p) | full / tau | "
+        "quadrature s (p) | quadrature / tau | entries per cloud full / quadrature | "
+        "rel L2 % full / quadrature | quadrature vs full % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for index, row in enumerate(rows):
+        full, quad = row["full"], row["quadrature"]
+        lines.append(
+            f"| {row['resolution']:g} | {row['points']:,} | {row['tau_seconds']:.2f} "
+            f"({exponent(index, 'tau')}) | {full['seconds']:.2f} ({exponent(index, 'full')}) | "
+            f"{full['seconds'] / row['tau_seconds']:.2f} | {quad['seconds']:.2f} "
+            f"({exponent(index, 'quadrature')}) | {quad['seconds'] / row['tau_seconds']:.2f} | "
+            f"{full['entries_per_cloud']:.0f} / {quad['entries_per_cloud']:.0f} | "
+            f"{full['rel_l2_percent']:.2f} / {quad['rel_l2_percent']:.2f} | "
+            f"{row['quadrature_vs_full_percent']:.2f} |"
+        )
+    worst = max(abs(r["quadrature"]["rel_l2_percent"] - r["full"]["rel_l2_percent"]) for r in rows)
+    text = (
+        f"Closure against the tau solve, alpha = 1, model {args.model}; {args.threads} torch "
+        f"threads, float32, CPU; best of {repeats}; p: the observed exponent of time ~ N^p "
+        f"from the previous resolution. {machine_summary()}.\n\n" + "\n".join(lines)
+        + f"\n\nquadrature rule {closure.quadrature_options.to_dict()}; largest change of the "
+        f"error against the PDE's tau from full clouds to the quadrature: {worst:.2f} points "
+        "(goal: 0.2)"
+    )
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "resolutions.md").write_text(text + "\n")
+    (args.out / "resolutions.json").write_text(json.dumps(
+        {"model": str(args.model), "threads": args.threads, "rows": rows,
+         "quadrature": closure.quadrature_options.to_dict()}, indent=2) + "\n")
+    return 0 if worst <= 0.2 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -170,7 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", help="git revision whose inference and model to compare")
     parser.add_argument("--quick", action="store_true", help="resolution 0.25, fewer repeats")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument(
+        "--resolutions", type=float, nargs="+",
+        help="only the cost against the mesh: full clouds and the quadrature at these resolutions",
+    )
     args = parser.parse_args(argv)
+    if args.resolutions:
+        torch.set_num_threads(args.threads)
+        return resolution_table(args)
     resolution = 0.25 if args.quick else args.resolution
     repeats = 1 if args.quick else 3
     torch.set_num_threads(args.threads)

@@ -15,7 +15,7 @@ object with the same contract passed to :func:`run_simulate`) or the tau PDE its
 (``closure = "pde"``). The physics defaults to what the network records; asking for other
 constants is refused unless ``allow_physics_mismatch``.
 
-Outputs in ``output``: per case a case file (the closure's tau and the flow; the truth's
+Outputs in ``out``: per case a case file (the closure's tau and the flow; the truth's
 fields under ``tau_truth``, ``velocity_truth``, ``strain_rate_truth``, ``nu_t_truth`` and the
 a-priori prediction under ``tau_a_priori``), an XDMF file (P1 nodal fields ``velocity``,
 ``pressure``, ``tau``, ``nu_t``; with ``compare`` also ``velocity_truth``, ``pressure_truth``,
@@ -42,21 +42,29 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from solvers.collective import on_root
-from solvers.flow_sources import MIN_SAMPLES_PER_MESH_POINT
-from solvers.generate import (
+from solvers.case_setup import (
+    CaseJob,
     MeshConfig,
     boundary_spec,
     build_mesh,
+    case_config,
     case_jobs,
     check_boundaries_table,
     check_case_name,
     check_config_flow_source,
     package_versions,
-    write_xdmf,
 )
+from solvers.collective import on_root
+from solvers.flow_sources import MIN_SAMPLES_PER_MESH_POINT
 from solvers.linalg import is_interrupt
 from solvers.preflight import check_alphas, check_case_size, check_mesh_size, machine_memory
+from solvers.run_folder import (
+    CaseProgress,
+    append_summary,
+    check_run_folder,
+    locked_run,
+    run_stamp,
+)
 from solvers.simulate_metrics import (
     METRIC_KEYS,
     periodic_distance,
@@ -64,11 +72,19 @@ from solvers.simulate_metrics import (
     relative_l2_percent,
     summary_table,
 )
+from solvers.xdmf import write_xdmf
 from vcnn.atomic import atomic_write_text
 from vcnn.casefile import write_case
-from vcnn.config import ConfigError, check_keys, check_types, merge, write_resolved_config
+from vcnn.config import (
+    RENAMED_KEYS,
+    ConfigError,
+    check_keys,
+    check_types,
+    merge,
+    renamed_keys,
+)
 from vcnn.inputs import check_regular_input
-from vcnn.outputs import check_output_dir, check_output_owner, is_disk_full, output_lock
+from vcnn.outputs import is_disk_full
 from vcnn.physics import PRODUCTION_MODES, Physics, Range, check_constant
 
 if TYPE_CHECKING:
@@ -78,7 +94,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLOSURES", "COUPLINGS", "SimulateConfig", "SimulateSummary", "run_simulate"]
+__all__ = [
+    "CLOSURES",
+    "COUPLINGS",
+    "SHARED_CASE_KEYS",
+    "SimulateConfig",
+    "SimulateSummary",
+    "run_simulate",
+    "simulate_table",
+]
 
 COUPLINGS = ("one-way", "two-way")
 CLOSURES = ("network", "pde")
@@ -117,7 +141,7 @@ class SimulateConfig:
 
     Attributes:
         alphas: hill slope factors in [0.1, 20], one case each (ignored for a file mesh).
-        output: folder of the outputs.
+        out: folder of the outputs (formerly ``output``).
         model: checkpoint of the network closure (``closure = "network"``).
         closure: ``network`` (a trained model) or ``pde`` (the tau PDE in the loop, no model).
         coupling: ``one-way`` (flow fixed) or ``two-way`` (nu_t from tau).
@@ -140,10 +164,12 @@ class SimulateConfig:
         overwrite: write into an output folder that holds another verb's outputs (generated
             cases, a training run, evaluate's metrics); same-named files there are replaced.
         device: inference device, ``auto``, ``cpu`` or ``cuda``.
+        clouds: the network's clouds: ``full`` or ``quadrature`` (a bounded number of
+            weighted points per cloud, :mod:`vcnn.cloud_quadrature`).
         plots: write a PNG per case.
         xdmf: write an XDMF file per case.
         name: case name for a file mesh (default: the file's stem).
-        mesh: see :class:`solvers.generate.MeshConfig`.
+        mesh: see :class:`solvers.case_setup.MeshConfig`.
         physics: constants the user sets (names of :class:`vcnn.physics.Physics` and
             ``eps``); the rest come from the closure's record (or the defaults for ``pde``).
             Each within :data:`vcnn.physics.CONSTANT_RANGES`: positive and finite, ``eps``
@@ -160,7 +186,7 @@ class SimulateConfig:
     """
 
     alphas: list[float] = field(default_factory=lambda: [1.0])
-    output: str = "results/simulate"
+    out: str = "results/simulate"
     model: str | None = None
     closure: str = "network"
     coupling: str = "two-way"
@@ -176,6 +202,7 @@ class SimulateConfig:
     allow_physics_mismatch: bool = False
     overwrite: bool = False
     device: str = "auto"
+    clouds: str = "full"
     plots: bool = True
     xdmf: bool = True
     name: str | None = None
@@ -195,6 +222,7 @@ class SimulateConfig:
             "coupling": COUPLINGS,
             "outer": OUTER_METHODS,
             "device": DEVICES,
+            "clouds": ("quadrature", "full"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -265,18 +293,24 @@ class SimulateConfig:
         cls, values: Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None
     ) -> SimulateConfig:
         """Build from a ``[simulate]`` table, with flag ``overrides`` (None = not given)."""
+        values = renamed_keys(values, RENAMED_KEYS, "[simulate]")
         values = merge(values, overrides or {})
         check_keys(values, set(cls.__dataclass_fields__), "[simulate]")
         check_types(values, cls, "[simulate]")
         mesh = dict(values.pop("mesh", {}))
         check_keys(mesh, set(MeshConfig.__dataclass_fields__), "[simulate.mesh]")
         check_types(mesh, MeshConfig, "[simulate.mesh]")
-        for key in ("model", "output"):
+        for key in ("model", "out"):
             if values.get(key) is not None:
                 values[key] = str(values[key])
         if mesh.get("file") is not None:
             mesh["file"] = str(mesh["file"])
         return cls(**values, mesh=MeshConfig(**mesh))
+
+    @property
+    def output(self) -> str:
+        """The output folder: ``out`` under its former name (for existing callers)."""
+        return self.out
 
     def to_dict(self) -> dict[str, Any]:
         """Plain TOML-friendly dictionary (the resolved config)."""
@@ -290,6 +324,38 @@ class SimulateConfig:
         if self.c_k is not None:
             requested["c_k"] = self.c_k
         return requested
+
+
+#: Keys of a ``[generate]`` table that say which cases to solve (alphas, meshes, boundary
+#: roles): ``vcnn simulate --config`` of a generate config reads them from it.
+SHARED_CASE_KEYS = ("alphas", "mesh", "boundaries", "name")
+
+
+def simulate_table(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``[simulate]`` table of a config file, with the cases of its ``[generate]`` table.
+
+    A file written for generate (its ``[generate]`` table, or a folder's resolved
+    ``config.toml``) runs the same cases with ``vcnn simulate --config``: the keys of
+    :data:`SHARED_CASE_KEYS` that ``[simulate]`` lacks come from ``[generate]``; generate's
+    other keys (production, plots ...) are its own and are not read. A file with neither table
+    is the ``[simulate]`` table itself.
+
+    Raises:
+        ConfigError: ``[simulate]`` or ``[generate]`` is not a table.
+    """
+    if "simulate" not in document and "generate" not in document:
+        return dict(document)
+    for name in ("simulate", "generate"):
+        if not isinstance(document.get(name, {}), Mapping):
+            raise ConfigError(f"[{name}] must be a table")
+    table = dict(document.get("simulate", {}))
+    generate = document.get("generate", {})
+    taken = [key for key in SHARED_CASE_KEYS if key in generate and key not in table]
+    for key in taken:
+        table[key] = generate[key]
+    if taken:
+        logger.info("cases from [generate]: %s", ", ".join(taken))
+    return table
 
 
 @dataclass
@@ -343,16 +409,9 @@ def run_simulate(
     """
     from solvers.closures import load_network_closure, resolve_physics
 
-    output = Path(config.output)
+    output = Path(config.out)
     # Everything that can be checked is checked before a model is loaded or a file written.
-    on_root(comm, lambda: check_output_dir(output, flag="--out (output)"))
-
-    def check_owner() -> None:
-        check_output_owner(
-            output, verb="simulate", overwrite=config.overwrite, flag="--out (output)"
-        )
-
-    on_root(comm, check_owner)
+    check_owner = check_run_folder(output, verb="simulate", overwrite=config.overwrite, comm=comm)
     jobs = case_jobs(config, section="simulate")
     _validate_inputs(config, jobs, comm)
     closure_physics = None
@@ -394,21 +453,22 @@ def run_simulate(
     if resolved.eps is not None:
         physics_values["eps"] = resolved.eps
     resolved_config["physics"] = physics_values
+    stamp = comm.bcast(run_stamp() if comm.rank == 0 else None, root=0)
     # The first write: the folder is locked for the run (and checked again under the lock).
-    with output_lock(
+    with locked_run(
         output,
         verb="simulate",
-        flag="--out (output)",
-        then=check_owner,
-        on_root=lambda action: on_root(comm, action),
+        resolved=resolved_config,
+        check_owner=check_owner,
+        stamp=stamp,
+        comm=comm,
     ):
-        on_root(comm, lambda: write_resolved_config(output, {"simulate": resolved_config}))
-        return _simulate_cases(config, jobs, resolved, closure_physics, model, comm=comm)
+        return _simulate_cases(
+            config, jobs, resolved, closure_physics, model, stamp=stamp, comm=comm
+        )
 
 
-def _validate_inputs(
-    config: SimulateConfig, jobs: list[tuple[str, float | None]], comm: MPI.Comm
-) -> None:
+def _validate_inputs(config: SimulateConfig, jobs: list[CaseJob], comm: MPI.Comm) -> None:
     """Check what needs a mesh or a source, before a model is loaded or a file written.
 
     Collective. The size of each case must fit in memory (a hill's estimated from its
@@ -427,22 +487,32 @@ def _validate_inputs(
     two_way_history = config.coupling == "two-way" and config.outer != "picard"
     history = config.history_size if two_way_history else 0
     memory, processes = machine_memory(comm), comm.size
-    prepared = None
+    prepared = {}
     if config.mesh.kind == "file":
-        tagged = build_mesh(config.mesh, None, comm=comm)
-        prepared = (tagged, boundary_spec(config, tagged))
-        on_root(
-            comm,
-            lambda: check_mesh_size(
-                tagged.info, processes=processes, memory=memory, history_size=history
-            ),
-        )
+        # Each user mesh is read (or meshed) and checked; one is kept for its case, a
+        # family's are built again for theirs rather than all held in memory.
+        for job in jobs:
+            tagged = build_mesh(job.mesh, None, comm=comm)
+            spec = boundary_spec(case_config(config, job), tagged)
+            info = tagged.info
+            on_root(
+                comm,
+                lambda: check_mesh_size(
+                    info, processes=processes, memory=memory, history_size=history
+                ),
+            )
+            if len(jobs) == 1:
+                prepared[job.name] = (tagged, spec)
     else:
 
         def check_sizes() -> None:
-            for _, alpha in jobs:
+            for job in jobs:
                 check_case_size(
-                    config.mesh, alpha, processes=processes, memory=memory, history_size=history
+                    config.mesh,
+                    job.alpha,
+                    processes=processes,
+                    memory=memory,
+                    history_size=history,
                 )
 
         on_root(comm, check_sizes)
@@ -451,49 +521,76 @@ def _validate_inputs(
 
 def _simulate_cases(
     config: SimulateConfig,
-    jobs: list[tuple[str, float | None]],
+    jobs: list[CaseJob],
     resolved: SimulationPhysics,
     closure_physics: Mapping[str, Any] | None,
     model: Any,
     *,
+    stamp: str,
     comm: MPI.Comm,
 ) -> SimulateSummary:
     """The cases of :func:`run_simulate` once it has checked everything, and the summary."""
-    output = Path(config.output)
+    output = Path(config.out)
     entries = []
-    for number, (name, alpha) in enumerate(jobs, start=1):
-        prefix = f"[{number}/{len(jobs)}] {name}"
-        start = time.perf_counter()
-        try:
-            entry = simulate_case(
-                config, resolved, closure_physics, model, name, alpha, comm=comm, prefix=prefix
+    with CaseProgress(len(jobs), verb="simulate", comm=comm) as progress:
+        for number, job in enumerate(jobs, start=1):
+            progress.start(job.name)
+            entries.append(
+                _simulate_one(
+                    case_config(config, job),
+                    resolved,
+                    closure_physics,
+                    model,
+                    job,
+                    prefix=f"[{number}/{len(jobs)}] {job.name}",
+                    comm=comm,
+                )
             )
-        except ConfigError:
-            raise  # a config error fails every case: stop, with the one message
-        except Exception as error:  # one failed case must not lose the others
-            if is_interrupt(error):
-                raise KeyboardInterrupt(f"interrupted in case {name}") from error
-            if is_disk_full(error):
-                raise  # the run's end (one line naming the file); metrics.json is kept
-            message = f"{type(error).__name__}: {error}"
-            entry = getattr(error, "entry", None) or _empty_entry(name, alpha, config)
-            entry["error"] = message
-            entry["wall_seconds"] = entry.get("wall_seconds") or time.perf_counter() - start
-            if comm.rank == 0:
-                logger.error("%s: FAILED: %s", prefix, message)
-                logger.debug("%s", traceback.format_exc())
-        entries.append(entry)
+            progress.done()
     summary = SimulateSummary(entries, output)
 
     def write_summary() -> None:
         text = json.dumps(entries, indent=2, allow_nan=True)
         atomic_write_text(output / "metrics.json", text + "\n")
-        table = summary.table()
-        atomic_write_text(output / "summary.md", table + "\n")
+        append_summary(output, summary.table(), verb="simulate", stamp=stamp)
         # the table is the command's output: `vcnn simulate` prints it (vcnn.cli)
 
     on_root(comm, write_summary)
     return summary
+
+
+def _simulate_one(
+    config: SimulateConfig,
+    resolved: SimulationPhysics,
+    closure_physics: Mapping[str, Any] | None,
+    model: Any,
+    job: CaseJob,
+    *,
+    prefix: str,
+    comm: MPI.Comm,
+) -> dict[str, Any]:
+    """One case of :func:`_simulate_cases`: its metrics entry, or its failure's (collective)."""
+    name, alpha = job.name, job.alpha
+    start = time.perf_counter()
+    try:
+        return simulate_case(
+            config, resolved, closure_physics, model, name, alpha, comm=comm, prefix=prefix
+        )
+    except ConfigError:
+        raise  # a config error fails every case: stop, with the one message
+    except Exception as error:  # one failed case must not lose the others
+        if is_interrupt(error):
+            raise KeyboardInterrupt(f"interrupted in case {name}") from error
+        if is_disk_full(error):
+            raise  # the run's end (one line naming the file); metrics.json is kept
+        message = f"{type(error).__name__}: {error}"
+        entry = getattr(error, "entry", None) or _empty_entry(name, alpha, config)
+        entry["error"] = message
+        entry["wall_seconds"] = entry.get("wall_seconds") or time.perf_counter() - start
+        if comm.rank == 0:
+            logger.error("%s: FAILED: %s", prefix, message)
+            logger.debug("%s", traceback.format_exc())
+        return entry
 
 
 def _empty_entry(name: str, alpha: float | None, config: SimulateConfig) -> dict[str, Any]:
@@ -534,6 +631,14 @@ def _capture(problem: ClosureProblem, result: LoopResult, alpha: float | None) -
         separation, reattachment = main_recirculation(
             reversal.separation, reversal.reattachment, period=hill_period(alpha)
         )
+    elif problem.mesh.geometry.dim == 2 and problem.spec.walls:
+        # a user mesh: the longest reversed stretch of its named walls (x of its ends)
+        from solvers.diagnostics import main_wall_recirculation, wall_flow_reversal
+
+        walls = wall_flow_reversal(result.flow.u, problem.facet_tags, problem.spec.walls)
+        bubble = main_wall_recirculation(walls)
+        if bubble is not None:
+            separation, reattachment = float(bubble[0][0]), float(bubble[1][0])
     return _RunState(
         tau=result.tau,
         velocity=problem.velocity_values(),
@@ -574,7 +679,7 @@ def simulate_case(
     from vcnn.physics import PhysicsMismatchError
 
     start = time.perf_counter()
-    output = Path(config.output)
+    output = Path(config.out)
     entry = _empty_entry(name, alpha, config)
     tagged = build_mesh(config.mesh, alpha, comm=comm)
     spec = boundary_spec(config, tagged)
@@ -611,7 +716,11 @@ def simulate_case(
                 entry["setup_seconds"],
             )
         pde = PdeClosure(problem) if (config.closure == "pde" or config.compare) else None
-        network = NetworkClosure(model, comm, name=name) if config.closure == "network" else None
+        network = (
+            NetworkClosure(model, comm, name=name, clouds=config.clouds)
+            if config.closure == "network"
+            else None
+        )
         closure = network if network is not None else pde
         truth = None
         a_priori = None
@@ -666,6 +775,8 @@ def simulate_case(
             if pde is not None:
                 pde.close()
         _fill_entry(entry, problem, state, truth, a_priori, alpha)
+        if network is not None:  # what ran the network: its backend, clouds and ranks
+            entry.update(engine=network.engine, clouds=network.clouds, closure_ranks=network.ranks)
         mesh_info = {**tagged.info, "kind": tagged.kind}
         _write_outputs(
             config,
@@ -722,9 +833,18 @@ def _guarded(
             "state": "the last flow and the last tau the closure produced",
         }
         try:
-            case = problem.case(tau, name=f"{name}{suffix}", meta=meta)
-            path = Path(config.output) / "failed" / f"{name}{suffix}.npz"
-            on_root(problem.comm, lambda: write_case(path, case))
+            path = Path(config.out) / "failed" / f"{name}{suffix}.npz"
+            try:  # collective gathers, then rank 0 validates the state (NaN of a diverged flow)
+                case, invalid = problem.case(tau, name=f"{name}{suffix}", meta=meta), None
+            except ValueError as caught:  # raised on every rank by on_root: none waits there
+                case, invalid = None, caught
+
+            def write_failed() -> None:
+                if invalid is not None:
+                    raise invalid
+                write_case(path, case)
+
+            on_root(problem.comm, write_failed)
             if problem.comm.rank == 0:
                 logger.error("the last state of the failed run is in %s", path)
         except Exception as write_error:  # the original failure matters more ...
@@ -848,6 +968,7 @@ def _write_outputs(
         history=[asdict(step) for step in state.result.history],
         num_processes=problem.comm.size,
         engine=engine,
+        clouds=entry.get("clouds"),
     )
     extra = {"nu_t": state.nu_t}
     if truth is not None:
@@ -894,7 +1015,7 @@ def _write_outputs(
 
     def draw() -> None:
         if config.plots and case.dim == 2:
-            from vcnn.plotting_simulation import plot_simulation
+            from vcnn.plotting.simulation import plot_simulation
 
             plot_simulation(case, output / f"{name}.png")
 

@@ -236,7 +236,7 @@ BAD: dict[str, Bad] = {
         "is not valid TOML", _named("c.toml"), _toml("[generate\nalphas = [1\n")),
     "generate-out-is-a-file": Bad(
         "generate", _generate("--alphas", "1", "--resolution", "0.05", "--out", "WORLD/afile"),
-        "is a file, not a folder", lambda w, s: f"--out (output) {str(w / 'afile')!r}"),
+        "is a file, not a folder", lambda w, s: f"--out {str(w / 'afile')!r}"),
     "generate-out-not-permitted": Bad(
         "generate", _generate("--alphas", "1", "--resolution", "0.05", "--out", "/sys/vcnn-out"),
         "is not writable", _named("/sys/vcnn-out"), marks=(HAS_SYS,)),
@@ -323,7 +323,7 @@ BAD: dict[str, Bad] = {
         "train", _train("--out", "SANDBOX/run", "--resume", "--overwrite"),
         "not allowed with argument", _named("--overwrite")),
     "train-without-data": Bad(
-        "train", _verb("train", "--out", "SANDBOX/run"), r"needs \['data_dir'\]", _named("--data")),
+        "train", _verb("train", "--out", "SANDBOX/run"), r"needs \['data'\]", _named("--data")),
     "train-data-is-a-file": Bad(
         "train", lambda w, s: ["train", "--config", str(w / "train.toml"), "--data",
                                str(w / "afile"), "--out", str(s / "run")],
@@ -538,7 +538,7 @@ BAD: dict[str, Bad] = {
         "simulate", _verb("simulate", "--closure", "pde", "--coupling", "one-way", "--resolution",
                           "0.05", "--alphas", "1", "--no-plots", "--out", "SANDBOX/hills"),
         r"holds the outputs of vcnn generate \(hill_a1.000.npz\).* --overwrite",
-        lambda w, s: f"--out (output) {str(s / 'hills')!r}", _copy("hills", "hills")),
+        lambda w, s: f"--out {str(s / 'hills')!r}", _copy("hills", "hills")),
     "train-into-case-files": Bad(
         "train", _train("--out", "SANDBOX/cases"),
         r"holds the outputs of vcnn generate .* --overwrite", lambda w, s: str(s / "cases"),
@@ -740,7 +740,102 @@ BAD: dict[str, Bad] = {
         "generate", _generate("--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
         r"physics.tau_p must be a finite number in \(0, inf\), got 0.0", _named("tau_p"),
         _toml("[generate.physics]\ntau_p = 0.0\n")),
+    # ------------------------------------------------------------------ integral target
+    "train-integral-resume": Bad(
+        "train", _verb("train", "--config", "SANDBOX/c.toml", "--data", "WORLD/cases", "--out",
+                       "SANDBOX/run", "--resume"),
+        r"target = 'integral' trains in one session", _named("--resume"),
+        _toml('[train]\ntarget = "integral"\nvalidation_alphas = [1.0]\n')),
+    "train-integral-pair-scalars": Bad(
+        "train", _verb("train", "--config", "SANDBOX/c.toml", "--data", "WORLD/cases", "--out",
+                       "SANDBOX/run"),
+        r"has no query point", _named("pair_scalars"),
+        _toml('[train]\ntarget = "integral"\n[train.features]\npair_scalars = ["proximity"]\n')),
+    "train-integral-mean-pooling": Bad(
+        "train", _verb("train", "--config", "SANDBOX/c.toml", "--data", "WORLD/cases", "--out",
+                       "SANDBOX/run"),
+        r"needs pooling = 'volume'", _named("[model]"),
+        _toml('[train]\ntarget = "integral"\nvalidation_alphas = [1.0]\n'
+              '[train.model]\npooling = "mean"\n')),
+    "simulate-an-integral-checkpoint": Bad(
+        "simulate", _verb("simulate", "--closure", "network", "--model", "SANDBOX/int/best.pt",
+                          "--coupling", "one-way", "--resolution", "0.05", "--out", "SANDBOX/sim"),
+        r"of kind 'integral', not a pointwise closure", _named("best.pt"),
+        lambda w, s: cli.main(["-q", "train", "--config", str(_integral_toml(s)), "--data",
+                               str(w / "cases"), "--out", str(s / "int")])),
+    # ------------------------------------------------------------------ mesh families
+    "generate-mesh-files-match-nothing": Bad(
+        "generate", _generate("--mesh-file", "SANDBOX/none/*.msh", "--out", "SANDBOX/out"),
+        r"mesh files .* match no file", _named("none/*.msh")),
+    "generate-mesh-parameter-without-value": Bad(
+        "generate", _generate("--mesh-parameter", "bump_height", "--out", "SANDBOX/out"),
+        r"give NAME=VALUE\[,VALUE...\]", _named("--mesh-parameter 'bump_height'")),
+    "generate-mesh-script-unknown-parameter": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml", "--mesh-parameter", "height=0.1",
+                              "--out", "SANDBOX/out"),
+        r"has no parameter 'height'; its parameters: \['bump_height'\]", _named("bump.geo"),
+        lambda w, s: (_toml('[generate]\nmesh = {kind = "file", file = "SANDBOX/bump.geo"}\n'
+                            '[generate.boundaries]\nwalls = ["wall"]\n')(w, s),
+                      (s / "bump.geo").write_text(
+                          'DefineConstant[ bump_height = {0.3, Name "Parameters/bump_height"} ];\n'
+                          "Point(1) = {0, 0, 0, 0.5}; Point(2) = {1, 0, 0, 0.5};\n"
+                          "Point(3) = {0, 1, 0, 0.5};\nLine(1) = {1, 2}; Line(2) = {2, 3};\n"
+                          "Line(3) = {3, 1};\nCurve Loop(1) = {1, 2, 3};\n"
+                          "Plane Surface(1) = {1};\nPhysical Curve(\"wall\") = {1, 2, 3};\n"
+                          "Physical Surface(\"fluid\") = {1};\n"))),
+    "generate-old-and-new-key": Bad(
+        "generate", _generate("--config", "SANDBOX/c.toml"),
+        r"\[generate\] gives both 'output' and 'out'", _named("'output'"),
+        _toml('[generate]\noutput = "SANDBOX/a"\nout = "SANDBOX/b"\n')),
+    # -------------------------------------------------------------- shipped model names
+    "simulate-model-neither-a-file-nor-a-shipped-name": Bad(
+        "simulate", _verb("simulate", "--model", "publsihed", "--resolution", "0.05", "--out",
+                          "SANDBOX/sim"),
+        r"'publsihed' does not exist and is no shipped model name; shipped models: published "
+        r"\(experiments/published/model/best.pt\), coupled", _named("publsihed")),
+    "train-init-model-unknown-name": Bad(
+        "train", _train("--out", "SANDBOX/run", "--init-model", "coupld"),
+        r"--init-model 'coupld' does not exist and is no shipped model name; shipped models: "
+        r"published .*, coupled", _named("coupld")),
+    # -------------------------------------------------------------- one name per concept (keys)
+    "train-old-and-new-key": Bad(
+        "train", _verb("train", "--config", "SANDBOX/c.toml", "--data", "WORLD/cases"),
+        r"\[train\] gives both 'out_dir' and 'out'", _named("'out_dir'"),
+        _toml('[train]\nout_dir = "SANDBOX/a"\nout = "SANDBOX/b"\n')),
+    "plot-old-and-new-key": Bad(
+        "plot", _verb("plot", "--config", "SANDBOX/c.toml"),
+        r"\[plot\] gives both 'cases' and 'data'", _named("'cases'"),
+        _toml('[plot]\ncases = ["WORLD/cases"]\ndata = ["WORLD/cases"]\n')),
+    # ------------------------------------------------------------------ 3-D hills
+    "generate-crest-amplitudes-without-dim-3": Bad(
+        "generate", _generate("--crest-amplitudes", "0.1", "--out", "SANDBOX/out"),
+        r"crest_amplitudes \(--crest-amplitudes\) is a setting of the 3-D hills: give --dim 3",
+        _named("--crest-amplitudes")),
+    "generate-span-cells-without-dim-3": Bad(
+        "generate", _generate("--span-cells", "3", "--out", "SANDBOX/out"),
+        r"span_cells \(--span-cells\) is a setting of the 3-D hills", _named("--span-cells")),
+    "generate-3d-crest-amplitude-out-of-range": Bad(
+        "generate", _generate("--dim", "3", "--crest-amplitudes", "0.5", "--out", "SANDBOX/out"),
+        r"crest amplitudes must lie in \[0, 0.3\]", _named("[0.5]")),
+    "generate-3d-coupled": Bad(
+        "generate", _generate("--dim", "3", "--c-k", "0.1", "--out", "SANDBOX/out"),
+        r"dim = 3: the coupled closure \(c_k > 0\) is not available in 3-D yet", _named("c_k")),
+    "generate-3d-flow-from": Bad(
+        "generate", _generate("--dim", "3", "--flow-from", "WORLD/afile", "--out", "SANDBOX/out"),
+        r"dim = 3: --flow-from \(flow_from\) does not take 3-D sources yet", _named("--flow-from")),
+    "generate-3d-too-large": Bad(
+        "generate", _generate("--dim", "3", "--resolution", "1", "--out", "SANDBOX/out"),
+        r"3-D alpha = 1 with --resolution 1 needs about 1.12e\+06 hexahedra",
+        _named("--span-cells")),
 }
+
+
+def _integral_toml(sandbox: Path) -> Path:
+    """A two-epoch integral run's config (the simulate refusal needs its checkpoint)."""
+    path = sandbox / "integral.toml"
+    path.write_text('[train]\ntarget = "integral"\nvalidation_alphas = [1.0]\nepochs = 2\n'
+                    'num_threads = 1\n')
+    return path
 
 
 def _params():

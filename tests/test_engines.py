@@ -62,13 +62,13 @@ def _runnable(model, data):
 # ------------------------------------------------------------------------------- protocol
 def test_every_backend_follows_the_protocol_and_the_list_ends_with_the_reference():
     names = [engine.name for engine in engines.ENGINES]
-    assert names == ["fused", "sparse", "padded"]
+    assert names == ["device", "fused", "sparse", "padded"]
     assert all(isinstance(engine, engines.Engine) for engine in engines.ENGINES)
     assert engines.REQUESTS == ("auto", *names)
-    assert engines.resolve("fused_cpu") is engines.resolve("fused") is engines.ENGINES[0]
+    assert engines.resolve("fused_cpu") is engines.resolve("fused") is engines.ENGINES[1]
     assert engines.resolve("reference") is engines.resolve("padded") is engines.ENGINES[-1]
     assert engines.resolve("auto") is None
-    with pytest.raises(ValueError, match="engine must be 'auto', 'fused', 'sparse' or 'padded'"):
+    with pytest.raises(ValueError, match="engine must be 'auto', 'device', 'fused', 'sparse' or 'padded'"):
         engines.resolve("gpu")
 
 

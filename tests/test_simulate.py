@@ -35,12 +35,12 @@ def coupled_model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("coupled_model")
     cases = GenerateConfig.from_dict(
-        {"alphas": [0.9, 1.0, 1.2], "output": str(folder / "cases"), "c_k": 0.15,
+        {"alphas": [0.9, 1.0, 1.2], "out": str(folder / "cases"), "c_k": 0.15,
          "plots": False, "xdmf": False, "mesh": {"resolution": RESOLUTION}}
     )
     assert run_generate(cases).all_succeeded
     train(TrainConfig.from_dict(
-        {"data_dir": str(folder / "cases"), "out_dir": str(folder / "run"),
+        {"data": str(folder / "cases"), "out": str(folder / "run"),
          "validation_alphas": [1.0], "epochs": 4, "batch_size": 64, "cloud_size": 32,
          "learning_rate": 3e-3, "device": "cpu", "num_threads": 1, "ema_decay": 0.0,
          "model": {"embedding": [8, 16], "fitting": [32]}}
@@ -49,7 +49,7 @@ def coupled_model(tmp_path_factory):
 
 
 def _config(out, **values):
-    base = {"alphas": [1.0], "output": str(out), "model": "test double",
+    base = {"alphas": [1.0], "out": str(out), "model": "test double",
             "mesh": {"resolution": RESOLUTION}}
     return SimulateConfig.from_dict({**base, **values})
 

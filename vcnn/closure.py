@@ -6,7 +6,9 @@ cloud options and the physics of the data it was trained on. :meth:`Closure.pred
 any in-memory :class:`vcnn.casefile.Case` (a case file, cell-centred data of another code, or
 the live state of a coupled solver): it builds the clouds of every point, their inputs
 (:mod:`vcnn.features`) and runs the network (:mod:`vcnn.inference`). It is the one inference
-path: ``vcnn evaluate`` and ``vcnn simulate`` are built on it.
+path: ``vcnn evaluate`` and ``vcnn simulate`` are built on it. On a CUDA device, full clouds are
+searched on the device and run there (:func:`vcnn.engines.device.searched_full_clouds`): only
+the prediction comes back to the host.
 
 Full clouds (the default) are deterministic, and with the smooth cutoff of the default cloud
 options the prediction is a smooth function of the flow, as a fixed-point solver needs.
@@ -26,11 +28,20 @@ import numpy as np
 import torch
 
 from vcnn.casefile import Case, CaseFileError
-from vcnn.checkpoint import CheckpointError, load_model
+from vcnn.checkpoint import CheckpointError, load_checkpoint, load_model
+from vcnn.cloud_quadrature import (
+    CLOUD_MODES,
+    CloudQuadrature,
+    QuadratureOptions,
+    quadrature_unavailable,
+)
 from vcnn.clouds import CloudOptions
 from vcnn.config import ConfigError
+from vcnn.engines import PassData
+from vcnn.engines.device import searched_full_clouds
 from vcnn.features import FeatureNormalizer, FeatureSpec, FieldTable
 from vcnn.inference import predict_full_clouds
+from vcnn.models import resolve_model
 from vcnn.physics import Physics
 from vcnn.system import TooLargeError
 
@@ -39,7 +50,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEVICE_REQUEST",
     "Closure",
+    "CHECKPOINT_KIND_KEY",
+    "DEFAULT_CLOUDS",
+    "CLOSURE_KIND",
     "ClosurePrediction",
+    "check_closure_kind",
     "check_prediction_input",
     "load_closure",
     "resolve_device",
@@ -48,6 +63,46 @@ __all__ = [
 #: A prediction warns when more than this fraction of its cloud entries have an input outside
 #: the training range.
 OUT_OF_RANGE_WARNING = 0.01
+#: The clouds of a prediction unless asked otherwise (:meth:`Closure.predict`). Full clouds:
+#: the quadrature (``"quadrature"``) matches them within about 0.2 points of rel L2 and costs
+#: about linearly in the mesh (1.1-1.3x and 2.4-3.5x less than full clouds at the published
+#: resolution and twice it), but at half the published resolution it costs more than full
+#: clouds, and at no resolution does it reach half the tau solve's time (docs/results.md,
+#: ``make bench``).
+DEFAULT_CLOUDS = "full"
+
+
+#: Checkpoint key naming what the model predicts; absent or :data:`CLOSURE_KIND` for a
+#: pointwise closure (tau at a point from its cloud), ``"integral"`` for the integral of tau
+#: of a whole discretisation (:mod:`vcnn.integral`), ``"atoms"`` for a per-atom energy model.
+CHECKPOINT_KIND_KEY = "checkpoint_kind"
+#: The ``checkpoint_kind`` of a pointwise closure, the only kind :func:`load_closure` takes.
+CLOSURE_KIND = "closure"
+_KIND_HINTS = {
+    "integral": "it predicts the integral of tau of a whole case: `vcnn evaluate` reports that "
+    "integral, `vcnn simulate` needs a pointwise closure",
+    "atoms": "it predicts the energy of atoms (experiments/atoms), not tau",
+}
+
+
+def check_closure_kind(payload: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a checkpoint that holds no pointwise closure (an integral or atoms model).
+
+    Args:
+        payload: the checkpoint (:func:`vcnn.checkpoint.load_checkpoint`).
+        path: its file, named in the error.
+
+    Raises:
+        CheckpointError: one line naming the file, its kind and what to do with it.
+    """
+    kind = payload.get(CHECKPOINT_KIND_KEY, CLOSURE_KIND)
+    if kind == CLOSURE_KIND:
+        return
+    hint = _KIND_HINTS.get(str(kind), "only pointwise closures predict tau at points")
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} holds a model of kind {kind!r}, not a pointwise "
+        f"closure: {hint}"
+    )
 
 
 #: The device requests a user may write (config files, flags, ``load_closure``).
@@ -107,11 +162,15 @@ class ClosurePrediction:
             input outside the training range (NaN when the checkpoint has no ranges).
         out_of_range_by_input: per input name, the fraction of entries outside its range.
         num_entries: cloud entries (query, point) evaluated.
-        cloud_size: points per cloud (None: full clouds).
+        cloud_size: points per cloud (None: full or quadrature clouds).
+        clouds: which clouds ran: ``"full"``, ``"quadrature"`` (the cloud quadrature of
+            :mod:`vcnn.cloud_quadrature`, with its rule in ``quadrature``) or ``"sample"``
+            (``cloud_size`` random points).
+        quadrature: the quadrature rule (radial, angular, neighbours), or None.
         seconds: wall time per stage: ``clouds``, ``total`` and those of
             :attr:`vcnn.inference.FullCloudResult.seconds`.
-        engine: the backend of :mod:`vcnn.engines` that ran (``"fused"``, ``"sparse"`` or
-            ``"padded"``).
+        engine: the backend of :mod:`vcnn.engines` that ran (``"device"``, ``"fused"``,
+            ``"sparse"`` or ``"padded"``).
     """
 
     tau: np.ndarray
@@ -119,6 +178,8 @@ class ClosurePrediction:
     out_of_range_by_input: dict[str, float] = field(default_factory=dict)
     num_entries: int = 0
     cloud_size: int | None = None
+    clouds: str = "full"
+    quadrature: dict[str, int] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     engine: str = ""
 
@@ -163,6 +224,8 @@ class Closure:
         self.dimension = int(dimension)
         self.device = device
         self.metadata = dict(metadata or {})
+        #: The rule of ``clouds="quadrature"`` predictions.
+        self.quadrature_options = QuadratureOptions()
 
     @property
     def physics(self) -> dict[str, Any]:
@@ -188,6 +251,7 @@ class Closure:
         cloud_size: int | None = None,
         seed: int = 0,
         frame: np.ndarray | None = None,
+        clouds: str = DEFAULT_CLOUDS,
     ) -> np.ndarray:
         """Tau at every point of a case (its ``tau`` is neither needed nor read).
 
@@ -200,11 +264,17 @@ class Closure:
             frame: (d, d) orthogonal matrix: present the case in a rotated or reflected frame
                 (relative positions and vectors multiplied by it); a frame-independent closure
                 predicts the same tau in every frame.
+            clouds: ``"full"`` (every point of each cloud region) or ``"quadrature"`` (a
+                bounded number of weighted points per cloud, :mod:`vcnn.cloud_quadrature`;
+                refused, with the reason, for a closure or case it does not apply to).
+                Ignored when ``cloud_size`` is given.
 
         Returns:
             (N,) float64 predicted tau.
         """
-        return self.predict_detailed(case, cloud_size=cloud_size, seed=seed, frame=frame).tau
+        return self.predict_detailed(
+            case, cloud_size=cloud_size, seed=seed, frame=frame, clouds=clouds
+        ).tau
 
     def predict_detailed(
         self,
@@ -216,6 +286,9 @@ class Closure:
         engine: str = "auto",
         compile: bool | str = "auto",
         warn: bool = True,
+        clouds: str = DEFAULT_CLOUDS,
+        queries: np.ndarray | None = None,
+        mean_speed: float | None = None,
     ) -> ClosurePrediction:
         """:meth:`predict` with the input-range diagnostics and stage timings.
 
@@ -234,9 +307,19 @@ class Closure:
             warn: log a warning when much of the input lies outside the training range (a
                 caller that reports the fraction itself, e.g. every iteration of a coupled
                 run, turns it off).
+            clouds: see :meth:`predict`.
+            queries: (Q,) int indices of the case's points to predict at (None: every
+                point); the clouds are drawn from all the case's points. A distributed
+                closure passes its owned points here and their halo as the rest of the case
+                (:mod:`solvers.halo`).
+            mean_speed: quadrature clouds only: the mean |u| over the points of the whole
+                field when the case holds part of it (a distributed closure's owned points
+                and halo); None: the case's own mean (see
+                :class:`vcnn.cloud_quadrature.CloudQuadrature`).
 
         Returns:
-            The prediction and its diagnostics.
+            The prediction and its diagnostics (``tau`` of shape (Q,) in the order of
+            ``queries`` when they are given).
 
         Raises:
             CaseFileError: for a case whose fields hold NaN/inf or whose nodal volumes are not
@@ -254,29 +337,60 @@ class Closure:
         if cloud_size is not None and (isinstance(cloud_size, bool) or cloud_size < 1):
             raise ValueError(f"cloud_size must be None (full clouds) or >= 1, got {cloud_size}")
         rotation = _checked_frame(frame, case.dim)
-        images = None
+        if clouds not in CLOUD_MODES:
+            raise ValueError(f"clouds must be one of {CLOUD_MODES}, got {clouds!r}")
+        mode = "sample" if cloud_size is not None else clouds
+        if mode == "quadrature":
+            reason = quadrature_unavailable(
+                self.cloud_options, dim=case.dim, pooling=self.model.config.pooling
+            )
+            if reason is not None:
+                raise ValueError(f"quadrature clouds do not apply: {reason}; use full clouds")
+        table = FieldTable.from_cases(
+            [case], spec=self.spec, options=self.cloud_options, device=self.device, frame=rotation
+        )
+        clouds_start = time.perf_counter()
+        images = weights = searched = None
+        subset = queries
+        if subset is not None:
+            subset = np.asarray(subset, dtype=np.int64).reshape(-1)
         try:
-            sampler = self.cloud_options.sampler(case.points, case.velocity, case.period)
-            if cloud_size is None:
-                clouds = sampler.full_clouds()
-                offsets, queries = clouds.offsets, clouds.queries
+            # on a CUDA device: every point's clouds searched and run there, or None
+            if mode == "full" and subset is None:
+                searched = searched_full_clouds(
+                    self.model, PassData(table, self.normalizer), self.cloud_options,
+                    case.points, case.velocity, case.period, engine=engine,
+                )
+            if searched is not None:
+                queries = np.arange(case.num_points)
+            elif mode == "quadrature":
+                quadrature = CloudQuadrature(
+                    case.points, case.velocity, case.period, case.wall_distance,
+                    self.cloud_options, options=self.quadrature_options, mean_speed=mean_speed,
+                ).clouds(subset)
+                offsets, indices, queries = (
+                    quadrature.offsets, quadrature.indices, quadrature.queries
+                )
+                weights = quadrature.weights
+            elif mode == "full":
+                sampler = self.cloud_options.sampler(case.points, case.velocity, case.period)
+                full = sampler.full_clouds(subset)
+                offsets, queries = full.offsets, full.queries
                 # image ids where the clouds have them: the fused kernel maps them itself
                 indices, images = (
-                    (clouds.indices, None) if clouds.image_ids is None
-                    else (clouds.image_ids, clouds.image_points)
+                    (full.indices, None) if full.image_ids is None
+                    else (full.image_ids, full.image_points)
                 )
             else:
-                sample = sampler.sample(cloud_size, seed=seed)
+                sampler = self.cloud_options.sampler(case.points, case.velocity, case.period)
+                sample = sampler.sample(cloud_size, queries=subset, seed=seed)
                 mask = sample.mask
                 offsets = np.concatenate([[0], np.cumsum(mask.sum(axis=1))]).astype(np.int64)
                 indices, queries = sample.indices[mask], sample.queries
         except TooLargeError as error:  # the sampler does not know the case: name it
             raise TooLargeError(f"case {case.name!r}: {error}") from error
-        clouds_seconds = time.perf_counter() - start
-        table = FieldTable.from_cases(
-            [case], spec=self.spec, options=self.cloud_options, device=self.device, frame=rotation
-        )
-        result = predict_full_clouds(
+        clouds_seconds = time.perf_counter() - clouds_start
+        result = searched if searched is not None else predict_full_clouds(
             self.model,
             table,
             self.normalizer,
@@ -286,9 +400,12 @@ class Closure:
             engine=engine,
             compile=compile,
             image_points=images,
+            weights=weights,
         )
         tau = np.empty(case.num_points)
         tau[queries] = result.output * self.target_scale
+        if subset is not None:
+            tau = tau[subset]
         known = self.normalizer is not None and self.normalizer.has_ranges
         entries = max(result.num_entries, 1)
         fraction = result.out_of_range_entries / entries if known else math.nan
@@ -310,6 +427,8 @@ class Closure:
             out_of_range_by_input=by_input,
             num_entries=result.num_entries,
             cloud_size=cloud_size,
+            clouds=mode,
+            quadrature=self.quadrature_options.to_dict() if mode == "quadrature" else None,
             seconds=seconds,
             engine=result.engine,
         )
@@ -363,7 +482,8 @@ def load_closure(path: str | os.PathLike, *, device: str | torch.device = "auto"
     """Load a trained closure from a checkpoint (``best.pt``, ``last.pt`` or an export).
 
     Args:
-        path: the checkpoint.
+        path: the checkpoint, or a shipped model's name (``"published"``, ``"coupled"``: see
+            :mod:`vcnn.models`; an existing file of that name wins).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
             ``torch.device`` (see :func:`resolve_device`).
 
@@ -376,6 +496,8 @@ def load_closure(path: str | os.PathLike, *, device: str | torch.device = "auto"
             see.
     """
     torch_device = resolve_device(device)
+    path = resolve_model(path)
+    check_closure_kind(load_checkpoint(path), path)
     loaded = load_model(path, device=torch_device)
     metadata = loaded.metadata
     missing = [key for key in ("feature_spec", "cloud_options") if key not in metadata]

@@ -100,7 +100,8 @@ def map_images(image_points: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
     """
     origin = torch.from_numpy(np.ascontiguousarray(image_points))
     out = np.empty(image_ids.size, dtype=origin.numpy().dtype)
-    torch.index_select(origin, 0, torch.from_numpy(np.ascontiguousarray(image_ids)), out=torch.from_numpy(out))
+    ids = torch.from_dlpack(np.ascontiguousarray(image_ids))  # no copy, read-only ids too
+    torch.index_select(origin, 0, ids, out=torch.from_numpy(out))
     return out
 
 
@@ -1254,7 +1255,7 @@ def _checked_period(period: np.ndarray | None, dim: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class CloudOptions:
-    """Which points form the cloud of a query point (DESIGN section 5); a model stores them.
+    """Which points form the cloud of a query point (docs/design.md); a model stores them.
 
     Attributes:
         region: ``"ellipse"`` (the paper's velocity-aligned ellipse), ``"ball"`` or ``"knn"``.

@@ -116,6 +116,7 @@ def predict_full_clouds(
     chunk_entries: int = DEFAULT_CHUNK_ENTRIES,
     compile: bool | str = "auto",
     image_points: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> FullCloudResult:
     """The network on ragged clouds given in compressed-row form.
 
@@ -141,6 +142,8 @@ def predict_full_clouds(
             and logs why, once per process.
         image_points: (M,) int table row of every image id, or None (``indices`` are rows).
             The fused kernel reads the ids directly; the other passes map them first.
+        weights: (nnz,) float pooling weights of the entries, replacing the cutoff times volume
+            ratio of every backend (a quadrature cloud: :mod:`vcnn.cloud_quadrature`), or None.
 
     Returns:
         The outputs, the input-range counts and the backend that ran (``engine``).
@@ -154,6 +157,6 @@ def predict_full_clouds(
     resolve(engine)  # an unknown engine is refused before anything else
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
-    clouds = CloudSet.checked(offsets, indices, queries, image_points)
+    clouds = CloudSet.checked(offsets, indices, queries, image_points, weights)
     forward = bind(CLOUDS, model, PassData(table, normalizer), engine=engine)
     return forward(clouds, chunk_entries=chunk_entries, compile=compile)

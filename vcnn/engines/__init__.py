@@ -3,10 +3,12 @@
 Backends (:class:`~vcnn.engines.base.Engine`), in the order ``engine="auto"`` tries them
 (:data:`~vcnn.engines.registry.ENGINES`):
 
+* :mod:`~vcnn.engines.device` (``"device"``): data on a CUDA device only: clouds searched and
+  training batches drawn on the device, pooled moments by a fused Triton kernel;
 * :mod:`~vcnn.engines.fused_cpu` (``"fused"``): generated C kernels, factorised float32 nets on
   the CPU;
 * :mod:`~vcnn.engines.sparse` (``"sparse"``): factorised nets by torch operations and sparse
-  products, on any device (what runs on CUDA);
+  products, on any device;
 * :mod:`~vcnn.engines.reference` (``"padded"``): the network's own ``forward`` on padded clouds,
   any network: the reference the others are tested against.
 

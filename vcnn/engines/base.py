@@ -85,12 +85,16 @@ class CloudSet:
             a set of point images (:attr:`vcnn.clouds.Clouds.image_ids`).
         queries: (Q,) int64 table rows of the query points.
         image_points: (M,) int table row of every image id, or None (``indices`` are rows).
+        weights: (nnz,) float32 pooling weights of the entries, or None. Given, they replace
+            the weight each backend computes (cutoff times volume ratio): a quadrature cloud
+            (:mod:`vcnn.cloud_quadrature`) is a cloud with fewer entries and its own weights.
     """
 
     offsets: np.ndarray
     indices: np.ndarray
     queries: np.ndarray
     image_points: np.ndarray | None = None
+    weights: np.ndarray | None = None
 
     @classmethod
     def checked(
@@ -99,11 +103,13 @@ class CloudSet:
         indices: np.ndarray,
         queries: np.ndarray,
         image_points: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
     ) -> CloudSet:
-        """The clouds, with offsets and queries as int64 arrays.
+        """The clouds, with offsets and queries as int64 arrays (weights as float32).
 
         Raises:
-            ValueError: when offsets, indices and queries disagree, or a cloud is empty.
+            ValueError: when offsets, indices, queries and weights disagree, a cloud is empty,
+                or a weight is negative or not finite.
         """
         offsets = np.asarray(offsets, dtype=np.int64)
         queries = np.asarray(queries, dtype=np.int64)
@@ -111,7 +117,13 @@ class CloudSet:
             raise ValueError("offsets, indices and queries do not describe the same clouds")
         if np.any(np.diff(offsets) < 1):
             raise ValueError("every cloud needs at least one point (the query itself)")
-        return cls(offsets, indices, queries, image_points)
+        if weights is not None:
+            weights = np.ascontiguousarray(weights, dtype=np.float32)
+            if weights.shape != (len(indices),):
+                raise ValueError("weights must hold one value per cloud entry")
+            if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+                raise ValueError("entry weights must be finite and >= 0")
+        return cls(offsets, indices, queries, image_points, weights)
 
     @property
     def num_entries(self) -> int:

@@ -385,6 +385,7 @@ class FusedPass:
         queries: np.ndarray,
         *,
         image_points: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
         threads: int | None = None,
     ) -> FusedMoments:
         """The moments of Q clouds (validated: offsets, indices and queries of this table).
@@ -395,6 +396,7 @@ class FusedPass:
                 in a set of point images (:attr:`vcnn.clouds.Clouds.image_ids`).
             queries: (Q,) int table rows of the query points.
             image_points: (M,) int table row of every image id, or None.
+            weights: (E,) float32 pooling weights that replace the computed ones, or None.
             threads: parallel parts (default ``torch.get_num_threads()``).
 
         Returns:
@@ -416,6 +418,11 @@ class FusedPass:
             images = torch.as_tensor(np.ascontiguousarray(image_points, dtype=np.int32))
             if entries and (int(points.min()) < 0 or int(points.max()) >= images.numel()):
                 raise ValueError("a cloud entry is not an image id")
+        given = None
+        if weights is not None:
+            given = torch.as_tensor(np.ascontiguousarray(weights, dtype=np.float32))
+            if given.shape != (entries,):
+                raise ValueError("weights must hold one value per cloud entry")
         for rows in (points if images is None else images, query_rows):
             if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= count):
                 raise ValueError("a cloud entry or query is not a row of the table")
@@ -431,6 +438,7 @@ class FusedPass:
             offsets.data_ptr(),
             points.data_ptr(),
             None if images is None else images.data_ptr(),
+            None if given is None else given.data_ptr(),
             *[
                 t.data_ptr()
                 for t in (query_rows, self._coords, self._periods, self._records,

@@ -158,7 +158,8 @@ class _FusedClouds:
         counter = RangeCounter(self.data.table, self.data.normalizer)
         start = time.perf_counter()
         moments = self.bound(
-            clouds.offsets, clouds.indices, clouds.queries, image_points=clouds.image_points
+            clouds.offsets, clouds.indices, clouds.queries, image_points=clouds.image_points,
+            weights=clouds.weights,
         )
         kernel_seconds = time.perf_counter() - start
         if bool((moments.totals <= 0).any()):

@@ -706,7 +706,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 #: c_void_p). Each returns an int status (0: done). ``tests/test_csrc.py`` checks this table
 #: against the prototypes in the files.
 C_FUNCTIONS: dict[str, tuple[str, tuple[type, ...]]] = {
-    "vcnn_fused_moments": ("fused_moments.c", (_I64, *[_PTR] * 15, _I64)),
+    "vcnn_fused_moments": ("fused_moments.c", (_I64, *[_PTR] * 16, _I64)),
     "vcnn_probe_exp": ("fused_moments.c", (_PTR, _PTR, _I64)),
     "vcnn_probe_activation": ("fused_moments.c", (_PTR, _PTR, _I64)),
     "vcnn_train_forward": ("training_rows.c", (_I64, _PTR, _I64, *[_PTR] * 12, _I64)),
@@ -715,6 +715,10 @@ C_FUNCTIONS: dict[str, tuple[str, tuple[type, ...]]] = {
     ),
     "vcnn_rows_forward": ("mlp_rows.c", (_I64, *[_PTR] * 6)),
     "vcnn_rows_backward": ("mlp_rows.c", (_I64, *[_PTR] * 5)),
+    "vcnn_grid_nearest": ("cloud_quadrature.c", (_I64, *[_PTR] * 7, _I64, *[_PTR] * 3)),
+    "vcnn_quadrature_clouds": (
+        "cloud_quadrature.c", (_I64, *[_PTR] * 7, _I64, *[_PTR] * 7, _I64, *[_PTR] * 5)
+    ),
 }
 
 

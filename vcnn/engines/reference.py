@@ -13,6 +13,7 @@ the moments ``L`` by a batched matrix product (``VectorCloudNet.forward``).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -149,9 +150,14 @@ class _PaddedClouds:
                     device=device,
                 )
                 chunk_queries = torch.as_tensor(queries[rows], device=device)
+                entry_weights = None
+                if clouds.weights is not None:
+                    entry_weights = torch.as_tensor(
+                        clouds.weights[chunk_offsets[0] : chunk_offsets[-1]], device=device
+                    )
                 output[rows] = _padded_chunk(
                     model, table, normalizer, chunk_queries, entry_points,
-                    torch.diff(local_offsets), counter, seconds,
+                    torch.diff(local_offsets), counter, seconds, entry_weights,
                 ).to(torch.float64)
         return FullCloudResult.counted(
             output, clouds, counter, seconds=seconds, engine=self.engine
@@ -167,8 +173,12 @@ def _padded_chunk(
     sizes: torch.Tensor,
     counter: RangeCounter,
     seconds: dict[str, float],
+    entry_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The reference pass over one chunk: clouds padded within size buckets."""
+    """The reference pass over one chunk: clouds padded within size buckets.
+
+    ``entry_weights`` (E,), when given, replace the pooling weights (cutoff times volume).
+    """
     device = entry_points.device
     order = torch.argsort(sizes, stable=True)
     starts = torch.cumsum(sizes, 0) - sizes
@@ -192,6 +202,10 @@ def _padded_chunk(
         raw_batch = gather_inputs(table, chunk_queries[chosen], indices)
         counter.add(raw_batch.scal[raw_batch.mask], raw_batch.points[raw_batch.mask])
         batch = raw_batch if normalizer is None else normalizer.apply(raw_batch)
+        if entry_weights is not None:
+            # weight * volume is the pooling weight of either pooling: volume 1 leaves the given
+            given = torch.where(inside, entry_weights[rows], 0).to(batch.pos.dtype)
+            batch = replace(batch, weight=given, volume=inside.to(batch.pos.dtype))
         seconds["inputs"] += time.perf_counter() - start
         start = time.perf_counter()
         out[chosen] = predict_padded(model, batch, table=table, normalizer=normalizer).to(

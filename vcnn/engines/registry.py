@@ -14,7 +14,7 @@ import logging
 
 from torch import nn
 
-from vcnn.engines import fused_cpu, kernels, reference, sparse
+from vcnn.engines import device, fused_cpu, kernels, reference, sparse
 from vcnn.engines.base import (
     CLOUDS,
     CloudForward,
@@ -29,9 +29,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ALIASES", "ENGINES", "REQUESTS", "bind", "resolve"]
 
-#: The backends, in the order ``"auto"`` tries them. A device backend (fused GPU kernels) goes
-#: before ``sparse``, which is what runs on CUDA until then.
-ENGINES: tuple[Engine, ...] = (fused_cpu.ENGINE, sparse.ENGINE, reference.ENGINE)
+#: The backends, in the order ``"auto"`` tries them. The device backend applies to data on a
+#: CUDA device only, so it is first there and passed over on the CPU.
+ENGINES: tuple[Engine, ...] = (device.ENGINE, fused_cpu.ENGINE, sparse.ENGINE, reference.ENGINE)
 
 #: Other names of the backends accepted by ``engine=`` (the modules' names).
 ALIASES = {"fused_cpu": "fused", "reference": "padded"}

@@ -110,7 +110,15 @@ class _SparseClouds:
                 chunk_queries = torch.as_tensor(queries[rows], device=device)
                 start = time.perf_counter()
                 entry_queries = torch.repeat_interleave(chunk_queries, sizes)
-                values = stage(model, table, normalizer, constants, entry_queries, entry_points)
+                entry_weights = None
+                if clouds.weights is not None:
+                    entry_weights = torch.as_tensor(
+                        clouds.weights[chunk_offsets[0] : chunk_offsets[-1]], device=device
+                    )
+                values = stage(
+                    model, table, normalizer, constants, entry_queries, entry_points,
+                    entry_weights,
+                )
                 counter.add_counts(
                     values.outside_entries, values.outside_by_pair_column, entry_points
                 )
@@ -202,11 +210,13 @@ def _entry_stage(
     constants: _StageConstants,
     entry_queries: torch.Tensor,
     entry_points: torch.Tensor,
+    entry_weights: torch.Tensor | None = None,
 ) -> _EntryValues:
     """Everything of the sparse pass that is computed per cloud entry.
 
     Inputs, pair kernels, pooling weights and the range test: a pure function of tensors,
-    which ``torch.compile`` fuses into a few loops.
+    which ``torch.compile`` fuses into a few loops. ``entry_weights`` (E,), when given,
+    replace the pooling weights (cutoff times volume ratio).
     """
     config = model.config
     raw = entry_inputs(
@@ -224,7 +234,12 @@ def _entry_stage(
         point_scalars = constants.point_scalars.index_select(0, entry_points)
     pair = model.pair_kernels(model.pair_inputs(pair_scalars, pos, vec, point_scalars))  # (E, K)
     valid = torch.ones_like(entry_points, dtype=torch.bool)
-    weight = model.pooling_weights(valid[None], _row(raw.weight), _row(raw.volume), dtype=dtype)[0]
+    if entry_weights is None:
+        weight = model.pooling_weights(
+            valid[None], _row(raw.weight), _row(raw.volume), dtype=dtype
+        )[0]
+    else:
+        weight = entry_weights.to(dtype)
     # Kernel-major (K, E) and component-major (K, d, E): every row a product reads is contiguous.
     scaled = pair.T * weight[None, :]
     position = model.position_channel(pos).T  # (d, E)

@@ -5,9 +5,12 @@
 #include "vcnn_entry.h"
 #include "vcnn_pooled_sums.h"
 
-/* The clouds first..last-1; counts and uses: this part's own (see VCNN_FOR_EACH_PART). */
+/* The clouds first..last-1; counts and uses: this part's own (see VCNN_FOR_EACH_PART).
+   weights: NULL, or one pooling weight per entry that replaces the computed one (quadrature
+   clouds, vcnn/cloud_quadrature.py). */
 static int moments_part(int64_t first, int64_t last, int64_t part, const int64_t* offsets,
-                        const int32_t* points, const int32_t* images, const int64_t* queries,
+                        const int32_t* points, const int32_t* images, const float* weights,
+                        const int64_t* queries,
                         const double* coords, const double* periods, const float* records,
                         const float* constants, const float* params, const float* table,
                         float* sums, float* totals, int64_t* counts, int64_t* uses,
@@ -49,8 +52,13 @@ static int moments_part(int64_t first, int64_t last, int64_t part, const int64_t
           block_rows[v + b] = row[b];
         }
         vf x[INPUTS], extra[CHANNELS - 1], raw[PAIRS + 1], point_outside = zero;
-        const vf w = entry_values(row, valid, origin, length, inverse, own, coords, records,
-                                  constants, x, extra, raw, &point_outside);
+        vf w = entry_values(row, valid, origin, length, inverse, own, coords, records,
+                            constants, x, extra, raw, &point_outside);
+        if (weights) {
+          vf given;
+          for (int b = 0; b < LANES; ++b) given[b] = weights[e + b < end ? e + b : end - 1];
+          w = (vf)((vi)given & valid);
+        }
 #if VCNN_RANGE_TEST
         vi any = point_outside > 0.5f;
         for (int j = 0; j < PAIRS; ++j) {
@@ -81,14 +89,16 @@ static int moments_part(int64_t first, int64_t last, int64_t part, const int64_t
 }
 
 int vcnn_fused_moments(int64_t parts, const int64_t* bounds, const int64_t* offsets,
-                       const int32_t* points, const int32_t* images, const int64_t* queries,
+                       const int32_t* points, const int32_t* images, const float* weights,
+                       const int64_t* queries,
                        const double* coords, const double* periods, const float* records,
                        const float* constants, const float* params, const float* table,
                        float* sums, float* totals, int64_t* counts, int64_t* uses,
                        int64_t rows_count) {
   int status = 0;
   VCNN_FOR_EACH_PART(p)
-  status |= moments_part(bounds[p], bounds[p + 1], p, offsets, points, images, queries, coords,
+  status |= moments_part(bounds[p], bounds[p + 1], p, offsets, points, images, weights, queries,
+                         coords,
                          periods, records, constants, params, table, sums, totals, counts, uses,
                          rows_count);
   return status;
