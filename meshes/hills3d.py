@@ -25,7 +25,6 @@ Facet tags are :data:`HILL3D_BOUNDARIES`: those of the 2-D hill plus ``front`` (
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -34,8 +33,8 @@ import numpy as np
 
 from meshes.hills import TOP_WALL_HEIGHT, hill_flank_length, hill_period, hill_profile
 from meshes.structured import DEFAULT_WALL_GRADING, structured_hill_grid, wall_normal_coordinates
-from meshes.tagged import HILL_BOUNDARIES, MeshError, TaggedMesh
-from meshes.unstructured import DEFAULT_GROWTH, gmsh_session, write_msh_atomic
+from meshes.tagged import HILL_BOUNDARIES, TaggedMesh
+from meshes.unstructured import DEFAULT_GROWTH
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -492,33 +491,23 @@ def unstructured_hill3d_mesh(
     """
     from mpi4py import MPI
 
-    import dolfinx.io.gmsh
-
-    from meshes.unstructured import _check_sizes
+    from meshes.unstructured import _check_sizes, mesh_on_root
 
     comm = MPI.COMM_WORLD if comm is None else comm
     amplitude = _check_crest_amplitude(crest_amplitude)
     period = hill_period(alpha)
     wall_size = size / 3.0 if wall_size is None else wall_size
     _check_sizes(size, wall_size, growth)
-    with contextlib.ExitStack() as stack:
-        error = None
-        gmsh = None
-        if comm.rank == 0:
-            try:
-                gmsh = stack.enter_context(gmsh_session("periodic_hill_3d"))
-                _build_hill3d_gmsh_model(gmsh, alpha, size=size, wall_size=wall_size, growth=growth)
-                if msh_path is not None:
-                    write_msh_atomic(gmsh, msh_path)
-            except Exception as exc:  # gmsh raises plain Exception
-                error = f"gmsh failed to mesh the 3-D periodic hill (alpha={alpha}): {exc}"
-        # Ranks must agree before the collective mesh creation, or the others would hang.
-        error = comm.bcast(error, root=0)
-        if error is not None:
-            raise MeshError(error)
-        mesh_data = dolfinx.io.gmsh.model_to_mesh(
-            gmsh.model if gmsh is not None else None, comm, 0, gdim=3
-        )
+    mesh_data = mesh_on_root(
+        lambda gmsh: _build_hill3d_gmsh_model(
+            gmsh, alpha, size=size, wall_size=wall_size, growth=growth
+        ),
+        comm=comm,
+        model_name="periodic_hill_3d",
+        gdim=3,
+        msh_path=msh_path,
+        what=f"the 3-D periodic hill (alpha={alpha})",
+    )
     mesh = mesh_data.mesh
     if amplitude:
         mesh.geometry.x[:] = map_to_crest_variant(mesh.geometry.x, alpha, amplitude)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -204,6 +204,53 @@ def write_msh_atomic(gmsh: Any, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def mesh_on_root(
+    build: Callable[[Any], None],
+    *,
+    comm: MPI.Comm,
+    model_name: str,
+    gdim: int,
+    msh_path: str | os.PathLike[str] | None,
+    what: str,
+) -> Any:
+    """Run gmsh on rank 0 only and let dolfinx distribute the mesh it makes.
+
+    Args:
+        build: makes the gmsh model (geometry, physical groups, meshing) given the gmsh module.
+        comm: the communicator the mesh is distributed over.
+        model_name: the gmsh model's name.
+        gdim: geometric dimension of the mesh (2 or 3).
+        msh_path: if given, the gmsh mesh is also written there (atomically).
+        what: the mesh in the error message, e.g. ``"the periodic hill (alpha=1.0)"``.
+
+    Returns:
+        dolfinx's ``MeshData`` (mesh, cell and facet tags) on every rank.
+
+    Raises:
+        MeshError: if gmsh fails (on every rank: the ranks agree before the collective call).
+    """
+    import dolfinx.io.gmsh
+
+    with contextlib.ExitStack() as stack:
+        error = None
+        gmsh = None
+        if comm.rank == 0:
+            try:
+                gmsh = stack.enter_context(gmsh_session(model_name))
+                build(gmsh)
+                if msh_path is not None:
+                    write_msh_atomic(gmsh, msh_path)
+            except Exception as exc:  # gmsh raises plain Exception
+                error = f"gmsh failed to mesh {what}: {exc}"
+        # Ranks must agree before the collective mesh creation, or the others would hang.
+        error = comm.bcast(error, root=0)
+        if error is not None:
+            raise MeshError(error)
+        return dolfinx.io.gmsh.model_to_mesh(
+            gmsh.model if gmsh is not None else None, comm, 0, gdim=gdim
+        )
+
+
 def unstructured_hill_mesh(
     alpha: float,
     *,
@@ -234,32 +281,22 @@ def unstructured_hill_mesh(
     """
     from mpi4py import MPI
 
-    import dolfinx.io.gmsh
 
     comm = MPI.COMM_WORLD if comm is None else comm
     period = hill_period(alpha)
     wall_size = size / 5.0 if wall_size is None else wall_size
     _check_sizes(size, wall_size, growth)
 
-    with contextlib.ExitStack() as stack:
-        error = None
-        gmsh = None
-        if comm.rank == 0:
-            try:
-                gmsh = stack.enter_context(gmsh_session("periodic_hill"))
-                build_hill_gmsh_model(gmsh, alpha, size=size, wall_size=wall_size, growth=growth)
-                if msh_path is not None:
-                    write_msh_atomic(gmsh, msh_path)
-            except Exception as exc:  # gmsh raises plain Exception
-                error = f"gmsh failed to mesh the periodic hill (alpha={alpha}): {exc}"
-        # Ranks must agree before the collective mesh creation, or the others would hang.
-        error = comm.bcast(error, root=0)
-        if error is not None:
-            raise MeshError(error)
-        mesh_data = dolfinx.io.gmsh.model_to_mesh(
-            gmsh.model if gmsh is not None else None, comm, 0, gdim=2
-        )
-
+    mesh_data = mesh_on_root(
+        lambda gmsh: build_hill_gmsh_model(
+            gmsh, alpha, size=size, wall_size=wall_size, growth=growth
+        ),
+        comm=comm,
+        model_name="periodic_hill",
+        gdim=2,
+        msh_path=msh_path,
+        what=f"the periodic hill (alpha={alpha})",
+    )
     mesh = mesh_data.mesh
     info = {
         "alpha": float(alpha),
