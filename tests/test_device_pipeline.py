@@ -216,8 +216,27 @@ def test_device_backend_equals_the_reference_with_the_torch_moments(name, dtype,
 
 def _interpreted(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if triton_runs(torch.device("cpu")) is not None:
-        pytest.skip(f"the Triton interpreter is not available: {triton_runs(torch.device('cpu'))}")
+    reason = triton_runs(torch.device("cpu"))
+    if reason is not None:
+        # Run in a fresh process by test_the_triton_kernel_runs_under_the_interpreter.
+        pytest.skip(f"the Triton interpreter is not available in this process: {reason}")
+
+
+def test_the_triton_kernel_runs_under_the_interpreter():
+    # triton.language fixes at its import whether it is interpreted, and an earlier test may
+    # have imported it: the interpreter tests run in a process that sets TRITON_INTERPRET=1
+    # before anything is imported.
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    environment = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "fused_triton_kernel"],
+        cwd=Path(__file__).resolve().parents[1], env=environment, capture_output=True,
+        text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
+    assert "5 passed" in completed.stdout and "skipped" not in completed.stdout, completed.stdout
 
 
 @pytest.mark.parametrize("name", ["published", "softplus-without-normaliser"])

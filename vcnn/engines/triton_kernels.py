@@ -45,9 +45,29 @@ def triton_runs(device: torch.device) -> str | None:
     """
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+    if device.type == "cuda":
         return None
+    if device.type == "cpu" and _interpreting():
+        return _interpreter_unready()
     return f"triton does not run on {device.type} tensors (set TRITON_INTERPRET=1 to test on the CPU)"
+
+
+def _interpreter_unready() -> str | None:
+    """Why Triton's interpreter cannot run here, or None.
+
+    ``triton.language`` decides at its import whether its library functions (``tl.sum``, ...)
+    are interpreted: imported before ``TRITON_INTERPRET=1`` was set (by torch, for example),
+    a kernel calling them fails inside the interpreter.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(tl.sum, InterpretedFunction):
+        return None
+    return (
+        "triton.language was imported before TRITON_INTERPRET=1 was set: set it before "
+        "Python starts"
+    )
 
 
 @functools.cache
