@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from meshes.hills import TOP_WALL_HEIGHT, hill_flank_length, hill_period, hill_profile
+from meshes.hills import TOP_WALL_HEIGHT, hill_period, hill_profile
 from meshes.structured import DEFAULT_WALL_GRADING, structured_hill_grid, wall_normal_coordinates
 from meshes.tagged import HILL_BOUNDARIES, TaggedMesh
 from meshes.unstructured import DEFAULT_GROWTH
@@ -77,10 +77,6 @@ HILL3D_BOUNDARIES: dict[str, int] = {**HILL_BOUNDARIES, "front": 5, "back": 6}
 
 #: Cell tag of the fluid volume of the unstructured meshes (physical group "fluid").
 FLUID_CELL_TAG = 1
-
-# Spline control points per hill flank of the gmsh geometry (flank nodes are snapped to the
-# exact profile afterwards, as in 2-D).
-_FLANK_CONTROL_POINTS = 80
 
 
 class StructuredHill3dGrid(NamedTuple):
@@ -374,26 +370,11 @@ def _build_hill3d_gmsh_model(
     Physical groups: surfaces "bottom", "top", "left", "right", "front", "back" with the values
     of :data:`HILL3D_BOUNDARIES` and the volume "fluid" (tag 1).
     """
+    from meshes.unstructured import grade_from_walls, hill_outline
+
     period = hill_period(alpha)
-    flank = hill_flank_length(alpha)
     geo = gmsh.model.geo
-    left_x = np.linspace(0.0, flank, _FLANK_CONTROL_POINTS + 1)
-    left_y = hill_profile(left_x, alpha)
-    left_y[0], left_y[-1] = 1.0, 0.0
-    left_points = [geo.addPoint(x, y, 0.0) for x, y in zip(left_x, left_y, strict=True)]
-    right_points = [
-        geo.addPoint(period - x, y, 0.0) for x, y in zip(left_x[::-1], left_y[::-1], strict=True)
-    ]
-    top_right = geo.addPoint(period, TOP_WALL_HEIGHT, 0.0)
-    top_left = geo.addPoint(0.0, TOP_WALL_HEIGHT, 0.0)
-    left_flank = geo.addSpline(left_points)
-    floor = geo.addLine(left_points[-1], right_points[0])
-    right_flank = geo.addSpline(right_points)
-    right_side = geo.addLine(right_points[-1], top_right)
-    top = geo.addLine(top_right, top_left)
-    left_side = geo.addLine(top_left, left_points[0])
-    loop = geo.addCurveLoop([left_flank, floor, right_flank, right_side, top, left_side])
-    front = geo.addPlaneSurface([loop])
+    front = geo.addPlaneSurface([hill_outline(gmsh, alpha).loop])
     extruded = geo.extrude([(2, front)], 0.0, 0.0, SPAN_LENGTH)
     geo.synchronize()
     # extrude returns the opposite surface, the volume, then one surface per loop curve.
@@ -421,19 +402,10 @@ def _build_hill3d_gmsh_model(
     model.mesh.setPeriodic(2, [right_surface], [left_surface], translation(period, 0.0))
     model.mesh.setPeriodic(2, [back], [front], translation(0.0, SPAN_LENGTH))
 
-    fields = model.mesh.field
-    distance = fields.add("Distance")
-    fields.setNumbers(distance, "SurfacesList", [*bottom_surfaces, top_surface])
-    fields.setNumber(distance, "Sampling", int(np.ceil(2 * period / wall_size)))
-    threshold = fields.add("Threshold")
-    fields.setNumber(threshold, "InField", distance)
-    fields.setNumber(threshold, "SizeMin", wall_size)
-    fields.setNumber(threshold, "SizeMax", size)
-    fields.setNumber(threshold, "DistMin", 0.0)
-    fields.setNumber(threshold, "DistMax", (size - wall_size) / (growth - 1.0))
-    fields.setAsBackgroundMesh(threshold)
-    for option in ("MeshSizeExtendFromBoundary", "MeshSizeFromPoints", "MeshSizeFromCurvature"):
-        gmsh.option.setNumber(f"Mesh.{option}", 0)
+    grade_from_walls(
+        gmsh, "SurfacesList", [*bottom_surfaces, top_surface],
+        period=period, size=size, wall_size=wall_size, growth=growth,
+    )
     model.mesh.generate(3)
     # gmsh re-projects the periodic copies onto their (spline) surfaces, which moves them by up
     # to ~1e-7: put every slave node exactly at its master plus the translation.

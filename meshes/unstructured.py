@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -96,6 +96,88 @@ def _check_sizes(size: float, wall_size: float, growth: float) -> None:
         )
 
 
+class HillOutline(NamedTuple):
+    """The gmsh curves of the hill's section (z = 0) and their loop (gmsh tags)."""
+
+    left_flank: int
+    floor: int
+    right_flank: int
+    right_side: int
+    top: int
+    left_side: int
+    loop: int
+
+
+def hill_outline(gmsh: Any, alpha: float) -> HillOutline:
+    """Add the outline of the periodic hill's section to the current gmsh ``geo`` model.
+
+    The flanks are splines through the profile, the right one the mirror image of the left
+    (so both crests get exactly the same height). ``left_side`` runs upwards, in the same
+    direction as ``right_side`` (a periodic pair); the loop uses it reversed.
+
+    Args:
+        gmsh: the initialised ``gmsh`` module.
+        alpha: slope factor (> 0).
+    """
+    period = hill_period(alpha)
+    geo = gmsh.model.geo
+    left_x = np.linspace(0.0, hill_flank_length(alpha), _FLANK_CONTROL_POINTS + 1)
+    left_y = hill_profile(left_x, alpha)
+    left_y[0], left_y[-1] = 1.0, 0.0
+    left_points = [geo.addPoint(x, y, 0.0) for x, y in zip(left_x, left_y, strict=True)]
+    right_points = [
+        geo.addPoint(period - x, y, 0.0) for x, y in zip(left_x[::-1], left_y[::-1], strict=True)
+    ]
+    top_right = geo.addPoint(period, TOP_WALL_HEIGHT, 0.0)
+    top_left = geo.addPoint(0.0, TOP_WALL_HEIGHT, 0.0)
+    left_flank = geo.addSpline(left_points)
+    floor = geo.addLine(left_points[-1], right_points[0])
+    right_flank = geo.addSpline(right_points)
+    right_side = geo.addLine(right_points[-1], top_right)
+    top = geo.addLine(top_right, top_left)
+    left_side = geo.addLine(left_points[0], top_left)
+    loop = geo.addCurveLoop([left_flank, floor, right_flank, right_side, top, -left_side])
+    return HillOutline(left_flank, floor, right_flank, right_side, top, left_side, loop)
+
+
+def grade_from_walls(
+    gmsh: Any,
+    walls_key: str,
+    walls: list[int],
+    *,
+    period: float,
+    size: float,
+    wall_size: float,
+    growth: float,
+) -> None:
+    """Cell sizes from ``wall_size`` at the walls growing by ``growth`` to ``size`` (gmsh fields).
+
+    Args:
+        gmsh: the initialised ``gmsh`` module, its model synchronised.
+        walls_key: ``"CurvesList"`` (2-D) or ``"SurfacesList"`` (3-D).
+        walls: the gmsh tags of the wall curves or surfaces.
+        period: the hill's period (the longest wall's length).
+        size: cell size away from the walls.
+        wall_size: cell size at the walls.
+        growth: size ratio of neighbouring cells moving away from a wall (> 1).
+    """
+    fields = gmsh.model.mesh.field
+    distance = fields.add("Distance")
+    fields.setNumbers(distance, walls_key, walls)
+    # About two samples per wall cell along the longest wall (the top, length L).
+    fields.setNumber(distance, "Sampling", int(np.ceil(2 * period / wall_size)))
+    threshold = fields.add("Threshold")
+    fields.setNumber(threshold, "InField", distance)
+    fields.setNumber(threshold, "SizeMin", wall_size)
+    fields.setNumber(threshold, "SizeMax", size)
+    fields.setNumber(threshold, "DistMin", 0.0)
+    # Size grows linearly with distance at slope growth - 1: a geometric progression of cells.
+    fields.setNumber(threshold, "DistMax", (size - wall_size) / (growth - 1.0))
+    fields.setAsBackgroundMesh(threshold)
+    for option in ("MeshSizeExtendFromBoundary", "MeshSizeFromPoints", "MeshSizeFromCurvature"):
+        gmsh.option.setNumber(f"Mesh.{option}", 0)
+
+
 def build_hill_gmsh_model(
     gmsh: Any, alpha: float, *, size: float, wall_size: float, growth: float
 ) -> None:
@@ -112,29 +194,10 @@ def build_hill_gmsh_model(
         growth: size ratio of neighbouring cells moving away from a wall (> 1).
     """
     period = hill_period(alpha)
-    flank = hill_flank_length(alpha)
-    geo = gmsh.model.geo
-
-    left_x = np.linspace(0.0, flank, _FLANK_CONTROL_POINTS + 1)
-    left_y = hill_profile(left_x, alpha)
-    left_y[0], left_y[-1] = 1.0, 0.0
-    left_flank_points = [geo.addPoint(x, y, 0.0) for x, y in zip(left_x, left_y, strict=True)]
-    # The right flank is the mirror image, so both crests get exactly the same height.
-    right_flank_points = [
-        geo.addPoint(period - x, y, 0.0) for x, y in zip(left_x[::-1], left_y[::-1], strict=True)
-    ]
-    top_right = geo.addPoint(period, TOP_WALL_HEIGHT, 0.0)
-    top_left = geo.addPoint(0.0, TOP_WALL_HEIGHT, 0.0)
-
-    left_flank = geo.addSpline(left_flank_points)
-    floor = geo.addLine(left_flank_points[-1], right_flank_points[0])
-    right_flank = geo.addSpline(right_flank_points)
-    right_side = geo.addLine(right_flank_points[-1], top_right)
-    top = geo.addLine(top_right, top_left)
-    left_side = geo.addLine(left_flank_points[0], top_left)  # same direction as right_side
-    loop = geo.addCurveLoop([left_flank, floor, right_flank, right_side, top, -left_side])
-    surface = geo.addPlaneSurface([loop])
-    geo.synchronize()
+    outline = hill_outline(gmsh, alpha)
+    left_flank, floor, right_flank, right_side, top, left_side, _ = outline
+    surface = gmsh.model.geo.addPlaneSurface([outline.loop])
+    gmsh.model.geo.synchronize()
 
     bottom_curves = [left_flank, floor, right_flank]
     model = gmsh.model
@@ -147,22 +210,10 @@ def build_hill_gmsh_model(
     translation = [1, 0, 0, period, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
     model.mesh.setPeriodic(1, [right_side], [left_side], translation)
 
-    fields = model.mesh.field
-    distance = fields.add("Distance")
-    fields.setNumbers(distance, "CurvesList", [*bottom_curves, top])
-    # About two samples per wall cell along the longest wall curve (the top, length L).
-    fields.setNumber(distance, "Sampling", int(np.ceil(2 * period / wall_size)))
-    threshold = fields.add("Threshold")
-    fields.setNumber(threshold, "InField", distance)
-    fields.setNumber(threshold, "SizeMin", wall_size)
-    fields.setNumber(threshold, "SizeMax", size)
-    fields.setNumber(threshold, "DistMin", 0.0)
-    # Size grows linearly with distance at slope growth - 1: a geometric progression of cells.
-    fields.setNumber(threshold, "DistMax", (size - wall_size) / (growth - 1.0))
-    fields.setAsBackgroundMesh(threshold)
-    for option in ("MeshSizeExtendFromBoundary", "MeshSizeFromPoints", "MeshSizeFromCurvature"):
-        gmsh.option.setNumber(f"Mesh.{option}", 0)
-
+    grade_from_walls(
+        gmsh, "CurvesList", [*bottom_curves, top],
+        period=period, size=size, wall_size=wall_size, growth=growth,
+    )
     model.mesh.generate(2)
     for curve in (left_flank, right_flank):
         _snap_curve_nodes_to_profile(gmsh, curve, alpha)
