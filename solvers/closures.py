@@ -172,6 +172,7 @@ class PdeClosure(Closure):
             reaction_exponent=physics.reaction_exponent,
             gamma=physics.gamma,
             tau_p=physics.tau_p,
+            supg_length=physics.supg_length,
             constraint=problem.constraint,
         )
         self._newton = {"rtol": rtol, "atol": atol, "max_iterations": max_iterations}

@@ -16,11 +16,13 @@ Numerical choices, all explicit:
   ``eps^(1+p)``. ``eps`` is the ``regularization`` argument, 1e-8 by default. The same
   regularisation (p = 1/2) is used for ``sqrt(tau_P)`` in the coupled mode.
 - The SUPG parameter is ``tau_s = ((2|u|/h)^2 + 9 (4 D / h^2)^2)^(-1/2)`` with h the cell
-  diameter: the standard smooth interpolation of the Peclet-number formula
-  ``h/(2|u|) (coth Pe - 1/Pe)`` between its limits ``h/(2|u|)`` (Pe -> oo) and ``h^2/(12 D)``
-  (Pe -> 0). It never divides by zero for D > 0, so a zero velocity is a plain
-  diffusion-reaction problem. The stabilisation is residual based (the full strong residual,
-  source included), so the method stays consistent; tau_s does not depend on tau.
+  diameter (``supg_length="diameter"``, the default) or the cell's extent along u,
+  ``|u| / |J^-1 u|`` (``"flow"``, :func:`element_length`): the standard smooth interpolation
+  of the Peclet-number formula ``h/(2|u|) (coth Pe - 1/Pe)`` between its limits ``h/(2|u|)``
+  (Pe -> oo) and ``h^2/(12 D)`` (Pe -> 0). It never divides by zero for D > 0, so a zero
+  velocity is a plain diffusion-reaction problem. The stabilisation is residual based (the
+  full strong residual, source included), so the method stays consistent; tau_s does not
+  depend on tau.
 - Newton's method has a backtracking line search on the residual norm, checks the PETSc
   converged reason of each linear solve and raises :class:`SolverDivergedError` when it
   cannot converge.
@@ -52,7 +54,7 @@ from solvers.linalg import (
     format_history,
     solve_linear,
 )
-from vcnn.physics import DEFAULT_PHYSICS, PRODUCTION_MODES
+from vcnn.physics import DEFAULT_PHYSICS, PRODUCTION_MODES, SUPG_LENGTHS
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,38 @@ def supg_parameter(
     return 1.0 / ufl.sqrt(advective**2 + 9.0 * diffusive**2)
 
 
+def element_length(
+    mesh: dolfinx.mesh.Mesh, velocity: ufl.core.expr.Expr, kind: str
+) -> ufl.core.expr.Expr:
+    """The element length h of the SUPG parameter (UFL, cell-wise or per quadrature point).
+
+    Args:
+        mesh: the mesh.
+        velocity: (d,) UFL vector.
+        kind: ``"diameter"``: ``ufl.CellDiameter``; ``"flow"``: the cell's extent along u,
+            ``|u| / |J^-1 u|`` with J the Jacobian of the map from the reference cell, and the
+            diameter where ``|J^-1 u|`` vanishes (u = 0). On an extruded cell J is block
+            diagonal, so for an in-plane u the flow length is the 2-D cell's: it does not
+            depend on the cell size across the flow.
+
+    Returns:
+        Scalar UFL expression, positive.
+    """
+    if kind not in SUPG_LENGTHS:
+        raise ValueError(f"unknown SUPG length {kind!r}: use one of {SUPG_LENGTHS}")
+    diameter = ufl.CellDiameter(mesh)
+    if kind == "diameter":
+        return diameter
+    reference = ufl.dot(ufl.inv(ufl.Jacobian(mesh)), velocity)
+    reference_speed = ufl.sqrt(ufl.dot(reference, reference))
+    speed = ufl.sqrt(ufl.dot(velocity, velocity))
+    # a relative floor: below it u is zero to round-off and the quotient is 0/0
+    floor = 1e-12 * speed / diameter + 1e-300
+    return ufl.conditional(
+        ufl.gt(reference_speed, floor), speed / ufl.max_value(reference_speed, floor), diameter
+    )
+
+
 def transport_residual_form(
     tau: fem.Function,
     velocity: ufl.core.expr.Expr,
@@ -120,6 +154,7 @@ def transport_residual_form(
     reaction: ufl.core.expr.Expr | float = 0.0,
     source: ufl.core.expr.Expr | float = 0.0,
     supg: bool = True,
+    supg_length: str = DEFAULT_PHYSICS.supg_length,
     quadrature_degree: int = 4,
 ) -> ufl.Form:
     """Residual of ``u . grad(tau) - div(D grad tau) + r(tau) = f`` with SUPG (UFL form).
@@ -136,6 +171,7 @@ def transport_residual_form(
         reaction: reaction term r(tau), a UFL expression of ``tau`` (e.g. nonlinear).
         source: source term f (a UFL expression, e.g. a manufactured one).
         supg: add the SUPG term.
+        supg_length: the element length of the SUPG parameter (:func:`element_length`).
         quadrature_degree: degree of the cell quadrature. UFL's estimate explodes for the
             fractional powers of the reaction (degree ~40); 4 integrates the P1 x P2 products
             of the tau equation exactly and the rest to well below the discretisation error.
@@ -161,7 +197,9 @@ def transport_residual_form(
             + reaction
             - source
         )
-        stabilisation = supg_parameter(velocity, diffusivity_constant, ufl.CellDiameter(mesh))
+        stabilisation = supg_parameter(
+            velocity, diffusivity_constant, element_length(mesh, velocity, supg_length)
+        )
         residual += stabilisation * ufl.dot(velocity, ufl.grad(test)) * strong * dx
     return residual
 
@@ -439,6 +477,7 @@ def tau_residual_form(
     reaction_exponent: float = DEFAULT_PHYSICS.reaction_exponent,
     gamma: float = DEFAULT_PHYSICS.gamma,
     tau_p: float = DEFAULT_PHYSICS.tau_p,
+    supg_length: str = DEFAULT_PHYSICS.supg_length,
     regularization: float = 1e-8,
 ) -> ufl.Form:
     """Residual form of the tau equation of docs/physics.md (see :func:`solve_tau`)."""
@@ -454,7 +493,8 @@ def tau_residual_form(
     source = gamma * length * production_sqrt * strain_rate**2
     reaction = zeta * regularized_abs_power(tau, reaction_exponent, regularization) * tau
     return transport_residual_form(
-        tau, velocity, diffusivity=diffusivity, reaction=reaction, source=source
+        tau, velocity, diffusivity=diffusivity, reaction=reaction, source=source,
+        supg_length=supg_length,
     )
 
 
@@ -515,6 +555,7 @@ class TauSolver:
         reaction_exponent: float = DEFAULT_PHYSICS.reaction_exponent,
         gamma: float = DEFAULT_PHYSICS.gamma,
         tau_p: float = DEFAULT_PHYSICS.tau_p,
+        supg_length: str = DEFAULT_PHYSICS.supg_length,
         regularization: float = 1e-8,
         constraint=None,
         petsc_options: Mapping[str, object] | None = None,
@@ -546,6 +587,7 @@ class TauSolver:
             zeta=zeta,
             reaction_exponent=reaction_exponent,
             gamma=gamma,
+            supg_length=supg_length,
             regularization=regularization,
         )
         self.production = production
@@ -713,6 +755,7 @@ def solve_tau(
     rtol: float = 1e-10,
     atol: float = 1e-13,
     max_iterations: int = 30,
+    supg_length: str = DEFAULT_PHYSICS.supg_length,
     regularization: float = 1e-8,
     constraint=None,
     petsc_options: Mapping[str, object] | None = None,
@@ -747,6 +790,8 @@ def solve_tau(
         rtol: relative tolerance on the residual norm.
         atol: absolute tolerance on the residual norm.
         max_iterations: Newton iterations at most (per Newton solve).
+        supg_length: element length of the SUPG parameter, ``"diameter"`` or ``"flow"``
+            (:func:`element_length`).
         regularization: eps of :func:`regularized_sqrt`.
         constraint: a prebuilt PeriodicConstraint on V (built from spec when None and the spec
             is periodic); pass it when solving repeatedly on the same space.
@@ -775,6 +820,7 @@ def solve_tau(
         reaction_exponent=reaction_exponent,
         gamma=gamma,
         tau_p=tau_p,
+        supg_length=supg_length,
         regularization=regularization,
         constraint=constraint,
         petsc_options=petsc_options,

@@ -20,6 +20,7 @@ from solvers.transport import (
     transport_residual_form,
 )
 from tests.mpi_scripts.tau_channel import BOUNDARIES, channel
+from vcnn.physics import Physics
 
 COMM = MPI.COMM_WORLD
 SCRIPT = Path(__file__).parent / "mpi_scripts" / "tau_channel.py"
@@ -31,7 +32,9 @@ def _l2(expression, mesh) -> float:
     return float(np.sqrt(COMM.allreduce(value, op=MPI.SUM)))
 
 
-def _mms_error(n: int, diffusivity: float, exponent: float) -> float:
+def _mms_error(
+    n: int, diffusivity: float, exponent: float, supg_length: str = "diameter"
+) -> float:
     mesh = dmesh.create_unit_square(COMM, n, n)
     V = fem.functionspace(mesh, ("Lagrange", 1))
     x = ufl.SpatialCoordinate(mesh)
@@ -48,7 +51,8 @@ def _mms_error(n: int, diffusivity: float, exponent: float) -> float:
     )
     tau = fem.Function(V)
     residual = transport_residual_form(
-        tau, velocity, diffusivity=diffusivity, reaction=reaction(tau), source=source
+        tau, velocity, diffusivity=diffusivity, reaction=reaction(tau), source=source,
+        supg_length=supg_length,
     )
     boundary_values = fem.Function(V)
     boundary_values.interpolate(fem.Expression(exact, V.element.interpolation_points))
@@ -68,6 +72,24 @@ def test_manufactured_solution_converges_at_second_order(diffusivity, min_rate, 
     errors = np.array([_mms_error(n, diffusivity, exponent) for n in (8, 16, 32)])
     rates = np.log2(errors[:-1] / errors[1:])
     assert np.all(rates > min_rate), (errors, rates)
+
+
+def test_flow_aligned_supg_length_keeps_the_rate_and_stays_consistent():
+    # The flow-aligned element length (physics.supg_length = "flow") changes only the amount
+    # of (consistent) stabilisation: the same rates, and an error of the same size.
+    flow = np.array([_mms_error(n, 0.01, 1.0, "flow") for n in (8, 16, 32)])
+    diameter = np.array([_mms_error(n, 0.01, 1.0) for n in (8, 16, 32)])
+    rates = np.log2(flow[:-1] / flow[1:])
+    assert np.all(rates > 1.7), (flow, rates)
+    assert not np.allclose(flow, diameter, rtol=1e-6)
+    assert np.all(flow < 2 * diameter)
+
+
+def test_unknown_supg_length_is_refused():
+    with pytest.raises(ValueError, match="supg_length must be one of"):
+        Physics(supg_length="cell")
+    with pytest.raises(ValueError, match="unknown SUPG length"):
+        _mms_error(4, 0.1, 1.0, "cell")
 
 
 def _poiseuille_tau(ny: int, *, production: str = "frozen", velocity_scale: float = 1.0):

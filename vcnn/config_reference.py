@@ -397,7 +397,7 @@ def reference_tables() -> list[TableDoc]:
     from solvers.simulate import PHYSICS_TABLE_KEYS as SIMULATE_PHYSICS_KEYS
     from vcnn.clouds import CloudOptions
     from vcnn.features import FeatureSpec
-    from vcnn.physics import CONSTANT_RANGES, Physics
+    from vcnn.physics import CHOICE_CONSTANTS, CONSTANT_RANGES, Physics
     from vcnn.training import TrainConfig
     from vcnn.training.config import BATCH_GROUPINGS, SCHEDULERS
 
@@ -405,6 +405,10 @@ def reference_tables() -> list[TableDoc]:
         raise RuntimeError(f"boundary roles {BOUNDARY_ROLES} are not all documented")
     parsers = _verb_parsers()
     constants = _range_texts(CONSTANT_RANGES)
+    constants.update({
+        name: ", ".join(f'"{value}"' for value in values)
+        for name, values in CHOICE_CONSTANTS.items()
+    })
     physics_meanings = docstring_section(Physics)
     tables: list[TableDoc] = []
 

@@ -23,10 +23,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 __all__ = [
+    "CHOICE_CONSTANTS",
     "CONSTANT_RANGES",
     "KAPPA",
     "MIXING_LENGTH_CAP",
     "PRODUCTION_MODES",
+    "SUPG_LENGTHS",
     "Physics",
     "PhysicsMismatchError",
     "Range",
@@ -40,6 +42,10 @@ KAPPA = 0.41
 MIXING_LENGTH_CAP = 0.09 * 1.5
 #: Production modes of the tau equation.
 PRODUCTION_MODES = ("frozen", "coupled")
+#: Element lengths h of the tau equation's SUPG parameter (docs/physics.md).
+SUPG_LENGTHS = ("diameter", "flow")
+#: The constants that are names, with their allowed values.
+CHOICE_CONSTANTS = {"production": PRODUCTION_MODES, "supg_length": SUPG_LENGTHS}
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,11 @@ class Physics:
         production: ``"frozen"`` (P fixed by tau_p) or ``"coupled"`` (tau_P = tau).
         c_k: eddy-viscosity coefficient of two-way coupling, nu_t = C_k l_m sqrt(max(tau, 0));
             0 is one-way (the flow does not see tau).
+        supg_length: element length h of the tau equation's SUPG parameter: ``"diameter"``
+            (the cell diameter; the published data and the shipped models) or ``"flow"`` (the
+            cell's extent along u, ``|u| / |J^-1 u|``, the diameter where u = 0). ``"flow"``
+            does not depend on the cell size across the flow, so an extruded 3-D case
+            reproduces its 2-D section whatever the spanwise cells.
 
     The allowed values of each constant are in :data:`CONSTANT_RANGES` (all positive and
     finite; C_k may be 0).
@@ -146,14 +157,16 @@ class Physics:
     tau_p: float = 0.001
     production: str = "frozen"
     c_k: float = 0.0
+    supg_length: str = "diameter"
 
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
-            if item.name == "production":
-                if value not in PRODUCTION_MODES:
+            if item.name in CHOICE_CONSTANTS:
+                allowed = CHOICE_CONSTANTS[item.name]
+                if value not in allowed:
                     raise ValueError(
-                        f"physics.production must be one of {PRODUCTION_MODES}, got {value!r}"
+                        f"physics.{item.name} must be one of {allowed}, got {value!r}"
                     )
                 continue
             object.__setattr__(self, item.name, check_constant(item.name, value))

@@ -127,14 +127,23 @@ def tau_mms_error(n: int, cell_type: str, comm: MPI.Comm = MPI.COMM_WORLD) -> fl
 
 @dataclass
 class HillSolution:
-    """Flow and frozen tau on one hill mesh (serial helpers: fields stay on their ranks)."""
+    """Flow and frozen tau on one hill mesh (serial helpers: fields stay on their ranks).
+
+    Attributes:
+        tagged: the mesh.
+        flow: the flow solution.
+        taus: the frozen tau with each SUPG element length asked for (``"diameter"``,
+            ``"flow"``: :func:`solvers.transport.element_length`).
+    """
 
     tagged: TaggedMesh
     flow: FlowSolution
-    tau: TauSolution
+    taus: dict[str, TauSolution]
 
 
-def solve_hill(tagged: TaggedMesh) -> HillSolution:
+def solve_hill(
+    tagged: TaggedMesh, *, supg_lengths: tuple[str, ...] = ("diameter",)
+) -> HillSolution:
     """Flow (Re = 100, bulk velocity held) and frozen tau (p = 1) on a tagged hill mesh."""
     spec = hill_boundary_spec(tagged.boundaries, tagged.period)
     flow = solve_flow(tagged.mesh, tagged.facet_tags, spec)
@@ -152,8 +161,14 @@ def solve_hill(tagged: TaggedMesh) -> HillSolution:
     constraint = PeriodicConstraint(V, tagged.facet_tags, spec.periodic, excluded_dofs=boundary)
     strain = strain_rate_magnitude(flow.u, V, constraint=constraint)
     distance = wall_distance_function(V, tagged.facet_tags, spec.walls, period=tagged.period)
-    tau = solve_tau(V, flow.u, strain, distance, tagged.facet_tags, spec, constraint=constraint)
-    return HillSolution(tagged=tagged, flow=flow, tau=tau)
+    taus = {
+        length: solve_tau(
+            V, flow.u, strain, distance, tagged.facet_tags, spec, constraint=constraint,
+            supg_length=length,
+        )
+        for length in supg_lengths
+    }
+    return HillSolution(tagged=tagged, flow=flow, taus=taus)
 
 
 def _relative_difference_on_section(
@@ -177,9 +192,11 @@ def hill_section_comparison(
     """Extruded hill (a = 0) against the 2-D hill of the same section. Serial only.
 
     Returns:
-        ``velocity_rel_l2`` (in-plane components), ``tau_rel_l2``, ``spanwise_velocity`` (max
-        |u_z| / bulk velocity), ``body_force_rel`` and ``tau_integral_rel`` (the 3-D integral
-        per unit span against the 2-D one), and the sizes.
+        ``velocity_rel_l2`` (in-plane components), ``tau_rel_l2`` and ``tau_rel_l2_flow_length``
+        (the SUPG element length: the cell diameter, the default, and the flow-aligned length),
+        ``spanwise_velocity`` (max |u_z| / bulk velocity), ``body_force_rel`` and
+        ``tau_integral_rel`` (the 3-D integral per unit span against the 2-D one, diameter
+        length), and the sizes.
     """
     section = structured_hill_mesh(alpha, resolution=resolution, comm=MPI.COMM_SELF)
     if kind == "hexahedron":
@@ -188,16 +205,24 @@ def hill_section_comparison(
         )
     else:
         tagged = unstructured_hill3d_mesh(alpha, size=span_cells, comm=MPI.COMM_SELF)
-    two = solve_hill(section)
-    three = solve_hill(tagged)
+    lengths = ("diameter", "flow")
+    two = solve_hill(section, supg_lengths=lengths)
+    three = solve_hill(tagged, supg_lengths=lengths)
     span = tagged.period[2]
     velocity = three.flow.u.x.array.reshape(-1, 3)
+    tau_difference = {
+        length: _relative_difference_on_section(three.taus[length].tau, two.taus[length].tau, 1)
+        for length in lengths
+    }
     return {
         "velocity_rel_l2": _relative_difference_on_section(three.flow.u, two.flow.u, 2),
-        "tau_rel_l2": _relative_difference_on_section(three.tau.tau, two.tau.tau, 1),
+        "tau_rel_l2": tau_difference["diameter"],
+        "tau_rel_l2_flow_length": tau_difference["flow"],
         "spanwise_velocity": float(np.abs(velocity[:, 2]).max() / three.flow.bulk_velocity),
         "body_force_rel": abs(three.flow.body_force / two.flow.body_force - 1),
-        "tau_integral_rel": abs(three.tau.integral / span / two.tau.integral - 1),
+        "tau_integral_rel": abs(
+            three.taus["diameter"].integral / span / two.taus["diameter"].integral - 1
+        ),
         "flow_dofs_2d": two.flow.num_dofs,
         "flow_dofs_3d": three.flow.num_dofs,
     }
@@ -220,11 +245,11 @@ def hill3d_summary(
     )
     solution = solve_hill(tagged)
     velocity = solution.flow.u.x.array
-    tau = solution.tau.tau.x.array
+    tau = solution.taus["diameter"].tau.x.array
     return {
         "body_force": solution.flow.body_force,
         "bulk_velocity": solution.flow.bulk_velocity,
-        "tau_integral": solution.tau.integral,
+        "tau_integral": solution.taus["diameter"].integral,
         "max_velocity": comm.allreduce(float(np.abs(velocity).max()), op=MPI.MAX),
         "max_tau": comm.allreduce(float(tau.max()), op=MPI.MAX),
         "num_dofs": solution.flow.num_dofs,

@@ -32,7 +32,7 @@ from vcnn.atomic import atomic_write_text
 RESULTS = Path("results/verification3d")
 # Checks: observed rate on the finest pair, and the extruded-hill flow.
 VELOCITY_RATE_MIN, PRESSURE_RATE_MIN, TAU_RATE_MIN = 2.7, 1.8, 1.6
-SECTION_VELOCITY_MAX, SPANWISE_MAX = 5e-3, 1e-6
+SECTION_VELOCITY_MAX, SECTION_TAU_MAX, SPANWISE_MAX = 5e-3, 5e-3, 1e-6
 
 
 def main() -> int:
@@ -87,6 +87,11 @@ def main() -> int:
         print(f"| {key} | {value:.3g} |")
     if not section["velocity_rel_l2"] < SECTION_VELOCITY_MAX:
         failures.append(f"extruded-hill velocity differs by {section['velocity_rel_l2']:.3g}")
+    if not section["tau_rel_l2_flow_length"] < SECTION_TAU_MAX:
+        failures.append(
+            f"extruded-hill tau (flow-aligned SUPG length) differs by "
+            f"{section['tau_rel_l2_flow_length']:.3g}"
+        )
     if not section["spanwise_velocity"] < SPANWISE_MAX:
         failures.append(f"spanwise velocity {section['spanwise_velocity']:.3g} of the bulk")
     RESULTS.mkdir(parents=True, exist_ok=True)
