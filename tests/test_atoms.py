@@ -7,13 +7,21 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from experiments.atoms.fit import TrainSettings, evaluate, model_config, train
+from experiments.atoms.fit import (
+    TrainSettings,
+    evaluate,
+    model_config,
+    output_layer_rows,
+    refit_output_layer,
+    train,
+)
 from experiments.atoms.lj import GenerationSettings, fcc_lattice, generate, lj_energy_forces
 from experiments.atoms.md import energy_drift, radial_distribution, velocity_verlet
 from vcnn.atoms import (
@@ -231,6 +239,46 @@ def test_short_training_lowers_the_force_error(tiny_data, tmp_path):
     loaded = load_atomic_model(path)
     positions = test_set.positions[:1]
     assert torch.equal(loaded(positions, box=data.box), result.model(positions, box=data.box))
+
+
+def _final_loss(model, data, settings) -> torch.Tensor:
+    """The final loss of `train` (p_E, p_F at a vanishing learning rate), with its graph."""
+    prediction = model.energy_and_forces(data.positions.double(), box=data.box, create_graph=True)
+    atoms = data.positions.shape[1]
+    force_unit = float(data.forces.pow(2).mean().sqrt())
+    energy = (((prediction.energy - data.energy) / atoms) ** 2).mean() / settings.energy_unit**2
+    forces = ((prediction.forces - data.forces) ** 2).mean() / force_unit**2
+    return settings.final_energy_weight * energy + settings.final_force_weight * forces
+
+
+def test_output_layer_refit_is_the_least_squares_minimiser(tiny_data):
+    data, _ = tiny_data
+    train_set = data.subset(slice(0, 6))
+    torch.manual_seed(0)
+    model = AtomicEnergyModel.vector_cloud(model_config(train_set)).double()
+    settings = TrainSettings(steps=20, batch=2, learning_rate=1e-2, final_learning_rate=1e-2)
+    model = train(model, train_set, settings).model
+    # the rows are affine: rows @ theta + rest reproduces the model's energies and forces
+    rows = output_layer_rows(model, train_set, force_configurations=len(train_set))
+    last = model.standardisation.inner.layers[-1]
+    theta = torch.cat([last.weight.detach()[0], last.bias.detach()])
+    prediction = model.energy_and_forces(train_set.positions.double(), box=data.box)
+    assert torch.allclose(rows.energy_rows @ theta + rows.energy_rest, prediction.energy)
+    assert torch.allclose(rows.force_rows @ theta + rows.force_rest, prediction.forces)
+    loss = _final_loss(model, train_set, settings)
+    before = float(loss.detach())
+    gradient_before = torch.autograd.grad(loss, [last.weight, last.bias])
+    refit = replace(settings, refit_force_configurations=len(train_set))
+    model = refit_output_layer(model, train_set, refit)
+    loss = _final_loss(model, train_set, settings)
+    assert float(loss.detach()) < before
+    # at the minimiser the loss is stationary in the last layer's parameters
+    gradient = torch.autograd.grad(loss, [last.weight, last.bias])
+
+    def largest(values) -> float:
+        return float(torch.cat([value.abs().flatten() for value in values]).max())
+
+    assert largest(gradient) < 1e-3 * largest(gradient_before)
 
 
 def test_descriptor_standardisation_centres_the_fitting_input_and_keeps_symmetry(tiny_data):

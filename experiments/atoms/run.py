@@ -7,8 +7,10 @@ Usage::
 1. Data: 108 Lennard-Jones atoms (reduced units, shifted-force cutoff 2.5, density 0.8442,
    periodic cubic box) from an fcc start, Langevin dynamics at T = 0.8, 1.1, 1.4; a quarter of
    the samples randomly displaced (sigma 0.03). Energies and forces from the exact potential.
-2. Training on T = 0.8 and 1.4 (energies and forces together); held-out configurations of
-   those temperatures and all of T = 1.1 (a temperature not trained on) are the test sets.
+2. Training on T = 0.8 and 1.4 (energies and forces together), then the last layer of the
+   fitting net set to the exact minimiser of the final loss by linear least squares
+   (:func:`experiments.atoms.fit.refit_output_layer`); held-out configurations of those
+   temperatures and all of T = 1.1 (a temperature not trained on) are the test sets.
 3. Symmetry in float64 (:func:`vcnn.symmetry.check_point_set_symmetry`): a free cluster under
    random rotations, reflections, translations and permutations; the periodic box under the
    cube's symmetries, translations and permutations.
@@ -100,7 +102,10 @@ def settings_for(*, quick: bool, seed: int) -> RunSettings:
                 equilibration_steps=800, steps_between_samples=20, seed=seed,
             ),
             test_per_temperature=10,
-            training=TrainSettings(steps=QUICK_STEPS, batch=2, seed=seed),
+            training=TrainSettings(
+                steps=QUICK_STEPS, batch=2, seed=seed, refit_output_layer=True,
+                refit_force_configurations=16,
+            ),
             nve_steps=1000,
             efficiency_sizes=(1, 3, 10, 30, 100),
             efficiency_training=TrainSettings(steps=QUICK_EFFICIENCY_STEPS, batch=1, seed=seed),
@@ -113,7 +118,9 @@ def settings_for(*, quick: bool, seed: int) -> RunSettings:
             equilibration_steps=2000, steps_between_samples=40, seed=seed,
         ),
         test_per_temperature=30,
-        training=TrainSettings(steps=8000, batch=4, final_learning_rate=1e-4, seed=seed),
+        training=TrainSettings(
+            steps=8000, batch=4, final_learning_rate=1e-4, seed=seed, refit_output_layer=True,
+        ),
         nve_steps=10_000,
         efficiency_sizes=(1, 3, 10, 30, 100, 300),
         efficiency_training=TrainSettings(steps=1000, batch=2, seed=seed),
