@@ -45,6 +45,7 @@ __all__ = [
     "check_boundaries_table",
     "check_case_name",
     "check_config_flow_source",
+    "check_hill_dimension",
     "hill_case_name",
     "inlet_profile",
     "package_versions",
@@ -376,6 +377,62 @@ class CaseJob(NamedTuple):
     crest_amplitude: float | None = None
 
 
+def check_hill_dimension(
+    dim: Any, crest_amplitudes: list[float] | None, mesh: MeshConfig
+) -> list[float] | None:
+    """Check the dimension settings of a hill run; the crest amplitudes it resolves to.
+
+    In 2-D the 3-D settings (crest amplitudes, span layers) are refused; in 3-D the crest
+    amplitudes default to ``[0.0]`` (the extruded hill) and must lie in
+    ``[0, meshes.hills3d.MAX_CREST_AMPLITUDE]``, and a file mesh or a structured cell type
+    other than hexahedra is refused. Shared by generate and simulate.
+
+    Args:
+        dim: the run's ``dim`` (2 or 3).
+        crest_amplitudes: the run's ``crest_amplitudes`` (None: not given).
+        mesh: the run's mesh settings.
+
+    Returns:
+        The crest amplitudes as floats (3-D), or None (2-D).
+
+    Raises:
+        ConfigError: a dimension other than 2 or 3, or a setting the dimension does not take.
+    """
+    if isinstance(dim, bool) or dim not in (2, 3):
+        raise ConfigError(f"dim must be 2 or 3, got {dim!r}")
+    if dim == 2:
+        for key, value in (
+            ("crest_amplitudes (--crest-amplitudes)", crest_amplitudes),
+            ("mesh.span_cells (--span-cells)", mesh.span_cells),
+        ):
+            if value is not None:
+                raise ConfigError(
+                    f"{key} is a setting of the 3-D hills: give --dim 3 (dim = 3), or "
+                    "leave it out"
+                )
+        return None
+    from meshes.hills3d import MAX_CREST_AMPLITUDE
+
+    amplitudes = [float(a) for a in crest_amplitudes or [0.0]]
+    bad = [a for a in amplitudes if not 0.0 <= a <= MAX_CREST_AMPLITUDE]
+    if bad:
+        raise ConfigError(
+            f"crest amplitudes must lie in [0, {MAX_CREST_AMPLITUDE:g}] (h(z) = 1 + a "
+            f"cos(2 pi z / L_z); 0: the extruded 2-D hill), got {bad}"
+        )
+    if mesh.kind == "file":
+        raise ConfigError(
+            "dim = 3: a file mesh is as many dimensions as its file: leave --dim out "
+            "(dim = 3 makes the 3-D hills)"
+        )
+    if mesh.cell_type != "quadrilateral":
+        raise ConfigError(
+            "dim = 3: the structured 3-D hill is made of hexahedra: leave --cell-type out, "
+            "or use --mesh unstructured for tetrahedra"
+        )
+    return amplitudes
+
+
 def case_jobs(config: Any, *, section: str = "generate") -> list[CaseJob]:
     """Every case of a run: one per hill slope factor, or per user mesh and script parameters.
 
@@ -603,9 +660,7 @@ def boundary_spec(config: Any, tagged) -> BoundarySpec:
     periodic = []
     for pair in table.get("periodic", []):
         check_keys(pair, {"slave", "master", "translation"}, "a periodic pair")
-        periodic.append(
-            PeriodicPair(tag(pair["slave"]), tag(pair["master"]), tuple(pair["translation"]))
-        )
+        periodic.append(_periodic_pair(pair, tagged, tag, where=where))
     walls = tuple(tag(n) for n in table.get("walls", []))
     outlets = tuple(tag(n) for n in [*table.get("outlets", []), *table.get("natural", [])])
     listed = _listed_boundaries(table)
@@ -624,6 +679,45 @@ def boundary_spec(config: Any, tagged) -> BoundarySpec:
     return BoundarySpec(
         walls=walls, inlets=inlets, outlets=outlets, periodic=tuple(periodic)
     )
+
+
+def _periodic_pair(
+    pair: Mapping[str, Any], tagged, tag: Callable[[str], int], *, where: str
+) -> PeriodicPair:
+    """A periodic pair of the boundaries table, its translation found (when left out) and checked.
+
+    The translation is optional: the offset between the two tagged surfaces (2-D or 3-D);
+    given or found, the surfaces must map onto each other (:func:`matched_translation`).
+
+    Raises:
+        ConfigError: a translation that is not a list of numbers.
+        PeriodicPairingError: surfaces that do not match, or a translation of the wrong size.
+    """
+    from solvers.periodic import matched_translation
+
+    translation = pair.get("translation")
+    if translation is not None and (
+        not isinstance(translation, list | tuple)
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in translation
+        )
+    ):
+        raise ConfigError(
+            f"{where} periodic pair {pair['slave']!r} -> {pair['master']!r}: translation must "
+            f"be a list of finite numbers (or left out: found from the surfaces), got "
+            f"{translation!r}"
+        )
+    slave, master = tag(pair["slave"]), tag(pair["master"])
+    found = matched_translation(
+        tagged.mesh,
+        tagged.facet_tags,
+        slave,
+        master,
+        translation=translation,
+        names=(pair["slave"], pair["master"]),
+    )
+    return PeriodicPair(slave, master, found)
 
 
 def _listed_boundaries(table: Mapping[str, Any]) -> list[str]:

@@ -38,6 +38,7 @@ from solvers.case_setup import (
     check_boundaries_table,
     check_case_name,
     check_config_flow_source,
+    check_hill_dimension,
     hill_case_name,
     inlet_profile,
     package_versions,
@@ -230,41 +231,12 @@ class GenerateConfig:
 
     def _check_dimension(self) -> None:
         """Refuse 3-D settings in 2-D, and in 3-D what does not work there yet."""
-        if isinstance(self.dim, bool) or self.dim not in (2, 3):
-            raise ConfigError(f"dim must be 2 or 3, got {self.dim!r}")
-        if self.dim == 2:
-            for key, value in (
-                ("crest_amplitudes (--crest-amplitudes)", self.crest_amplitudes),
-                ("mesh.span_cells (--span-cells)", self.mesh.span_cells),
-            ):
-                if value is not None:
-                    raise ConfigError(
-                        f"{key} is a setting of the 3-D hills: give --dim 3 (dim = 3), or "
-                        "leave it out"
-                    )
-            return
-        from meshes.hills3d import MAX_CREST_AMPLITUDE
-
-        self.crest_amplitudes = [float(a) for a in self.crest_amplitudes or [0.0]]
-        bad = [a for a in self.crest_amplitudes if not 0.0 <= a <= MAX_CREST_AMPLITUDE]
-        if bad:
+        self.crest_amplitudes = check_hill_dimension(self.dim, self.crest_amplitudes, self.mesh)
+        if self.dim == 3 and self.c_k > 0:
             raise ConfigError(
-                f"crest amplitudes must lie in [0, {MAX_CREST_AMPLITUDE:g}] (h(z) = 1 + a "
-                f"cos(2 pi z / L_z); 0: the extruded 2-D hill), got {bad}"
+                "dim = 3: the coupled closure (c_k > 0) is not available in 3-D yet (generate): "
+                "give c_k = 0 (one-way)"
             )
-        refusals = (
-            (self.mesh.kind == "file", "a file mesh is as many dimensions as its file: leave "
-             "--dim out (dim = 3 makes the 3-D hills)"),
-            (self.mesh.cell_type != "quadrilateral", "the structured 3-D hill is made of "
-             "hexahedra: leave --cell-type out, or use --mesh unstructured for tetrahedra"),
-            (self.flow_from is not None, "--flow-from (flow_from) does not take 3-D sources "
-             "yet: leave it out to solve the 3-D flow"),
-            (self.c_k > 0, "the coupled closure (c_k > 0) is not available in 3-D yet: "
-             "give c_k = 0 (one-way)"),
-        )
-        for refused, message in refusals:
-            if refused:
-                raise ConfigError(f"dim = 3: {message}")
 
     @classmethod
     def from_dict(

@@ -31,7 +31,7 @@ from solvers.boundaries import PeriodicPair
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PeriodicConstraint", "PeriodicPairingError"]
+__all__ = ["PeriodicConstraint", "PeriodicPairingError", "matched_translation"]
 
 
 class PeriodicPairingError(ValueError):
@@ -484,3 +484,121 @@ class PeriodicConstraint:
     def destroy(self) -> None:
         """Free the PETSc matrix."""
         self.K.destroy()
+
+
+def matched_translation(
+    mesh: dolfinx.mesh.Mesh,
+    facet_tags: dolfinx.mesh.MeshTags,
+    slave: int,
+    master: int,
+    *,
+    translation: Sequence[float] | None = None,
+    names: tuple[str, str] | None = None,
+    rtol: float = 1e-8,
+) -> tuple[float, ...]:
+    """The translation of a periodic pair of tagged surfaces, found or given, and checked.
+
+    Without ``translation`` it is the offset between the centres of the two surfaces'
+    bounding boxes. Either way every vertex of the slave surface, translated, must be a vertex
+    of the master surface and the other way round (node-matched sides, as a periodic mesh
+    writer such as gmsh's ``setPeriodic`` makes them); components below the tolerance are set
+    to exactly 0, so that an axis-aligned pair counts as a period along its axis (see
+    :func:`solvers.boundaries.periodic_lengths`). The vertices are gathered on rank 0 (two
+    surfaces, not the mesh) and the result is broadcast (collective).
+
+    Args:
+        mesh: the mesh (geometric dimension d).
+        facet_tags: its facet tags.
+        slave: facet tag of the slave surface (a point x there is x + translation on master).
+        master: facet tag of the master surface.
+        translation: (d,) the user's translation, checked; None: found.
+        names: the boundaries' names for the messages (default: their tags).
+        rtol: match tolerance relative to the mesh's extent.
+
+    Returns:
+        (d,) float translation from the slave to the master surface.
+
+    Raises:
+        PeriodicPairingError: a translation with other than d components, an empty surface,
+            or surfaces that the translation does not map onto each other (naming both and a
+            vertex without a partner).
+    """
+    from dolfinx.mesh import entities_to_geometry
+
+    comm = mesh.comm
+    gdim = mesh.geometry.dim
+    slave_name, master_name = names or (f"tag {slave}", f"tag {master}")
+    what = f"periodic pair slave {slave_name!r} -> master {master_name!r}"
+    if translation is not None and len(translation) != gdim:
+        raise PeriodicPairingError(
+            f"{what}: the translation {list(translation)} has {len(translation)} components "
+            f"but the mesh is {gdim}-D"
+        )
+    fdim = mesh.topology.dim - 1
+    mesh.topology.create_connectivity(fdim, 0)
+
+    def surface(tag: int) -> np.ndarray:
+        nodes = entities_to_geometry(mesh, fdim, facet_tags.find(tag)).reshape(-1)
+        local = mesh.geometry.x[np.unique(nodes), :gdim]
+        gathered = comm.gather(local, root=0)
+        return np.concatenate(gathered) if comm.rank == 0 else local
+
+    slave_points, master_points = surface(slave), surface(master)
+    coordinates = mesh.geometry.x[:, :gdim]
+    lower = np.min(comm.allgather(coordinates.min(axis=0, initial=np.inf)), axis=0)
+    upper = np.max(comm.allgather(coordinates.max(axis=0, initial=-np.inf)), axis=0)
+    extent = float(np.max(upper - lower))
+    outcome: tuple[str | None, tuple[float, ...]] = (None, ())
+    if comm.rank == 0:
+        outcome = _match_surfaces(
+            slave_points, master_points, translation, tol=rtol * max(extent, 1e-300), what=what
+        )
+    error, found = comm.bcast(outcome, root=0)
+    if error is not None:
+        raise PeriodicPairingError(error)
+    return found
+
+
+def _match_surfaces(
+    slave_points: np.ndarray,
+    master_points: np.ndarray,
+    translation: Sequence[float] | None,
+    *,
+    tol: float,
+    what: str,
+) -> tuple[str | None, tuple[float, ...]]:
+    """(error or None, translation) of two gathered vertex sets (see matched_translation)."""
+    # a vertex shared by facets of several ranks is gathered once per rank
+    slave_points = np.unique(slave_points, axis=0)
+    master_points = np.unique(master_points, axis=0)
+    if not len(slave_points) or not len(master_points):
+        empty = "slave" if not len(slave_points) else "master"
+        return f"{what}: the {empty} surface has no facets", ()
+    if translation is None:
+        # the offset of the bounding boxes' centres (any matched pair has it)
+        shift = 0.5 * (master_points.min(axis=0) + master_points.max(axis=0))
+        shift -= 0.5 * (slave_points.min(axis=0) + slave_points.max(axis=0))
+        shift[np.abs(shift) <= tol] = 0.0
+    else:
+        shift = np.asarray(translation, dtype=np.float64)
+    moved = slave_points + shift
+    distance, _ = cKDTree(master_points).query(moved)
+    back, _ = cKDTree(moved).query(master_points)
+    unmatched = np.flatnonzero(distance > tol)
+    if unmatched.size or np.any(back > tol):
+        given = "the given" if translation is not None else "the surfaces' offset"
+        example = (
+            f"the slave vertex at {np.round(slave_points[unmatched[0]], 6).tolist()} has no "
+            "master vertex there"
+            if unmatched.size
+            else f"the master vertex at {np.round(master_points[np.argmax(back)], 6).tolist()} "
+            "has no slave vertex"
+        )
+        return (
+            f"{what}: the surfaces do not match under {given} translation "
+            f"{np.round(shift, 9).tolist()} ({example}, {len(slave_points)} slave and "
+            f"{len(master_points)} master vertices); the two sides must be node-matched copies "
+            "of each other (gmsh: mesh.setPeriodic)",
+            (),
+        )
+    return None, tuple(float(value) for value in shift)

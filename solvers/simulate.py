@@ -52,6 +52,7 @@ from solvers.case_setup import (
     check_boundaries_table,
     check_case_name,
     check_config_flow_source,
+    check_hill_dimension,
     package_versions,
 )
 from solvers.collective import on_root
@@ -141,6 +142,11 @@ class SimulateConfig:
 
     Attributes:
         alphas: hill slope factors in [0.1, 20], one case each (ignored for a file mesh).
+        dim: 2, or 3 for the 3-D hills of :mod:`meshes.hills3d` (periodic in x and z; full
+            clouds: the cloud quadrature is 2-D).
+        crest_amplitudes: 3-D only: crest amplitudes a in [0, 0.3] of the crest height
+            h(z) = 1 + a cos(2 pi z / L_z) (default ``[0.0]``, the extruded hill); one case per
+            slope factor and crest amplitude.
         out: folder of the outputs (formerly ``output``).
         model: checkpoint of the network closure (``closure = "network"``).
         closure: ``network`` (a trained model) or ``pde`` (the tau PDE in the loop, no model).
@@ -186,6 +192,8 @@ class SimulateConfig:
     """
 
     alphas: list[float] = field(default_factory=lambda: [1.0])
+    dim: int = 2
+    crest_amplitudes: list[float] | None = None
     out: str = "results/simulate"
     model: str | None = None
     closure: str = "network"
@@ -260,6 +268,12 @@ class SimulateConfig:
                     f"got {value!r}"
                 )
         self.alphas = [float(a) for a in self.alphas]
+        self.crest_amplitudes = check_hill_dimension(self.dim, self.crest_amplitudes, self.mesh)
+        if self.dim == 3 and self.clouds == "quadrature":
+            # refused here, before any solve (the closure refuses it per case too)
+            raise ConfigError(
+                "dim = 3: the cloud quadrature's rule is 2-D: use full clouds (--clouds full)"
+            )
         if self.mesh.kind != "file":
             check_alphas(self.alphas)
         elif not self.boundaries:
@@ -328,7 +342,7 @@ class SimulateConfig:
 
 #: Keys of a ``[generate]`` table that say which cases to solve (alphas, meshes, boundary
 #: roles): ``vcnn simulate --config`` of a generate config reads them from it.
-SHARED_CASE_KEYS = ("alphas", "mesh", "boundaries", "name")
+SHARED_CASE_KEYS = ("alphas", "dim", "crest_amplitudes", "mesh", "boundaries", "name")
 
 
 def simulate_table(document: Mapping[str, Any]) -> dict[str, Any]:
@@ -422,8 +436,8 @@ def run_simulate(
             closure_physics = comm.bcast(record, root=0)
         else:
             model, closure_physics = load_network_closure(config.model, comm, device=config.device)
-    # Hills are 2-D; a file mesh's dimension is checked against the closure per case.
-    dimension = 2 if config.mesh.kind != "file" else None
+    # A hill run's dimension is its config's; a file mesh's is checked per case.
+    dimension = config.dim if config.mesh.kind != "file" else None
     resolved = resolve_physics(
         config.requested_physics(),
         closure_physics,
@@ -513,6 +527,7 @@ def _validate_inputs(config: SimulateConfig, jobs: list[CaseJob], comm: MPI.Comm
                     processes=processes,
                     memory=memory,
                     history_size=history,
+                    crest_amplitude=job.crest_amplitude,
                 )
 
         on_root(comm, check_sizes)
@@ -574,7 +589,15 @@ def _simulate_one(
     start = time.perf_counter()
     try:
         return simulate_case(
-            config, resolved, closure_physics, model, name, alpha, comm=comm, prefix=prefix
+            config,
+            resolved,
+            closure_physics,
+            model,
+            name,
+            alpha,
+            comm=comm,
+            prefix=prefix,
+            crest_amplitude=job.crest_amplitude,
         )
     except ConfigError:
         raise  # a config error fails every case: stop, with the one message
@@ -584,7 +607,9 @@ def _simulate_one(
         if is_disk_full(error):
             raise  # the run's end (one line naming the file); metrics.json is kept
         message = f"{type(error).__name__}: {error}"
-        entry = getattr(error, "entry", None) or _empty_entry(name, alpha, config)
+        entry = getattr(error, "entry", None) or _empty_entry(
+            name, alpha, config, crest_amplitude=job.crest_amplitude
+        )
         entry["error"] = message
         entry["wall_seconds"] = entry.get("wall_seconds") or time.perf_counter() - start
         if comm.rank == 0:
@@ -593,11 +618,18 @@ def _simulate_one(
         return entry
 
 
-def _empty_entry(name: str, alpha: float | None, config: SimulateConfig) -> dict[str, Any]:
+def _empty_entry(
+    name: str,
+    alpha: float | None,
+    config: SimulateConfig,
+    *,
+    crest_amplitude: float | None = None,
+) -> dict[str, Any]:
     entry: dict[str, Any] = dict.fromkeys(METRIC_KEYS)
     entry.update(
         case=name,
         alpha=alpha,
+        crest_amplitude=crest_amplitude,
         closure=config.closure,
         coupling=config.coupling,
         outer=config.outer if config.coupling == "two-way" else "one-way",
@@ -661,8 +693,11 @@ def simulate_case(
     *,
     comm: MPI.Comm = MPI.COMM_WORLD,
     prefix: str = "",
+    crest_amplitude: float | None = None,
 ) -> dict[str, Any]:
     """Run one case and write its outputs; returns its metrics entry (collective).
+
+    ``crest_amplitude`` makes a hill case the 3-D hill of that crest amplitude (None: 2-D).
 
     Raises:
         SimulationError: a run failed; its last state is written under ``failed/``.
@@ -680,8 +715,8 @@ def simulate_case(
 
     start = time.perf_counter()
     output = Path(config.out)
-    entry = _empty_entry(name, alpha, config)
-    tagged = build_mesh(config.mesh, alpha, comm=comm)
+    entry = _empty_entry(name, alpha, config, crest_amplitude=crest_amplitude)
+    tagged = build_mesh(config.mesh, alpha, comm=comm, crest_amplitude=crest_amplitude)
     spec = boundary_spec(config, tagged)
     dimension = tagged.mesh.geometry.dim
     trained_dimension = (closure_physics or {}).get("dimension")
@@ -726,7 +761,9 @@ def simulate_case(
         a_priori = None
 
         def guarded(run: Callable[[], LoopResult], label: str) -> LoopResult:
-            return _guarded(run, problem, config, name, alpha, physics, label)
+            return _guarded(
+                run, problem, config, name, alpha, physics, label, crest_amplitude=crest_amplitude
+            )
 
         try:
             if not two_way:
@@ -812,6 +849,8 @@ def _guarded(
     alpha: float | None,
     physics: Physics,
     label: str,
+    *,
+    crest_amplitude: float | None = None,
 ) -> LoopResult:
     """Run ``run()``; on failure write the last state under ``failed/`` and re-raise."""
     from solvers.closure_loop import CoupledDivergedError
@@ -825,7 +864,7 @@ def _guarded(
         if tau is None:
             tau = np.zeros(problem.points.local_dofs.size)
         suffix = "" if label == "closure" else f"_{label}"
-        meta = _base_meta(name, alpha, physics, config)
+        meta = _base_meta(name, alpha, physics, config, crest_amplitude=crest_amplitude)
         meta["failure"] = {
             "run": label,
             "error": f"{type(error).__name__}: {error}",
@@ -858,11 +897,18 @@ def _guarded(
 
 
 def _base_meta(
-    name: str, alpha: float | None, physics: Physics, config: SimulateConfig
+    name: str,
+    alpha: float | None,
+    physics: Physics,
+    config: SimulateConfig,
+    *,
+    crest_amplitude: float | None = None,
 ) -> dict[str, Any]:
     return {
         "case": name,
         "alpha": alpha,
+        # a 3-D hill's crest amplitude (figure titles read it); absent in 2-D
+        **({} if crest_amplitude is None else {"crest_amplitude": crest_amplitude}),
         "physics": physics.to_dict(),
         **physics.flat_case_meta(),
         "U_b": physics.bulk_velocity,
@@ -949,7 +995,7 @@ def _write_outputs(
     """Case file, XDMF and PNG of one case (collective); ``engine``: the network's backend."""
     from dolfinx import fem
 
-    meta = _base_meta(name, alpha, physics, config)
+    meta = _base_meta(name, alpha, physics, config, crest_amplitude=entry["crest_amplitude"])
     meta.update(
         mesh={**mesh_info, "num_points": problem.points.num_points},
         body_force=entry["body_force"],
@@ -1014,7 +1060,7 @@ def _write_outputs(
         write_xdmf(output / f"{name}.xdmf", problem.mesh, functions)
 
     def draw() -> None:
-        if config.plots and case.dim == 2:
+        if config.plots:
             from vcnn.plotting.simulation import plot_simulation
 
             plot_simulation(case, output / f"{name}.png")

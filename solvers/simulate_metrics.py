@@ -25,6 +25,7 @@ __all__ = [
 METRIC_KEYS = (
     "case",
     "alpha",
+    "crest_amplitude",
     "closure",
     "coupling",
     "outer",

@@ -208,6 +208,28 @@ def _file_mesh(expression: str, name: str = "channel") -> Callable[[World, Path]
     return _toml(FILE_MESH.replace("EXPRESSION", expression).replace("NAME", name))
 
 
+USER_MESH3D = """
+[generate.mesh]
+kind = "file"
+file = "SANDBOX/m.msh"
+[generate.boundaries]
+walls = ["bottom", "top"]
+periodic = [{ slave = "right", master = "left" }, { slave = "back", master = "front" }]
+"""
+
+
+def _mesh3d(text: str, **mesh) -> Callable[[World, Path], None]:
+    """A coarse 3-D bump channel written to SANDBOX/m.msh, and the config ``text``."""
+
+    def prepare(w: World, s: Path) -> None:
+        from tests.mesh3d_files import bump_channel_msh
+
+        bump_channel_msh(s / "m.msh", size=0.4, **mesh)
+        _toml(text)(w, s)
+
+    return prepare
+
+
 NOT_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not bind root")
 HAS_SYS = pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs a read-only /sys")
 
@@ -820,13 +842,42 @@ BAD: dict[str, Bad] = {
     "generate-3d-coupled": Bad(
         "generate", _generate("--dim", "3", "--c-k", "0.1", "--out", "SANDBOX/out"),
         r"dim = 3: the coupled closure \(c_k > 0\) is not available in 3-D yet", _named("c_k")),
-    "generate-3d-flow-from": Bad(
-        "generate", _generate("--dim", "3", "--flow-from", "WORLD/afile", "--out", "SANDBOX/out"),
-        r"dim = 3: --flow-from \(flow_from\) does not take 3-D sources yet", _named("--flow-from")),
+    "generate-3d-flow-from-2d-source": Bad(
+        # a 2-D hill case as the flow of a 3-D hill
+        "generate", _generate("-q", "--dim", "3", "--resolution", "0.05", "--span-cells", "2",
+                              "--flow-from", "WORLD/hills/hill_a1.000.npz", "--out",
+                              "SANDBOX/out"),
+        r"is 2-D but the mesh is 3-D", _named("hill_a1.000.npz")),
     "generate-3d-too-large": Bad(
         "generate", _generate("--dim", "3", "--resolution", "1", "--out", "SANDBOX/out"),
         r"3-D alpha = 1 with --resolution 1 needs about 1.12e\+06 hexahedra",
         _named("--span-cells")),
+    # ------------------------------------------------------------------ 3-D user meshes
+    "generate-3d-periodic-surfaces-do-not-match": Bad(
+        "generate", _verb("-q", "generate", "--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        r"periodic pair slave 'back' -> master 'front': the surfaces do not match",
+        _named("'back'"), _mesh3d(USER_MESH3D, periodic_span=False)),
+    "generate-3d-translation-of-2-components": Bad(
+        "generate", _verb("-q", "generate", "--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        r"translation \[-2.0, 0.0\] has 2 components but the mesh is 3-D", _named("'right'"),
+        _mesh3d(USER_MESH3D.replace('master = "left"', 'master = "left", '
+                                     'translation = [-2.0, 0.0]'))),
+    "generate-3d-mesh-boundaries-without-roles": Bad(
+        "generate", _verb("-q", "generate", "--config", "SANDBOX/c.toml", "--out", "SANDBOX/out"),
+        r"boundary 'back' of mesh file .*m.msh' has no role in \[generate.boundaries\]",
+        _named("'front', 'left', 'right'"),
+        _mesh3d('[generate.mesh]\nkind = "file"\nfile = "SANDBOX/m.msh"\n'
+                '[generate.boundaries]\nwalls = ["bottom", "top"]\n')),
+    # ------------------------------------------------------------------ 3-D simulate
+    "simulate-3d-with-a-2d-model": Bad(
+        "simulate", _verb("simulate", "--dim", "3", "--model", "WORLD/model.pt", "--resolution",
+                          "0.05", "--span-cells", "2", "--coupling", "one-way", "--out",
+                          "SANDBOX/out"),
+        "the closure was trained in 2-D, the mesh is 3-D", _named("3-D")),
+    "simulate-3d-quadrature-clouds": Bad(
+        "simulate", _verb("simulate", "--dim", "3", "--model", "WORLD/model.pt", "--clouds",
+                          "quadrature", "--out", "SANDBOX/out"),
+        r"dim = 3: the cloud quadrature's rule is 2-D: use full clouds", _named("--clouds")),
 }
 
 

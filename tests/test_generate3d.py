@@ -173,7 +173,6 @@ def test_3d_cases_are_skipped_when_complete_and_refused_when_settings_differ(run
         ({"dim": 3, "crest_amplitudes": [0.5]}, r"crest amplitudes must lie in \[0, 0.3\]"),
         ({"dim": 3, "crest_amplitudes": [0.1, 0.1]}, "crest_amplitudes lists 0.1 twice"),
         ({"dim": 3, "c_k": 0.1}, "dim = 3: the coupled closure"),
-        ({"dim": 3, "flow_from": __file__}, "dim = 3: --flow-from"),
         ({"dim": 3, "mesh": {"cell_type": "triangle"}}, "dim = 3: the structured 3-D hill"),
         ({"dim": 3, "mesh": {"span_cells": 0}}, "span_cells must be a positive"),
     ],

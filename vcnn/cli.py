@@ -330,8 +330,8 @@ def _mesh_flags(args: argparse.Namespace) -> dict[str, Any]:
         "file": files[0] if len(files) == 1 else None,
         "files": files if len(files) > 1 else None,
         "parameters": _mesh_parameters(args.mesh_parameter or []) or None,
-        # generate's flag (3-D hills); simulate has none
-        "span_cells": getattr(args, "span_cells", None),
+        # the 3-D hills' layers (generate's and simulate's flag)
+        "span_cells": args.span_cells,
     }
 
 
@@ -381,6 +381,29 @@ def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
             "(repeatable)",
         ),
         "the script's",
+    )
+
+
+def _add_dimension_options(parser: argparse.ArgumentParser) -> None:
+    """The 3-D hill flags that generate and simulate share."""
+    parser.add_argument(
+        "--dim", type=int, choices=[2, 3], help="3: the 3-D hills (periodic across the span)"
+    )
+    _unset_means(
+        parser.add_argument(
+            "--crest-amplitudes",
+            type=_number,
+            nargs="+",
+            help="--dim 3: crest amplitudes a in [0, 0.3] of h(z) = 1 + a cos(2 pi z / L_z), "
+            "one case per slope factor and amplitude",
+        ),
+        "0 in 3-D, the extruded hill",
+    )
+    _unset_means(
+        parser.add_argument(
+            "--span-cells", type=_count(1), help="--dim 3, structured: cell layers across the span"
+        ),
+        "max(2, round(28 r))",
     )
 
 
@@ -444,6 +467,8 @@ def _solver_flags(args: argparse.Namespace) -> dict[str, Any]:
         "flow_from": args.flow_from,
         "flow_time": args.flow_time,
         "flow_field": args.flow_field,
+        "dim": args.dim,
+        "crest_amplitudes": args.crest_amplitudes,
         "mesh": _mesh_flags(args),
     }
 
@@ -457,11 +482,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args,
         "generate",
         GenerateConfig,
-        lambda: {
-            **_solver_flags(args),
-            "dim": args.dim,
-            "crest_amplitudes": args.crest_amplitudes,
-        },
+        lambda: _solver_flags(args),
     )
     summary = run_generate(config)
     counts = {
@@ -805,25 +826,7 @@ a first run (five minutes on a laptop):
         config_keys={**MESH_KEYS, "span_cells": "mesh.span_cells"},
     )
     _add_mesh_options(generate)
-    generate.add_argument(
-        "--dim", type=int, choices=[2, 3], help="3: the 3-D hills (periodic across the span)"
-    )
-    _unset_means(
-        generate.add_argument(
-            "--crest-amplitudes",
-            type=_number,
-            nargs="+",
-            help="--dim 3: crest amplitudes a in [0, 0.3] of h(z) = 1 + a cos(2 pi z / L_z), "
-            "one case per slope factor and amplitude",
-        ),
-        "0 in 3-D, the extruded hill",
-    )
-    _unset_means(
-        generate.add_argument(
-            "--span-cells", type=_count(1), help="--dim 3, structured: cell layers across the span"
-        ),
-        "max(2, round(28 r))",
-    )
+    _add_dimension_options(generate)
     generate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
     generate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient (0: one-way)")
     _unset_means(
@@ -857,9 +860,10 @@ a first run (five minutes on a laptop):
         summary="a closure in the loop of the flow solver, against the PDE truth",
         table=False,
         config_class=_simulate_config,
-        config_keys=MESH_KEYS,
+        config_keys={**MESH_KEYS, "span_cells": "mesh.span_cells"},
     )
     _add_mesh_options(simulate)
+    _add_dimension_options(simulate)
     _unset_means(
         simulate.add_argument(
             "--model", type=Path, help=f"trained closure: best.pt, an export {SHIPPED_HELP}"

@@ -80,8 +80,10 @@ BOUNDARY_ROLE_MEANINGS: dict[str, tuple[str, str]] = {
     ),
     "periodic": (
         "list of tables",
-        "`{ slave = NAME, master = NAME, translation = [dx, dy] }`: a point x on the slave is "
-        "x + translation on the master; the translation's length is the case's period",
+        "`{ slave = NAME, master = NAME, translation = [dx, dy(, dz)] }`: a point x on the "
+        "slave is x + translation on the master; the translation's length is the case's "
+        "period. `translation` may be left out: it is then found from the two tagged "
+        "surfaces; given or found, every vertex of each surface must land on one of the other",
     ),
 }
 

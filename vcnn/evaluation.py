@@ -195,7 +195,8 @@ def evaluate(
         model_path: checkpoint (``best.pt``).
         data: a folder of case files, or a list of case paths/sources.
         out_dir: output folder: ``metrics.json``, ``parity.png``, ``error_vs_alpha.png`` (when
-            the cases have alphas), ``fields/<case>.png`` (2-D cases).
+            the cases have alphas), ``fields/<case>.png`` (truth, prediction and error; a 3-D
+            case in its mid-span x-y plane).
         cloud_size: None for full clouds (deterministic), else this many random points per
             cloud (as in training).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
@@ -244,9 +245,12 @@ def evaluate(
         from vcnn.plotting.training import plot_field_comparison
 
         for result in results:
-            if result.case.dim == 2:
-                field_path = out_dir / "fields" / f"{result.metrics.case}.png"
-                plot_field_comparison(result.case, result.prediction, field_path)
+            if result.case.dim == 3 and result.case.extra.get("cells") is None:
+                # a 3-D section is cut through the cells: a case file without them has none
+                logger.info("%s: no field figure (a 3-D case without cells)", result.metrics.case)
+                continue
+            field_path = out_dir / "fields" / f"{result.metrics.case}.png"
+            plot_field_comparison(result.case, result.prediction, field_path)
     metrics_list = [r.metrics for r in results]
     text = json.dumps([asdict(m) for m in metrics_list], indent=2, allow_nan=True)
     atomic_write_text(out_dir / "metrics.json", text + "\n")

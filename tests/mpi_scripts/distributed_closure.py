@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meshes.hills3d import structured_hill3d_mesh
 from meshes.structured import structured_hill_mesh
 from solvers.boundaries import hill_boundary_spec
 from solvers.closures import ClosureError, NetworkClosure, load_network_closure
@@ -105,14 +106,24 @@ def main() -> None:
                         "the error it raised to OUT.rank<r>.json")
     parser.add_argument("--fail-rank", type=int, default=1)
     parser.add_argument("--ranks", choices=["distributed", "root"], default="distributed")
+    parser.add_argument("--model", type=Path, default=MODEL, help="the closure's checkpoint")
+    parser.add_argument("--crest-amplitude", type=float, default=None,
+                        help="the 3-D hill of this crest amplitude (periodic in x and z)")
+    parser.add_argument("--span-cells", type=int, default=2, help="3-D: layers across the span")
     parser.add_argument("--count-gathers", action="store_true",
                         help="run a two-way coupled solve and count the gathers on rank 0 "
                         "during it")
     args = parser.parse_args()
 
-    model, record = load_network_closure(str(MODEL), COMM, device="cpu")
+    model, record = load_network_closure(str(args.model), COMM, device="cpu")
     physics = Physics.from_dict({k: v for k, v in record.items() if k not in ("eps", "dimension")})
-    tagged = structured_hill_mesh(1.0, resolution=args.resolution, comm=COMM)
+    if args.crest_amplitude is None:
+        tagged = structured_hill_mesh(1.0, resolution=args.resolution, comm=COMM)
+    else:
+        tagged = structured_hill3d_mesh(
+            1.0, crest_amplitude=args.crest_amplitude, resolution=args.resolution,
+            span_cells=args.span_cells, comm=COMM,
+        )
     spec = hill_boundary_spec(tagged.boundaries, tagged.period)
     report: dict = {"ranks": COMM.size}
     two_way = args.count_gathers
@@ -207,6 +218,8 @@ def check_full(network, local, queries, ids, everything, report: dict) -> None:
         report["periodic_image_entries"] = int(
             np.count_nonzero(np.any(serial[:, 2:] != 0, axis=1))
         )
+        # per axis: the cloud entries that are images across that axis's period
+        report["periodic_images_per_axis"] = np.count_nonzero(serial[:, 2:], axis=0).tolist()
 
 
 def check_quadrature(network, local, queries, ids, everything, report: dict) -> None:

@@ -63,6 +63,17 @@ class CaseTriangulation(NamedTuple):
     triangulation: Triangulation
     source: np.ndarray
 
+    def values(self, field: np.ndarray) -> np.ndarray:
+        """A nodal field of the case at the triangulation's nodes (as :class:`PlaneSection`).
+
+        Args:
+            field: (N,) or (N, k) values at the case points.
+
+        Returns:
+            (M,) or (M, k): ``field[source]``.
+        """
+        return np.asarray(field)[self.source]
+
 
 def case_triangulation(case: Case) -> CaseTriangulation:
     """A triangulation of a 2-D case's points for contour plots.
@@ -297,6 +308,31 @@ def plane_section(case: Case, axis: int, position: float) -> PlaneSection:
     return PlaneSection(triangulation, ends[unique], weights[unique], plane_axes)
 
 
+def mid_span(case: Case) -> float:
+    """The z of the mid-span x-y plane of a 3-D case (half its period, or extent, along z)."""
+    low, high = case.points[:, 2].min(), case.points[:, 2].max()
+    span = case.period[2] if case.period[2] > 0 else high - low
+    return float(low + 0.5 * span)
+
+
+def field_plane(case: Case) -> CaseTriangulation | PlaneSection:
+    """The x-y plane where a case's fields are drawn: the case itself (2-D) or its mid-span.
+
+    Both kinds have a ``triangulation`` and ``values(field)`` (nodal values of the case at
+    its nodes), so a figure of fields in the plane is drawn alike in 2-D and 3-D.
+
+    Args:
+        case: a 2-D case, or a 3-D case with cells (see :func:`case_tetrahedra`).
+
+    Returns:
+        :func:`case_triangulation` in 2-D; in 3-D the section of the mid-span plane
+        (:func:`plane_section` at :func:`mid_span`).
+    """
+    if case.dim == 3:
+        return plane_section(case, 2, mid_span(case))
+    return case_triangulation(case)
+
+
 def _edge_lengths(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     corners = points[triangles]
     return np.linalg.norm(corners - np.roll(corners, 1, axis=1), axis=2)
@@ -358,7 +394,7 @@ def case3d_figure(case: Case, *, streamlines: bool = True) -> Figure:
     """
     low, high = case.points.min(axis=0), case.points.max(axis=0)
     span = case.period[2] if case.period[2] > 0 else high[2] - low[2]
-    middle = low[2] + 0.5 * span
+    middle = mid_span(case)
     mid_plane = plane_section(case, 2, middle)
     figure = Figure(figsize=(10, 13), layout="constrained")
     panels = figure.subplot_mosaic(

@@ -1,9 +1,10 @@
 """Figure of a coupled run: the closure in the loop against the PDE truth (matplotlib Agg).
 
-:func:`plot_simulation` draws a 2-D case written by ``vcnn simulate``: the fields of tau and
-of the speed (closure run, truth, difference) and profiles of the streamwise velocity and of
-tau at ten stations across the domain (closure solid, truth dashed). Without the truth (a run
-without ``--compare``) only the closure run's fields and profiles are drawn.
+:func:`plot_simulation` draws a case written by ``vcnn simulate``: the fields of tau and of
+the speed (closure run, truth, difference) and profiles of the streamwise velocity and of tau
+at ten stations across the domain (closure solid, truth dashed); a 3-D case in its mid-span
+x-y plane (:func:`vcnn.plotting.cases.field_plane`). Without the truth (a run without
+``--compare``) only the closure run's fields and profiles are drawn.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from matplotlib.tri import LinearTriInterpolator
 from vcnn.casefile import Case
 from vcnn.plotting.cases import (
     CaseTriangulation,
+    PlaneSection,
     add_colorbar,
     case_aspect,
     case_title,
-    case_triangulation,
     draw_difference,
     field_levels,
+    field_plane,
     label_plane,
+    mid_span,
     save_figure,
 )
 
@@ -44,27 +47,28 @@ def station_profiles(
     *,
     num_stations: int = NUM_STATIONS,
     samples: int = 120,
-    triangulation: CaseTriangulation | None = None,
+    triangulation: CaseTriangulation | PlaneSection | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A field sampled along vertical lines at evenly spaced stations.
 
     The stations are ``x_k = x_min + (k + 1/2) (x_max - x_min) / num_stations``; each line
-    runs over the points' y range, and samples outside the domain are NaN.
+    runs over the points' y range, and samples outside the domain are NaN. A 3-D case is
+    sampled in its mid-span x-y plane.
 
     Args:
-        case: a 2-D case (with ``cells`` for an exact triangulation).
+        case: a 2-D case (with ``cells`` for an exact triangulation), or a 3-D case with cells.
         values: (N,) float64 nodal values at the case's points.
         num_stations: number of stations.
         samples: samples per line.
-        triangulation: the case's :func:`vcnn.plotting.case_triangulation` (built when None).
+        triangulation: the case's :func:`vcnn.plotting.cases.field_plane` (built when None).
 
     Returns:
         (stations (S,), y (samples,), profiles (S, samples)) float64.
     """
-    mesh, source = triangulation or case_triangulation(case)
-    interpolator = LinearTriInterpolator(mesh, np.asarray(values)[source])
-    x_min, y_min = case.points.min(axis=0)
-    x_max, y_max = case.points.max(axis=0)
+    plane = triangulation or field_plane(case)
+    interpolator = LinearTriInterpolator(plane.triangulation, plane.values(values))
+    x_min, y_min = case.points[:, :2].min(axis=0)
+    x_max, y_max = case.points[:, :2].max(axis=0)
     if case.period[0] > 0:
         x_max = x_min + case.period[0]
     stations = x_min + (np.arange(num_stations) + 0.5) * (x_max - x_min) / num_stations
@@ -80,8 +84,9 @@ def simulation_figure(case: Case, *, title: str | None = None) -> Figure:
     """Fields and station profiles of a coupled run, against the truth when the case has it.
 
     Args:
-        case: a 2-D case from ``vcnn simulate``; the truth is read from its extra keys
-            ``tau_truth`` and ``velocity_truth`` when present.
+        case: a case from ``vcnn simulate`` (2-D, or 3-D with cells: drawn in its mid-span
+            x-y plane); the truth is read from its extra keys ``tau_truth`` and
+            ``velocity_truth`` when present.
         title: figure title (default: the case name and its alpha).
 
     Returns:
@@ -90,8 +95,8 @@ def simulation_figure(case: Case, *, title: str | None = None) -> Figure:
     truth_tau = case.extra.get("tau_truth")
     truth_velocity = case.extra.get("velocity_truth")
     has_truth = truth_tau is not None and truth_velocity is not None
-    shared = case_triangulation(case)
-    triangulation, source = shared
+    shared = field_plane(case)
+    triangulation = shared.triangulation
     speed = np.linalg.norm(case.velocity, axis=1)
     columns = 3 if has_truth else 1
     width = 15 if has_truth else 8
@@ -108,12 +113,14 @@ def simulation_figure(case: Case, *, title: str | None = None) -> Figure:
             panels.append((f"{label}, PDE truth", truth))
         for column, (name, field) in enumerate(panels):
             axis = figure.add_subplot(grid[row, column])
-            image = axis.tricontourf(triangulation, field[source], levels=levels, cmap=colormap)
+            image = axis.tricontourf(
+                triangulation, shared.values(field), levels=levels, cmap=colormap
+            )
             add_colorbar(figure, image, axis, label, shrink=0.9)
             _field_axis(axis, name)
         if has_truth:
             axis = figure.add_subplot(grid[row, 2])
-            difference = (values - truth)[source]
+            difference = shared.values(values - truth)
             name = f"{label} - " + ("|u_truth|" if label == "|u|" else f"{label}_truth")
             draw_difference(figure, axis, triangulation, difference, truth, name, shrink=0.9)
             _field_axis(axis, f"{label} difference (closure - truth)")
@@ -158,7 +165,11 @@ def simulation_figure(case: Case, *, title: str | None = None) -> Figure:
             fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, frameon=False
         )
         axis.tick_params(labelsize=7)
-    figure.suptitle(case_title(case) if title is None else title, fontsize=11)
+    if title is None:
+        title = case_title(case)
+        if case.dim == 3:
+            title += f": mid-span plane z = {mid_span(case):.3g}"
+    figure.suptitle(title, fontsize=11)
     return figure
 
 
@@ -166,8 +177,8 @@ def plot_simulation(case: Case, path: str | os.PathLike, *, title: str | None = 
     """Write :func:`simulation_figure` (fields and station profiles) to a PNG file.
 
     Args:
-        case: a 2-D case from ``vcnn simulate``; the truth is read from its extra keys
-            ``tau_truth`` and ``velocity_truth`` when present.
+        case: a case from ``vcnn simulate`` (2-D, or 3-D with cells); the truth is read from
+            its extra keys ``tau_truth`` and ``velocity_truth`` when present.
         path: PNG file to write.
         title: figure title (default: the case name and its alpha).
 

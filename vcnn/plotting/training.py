@@ -32,10 +32,11 @@ from vcnn.casefile import Case
 from vcnn.plotting.cases import (
     add_colorbar,
     case_aspect,
-    case_triangulation,
     draw_difference,
     field_levels,
+    field_plane,
     label_plane,
+    mid_span,
     save_figure,
 )
 
@@ -318,14 +319,15 @@ def plot_error_against_alpha(
 
 
 def field_comparison_figure(case: Case, prediction: np.ndarray, *, levels: int = 40) -> Figure:
-    """Three panels on the case's points: true tau, predicted tau, and prediction - truth.
+    """Three panels: true tau, predicted tau, and prediction - truth.
 
-    The triangulation is :func:`vcnn.plotting.case_triangulation` (the ``cells`` extra key
-    when present, else Delaunay with the triangles that leave the domain masked); the
-    difference is drawn by :func:`vcnn.plotting.draw_difference`.
+    A 2-D case is drawn on :func:`vcnn.plotting.case_triangulation` (the ``cells`` extra key
+    when present, else Delaunay with the triangles that leave the domain masked), a 3-D case
+    in its mid-span x-y plane (:func:`vcnn.plotting.cases.field_plane`); the difference is
+    drawn by :func:`vcnn.plotting.draw_difference`.
 
     Args:
-        case: a 2-D case (its ``tau`` is the truth).
+        case: a 2-D case, or a 3-D case with cells (its ``tau`` is the truth).
         prediction: (N,) float predicted tau.
         levels: the most contour bands.
 
@@ -333,31 +335,35 @@ def field_comparison_figure(case: Case, prediction: np.ndarray, *, levels: int =
         The figure (not saved).
 
     Raises:
-        ValueError: for a 3-D case or a prediction of the wrong length.
+        ValueError: for a prediction of the wrong length, or a 3-D case without cells.
     """
     prediction = np.asarray(prediction, dtype=float)
     if prediction.shape != (case.num_points,):
         raise ValueError(f"prediction must have shape ({case.num_points},), got {prediction.shape}")
-    # Nodes of the triangulation are case points and periodic images: values[source].
-    triangulation, source = case_triangulation(case)
+    # The plane's nodes are case points and periodic images (2-D) or points on cell edges
+    # (a 3-D section): plane.values maps nodal fields onto them.
+    plane = field_plane(case)
+    where = f" (mid-span plane z = {mid_span(case):.3g})" if case.dim == 3 else ""
     shared = field_levels(np.concatenate([case.tau, prediction]), levels=levels)
     figure = Figure(figsize=(9, 3 * 7.4 * case_aspect(case) + 2.0), layout="constrained")
     axes = figure.subplots(3, 1, sharex=True)
     panels = ((case.tau, "tau (truth)", "tau"), (prediction, "tau (network)", "tau"))
     for axis, (values, title, label) in zip(axes, panels, strict=False):
-        filled = axis.tricontourf(triangulation, values[source], levels=shared, cmap="viridis")
+        filled = axis.tricontourf(
+            plane.triangulation, plane.values(values), levels=shared, cmap="viridis"
+        )
         add_colorbar(figure, filled, axis, label)
-        axis.set_title(f"{case.name}: {title}")
+        axis.set_title(f"{case.name}: {title}{where}")
     draw_difference(
         figure,
         axes[2],
-        triangulation,
-        (prediction - case.tau)[source],
+        plane.triangulation,
+        plane.values(prediction - case.tau),
         case.tau,
         "tau_network - tau_truth",
         levels=levels,
     )
-    axes[2].set_title(f"{case.name}: network - truth")
+    axes[2].set_title(f"{case.name}: network - truth{where}")
     for axis in axes:
         label_plane(axis)
         axis.label_outer()  # the shared x axis is labelled once, at the bottom
@@ -370,7 +376,7 @@ def plot_field_comparison(
     """Write :func:`field_comparison_figure` (truth, prediction, difference) to a PNG file.
 
     Args:
-        case: a 2-D case (its ``tau`` is the truth).
+        case: a 2-D case, or a 3-D case with cells (its ``tau`` is the truth).
         prediction: (N,) float predicted tau.
         path: PNG file to write.
         levels: the most contour bands.
@@ -379,7 +385,7 @@ def plot_field_comparison(
         The path written.
 
     Raises:
-        ValueError: for a 3-D case or a prediction of the wrong length.
+        ValueError: for a prediction of the wrong length, or a 3-D case without cells.
     """
     return save_figure(field_comparison_figure(case, prediction, levels=levels), path)
 
