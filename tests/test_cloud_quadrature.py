@@ -384,3 +384,29 @@ def test_the_compiled_rule_matches_the_numpy_rule(hill_case, closure, monkeypatc
     plain_tau = closure.predict(hill_case, clouds="quadrature")
     assert np.abs(compiled_tau - plain_tau).max() <= 1e-6 * np.abs(plain_tau).max()
 
+
+
+def test_auto_takes_the_quadrature_only_where_full_clouds_are_large(hill_case, closure):
+    from vcnn.cloud_quadrature import (
+        AUTO_QUADRATURE_CLOUD_SIZE,
+        auto_clouds,
+        estimated_full_cloud_size,
+    )
+
+    speed = np.linalg.norm(hill_case.velocity, axis=1)
+    options = closure.cloud_options
+    estimate = estimated_full_cloud_size(options, speed, hill_case.nodal_volume)
+    # the estimate against the real full clouds of this case (walls cut a few regions)
+    sampler = options.sampler(hill_case.points, hill_case.velocity, hill_case.period)
+    actual = float(np.mean(sampler.full_clouds().sizes))
+    assert 0.9 * actual <= estimate <= 1.3 * actual
+    assert estimate < AUTO_QUADRATURE_CLOUD_SIZE
+    # this coarse case stays on full clouds; the same flow on a mesh 10x denser (volumes / 10)
+    # takes the quadrature, except on a CUDA device or with count pooling
+    assert closure.predict_detailed(hill_case).clouds == "full"
+    dense = replace(hill_case, nodal_volume=hill_case.nodal_volume * (estimate / 1000.0))
+    assert closure.predict_detailed(dense, warn=False).clouds == "quadrature"
+    common = dict(dim=2, speed=speed, nodal_volume=dense.nodal_volume)
+    assert auto_clouds(options, pooling="volume", **common) == "quadrature"
+    assert auto_clouds(options, pooling="volume", device_type="cuda", **common) == "full"
+    assert auto_clouds(options, pooling="mean", **common) == "full"

@@ -989,10 +989,11 @@ a first run (five minutes on a laptop):
     )
     evaluate.add_argument(
         "--clouds",
-        default="full",
-        choices=["quadrature", "full"],
-        help="full clouds, or the cloud quadrature (a bounded number of weighted points per "
-        "cloud; ignored with --cloud-size)",
+        default="auto",  # vcnn.closure.DEFAULT_CLOUDS (not imported: the CLI starts without torch)
+        choices=["auto", "quadrature", "full"],
+        help="full clouds, the cloud quadrature (a bounded number of weighted points per "
+        "cloud), or auto: the quadrature on the CPU where a case's full clouds would hold more "
+        "than 400 points on average, else full clouds (ignored with --cloud-size)",
     )
     evaluate.set_defaults(handler=_cmd_evaluate, flags=evaluate, needs=("model", "data", "out"))
 

@@ -10,8 +10,10 @@ path: ``vcnn evaluate`` and ``vcnn simulate`` are built on it. On a CUDA device,
 searched on the device and run there (:func:`vcnn.engines.device.searched_full_clouds`): only
 the prediction comes back to the host.
 
-Full clouds (the default) are deterministic, and with the smooth cutoff of the default cloud
-options the prediction is a smooth function of the flow, as a fixed-point solver needs.
+Full clouds and the cloud quadrature (:mod:`vcnn.cloud_quadrature`; the default ``"auto"``
+picks one per case, :data:`DEFAULT_CLOUDS`) are deterministic, and with the smooth cutoff of
+the default cloud options the prediction is a smooth function of the flow, as a fixed-point
+solver needs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from vcnn.cloud_quadrature import (
     CLOUD_MODES,
     CloudQuadrature,
     QuadratureOptions,
+    auto_clouds,
     quadrature_unavailable,
 )
 from vcnn.clouds import CloudOptions
@@ -63,13 +66,14 @@ __all__ = [
 #: A prediction warns when more than this fraction of its cloud entries have an input outside
 #: the training range.
 OUT_OF_RANGE_WARNING = 0.01
-#: The clouds of a prediction unless asked otherwise (:meth:`Closure.predict`). Full clouds:
-#: the quadrature (``"quadrature"``) matches them within about 0.2 points of rel L2 and costs
-#: about linearly in the mesh (1.1-1.3x and 2.4-3.5x less than full clouds at the published
-#: resolution and twice it), but at half the published resolution it costs more than full
-#: clouds, and at no resolution does it reach half the tau solve's time (docs/results.md,
-#: ``make bench``).
-DEFAULT_CLOUDS = "full"
+#: The clouds of a prediction unless asked otherwise (:meth:`Closure.predict`): ``"auto"``,
+#: the cloud quadrature where a case's full clouds would hold more than
+#: :data:`vcnn.cloud_quadrature.AUTO_QUADRATURE_CLOUD_SIZE` points on average (from about the
+#: published resolution of the hills up: it matches full clouds within 0.2 points of rel L2
+#: there and costs less, about linearly in the mesh), full clouds on coarser meshes (cheaper
+#: there), on CUDA devices and where the quadrature does not apply
+#: (:func:`vcnn.cloud_quadrature.auto_clouds`; docs/results.md, ``make bench``).
+DEFAULT_CLOUDS = "auto"
 
 
 #: Checkpoint key naming what the model predicts; absent or :data:`CLOSURE_KIND` for a
@@ -264,10 +268,14 @@ class Closure:
             frame: (d, d) orthogonal matrix: present the case in a rotated or reflected frame
                 (relative positions and vectors multiplied by it); a frame-independent closure
                 predicts the same tau in every frame.
-            clouds: ``"full"`` (every point of each cloud region) or ``"quadrature"`` (a
+            clouds: ``"full"`` (every point of each cloud region), ``"quadrature"`` (a
                 bounded number of weighted points per cloud, :mod:`vcnn.cloud_quadrature`;
-                refused, with the reason, for a closure or case it does not apply to).
-                Ignored when ``cloud_size`` is given.
+                refused, with the reason, for a closure or case it does not apply to) or
+                ``"auto"`` (the quadrature where the case's mean full cloud would hold more
+                than :data:`vcnn.cloud_quadrature.AUTO_QUADRATURE_CLOUD_SIZE` points, on the
+                CPU, where it applies; else full clouds: :func:`vcnn.cloud_quadrature.auto_clouds`).
+                The mode that ran is the prediction's ``clouds``. Ignored when ``cloud_size``
+                is given.
 
         Returns:
             (N,) float64 predicted tau.
@@ -340,6 +348,12 @@ class Closure:
         if clouds not in CLOUD_MODES:
             raise ValueError(f"clouds must be one of {CLOUD_MODES}, got {clouds!r}")
         mode = "sample" if cloud_size is not None else clouds
+        if mode == "auto":
+            mode = auto_clouds(
+                self.cloud_options, dim=case.dim, pooling=self.model.config.pooling,
+                speed=np.linalg.norm(case.velocity, axis=1), nodal_volume=case.nodal_volume,
+                device_type=self.device.type,
+            )
         if mode == "quadrature":
             reason = quadrature_unavailable(
                 self.cloud_options, dim=case.dim, pooling=self.model.config.pooling

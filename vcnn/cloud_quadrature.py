@@ -86,15 +86,28 @@ from vcnn.engines.kernels import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AUTO_QUADRATURE_CLOUD_SIZE",
     "CLOUD_MODES",
     "CloudQuadrature",
     "QuadratureClouds",
     "QuadratureOptions",
+    "auto_clouds",
+    "estimated_full_cloud_size",
     "quadrature_unavailable",
 ]
 
-#: The cloud modes of inference: the quadrature (bounded points per cloud) or full clouds.
-CLOUD_MODES = ("quadrature", "full")
+#: The cloud modes of inference: ``"auto"`` (:func:`auto_clouds`), the quadrature (bounded
+#: points per cloud) or full clouds.
+CLOUD_MODES = ("auto", "quadrature", "full")
+#: ``"auto"`` runs the quadrature on the CPU when a case's full clouds would hold more points
+#: than this on average. Measured with one thread on the alpha = 1 hill (``make bench``,
+#: experiments/bench_closure.py --resolutions 0.5 1 2, CPU seconds): with 178 points per full
+#: cloud (half the published resolution) full clouds cost 0.6x the quadrature (whose ~100
+#: nodes per cloud each need a nearest-point search), with 711 (the published resolution)
+#: 1.3x. Their costs
+#: per cloud are about a + b E (full, E points) and c (quadrature), which meet near 300-400
+#: points; above it the quadrature is cheaper and its error within 0.2 points of full clouds.
+AUTO_QUADRATURE_CLOUD_SIZE = 400.0
 #: Nearest points of the per-point fits (local velocity direction, wall-distance gradient):
 #: the last one sets the smooth weights' width and weighs nothing.
 _FIT_NEIGHBOURS = 9
@@ -193,6 +206,59 @@ def quadrature_unavailable(cloud_options: CloudOptions, *, dim: int, pooling: st
     if dim != 2:
         return f"the quadrature rule is 2-D (this case is {dim}-D)"
     return None
+
+
+def estimated_full_cloud_size(
+    cloud_options: CloudOptions, speed: np.ndarray, nodal_volume: np.ndarray
+) -> float:
+    """The mean points of a full cloud, estimated without building the clouds.
+
+    The mean area of the cloud regions times the mean point density (points over the summed
+    nodal volumes); regions cut by walls make it a slight over-estimate (7 % on the hills).
+
+    Args:
+        cloud_options: the closure's cloud options (an ellipse or ball region).
+        speed: (N,) float |u| at the points.
+        nodal_volume: (N,) float the points' volumes (areas in 2-D).
+    """
+    semi_axes = cloud_options.semi_axes(np.asarray(speed, dtype=np.float64))
+    total = float(np.sum(nodal_volume))
+    if semi_axes is None or total <= 0:
+        return 0.0
+    along, across = semi_axes
+    area = math.pi * float(np.mean(np.asarray(along, dtype=np.float64))) * float(across)
+    return area * np.size(nodal_volume) / total
+
+
+def auto_clouds(
+    cloud_options: CloudOptions,
+    *,
+    dim: int,
+    pooling: str,
+    speed: np.ndarray,
+    nodal_volume: np.ndarray,
+    device_type: str = "cpu",
+) -> str:
+    """The clouds of ``clouds="auto"``: ``"quadrature"`` or ``"full"``.
+
+    The quadrature where it applies (:func:`quadrature_unavailable`), on the CPU, and where the
+    case's full clouds would hold more than :data:`AUTO_QUADRATURE_CLOUD_SIZE` points on average
+    (:func:`estimated_full_cloud_size`): from about the published resolution of the hills up.
+    Full clouds elsewhere: coarse meshes (full clouds cost less there) and CUDA devices (full
+    clouds are searched and run on the device; the quadrature's are built on the CPU).
+
+    Args:
+        cloud_options: the closure's cloud options.
+        dim: spatial dimension of the case.
+        pooling: the network's pooling.
+        speed: (N,) float |u| at the case's points.
+        nodal_volume: (N,) float the points' volumes.
+        device_type: the closure's device type (``"cpu"``, ``"cuda"``).
+    """
+    if device_type != "cpu" or quadrature_unavailable(cloud_options, dim=dim, pooling=pooling):
+        return "full"
+    size = estimated_full_cloud_size(cloud_options, speed, nodal_volume)
+    return "quadrature" if size > AUTO_QUADRATURE_CLOUD_SIZE else "full"
 
 
 @functools.lru_cache(maxsize=16)
