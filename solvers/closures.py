@@ -257,8 +257,9 @@ class NetworkClosure(Closure):
                 it).
             comm: the problem's communicator (collective).
             name: case name of the predictions.
-            clouds: ``"full"`` or ``"quadrature"``, for a vcnn closure (other models ignore
-                it).
+            clouds: ``"full"``, ``"quadrature"`` or ``"auto"`` (decided once, from the
+                flow of the first evaluation: :meth:`vcnn.closure.Closure.resolve_clouds`),
+                for a vcnn closure (other models ignore it).
             ranks: ``"distributed"`` (where it applies, see the class) or ``"root"``.
         """
         if ranks not in CLOSURE_RANKS:
@@ -273,7 +274,8 @@ class NetworkClosure(Closure):
             self.model = comm.bcast(model if comm.rank == 0 else None, root=0)
         else:
             self.model = model if comm.rank == 0 else None
-        #: the clouds a vcnn closure predicts on (``"full"`` or ``"quadrature"``)
+        #: the clouds a vcnn closure predicts on (``"full"`` or ``"quadrature"``; ``"auto"``
+        #: until the first evaluation fixes it for the run, so the loop's map stays smooth)
         self.clouds = clouds
         self.comm = comm
         self.name = name
@@ -373,6 +375,8 @@ class NetworkClosure(Closure):
     def evaluate(self, problem: ClosureProblem) -> ClosureOutput:
         """Tau at the problem's owned closure points for its current flow (collective)."""
         start = time.perf_counter()
+        if self.clouds == "auto":
+            self._resolve_auto_clouds(problem)
         if self.ranks == "distributed":
             tau, fraction = self._evaluate_distributed(problem)
             return ClosureOutput(
@@ -391,6 +395,29 @@ class NetworkClosure(Closure):
             out_of_range_fraction=fraction,
             seconds=time.perf_counter() - start,
         )
+
+    def _resolve_auto_clouds(self, problem: ClosureProblem) -> None:
+        """Fix ``clouds="auto"`` for the run from the current flow (collective).
+
+        Rank 0 decides from every closure point's speed and volume and tells the others, so
+        all ranks run the same clouds; the choice is not revisited, so the outer iteration
+        never switches between two maps.
+        """
+        speed = np.linalg.norm(problem.velocity_values(), axis=1)
+        speeds = self.comm.gather(speed, root=0)
+        volumes = self.comm.gather(np.asarray(problem.point_volumes, dtype=np.float64), root=0)
+        choice = "full"
+        if self.comm.rank == 0 and isinstance(self.model, VcnnClosure):
+            speed_all = np.concatenate(speeds)
+            finite = np.isfinite(speed_all)
+            if finite.all():  # a bad flow is reported by the evaluation itself
+                choice = self.model.resolve_clouds(
+                    dim=problem.points.local_points.shape[1], speed=speed_all,
+                    nodal_volume=np.concatenate(volumes),
+                )
+        self.clouds = self.comm.bcast(choice, root=0)
+        if self.comm.rank == 0:
+            logger.info("clouds = auto: %s clouds for %s", self.clouds, self.name)
 
     def local_case(self, problem: ClosureProblem) -> Case | None:
         """This rank's owned closure points and their halo as a case (collective).

@@ -170,8 +170,10 @@ class SimulateConfig:
         overwrite: write into an output folder that holds another verb's outputs (generated
             cases, a training run, evaluate's metrics); same-named files there are replaced.
         device: inference device, ``auto``, ``cpu`` or ``cuda``.
-        clouds: the network's clouds: ``full`` or ``quadrature`` (a bounded number of
-            weighted points per cloud, :mod:`vcnn.cloud_quadrature`).
+        clouds: the network's clouds: ``full``, ``quadrature`` (a bounded number of
+            weighted points per cloud, :mod:`vcnn.cloud_quadrature`) or ``auto`` (the
+            quadrature where a case's full clouds would hold more than 400 points on average,
+            decided once per case from the first flow; 2-D, CPU).
         plots: write a PNG per case.
         xdmf: write an XDMF file per case.
         name: case name for a file mesh (default: the file's stem).
@@ -210,7 +212,7 @@ class SimulateConfig:
     allow_physics_mismatch: bool = False
     overwrite: bool = False
     device: str = "auto"
-    clouds: str = "full"
+    clouds: str = "auto"
     plots: bool = True
     xdmf: bool = True
     name: str | None = None
@@ -230,7 +232,7 @@ class SimulateConfig:
             "coupling": COUPLINGS,
             "outer": OUTER_METHODS,
             "device": DEVICES,
-            "clouds": ("quadrature", "full"),
+            "clouds": ("auto", "quadrature", "full"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -30,6 +30,7 @@ from vcnn.inference import predict_full_clouds
 from vcnn.network import VectorCloudNet
 from vcnn.physics import Physics
 from vcnn.symmetry import check_frame_independence
+from vcnn.system import TooLargeError
 
 OPTIONS = CloudOptions(region="ellipse", diffusivity=0.1, zeta=3.0)
 
@@ -287,6 +288,11 @@ def test_refusals():
         CloudQuadrature(points, points, None, np.ones(50), OPTIONS)
     with pytest.raises(ValueError, match="even"):
         QuadratureOptions(angular=5)
+    # clouds that would wrap around the period many times: the full clouds' refusal
+    points, velocity = _grid_case(0.25)
+    with pytest.raises(TooLargeError, match="much shorter than the clouds"):
+        CloudQuadrature(points, 1e30 * velocity, np.array([4.0, 2.0]), np.ones(len(points)),
+                        OPTIONS)
 
 
 def test_evaluate_records_the_clouds_and_the_backend(hill_case, tmp_path):
@@ -307,7 +313,7 @@ def test_simulate_config_takes_the_cloud_mode():
     from solvers.simulate import SimulateConfig
     from vcnn.config import ConfigError
 
-    assert SimulateConfig(model="published").clouds == "full"
+    assert SimulateConfig(model="published").clouds == "auto"
     assert SimulateConfig(model="published", clouds="quadrature").clouds == "quadrature"
     with pytest.raises(ConfigError, match="clouds must be one of"):
         SimulateConfig(model="published", clouds="some")

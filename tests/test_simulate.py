@@ -198,6 +198,29 @@ def test_one_way_cli_equals_the_closures_predict(coupled_model, tmp_path):
     assert case.meta["physics"]["c_k"] == 0.0  # one-way: the flow does not see tau
 
 
+@pytest.mark.parametrize("threshold", [None, 0.0])
+def test_auto_clouds_are_decided_once_per_case(coupled_model, tmp_path, monkeypatch, threshold):
+    # clouds = "auto" (the default): full clouds on this coarse mesh (a few dozen points per
+    # cloud); with the threshold at 0 the quadrature, recorded in metrics and case meta
+    import vcnn.cloud_quadrature
+
+    if threshold is not None:
+        monkeypatch.setattr(vcnn.cloud_quadrature, "AUTO_QUADRATURE_CLOUD_SIZE", threshold)
+    summary = run_simulate(
+        _config(tmp_path, model=str(coupled_model), coupling="one-way", device="cpu",
+                plots=False, xdmf=False)
+    )
+    assert summary.all_succeeded
+    (entry,) = summary.entries
+    expected = "full" if threshold is None else "quadrature"
+    assert entry["clouds"] == expected
+    case = read_case(tmp_path / "hill_a1.000.npz")
+    assert case.meta["simulate"]["clouds"] == expected
+    prediction = load_closure(coupled_model, device="cpu").predict(
+        dataclasses.replace(case, tau=np.zeros(case.num_points)), clouds=expected)
+    np.testing.assert_allclose(case.tau, prediction, rtol=1e-6, atol=1e-6 * prediction.max())
+
+
 def test_checkpoint_with_other_physics_is_refused(coupled_model, tmp_path, capsys):
     out = tmp_path / "mismatch"
     arguments = ["simulate", "--model", str(coupled_model), "--alphas", "1",

@@ -911,8 +911,10 @@ a first run (five minutes on a laptop):
     simulate.add_argument("--device", choices=["auto", "cpu", "cuda"], help="inference device")
     simulate.add_argument(
         "--clouds",
-        choices=["quadrature", "full"],
-        help="the network's clouds: full, or the cloud quadrature (bounded points per cloud)",
+        choices=["auto", "quadrature", "full"],
+        help="the network's clouds: full, the cloud quadrature (bounded points per cloud), or "
+        "auto (the quadrature where a case's full clouds would hold more than 400 points on "
+        "average, decided once per case; the default)",
     )
     simulate.add_argument("--out", type=Path, help="output folder")
     simulate.add_argument(

@@ -284,6 +284,22 @@ class Closure:
             case, cloud_size=cloud_size, seed=seed, frame=frame, clouds=clouds
         ).tau
 
+    def resolve_clouds(self, *, dim: int, speed: np.ndarray, nodal_volume: np.ndarray) -> str:
+        """What ``clouds="auto"`` runs on a case: ``"quadrature"`` or ``"full"``.
+
+        Args:
+            dim: the case's spatial dimension.
+            speed: (N,) float |u| at the case's points.
+            nodal_volume: (N,) float the points' volumes.
+
+        Returns:
+            The mode (:func:`vcnn.cloud_quadrature.auto_clouds`).
+        """
+        return auto_clouds(
+            self.cloud_options, dim=dim, pooling=self.model.config.pooling, speed=speed,
+            nodal_volume=nodal_volume, device_type=self.device.type,
+        )
+
     def predict_detailed(
         self,
         case: Case,
@@ -349,10 +365,9 @@ class Closure:
             raise ValueError(f"clouds must be one of {CLOUD_MODES}, got {clouds!r}")
         mode = "sample" if cloud_size is not None else clouds
         if mode == "auto":
-            mode = auto_clouds(
-                self.cloud_options, dim=case.dim, pooling=self.model.config.pooling,
-                speed=np.linalg.norm(case.velocity, axis=1), nodal_volume=case.nodal_volume,
-                device_type=self.device.type,
+            mode = self.resolve_clouds(
+                dim=case.dim, speed=np.linalg.norm(case.velocity, axis=1),
+                nodal_volume=case.nodal_volume,
             )
         if mode == "quadrature":
             reason = quadrature_unavailable(

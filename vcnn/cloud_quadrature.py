@@ -73,7 +73,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from vcnn._regions import smooth_switch
-from vcnn.clouds import CloudOptions
+from vcnn.clouds import CloudOptions, check_period_wraps
 from vcnn.engines.kernels import (
     KernelUnavailable,
     bind,
@@ -473,6 +473,10 @@ class CloudQuadrature:
         speed = np.linalg.norm(self._velocity, axis=1)
         along, self._across = cloud_options.semi_axes(speed)
         self._along = np.asarray(along, dtype=np.float64)
+        reach = float(max(self._along.max(initial=0.0), self._across))
+        for axis, length in enumerate(self._period):
+            if length > 0:
+                check_period_wraps(reach, float(length), axis=axis)
         with np.errstate(invalid="ignore", divide="ignore"):
             direction = self._velocity / speed[:, None]
         self._direction = np.where(speed[:, None] > 0, direction, 0.0)

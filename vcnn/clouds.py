@@ -88,6 +88,29 @@ MAX_PERIOD_WRAPS = 64
 _SLACK = 1e-9
 
 
+def check_period_wraps(reach: float, length: float, *, axis: int) -> None:
+    """Refuse clouds that would wrap around a period more than :data:`MAX_PERIOD_WRAPS` times.
+
+    Shared by every cloud builder (full clouds, the device search, the cloud quadrature): a
+    velocity of absurd size or a wrong period shows here, before anything is allocated.
+
+    Args:
+        reach: the largest distance a cloud reaches from its query point.
+        length: the period along ``axis`` (> 0).
+        axis: the axis, for the message.
+
+    Raises:
+        TooLargeError: naming the period, the reach and the number of wraps.
+    """
+    if reach > MAX_PERIOD_WRAPS * length:
+        raise TooLargeError(
+            f"period {length:.3g} along axis {axis} is much shorter than the clouds "
+            f"(they reach {reach:.3g} from their query point): every cloud would wrap "
+            f"around the period about {reach / length:.2g} times (at most "
+            f"{MAX_PERIOD_WRAPS} allowed); check the period and the velocity"
+        )
+
+
 def map_images(image_points: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
     """``image_points[image_ids]`` by a multithreaded torch gather (large arrays).
 
@@ -654,13 +677,7 @@ class CloudSampler:
                     f"points along it ({extent:.3g}): the case would repeat itself about "
                     f"{extent / length:.2g} times; give the domain's period"
                 )
-            if reach > MAX_PERIOD_WRAPS * length:
-                raise TooLargeError(
-                    f"period {length:.3g} along axis {axis} is much shorter than the clouds "
-                    f"(they reach {reach:.3g} from their query point): every cloud would wrap "
-                    f"around the period about {reach / length:.2g} times (at most "
-                    f"{MAX_PERIOD_WRAPS} allowed); check the period and the velocity"
-                )
+            check_period_wraps(reach, length, axis=axis)
             images *= (extent + 2.0 * reach) / length + 1.0
         check_fits(
             self.num_points * images,

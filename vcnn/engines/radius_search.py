@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vcnn.clouds import MAX_PERIOD_WRAPS, CloudOptions
+from vcnn.clouds import CloudOptions, check_period_wraps
 from vcnn.system import TooLargeError
 
 __all__ = ["DEFAULT_MAX_CANDIDATES", "DeviceCloudSearch", "DeviceClouds"]
@@ -180,11 +180,7 @@ class DeviceCloudSearch:
             for axis in periodic:
                 length = float(self.period[axis])
                 extent = float(high[axis] - low[axis])
-                if reach > MAX_PERIOD_WRAPS * length:
-                    raise TooLargeError(
-                        f"period {length:.3g} along axis {axis} is much shorter than the clouds "
-                        f"(reach {reach:.3g})"
-                    )
+                check_period_wraps(reach, length, axis=axis)
                 most = math.ceil((extent + reach) / length) + 1
                 ranges.append(torch.arange(-most, most + 1, dtype=torch.float64))
             grids = torch.meshgrid(*ranges, indexing="ij")
