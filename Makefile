@@ -48,12 +48,13 @@ docs: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pdoc -d google -o docs/api $$($(PY) -c '$(API_MODULES)')
 	@echo "configuration reference: docs/configuration.md; API reference: docs/api/index.html"
 
-# The method's examples (atoms, integral), one command each; EXAMPLES_ARGS= for the full runs.
+# The examples (integral, atoms, the 3-D study), one command each; EXAMPLES_ARGS= for the full runs.
 # One thread each: their many small tensor operations run slower with two (measured).
 EXAMPLES_ARGS ?= --quick
 examples: venv
 	OMP_NUM_THREADS=1 PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/integral/run.py $(EXAMPLES_ARGS)
 	OMP_NUM_THREADS=1 PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/atoms/run.py $(EXAMPLES_ARGS)
+	OMP_NUM_THREADS=1 PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) experiments/hills3d/run.py $(EXAMPLES_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
