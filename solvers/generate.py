@@ -232,11 +232,6 @@ class GenerateConfig:
     def _check_dimension(self) -> None:
         """Refuse 3-D settings in 2-D, and in 3-D what does not work there yet."""
         self.crest_amplitudes = check_hill_dimension(self.dim, self.crest_amplitudes, self.mesh)
-        if self.dim == 3 and self.c_k > 0:
-            raise ConfigError(
-                "dim = 3: the coupled closure (c_k > 0) is not available in 3-D yet (generate): "
-                "give c_k = 0 (one-way)"
-            )
 
     @classmethod
     def from_dict(

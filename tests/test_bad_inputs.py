@@ -839,9 +839,6 @@ BAD: dict[str, Bad] = {
     "generate-3d-crest-amplitude-out-of-range": Bad(
         "generate", _generate("--dim", "3", "--crest-amplitudes", "0.5", "--out", "SANDBOX/out"),
         r"crest amplitudes must lie in \[0, 0.3\]", _named("[0.5]")),
-    "generate-3d-coupled": Bad(
-        "generate", _generate("--dim", "3", "--c-k", "0.1", "--out", "SANDBOX/out"),
-        r"dim = 3: the coupled closure \(c_k > 0\) is not available in 3-D yet", _named("c_k")),
     "generate-3d-flow-from-2d-source": Bad(
         # a 2-D hill case as the flow of a 3-D hill
         "generate", _generate("-q", "--dim", "3", "--resolution", "0.05", "--span-cells", "2",

@@ -172,7 +172,6 @@ def test_3d_cases_are_skipped_when_complete_and_refused_when_settings_differ(run
         ({"dim": 4}, "dim must be 2 or 3"),
         ({"dim": 3, "crest_amplitudes": [0.5]}, r"crest amplitudes must lie in \[0, 0.3\]"),
         ({"dim": 3, "crest_amplitudes": [0.1, 0.1]}, "crest_amplitudes lists 0.1 twice"),
-        ({"dim": 3, "c_k": 0.1}, "dim = 3: the coupled closure"),
         ({"dim": 3, "mesh": {"cell_type": "triangle"}}, "dim = 3: the structured 3-D hill"),
         ({"dim": 3, "mesh": {"span_cells": 0}}, "span_cells must be a positive"),
     ],
@@ -180,6 +179,31 @@ def test_3d_cases_are_skipped_when_complete_and_refused_when_settings_differ(run
 def test_3d_settings_refused(values, message):
     with pytest.raises(ConfigError, match=message):
         GenerateConfig.from_dict(values)
+
+
+def test_coupled_3d_generate_is_the_two_way_pde_simulation(tmp_path):
+    # c_k > 0 in 3-D: the flow and tau solved together (Anderson on the closure loop), the same
+    # loop as `vcnn simulate --closure pde --coupling two-way`: equal to its tolerance
+    flags = ["--dim", "3", "--alphas", "1", "--crest-amplitudes", "0.2", "--resolution", "0.05",
+             "--span-cells", "2", "--c-k", "0.14", "--no-xdmf", "--no-plots"]
+    assert vcnn_main(["generate", *flags, "--out", str(tmp_path / "generate")]) == 0
+    assert vcnn_main(["simulate", "--closure", "pde", "--coupling", "two-way", *flags,
+                      "--out", str(tmp_path / "simulate")]) == 0
+    name = "hill3d_a1.000_crest0.200.npz"
+    generated = read_case(tmp_path / "generate" / name)
+    simulated = read_case(tmp_path / "simulate" / name)
+    assert generated.meta["physics"]["c_k"] == 0.14
+    assert generated.meta["solver"]["coupling_iterations"] > 1
+
+    def relative(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    assert relative(generated.tau, simulated.tau) < 1e-6
+    assert relative(generated.velocity, simulated.velocity) < 1e-6
+    # and the coupling changes the solution: not the one-way case
+    one_way = [flag for flag in flags if flag not in ("--c-k", "0.14")]
+    assert vcnn_main(["generate", *one_way, "--out", str(tmp_path / "one_way")]) == 0
+    assert relative(read_case(tmp_path / "one_way" / name).tau, generated.tau) > 1e-2
 
 
 def test_span_cells_needs_3d():
