@@ -914,7 +914,7 @@ a first run (five minutes on a laptop):
         choices=["auto", "quadrature", "full"],
         help="the network's clouds: full, the cloud quadrature (bounded points per cloud), or "
         "auto (the quadrature where a case's full clouds would hold more than 400 points on "
-        "average, decided once per case; the default)",
+        "average, decided once per case)",
     )
     simulate.add_argument("--out", type=Path, help="output folder")
     simulate.add_argument(
