@@ -1,9 +1,10 @@
 """The 3-D study's quick tier (``experiments/hills3d/run.py --quick``), marked ``example``.
 
-Generates a 2 x 2 grid of coarse 3-D hills (r = 0.05, two span layers), trains a tiny closure,
-evaluates it a priori on a held-out interior point and on its transfer cases (another span
-resolution, tetrahedra) and runs it two-way coupled against the PDE truth: the script's own
-mechanics checks must pass and its outputs must hold what the results page reads.
+Generates a 2 x 2 grid of coarse two-way coupled 3-D hills (r = 0.05, two span layers,
+C_k = 0.14), trains a tiny closure, evaluates it a priori on a held-out interior point and on its
+transfer case (three span layers) and runs it two-way coupled with its own C_k against the PDE
+truth: the script's own mechanics checks must pass and its outputs must hold what the results
+page reads.
 """
 
 from __future__ import annotations
@@ -35,13 +36,19 @@ def test_quick_3d_study(tmp_path):
     assert metrics["quick"] is True and metrics["failed"] == []
     (row,) = metrics["held_out"]
     assert row["converged"] and row["crest"] == 0.15
+    # trained on two-way coupled cases: simulate runs with the model's own C_k, no mismatch
+    assert row["c_k"] == 0.14 and row["allow_physics_mismatch"] is False
+    # the held-out case is generate's coupled solution, the --compare truth simulate's: the same
+    # PDE solution, so the two a priori errors agree
+    assert math.isclose(row["a_priori_percent"], row["a_priori_coupled_percent"], rel_tol=1e-3)
     # the ratio is the a posteriori error over the a priori one on the same coupled truth
     assert math.isclose(row["ratio"], row["a_posteriori_percent"] / row["a_priori_coupled_percent"])
     # the cloud report: full clouds hold more than one point and at most the whole case
     assert 1 < row["cloud_points_mean"] <= row["cloud_points_max"] <= row["num_points"]
     assert [t["mesh"] for t in metrics["transfer"]] == ["hex r=0.05x3"]
     (cloud,) = metrics["clouds"]
-    assert cloud["closure_seconds"] > 0 and cloud["tau_solve_seconds"] > 0
+    assert cloud["closure_seconds"] > 0 and cloud["pde_iteration_seconds"] > 0
+    assert cloud["coupling_iterations"] > 1  # the case is two-way coupled
     assert {"generate_grid", "train", "evaluate", "total"} <= set(metrics["seconds"])
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and config["plan"]["resolution"] == 0.05
