@@ -45,7 +45,7 @@ from solvers.case_setup import (
 )
 from solvers.collective import on_root
 from solvers.flow_sources import MIN_SAMPLES_PER_MESH_POINT
-from solvers.linalg import is_interrupt
+from solvers.linalg import case_failure_message
 from solvers.preflight import (
     check_alphas,
     check_case_size,
@@ -71,7 +71,6 @@ from vcnn.config import (
     renamed_keys,
 )
 from vcnn.inputs import check_regular_input
-from vcnn.outputs import is_disk_full
 from vcnn.physics import PRODUCTION_MODES, Physics
 
 logger = logging.getLogger(__name__)
@@ -469,11 +468,7 @@ def _generate_cases(
             except ConfigError:
                 raise  # a config error fails every case: stop, with the one message
             except Exception as error:  # one failed case must not lose the others
-                if is_interrupt(error):
-                    raise KeyboardInterrupt(f"interrupted in case {name}") from error
-                if is_disk_full(error):
-                    raise  # the run's end (one line naming the file), not this case's failure
-                message = f"{type(error).__name__}: {error}"
+                message = case_failure_message(error, name)
                 if comm.rank == 0:
                     logger.error("%s: FAILED: %s", prefix, message)
                     logger.debug("%s", traceback.format_exc())

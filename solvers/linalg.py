@@ -289,6 +289,26 @@ def is_interrupt(error: BaseException) -> bool:
     return False
 
 
+def case_failure_message(error: Exception, case: str) -> str:
+    """The one-line failure of one case of a run, unless ``error`` must end the whole run.
+
+    Generate and simulate go on with the next case after a failed one; an interrupt
+    (:func:`is_interrupt`) and a full disk (:func:`vcnn.outputs.is_disk_full`) end the run
+    instead. Call it in the handler of the case's exception.
+
+    Raises:
+        KeyboardInterrupt: the run was interrupted (from ``error``).
+        OSError: ``error`` itself, for a full disk or quota.
+    """
+    from vcnn.outputs import is_disk_full
+
+    if is_interrupt(error):
+        raise KeyboardInterrupt(f"interrupted in case {case}") from error
+    if is_disk_full(error):
+        raise error  # the run's end: one line naming the file; earlier outputs are kept
+    return f"{type(error).__name__}: {error}"
+
+
 def solve_linear(ksp: PETSc.KSP, rhs: PETSc.Vec, solution: PETSc.Vec, *, context: str) -> None:
     """``ksp.solve(rhs, solution)`` with the failures turned into :class:`SolverDivergedError`.
 

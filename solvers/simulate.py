@@ -57,7 +57,7 @@ from solvers.case_setup import (
 )
 from solvers.collective import on_root
 from solvers.flow_sources import MIN_SAMPLES_PER_MESH_POINT
-from solvers.linalg import is_interrupt
+from solvers.linalg import case_failure_message, is_interrupt
 from solvers.preflight import check_alphas, check_case_size, check_mesh_size, machine_memory
 from solvers.run_folder import (
     CaseProgress,
@@ -604,11 +604,7 @@ def _simulate_one(
     except ConfigError:
         raise  # a config error fails every case: stop, with the one message
     except Exception as error:  # one failed case must not lose the others
-        if is_interrupt(error):
-            raise KeyboardInterrupt(f"interrupted in case {name}") from error
-        if is_disk_full(error):
-            raise  # the run's end (one line naming the file); metrics.json is kept
-        message = f"{type(error).__name__}: {error}"
+        message = case_failure_message(error, name)
         entry = getattr(error, "entry", None) or _empty_entry(
             name, alpha, config, crest_amplitude=job.crest_amplitude
         )
