@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ from meshes.structured import structured_hill_mesh
 from solvers.boundaries import hill_boundary_spec
 from solvers.closures import PdeClosure
 from solvers.problem import ClosureProblem
-from vcnn.casefile import write_case
+from vcnn.casefile import Case, write_case
 from vcnn.closure import load_closure
 from vcnn.physics import Physics
 from vcnn.system import machine_summary
@@ -180,8 +181,17 @@ def training_throughput(model_path: Path, threads: int, quick: bool) -> float:
         return train(config).clouds_per_second
 
 
-def solved_hill(resolution: float, repeats: int):
-    """The alpha = 1 hill: (case with the PDE's tau, best tau solve wall and CPU seconds)."""
+class SolvedHill(NamedTuple):
+    """The alpha = 1 hill with the PDE's tau, and the timing of its tau solve."""
+
+    case: Case
+    seconds: float
+    cpu_seconds: float
+    newton_iterations: int
+
+
+def solved_hill(resolution: float, repeats: int) -> SolvedHill:
+    """The alpha = 1 hill: the case with the PDE's tau and the best of ``repeats`` tau solves."""
     tagged = structured_hill_mesh(1.0, resolution=resolution, comm=MPI.COMM_WORLD)
     spec = hill_boundary_spec(tagged.boundaries, tagged.period)
     with ClosureProblem.from_tagged_mesh(tagged, spec, Physics()) as problem:
@@ -193,8 +203,10 @@ def solved_hill(resolution: float, repeats: int):
                 repeats, lambda: solver.solve(warm_start=False)
             )
             tau = problem.values(solution.tau)
-        case = problem.case(tau, name="hill_a1.000", meta={"alpha": 1.0})
-    return case, seconds, cpu_seconds
+        case = problem.case(
+            tau, name="hill_a1.000", meta={"alpha": 1.0, "physics": Physics().to_dict()}
+        )
+    return SolvedHill(case, seconds, cpu_seconds, solution.newton_iterations)
 
 
 def resolution_table(args: argparse.Namespace) -> int:
@@ -204,7 +216,7 @@ def resolution_table(args: argparse.Namespace) -> int:
     closure.predict_detailed(solved_hill(0.1, 1)[0])  # kernels built before any timing
     rows = []
     for resolution in args.resolutions:
-        case, tau_seconds, tau_cpu = solved_hill(resolution, repeats)
+        case, tau_seconds, tau_cpu, _ = solved_hill(resolution, repeats)
         row = {
             "resolution": resolution, "points": case.num_points, "tau_seconds": tau_seconds,
             "tau_cpu_seconds": tau_cpu,
@@ -333,19 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start_summary = machine_summary()
 
-    tagged = structured_hill_mesh(1.0, resolution=resolution, comm=MPI.COMM_WORLD)
-    spec = hill_boundary_spec(tagged.boundaries, tagged.period)
-    with ClosureProblem.from_tagged_mesh(tagged, spec, Physics()) as problem:
-        problem.solve_flow()
-        with PdeClosure(problem) as pde:
-            pde.evaluate(problem)  # forms compiled, first factorisation
-            solver = pde._solver
-            tau_seconds, solution = best_of(
-                2 if not args.quick else 1, lambda: solver.solve(warm_start=False)
-            )
-            newton = solution.newton_iterations
-            tau = problem.values(solution.tau)
-        case = problem.case(tau, name="hill_a1.000", meta={"alpha": 1.0, "physics": Physics().to_dict()})
+    case, tau_seconds, _, newton = solved_hill(resolution, 1 if args.quick else 2)
 
     closure = load_closure(args.model, device="cpu")
     with tempfile.TemporaryDirectory() as cache:
