@@ -17,6 +17,7 @@ from __future__ import annotations
 from mpi4py import MPI
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import ufl
@@ -92,21 +93,38 @@ def kovasznay3d_errors(
     )
 
 
-def tau_mms_error(n: int, cell_type: str, comm: MPI.Comm = MPI.COMM_WORLD) -> float:
-    """L2 error of the P1 SUPG transport (D = 0.1, reaction 3 |t| t) on an n^3 box."""
-    mesh, _ = box_mesh(comm, n, cell_type)
+class ManufacturedTau(NamedTuple):
+    """A manufactured-solution solve of the tau transport: its L2 error and Newton history."""
+
+    error: float
+    residual_history: list[float]
+
+
+def manufactured_tau(
+    mesh: dmesh.Mesh,
+    exact: ufl.core.expr.Expr,
+    velocity: ufl.core.expr.Expr,
+    *,
+    diffusivity: float,
+    exponent: float = 1.0,
+    supg_length: str = "diameter",
+) -> ManufacturedTau:
+    """P1 SUPG transport with the reaction 3 |t|^p t and the source that makes ``exact`` solve it.
+
+    Dirichlet data from ``exact`` on the whole boundary; any dimension and cell type.
+
+    Args:
+        mesh: the mesh.
+        exact: the manufactured solution (UFL, of the mesh's coordinates).
+        velocity: (d,) advecting velocity (UFL).
+        diffusivity: D > 0.
+        exponent: p of the reaction.
+        supg_length: the SUPG element length (:func:`solvers.transport.element_length`).
+    """
     V = fem.functionspace(mesh, ("Lagrange", 1))
-    x = ufl.SpatialCoordinate(mesh)
-    exact = (
-        1.0
-        + 0.5 * ufl.sin(2 * ufl.pi * x[0]) * ufl.cos(ufl.pi * x[1]) * ufl.cos(ufl.pi * x[2])
-        + x[0] * x[1] * x[2]
-    )
-    velocity = ufl.as_vector([ufl.cos(x[1]), ufl.sin(x[0]) + 0.5, ufl.cos(x[0] + x[1])])
-    diffusivity = 0.1
 
     def reaction(value):
-        return 3.0 * regularized_abs_power(value, 1.0, 1e-8) * value
+        return 3.0 * regularized_abs_power(value, exponent, 1e-8) * value
 
     source = (
         ufl.dot(velocity, ufl.grad(exact))
@@ -115,14 +133,29 @@ def tau_mms_error(n: int, cell_type: str, comm: MPI.Comm = MPI.COMM_WORLD) -> fl
     )
     tau = fem.Function(V)
     residual = transport_residual_form(
-        tau, velocity, diffusivity=diffusivity, reaction=reaction(tau), source=source
+        tau, velocity, diffusivity=diffusivity, reaction=reaction(tau), source=source,
+        supg_length=supg_length,
     )
     boundary_values = fem.Function(V)
     boundary_values.interpolate(fem.Expression(exact, V.element.interpolation_points))
     fdim = mesh.topology.dim - 1
+    mesh.topology.create_connectivity(fdim, mesh.topology.dim)
     dofs = fem.locate_dofs_topological(V, fdim, dmesh.exterior_facet_indices(mesh.topology))
-    solve_nonlinear(residual, tau, [fem.dirichletbc(boundary_values, dofs)])
-    return _l2(tau - exact, mesh)
+    result = solve_nonlinear(residual, tau, [fem.dirichletbc(boundary_values, dofs)])
+    return ManufacturedTau(_l2(tau - exact, mesh), list(result.residual_history))
+
+
+def tau_mms_error(n: int, cell_type: str, comm: MPI.Comm = MPI.COMM_WORLD) -> float:
+    """L2 error of the P1 SUPG transport (D = 0.1, reaction 3 |t| t) on an n^3 box."""
+    mesh, _ = box_mesh(comm, n, cell_type)
+    x = ufl.SpatialCoordinate(mesh)
+    exact = (
+        1.0
+        + 0.5 * ufl.sin(2 * ufl.pi * x[0]) * ufl.cos(ufl.pi * x[1]) * ufl.cos(ufl.pi * x[2])
+        + x[0] * x[1] * x[2]
+    )
+    velocity = ufl.as_vector([ufl.cos(x[1]), ufl.sin(x[0]) + 0.5, ufl.cos(x[0] + x[1])])
+    return manufactured_tau(mesh, exact, velocity, diffusivity=0.1).error
 
 
 @dataclass
