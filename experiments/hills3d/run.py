@@ -38,9 +38,9 @@ the verbs, ``vcnn generate`` / ``train`` / ``evaluate`` / ``simulate``):
    case's coupled PDE solve), ``config.json`` (seeds, plan, training settings) and
    ``errors.png`` into ``--out``, and checks the goals.
 
-Goals of the full run (issue 16, item 6): a priori tau <= 3 % on every held-out case, a
-posteriori tau <= 1.5x its a priori error (on the same coupled truth), velocity <= 1 %,
-integral of tau <= 2 % (of the coupled runs); exit 1 when one is missed. A full run also
+Goals of the full run (docs/results.md, the 3-D study): a priori tau <= 3 % on every held-out
+case, a posteriori tau <= 1.5x its a priori error (on the same coupled truth), velocity
+<= 1 %, integral of tau <= 2 % (of the coupled runs); exit 1 when one is missed. A full run also
 exports its model to ``experiments/hills3d/model/best.pt`` when it is under 1 MB
 (``vcnn simulate --dim 3 --model experiments/hills3d/model/best.pt --alphas A
 --crest-amplitudes C --resolution 0.05 --span-cells 2 --compare`` repeats a row: two-way with
@@ -119,7 +119,7 @@ logger = logging.getLogger("hills3d")
 SEED = 0
 #: C_k of the two-way runs: the coupled 2-D study's (peak nu_t about twice nu).
 C_K = 0.14
-#: Goals of the full run (issue 16, item 6): percent, or a factor for the ratio.
+#: Goals of the full run (docs/results.md): percent, or a factor for the ratio.
 GOALS = {"a_priori": 3.0, "ratio": 1.5, "velocity": 1.0, "integral": 2.0}
 #: Mechanics bounds of --quick (a tiny family and model; see the module docstring).
 QUICK_BOUNDS = {"a_priori": 40.0, "ratio": 3.0, "ratio_slack": 5.0, "velocity": 10.0,
