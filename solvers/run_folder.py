@@ -12,6 +12,7 @@ from mpi4py import MPI
 
 import contextlib
 import datetime
+import string
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -24,8 +25,13 @@ from vcnn.outputs import check_output_dir, check_output_owner, output_lock
 
 __all__ = [
     "RUNS_FOLDER",
+    "STAMP_FORMAT",
     "CaseProgress",
-    "append_summary", "check_run_folder", "locked_run", "run_stamp"]
+    "append_summary",
+    "check_run_folder",
+    "locked_run",
+    "run_stamp",
+]
 
 #: Sub-folder of an output folder with the resolved configuration of each run.
 RUNS_FOLDER = "runs"
@@ -33,9 +39,14 @@ RUNS_FOLDER = "runs"
 _FLAG = "--out"
 
 
+#: :func:`run_stamp`'s format: UTC to the microsecond, so that the records of runs made one
+#: after the other sort in the order of the runs (in one second they did not).
+STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+
+
 def run_stamp() -> str:
-    """The start time of a run as it names its records: UTC, ``20261204T204312Z``."""
-    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    """The start time of a run as it names its records: UTC, ``20261204T204312.250311Z``."""
+    return datetime.datetime.now(datetime.UTC).strftime(STAMP_FORMAT)
 
 
 def check_run_folder(output: Path, *, verb: str, overwrite: bool, comm: MPI.Comm) -> Callable:
@@ -89,10 +100,10 @@ def locked_run(
         write_resolved_config(output, document)
         history = output / RUNS_FOLDER / f"{stamp}_{verb}.toml"
         history.parent.mkdir(parents=True, exist_ok=True)
-        number = 1
-        while history.exists():  # two runs in one second: both kept
-            number += 1
-            history = history.with_name(f"{stamp}-{number}_{verb}.toml")
+        # two runs of one stamp: both kept, and a letter after the stamp sorts after "_"
+        letters = iter(string.ascii_lowercase)
+        while history.exists():
+            history = history.with_name(f"{stamp}{next(letters)}_{verb}.toml")
         atomic_write_text(history, dumps_toml(document))
 
     with output_lock(
@@ -122,7 +133,7 @@ def append_summary(output: Path, table: str, *, verb: str, stamp: str) -> Path:
         earlier = ""
     if earlier and not earlier.startswith("## "):
         earlier = f"## earlier run\n\n{earlier}"
-    when = datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.datetime.strptime(stamp, STAMP_FORMAT).strftime("%Y-%m-%d %H:%M:%S UTC")
     section = f"## vcnn {verb}, {when}\n\n{table.strip()}"
     text = f"{earlier}\n\n{section}\n" if earlier else f"{section}\n"
     return atomic_write_text(path, text)

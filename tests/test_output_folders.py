@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -388,3 +389,17 @@ def test_a_real_full_disk(tiny_disk, capfd):
     assert raised.value.filename == str(tiny_disk / "case.xdmf")
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["config.toml", "metrics.json"]
     assert "HDF5-DIAG" not in capfd.readouterr().err  # HDF5's stack is not the user's message
+
+
+def test_run_records_sort_in_the_order_of_the_runs(tmp_path):
+    # runs/<stamp>_<verb>.toml: consecutive runs, and runs of one stamp, sort in run order
+    from solvers.run_folder import RUNS_FOLDER, locked_run, run_stamp
+
+    stamps = [run_stamp(), run_stamp()]
+    stamps.append(stamps[-1])  # a third run of the same stamp
+    for number, stamp in enumerate(stamps):
+        with locked_run(tmp_path, verb="generate", resolved={"run": number},
+                        check_owner=lambda: None, stamp=stamp, comm=MPI.COMM_SELF):
+            pass
+    records = sorted((tmp_path / RUNS_FOLDER).glob("*_generate.toml"))
+    assert [tomllib.loads(path.read_text())["generate"]["run"] for path in records] == [0, 1, 2]
