@@ -84,8 +84,10 @@ def test_simulate_reads_the_cases_of_a_generate_config():
 
 def test_summary_keeps_a_dated_section_per_run(tmp_path):
     (tmp_path / "summary.md").write_text("| case |\n|---|\n| old |\n")  # an older bare table
-    append_summary(tmp_path, "| case |\n|---|\n| a |", verb="generate", stamp="20261204T101500Z")
-    append_summary(tmp_path, "| case |\n|---|\n| b |", verb="simulate", stamp="20261204T111500Z")
+    append_summary(tmp_path, "| case |\n|---|\n| a |", verb="generate",
+                   stamp="20261204T101500.000000Z")
+    append_summary(tmp_path, "| case |\n|---|\n| b |", verb="simulate",
+                   stamp="20261204T111500.000000Z")
     text = (tmp_path / "summary.md").read_text()
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings == [
