@@ -15,6 +15,15 @@ pair's flow direction) whose magnitude is an extra unknown fixed by the constrai
 
 with two solves that share one LU factorisation (``J y1 = -R``, ``J y2 = b``), so the bulk
 velocity holds to round-off after every step.
+
+Newton from rest starts from the Stokes flow, which on coarse 3-D meshes at the hill's
+Re = 100 (two spanwise layers, a crest varying across the span) lies outside the basin of
+attraction: the residual grows to 1e+9. When plain Newton from rest fails, a continuation in
+the molecular viscosity takes over (:data:`CONTINUATION_START` times the target viscosity,
+then divided by :data:`CONTINUATION_STEP` per stage down to the target, a stage that fails
+retried half-way in log space), each stage started from the previous stage's solution. Only
+its last stage, at the target viscosity and tolerance, defines the solution: the same discrete
+equations as the plain Newton solve.
 """
 
 from __future__ import annotations
@@ -56,6 +65,28 @@ __all__ = ["FlowSolution", "FlowSolver", "solve_flow"]
 #: regime; the next step then reuses the factorised Jacobian (a chord step).
 REUSE_CONTRACTION = 0.05
 
+#: Plain Newton from rest counts as failed (and the viscosity continuation takes over) when
+#: its residual exceeds this multiple of the initial residual: on the diverging 3-D hills it
+#: grows to 1e+9, while converging solves stay below their initial residual.
+DIVERGENCE_GROWTH = 10.0
+
+#: First continuation stage: this multiple of the target viscosity (Re = 25 for the hill).
+CONTINUATION_START = 4.0
+
+#: Viscosity ratio between successive continuation stages.
+CONTINUATION_STEP = 2.0
+
+#: Relative tolerance of the intermediate continuation stages: they only supply the next
+#: stage's initial guess (Newton's last steps are cheap chord steps, so this saves little).
+CONTINUATION_RTOL = 1e-6
+
+#: Most continuation stages (converged or failed) before the solve is declared failed.
+MAX_CONTINUATION_STAGES = 10
+
+#: How a solve from rest may use the viscosity continuation: ``"auto"`` only after plain Newton
+#: failed, ``"always"`` straight away (tests, or a case known to need it), ``"never"``.
+CONTINUATION_MODES = ("auto", "always", "never")
+
 
 @dataclass
 class FlowSolution:
@@ -69,8 +100,10 @@ class FlowSolution:
         body_force: magnitude of the driving body force (0 when not body-force driven).
         bulk_velocity: measured area average of the velocity along the driving direction
             (of ``u_x`` when not body-force driven).
-        newton_iterations: Newton steps taken.
-        residual_history: residual norm before each step and after the last one.
+        newton_iterations: Newton steps taken, those of a failed plain Newton attempt and of
+            every continuation stage included.
+        residual_history: residual norm before each step and after the last one (of the
+            last stage when a continuation ran).
         wall_time: seconds spent in the solve (with set-up for :func:`solve_flow`).
         num_dofs: global number of velocity + pressure dofs.
         factorizations: number of Jacobian assemblies and LU factorisations; smaller than
@@ -79,6 +112,8 @@ class FlowSolution:
             0 for the solves of a :class:`FlowSolver` after its construction),
             ``assembly`` (residual and Jacobian), ``restriction`` (``K^T J K``) and ``solve``
             (LU factorisation and triangular solves).
+        continuation: viscosities of the converged continuation stages in order, the last the
+            target viscosity; empty when plain Newton converged.
     """
 
     u: dolfinx.fem.Function
@@ -90,6 +125,23 @@ class FlowSolution:
     wall_time: float = 0.0
     num_dofs: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    factorizations: int = 0
+    continuation: list[float] = field(default_factory=list)
+
+
+class _NewtonDivergedError(SolverDivergedError):
+    """Newton itself failed (NaN/inf, residual growth, no convergence), no linear solve.
+
+    Only this failure starts the viscosity continuation: a failed linear solve is reported
+    as it is (the continuation's last stage would meet the same linear systems).
+    """
+
+
+@dataclass
+class _NewtonCounts:
+    """Newton steps and Jacobian factorisations of one solve, over all its attempts."""
+
+    steps: int = 0
     factorizations: int = 0
 
 
@@ -217,6 +269,8 @@ class FlowSolver:
         body_force: the current driving body force (0 when not body-force driven).
         num_dofs: global number of velocity + pressure dofs.
         setup_time: seconds spent in the constructor.
+        continuation: viscosities of the continuation stages of the latest solve from rest
+            (:attr:`FlowSolution.continuation`); empty when plain Newton converged.
     """
 
     def __init__(
@@ -296,7 +350,9 @@ class FlowSolver:
         self._w = dolfinx.fem.Function(W)
         u, p = ufl.split(self._w)
         v, q = ufl.TestFunctions(W)
-        viscous = nu * ufl.inner(ufl.grad(u), ufl.grad(v))
+        # A Constant, not a float: the continuation changes it between Newton stages.
+        self._viscosity = dolfinx.fem.Constant(mesh, PETSc.ScalarType(nu))
+        viscous = self._viscosity * ufl.inner(ufl.grad(u), ufl.grad(v))
         self._nu_t_check_form = None
         if nu_t is not None:
             viscous += nu_t * ufl.inner(ufl.grad(u) + ufl.grad(u).T, ufl.grad(v))
@@ -368,6 +424,7 @@ class FlowSolver:
         self._pcd: _PressureConvectionDiffusion | None = None
         self.body_force = 0.0
         self._has_solution = False
+        self.continuation: list[float] = []
         self._closed = False
         self.setup_time = time.perf_counter() - start_time
 
@@ -416,6 +473,7 @@ class FlowSolver:
         atol: float = 1e-12,
         max_iterations: int = 30,
         reuse_factorization: bool = False,
+        continuation: str = "auto",
     ) -> FlowSolution:
         """Solve for the current ``nu_t`` by Newton's method.
 
@@ -433,19 +491,31 @@ class FlowSolver:
                 previous solve (a chord step), refactorising only when a step cuts the
                 residual by less than :data:`REUSE_CONTRACTION`. Worth it in a coupled loop,
                 where nu_t changes little between solves; the converged solution is the same.
+            continuation: for a solve from rest, one of :data:`CONTINUATION_MODES`: ``"auto"``
+                runs the viscosity continuation (module docstring) when plain Newton fails
+                (NaN/inf, no convergence in ``max_iterations``, or the residual growing past
+                :data:`DIVERGENCE_GROWTH` times its initial value; not on a failed linear
+                solve, which is reported as it is),
+                ``"always"`` runs it straight away, ``"never"`` not at all. Warm starts always
+                run plain Newton.
 
         Returns:
             The converged :class:`FlowSolution` (its ``u`` and ``p`` are copies: later solves
-            do not change them).
+            do not change them); :attr:`FlowSolution.continuation` lists the stages that ran.
 
         Raises:
             ValueError: on NaN/inf or otherwise invalid inputs (nu_t included).
             SolverDivergedError: when Newton does not converge within ``max_iterations``,
-                the residual becomes NaN/inf, or a linear solve fails. The solver then keeps
-                the state it started from, so a later solve can start from it again.
+                the residual becomes NaN/inf, or a linear solve fails (from rest: when the
+                continuation fails as well). The solver then keeps the state it started from,
+                so a later solve can start from it again.
         """
         if self._closed:
             raise RuntimeError("FlowSolver.solve called after close()")
+        if continuation not in CONTINUATION_MODES:
+            raise ValueError(
+                f"continuation must be one of {CONTINUATION_MODES}, got {continuation!r}"
+            )
         start_time = time.perf_counter()
         _check_parameters(
             nu=1.0,
@@ -457,6 +527,7 @@ class FlowSolver:
         )
         _check_eddy_viscosity(self._nu_t, self.comm, self._nu_t_check_form)
         x = self._w.x.petsc_vec
+        from_rest = initial_guess is None and not self._has_solution
         if initial_guess is not None:
             self._w.sub(0).interpolate(initial_guess.u)
             self._w.sub(1).interpolate(initial_guess.p)
@@ -469,20 +540,61 @@ class FlowSolver:
         self.constraint.make_periodic(x)
         start_state = (self._w.x.array.copy(), self.body_force)
         timings: dict[str, float] = {"setup": 0.0}
+        counts = _NewtonCounts()
+        stages: list[float] = []
+        fallback = from_rest and continuation == "auto"
         try:
-            history, iterations, factorizations = self._newton(
-                rtol=rtol,
-                atol=atol,
-                max_iterations=max_iterations,
-                timings=timings,
-                # a start from rest is too far from the last factorised state to reuse it
-                stale_start=reuse_factorization
-                and self._ksp is not None
-                and (self._has_solution or initial_guess is not None),
-            )
+            if from_rest and continuation == "always":
+                history, stages = self._continuation(
+                    rtol=rtol,
+                    atol=atol,
+                    max_iterations=max_iterations,
+                    timings=timings,
+                    counts=counts,
+                )
+            else:
+                try:
+                    history = self._newton(
+                        rtol=rtol,
+                        atol=atol,
+                        max_iterations=max_iterations,
+                        timings=timings,
+                        counts=counts,
+                        # a start from rest is too far from the last factorised state to reuse it
+                        stale_start=reuse_factorization and self._ksp is not None and not from_rest,
+                        divergence_growth=DIVERGENCE_GROWTH if fallback else None,
+                    )
+                except _NewtonDivergedError as error:
+                    if not fallback:
+                        raise
+                    if self.comm.rank == 0:
+                        logger.info(
+                            "flow: plain Newton from rest failed after %d steps (%s); "
+                            "continuing in the viscosity from %g x nu",
+                            counts.steps,
+                            str(error).split(" (")[0],
+                            CONTINUATION_START,
+                        )
+                    self._w.x.array[:], self.body_force = start_state
+                    try:
+                        history, stages = self._continuation(
+                            rtol=rtol,
+                            atol=atol,
+                            max_iterations=max_iterations,
+                            timings=timings,
+                            counts=counts,
+                        )
+                    except SolverDivergedError as continuation_error:
+                        # the plain attempt's history is the one a user compares with others
+                        raise SolverDivergedError(
+                            f"{error}; then: {continuation_error}", error.history
+                        ) from continuation_error
         except BaseException:
             self._w.x.array[:], self.body_force = start_state
             raise
+        iterations, factorizations = counts.steps, counts.factorizations
+        if from_rest:
+            self.continuation = list(stages)
         self._has_solution = True
         self.velocity.x.array[:] = self._w.x.array[self._velocity_dofs]
         self.pressure.x.array[:] = self._w.x.array[self._pressure_dofs]
@@ -490,8 +602,9 @@ class FlowSolver:
         wall_time = time.perf_counter() - start_time
         _log(
             self.comm,
-            "flow converged in %d Newton steps, %.2f s (%s), %d dofs, body force %.8e, bulk %.8e",
+            "flow converged in %d Newton steps%s, %.2f s (%s), %d dofs, body force %.8e, bulk %.8e",
             iterations,
+            f" (viscosity continuation {stages})" if stages else "",
             wall_time,
             ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in timings.items()),
             self.num_dofs,
@@ -513,6 +626,90 @@ class FlowSolver:
             num_dofs=self.num_dofs,
             timings=timings,
             factorizations=factorizations,
+            continuation=stages,
+        )
+
+    def _continuation(
+        self,
+        *,
+        rtol: float,
+        atol: float,
+        max_iterations: int,
+        timings: dict[str, float],
+        counts: _NewtonCounts,
+    ) -> tuple[list[float], list[float]]:
+        """Newton solves from the current state (rest) down a ladder of viscosities.
+
+        The stages run at :data:`CONTINUATION_START` times the target viscosity, then divided
+        by :data:`CONTINUATION_STEP` per stage down to the target, each started from the last
+        converged stage (from rest before the first). A failed stage restarts from that state
+        at the geometric mean of its viscosity and the last converged one (before any stage
+        converged: at :data:`CONTINUATION_STEP` times its viscosity). Intermediate stages stop
+        at :data:`CONTINUATION_RTOL`; the last one runs at the target viscosity to ``rtol``.
+
+        Returns:
+            The last stage's residual history and the viscosities of the converged stages.
+
+        Raises:
+            SolverDivergedError: after :data:`MAX_CONTINUATION_STAGES` stages without
+                reaching the target viscosity.
+        """
+        target = self._nu
+        converged: list[float] = []
+        failed: list[float] = []
+        good_state = (self._w.x.array.copy(), self.body_force)
+        viscosity = CONTINUATION_START * target
+        try:
+            for _ in range(MAX_CONTINUATION_STAGES):
+                final = viscosity <= target
+                if final:
+                    viscosity = target
+                self._viscosity.value = viscosity
+                steps_before = counts.steps
+                try:
+                    history = self._newton(
+                        rtol=rtol if final else CONTINUATION_RTOL,
+                        atol=atol,
+                        max_iterations=max_iterations,
+                        timings=timings,
+                        counts=counts,
+                        stale_start=False,
+                        divergence_growth=DIVERGENCE_GROWTH,
+                    )
+                except _NewtonDivergedError as error:
+                    failed.append(viscosity)
+                    if self.comm.rank == 0:
+                        logger.info(
+                            "flow: continuation stage nu = %.4g failed after %d steps (%s)",
+                            viscosity,
+                            counts.steps - steps_before,
+                            str(error).split(" (")[0],
+                        )
+                    self._w.x.array[:], self.body_force = good_state
+                    if converged:
+                        viscosity = math.sqrt(viscosity * converged[-1])
+                    else:
+                        viscosity *= CONTINUATION_STEP
+                    continue
+                converged.append(viscosity)
+                if self.comm.rank == 0:
+                    logger.info(
+                        "flow: continuation stage nu = %.4g converged in %d steps",
+                        viscosity,
+                        counts.steps - steps_before,
+                    )
+                if final:
+                    return history, converged
+                good_state = (self._w.x.array.copy(), self.body_force)
+                viscosity /= CONTINUATION_STEP
+        finally:
+            self._viscosity.value = target
+        raise SolverDivergedError(
+            f"Newton from rest with a viscosity continuation did not reach "
+            f"nu = {target:g} in {MAX_CONTINUATION_STAGES} stages (converged at nu = "
+            f"{[float(f'{v:.4g}') for v in converged]}, failed at "
+            f"{[float(f'{v:.4g}') for v in failed]})",
+            [],
         )
 
     def _newton(
@@ -522,11 +719,16 @@ class FlowSolver:
         atol: float,
         max_iterations: int,
         timings: dict[str, float],
+        counts: _NewtonCounts,
         stale_start: bool,
-    ) -> tuple[list[float], int, int]:
-        """Newton steps from the current state; returns (history, steps, factorisations).
+        divergence_growth: float | None = None,
+    ) -> list[float]:
+        """Newton steps from the current state; returns the residual history.
 
+        ``counts`` is advanced by the steps and factorisations taken (also when Newton fails).
         ``stale_start``: the first step uses the factorisation of the previous solve.
+        ``divergence_growth``: fail as soon as the residual exceeds this multiple of the
+        initial residual (None: only NaN/inf and ``max_iterations`` end a solve).
         """
         comm = self.comm
         constraint = self.constraint
@@ -535,7 +737,6 @@ class FlowSolver:
         pinned = self._pinned
         history: list[float] = []
         iterations = 0
-        factorizations = 0
         step_is_small = False
         while True:
             with residual.localForm() as local:
@@ -558,14 +759,20 @@ class FlowSolver:
                 comm, "Newton %d: residual %.3e, body force %.6e", iterations, norm, self.body_force
             )
             if not math.isfinite(norm):
-                raise SolverDivergedError(
+                raise _NewtonDivergedError(
                     f"Newton diverged: residual is {norm} (history {format_history(history)})",
                     history,
                 )
             if norm <= max(rtol * history[0], atol) or step_is_small:
-                return history, iterations, factorizations
+                return history
+            if divergence_growth is not None and norm > divergence_growth * history[0]:
+                raise _NewtonDivergedError(
+                    f"Newton diverged: the residual grew past {divergence_growth:g} times its "
+                    f"initial value (history {format_history(history)})",
+                    history,
+                )
             if iterations == max_iterations:
-                raise SolverDivergedError(
+                raise _NewtonDivergedError(
                     f"Newton did not reach rtol={rtol} in {max_iterations} iterations "
                     f"(residual history {format_history(history)})",
                     history,
@@ -585,7 +792,7 @@ class FlowSolver:
                 refresh = contraction > REUSE_CONTRACTION
             if refresh:
                 self._factorize(timings)
-                factorizations += 1
+                counts.factorizations += 1
 
             ksp = self._ksp
             residual_reduced.copy(self._rhs)
@@ -613,6 +820,7 @@ class FlowSolver:
             step_is_small = self._increment.norm() <= rtol * x.norm()
             x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
             iterations += 1
+            counts.steps += 1
 
     def _factorize(self, timings: dict[str, float]) -> None:
         """Assemble the Jacobian at the current state, restrict it and hand it to the solver."""
@@ -782,7 +990,7 @@ class _PressureConvectionDiffusion:
         _, pressure_trial = ufl.TrialFunctions(W)
         _, pressure_test = ufl.TestFunctions(W)
         current_velocity, _ = ufl.split(solver._w)
-        viscosity = ufl.as_ufl(solver._nu)
+        viscosity = ufl.as_ufl(solver._viscosity)
         if solver._nu_t is not None:
             viscosity = viscosity + solver._nu_t
         gradients = ufl.inner(ufl.grad(pressure_trial), ufl.grad(pressure_test))
@@ -868,6 +1076,7 @@ def solve_flow(
     atol: float = 1e-12,
     max_iterations: int = 30,
     petsc_options: Mapping[str, object] | None = None,
+    continuation: str = "auto",
 ) -> FlowSolution:
     """Solve the steady incompressible Navier-Stokes equations once (a :class:`FlowSolver`).
 
@@ -890,6 +1099,8 @@ def solve_flow(
         atol: convergence as well when the residual norm falls below ``atol``.
         max_iterations: maximum number of Newton steps.
         petsc_options: PETSc options of the linear solver, see :class:`FlowSolver`.
+        continuation: the viscosity continuation of a solve from rest, see
+            :meth:`FlowSolver.solve`.
 
     Returns:
         The converged :class:`FlowSolution`; ``timings["setup"]`` holds the set-up time.
@@ -919,7 +1130,11 @@ def solve_flow(
         petsc_options=petsc_options,
     ) as solver:
         solution = solver.solve(
-            initial_guess=initial_guess, rtol=rtol, atol=atol, max_iterations=max_iterations
+            initial_guess=initial_guess,
+            rtol=rtol,
+            atol=atol,
+            max_iterations=max_iterations,
+            continuation=continuation,
         )
         solution.timings["setup"] = solver.setup_time
     solution.wall_time = time.perf_counter() - start_time

@@ -563,6 +563,8 @@ def generate_case(
             flow_statistics = {
                 "flow_newton_iterations": flow.newton_iterations,
                 "flow_residuals": list(flow.residual_history),
+                # viscosities of the continuation stages of the solve from rest ([]: none ran)
+                "flow_continuation": list(problem.flow_solver.continuation),
             }
         meta = {
             "case": name,

@@ -5,6 +5,7 @@ fieldsplit at Re = 10), serial against two ranks."""
 from mpi4py import MPI
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import solvers.flow
 from experiments.verification3d.cases import hill_section_comparison, kovasznay3d_errors
 from meshes.hills3d import structured_hill3d_mesh, unstructured_hill3d_mesh
 from solvers.boundaries import hill_boundary_spec
-from solvers.flow import solve_flow
+from solvers.flow import CONTINUATION_START, FlowSolver, solve_flow
 from solvers.linalg import (
     FIELDSPLIT_FLOW_OPTIONS,
     ITERATIVE_FLOW_OPTIONS,
@@ -24,6 +26,7 @@ from solvers.linalg import (
     SolverDivergedError,
     default_solver_options,
 )
+from vcnn.physics import DEFAULT_PHYSICS
 
 COMM = MPI.COMM_WORLD
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +113,49 @@ def test_an_unconverged_iterative_solve_is_an_error_naming_the_reason():
     options = {**FIELDSPLIT_FLOW_OPTIONS, "ksp_max_it": 3}
     with pytest.raises(SolverDivergedError, match="DIVERGED_MAX_IT"):
         solve_flow(tagged.mesh, tagged.facet_tags, spec, petsc_options=options)
+
+
+def _coarsest_crest_hill():
+    return structured_hill3d_mesh(1.25, crest_amplitude=0.15, resolution=0.03, span_cells=2)
+
+
+def test_newton_from_rest_falls_back_to_a_viscosity_continuation(caplog):
+    # Re = 300 on 2 spanwise layers: plain Newton from the Stokes flow leaves its basin of
+    # attraction (the residual grows past 10x its initial value within 7 steps), as at the
+    # hill's Re = 100 on the crest-varying meshes r = 0.075 and 0.1 with 2 layers.
+    tagged = _coarsest_crest_hill()
+    spec = hill_boundary_spec(tagged.boundaries, tagged.period)
+    nu = 0.0033
+    with FlowSolver(tagged.mesh, tagged.facet_tags, spec, nu=nu) as solver:
+        with pytest.raises(ValueError, match="continuation must be one of"):
+            solver.solve(continuation="sometimes")
+        with caplog.at_level(logging.INFO, logger="solvers.flow"):
+            solution = solver.solve()
+        assert "plain Newton from rest failed" in caplog.text
+        assert solution.continuation[0] == pytest.approx(CONTINUATION_START * nu)
+        assert solution.continuation[-1] == nu
+        assert solver.continuation == solution.continuation
+        history = solution.residual_history
+        assert history[-1] <= max(1e-10 * history[0], 1e-12)
+        assert solution.bulk_velocity == pytest.approx(DEFAULT_PHYSICS.bulk_velocity, rel=1e-12)
+        # The last stage solved the target's discrete equations (the viscosity is back at nu):
+        # plain Newton started from its solution finds a residual below the from-rest
+        # tolerance (1e-10 x the residual at rest, U_b |Omega| = 90) and moves nowhere.
+        again = solver.solve(continuation="never")
+        assert again.residual_history[0] <= 1e-9
+        assert again.newton_iterations <= 1
+        assert again.continuation == []
+        assert again.body_force == pytest.approx(solution.body_force, rel=1e-10)
+        assert _relative_velocity_difference(again, solution) <= 1e-10
+
+
+def test_a_failed_continuation_is_an_error_naming_its_stages(monkeypatch):
+    monkeypatch.setattr(solvers.flow, "MAX_CONTINUATION_STAGES", 2)
+    tagged = _coarsest_crest_hill()
+    spec = hill_boundary_spec(tagged.boundaries, tagged.period)
+    # two Newton steps per stage cannot converge: both stages (4 nu, then 8 nu) fail
+    with pytest.raises(SolverDivergedError, match=r"did not reach nu = 0.01 in 2 stages"):
+        solve_flow(tagged.mesh, tagged.facet_tags, spec, max_iterations=2, continuation="always")
 
 
 def test_default_solver_options_keep_two_dimensional_systems_direct():
