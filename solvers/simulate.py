@@ -142,8 +142,7 @@ class SimulateConfig:
 
     Attributes:
         alphas: hill slope factors in [0.1, 20], one case each (ignored for a file mesh).
-        dim: 2, or 3 for the 3-D hills of :mod:`meshes.hills3d` (periodic in x and z; full
-            clouds: the cloud quadrature is 2-D).
+        dim: 2, or 3 for the 3-D hills of :mod:`meshes.hills3d` (periodic in x and z).
         crest_amplitudes: 3-D only: crest amplitudes a in [0, 0.3] of the crest height
             h(z) = 1 + a cos(2 pi z / L_z) (default ``[0.0]``, the extruded hill); one case per
             slope factor and crest amplitude.
@@ -173,7 +172,7 @@ class SimulateConfig:
         clouds: the network's clouds: ``full``, ``quadrature`` (a bounded number of
             weighted points per cloud, :mod:`vcnn.cloud_quadrature`) or ``auto`` (the
             quadrature where a case's full clouds would hold more than 400 points on average,
-            decided once per case from the first flow; 2-D, CPU).
+            3,000 in 3-D, decided once per case from the first flow; CPU).
         plots: write a PNG per case.
         xdmf: write an XDMF file per case.
         name: case name for a file mesh (default: the file's stem).
@@ -271,11 +270,6 @@ class SimulateConfig:
                 )
         self.alphas = [float(a) for a in self.alphas]
         self.crest_amplitudes = check_hill_dimension(self.dim, self.crest_amplitudes, self.mesh)
-        if self.dim == 3 and self.clouds == "quadrature":
-            # refused here, before any solve (the closure refuses it per case too)
-            raise ConfigError(
-                "dim = 3: the cloud quadrature's rule is 2-D: use full clouds (--clouds full)"
-            )
         if self.mesh.kind != "file":
             check_alphas(self.alphas)
         elif not self.boundaries:

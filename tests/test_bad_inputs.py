@@ -871,10 +871,6 @@ BAD: dict[str, Bad] = {
                           "0.05", "--span-cells", "2", "--coupling", "one-way", "--out",
                           "SANDBOX/out"),
         "the closure was trained in 2-D, the mesh is 3-D", _named("3-D")),
-    "simulate-3d-quadrature-clouds": Bad(
-        "simulate", _verb("simulate", "--dim", "3", "--model", "WORLD/model.pt", "--clouds",
-                          "quadrature", "--out", "SANDBOX/out"),
-        r"dim = 3: the cloud quadrature's rule is 2-D: use full clouds", _named("--clouds")),
 }
 
 

@@ -279,12 +279,12 @@ def test_quadrature_clouds_are_deterministic(hill_case, closure):
 
 def test_refusals():
     assert quadrature_unavailable(OPTIONS, dim=2, pooling="volume") is None
-    assert "2-D" in quadrature_unavailable(OPTIONS, dim=3, pooling="volume")
+    assert "2-D or 3-D" in quadrature_unavailable(OPTIONS, dim=1, pooling="volume")
     assert "pools by point count" in quadrature_unavailable(OPTIONS, dim=2, pooling="mean")
     knn = CloudOptions(region="knn", k=8, cutoff_start=None)
     assert "k-nearest" in quadrature_unavailable(knn, dim=2, pooling="volume")
-    points = np.random.default_rng(0).random((50, 3))
-    with pytest.raises(ValueError, match="2-D"):
+    points = np.random.default_rng(0).random((50, 4))
+    with pytest.raises(ValueError, match="2-D or 3-D"):
         CloudQuadrature(points, points, None, np.ones(50), OPTIONS)
     with pytest.raises(ValueError, match="even"):
         QuadratureOptions(angular=5)

@@ -83,8 +83,7 @@ def test_3d_settings_are_checked_before_any_run():
     base = {"dim": 3, "model": "m.pt", "mesh": {"resolution": RESOLUTION}}
     config = SimulateConfig.from_dict(base)
     assert config.crest_amplitudes == [0.0]
-    with pytest.raises(ConfigError, match="cloud quadrature's rule is 2-D"):
-        SimulateConfig.from_dict({**base, "clouds": "quadrature"})
+    assert SimulateConfig.from_dict({**base, "clouds": "quadrature"}).clouds == "quadrature"
     with pytest.raises(ConfigError, match=r"crest amplitudes must lie in \[0, 0.3\]"):
         SimulateConfig.from_dict({**base, "crest_amplitudes": [0.4]})
     with pytest.raises(ConfigError, match="is a setting of the 3-D hills"):

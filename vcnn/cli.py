@@ -914,7 +914,7 @@ a first run (five minutes on a laptop):
         choices=["auto", "quadrature", "full"],
         help="the network's clouds: full, the cloud quadrature (bounded points per cloud), or "
         "auto (the quadrature where a case's full clouds would hold more than 400 points on "
-        "average, decided once per case)",
+        "average in 2-D, 3,000 in 3-D, decided once per case)",
     )
     simulate.add_argument("--out", type=Path, help="output folder")
     simulate.add_argument(
@@ -995,7 +995,8 @@ a first run (five minutes on a laptop):
         choices=["auto", "quadrature", "full"],
         help="full clouds, the cloud quadrature (a bounded number of weighted points per "
         "cloud), or auto: the quadrature on the CPU where a case's full clouds would hold more "
-        "than 400 points on average, else full clouds (ignored with --cloud-size)",
+        "than 400 points on average in 2-D (3,000 in 3-D), else full clouds (ignored with "
+        "--cloud-size)",
     )
     evaluate.set_defaults(handler=_cmd_evaluate, flags=evaluate, needs=("model", "data", "out"))
 

@@ -170,7 +170,8 @@ class ClosurePrediction:
         clouds: which clouds ran: ``"full"``, ``"quadrature"`` (the cloud quadrature of
             :mod:`vcnn.cloud_quadrature`, with its rule in ``quadrature``) or ``"sample"``
             (``cloud_size`` random points).
-        quadrature: the quadrature rule (radial, angular, neighbours), or None.
+        quadrature: the quadrature rule (radial, angular, neighbours; in 3-D shells, polar,
+            azimuthal, neighbours), or None.
         seconds: wall time per stage: ``clouds``, ``total`` and those of
             :attr:`vcnn.inference.FullCloudResult.seconds`.
         engine: the backend of :mod:`vcnn.engines` that ran (``"device"``, ``"fused"``,
@@ -457,7 +458,9 @@ class Closure:
             num_entries=result.num_entries,
             cloud_size=cloud_size,
             clouds=mode,
-            quadrature=self.quadrature_options.to_dict() if mode == "quadrature" else None,
+            quadrature=(
+                self.quadrature_options.to_dict(case.dim) if mode == "quadrature" else None
+            ),
             seconds=seconds,
             engine=result.engine,
         )

@@ -15,7 +15,7 @@ integral by a fixed rule instead of by the mesh:
   ``angular`` equally spaced angles theta_m = (m + 1/2) 2 pi / angular, mapped to
   ``y = x0 + rho (a cos(theta + phi) e + b sin(theta + phi) n)`` with ``e`` the flow direction
   at the query, ``n`` its normal, ``a`` and ``b`` the region's semi-axes. The node weight is
-  ``a b w_i (2 pi / angular)``.
+  ``a b w_i (2 pi / angular)``. In 3-D (below) a ball rule replaces the disc's.
 * **Orientation phi.** The angle from ``e`` to ``d``, the direction of the locally averaged
   velocity (a smooth average over the query's nearest mesh points, non-zero on walls where
   ``u0 = 0``) plus a tenth of the mean speed along the wall-distance gradient (which holds
@@ -23,14 +23,37 @@ integral by a fixed rule instead of by the mesh:
   ``x0 + b rho R(theta) d``, whatever ``e`` was: the node set is a continuous function of the
   flow there too. The angle set is symmetric (theta <-> -theta), so a reflection of the mesh
   maps the node set onto itself.
+* **In 3-D.** The nodes are ``y = x0 + A z``, ``A = a e e^T + b (I - e e^T)``, for the nodes
+  ``z = rho (cos(theta) d + sin(theta) (cos(psi) m1 + sin(psi) m2))`` of a product rule on the
+  unit ball: the ``shells`` Gauss radii of ``c(rho) rho^2 d rho``, ``polar`` Gauss-Legendre
+  points in ``cos(theta)`` and ``azimuthal`` equally spaced azimuths
+  ``psi_k = (k + 1/2) 2 pi / azimuthal`` (node weight ``a b^2`` times the ball rule's). In
+  2-D the same formula (no azimuth) is the rule above. ``d`` is the mean direction of 2-D
+  (its wall-distance gradient fitted by the same weighted least squares, 3 x 3). The azimuth
+  reference ``m1`` is the principal axis, across ``d``, of a smoothly averaged tensor over the
+  point's nearest points: the wall-distance gradients' ``g g^T`` plus a hundredth of the
+  velocities' ``(u / U)(u / U)^T`` (U the mean speed); ``m2 = d x m1``. An axis has no sign,
+  and the azimuth set is symmetric under ``psi -> psi + pi`` and ``psi -> -psi``: neither the
+  sign of ``m1``, nor a reflection (which flips ``m2``), nor the flip of the gradient across a
+  channel's mid-plane changes the node set. As ``|u0| -> 0`` the region becomes a ball and
+  the nodes depend on ``d`` and ``m1`` only. The node set is continuous in the flow except
+  where the frame degenerates: where the tensor's two eigenvalues across ``d`` are equal (its
+  principal axis turns by a finite angle under a small change: flow straight at a wall where
+  the velocities across ``d`` are isotropic too, or a corner), where ``d`` itself vanishes
+  (a fluid at rest, no wall nearby), and where the tensor has no part across ``d`` (then the
+  coordinate axis least aligned with ``d`` stands in: the one choice that depends on the
+  axes). There the node set turns about ``d`` by at most ``pi / azimuthal`` (the rule is
+  invariant under turns by ``2 pi / azimuthal``): two rules of the same accuracy, so the jump
+  is of the order of the quadrature error.
 * **Values at the nodes.** The integrand at a node is a smooth partition-of-unity average of
   its values at the node's ``neighbours`` nearest mesh points: weights
   ``kappa(|y - x_j| / h)``, ``kappa(s) = (1 - s^2)^2``, with ``h`` the distance of the
   next-nearest point. The point at distance ``h`` (and any point tied with it) weighs 0, so
   the weights are continuous in the node position and never depend on how ties are broken.
   The network therefore runs on mesh points with weights: a quadrature cloud is an ordinary
-  cloud with at most ``1 + radial * angular * neighbours`` entries (the query first) and its
-  own pooling weights, run by the same backends (:mod:`vcnn.engines`).
+  cloud with at most ``1 + radial * angular * neighbours`` entries (``1 + shells * polar *
+  azimuthal * neighbours`` in 3-D; the query first) and its own pooling weights, run by the
+  same backends (:mod:`vcnn.engines`).
 * **The domain.** Nodes beyond a wall carry no weight: the signed wall distance at a node is
   extrapolated linearly from its neighbours (wall distance and its gradient, fitted once per
   point by weighted least squares over the nearest points), and the node weight is multiplied
@@ -41,9 +64,8 @@ integral by a fixed rule instead of by the mesh:
 Everything depends on distances between points, the velocity and the wall distance, never on
 point indices or coordinate axes: the prediction is invariant under rigid motions,
 reflections and permutations of the mesh (to round-off), and continuous in the velocity
-(except where the orientation vector itself vanishes). Points per cloud are bounded by the
-rule, independent of the mesh. The rule is 2-D: in 3-D the nodes across the flow would need
-an azimuth, which no invariant quantity fixes (use full clouds there).
+(except where the orientation vector itself vanishes, and in 3-D where the frame degenerates,
+above). Points per cloud are bounded by the rule, independent of the mesh.
 
 **Cost.** The node search and weights run compiled (``vcnn/engines/csrc/cloud_quadrature.c``,
 built and cached by :mod:`vcnn.engines.kernels`): the points are sorted into a uniform grid of
@@ -58,6 +80,8 @@ cloud on the half-resolution hill, 154 at the published resolution); its weights
 the numpy rule's to float32 round-off and its predictions within 1e-6 relative
 (``tests/test_cloud_quadrature.py``). Without a C compiler (or with ``VCNN_KERNELS=0``) the
 numpy rule runs (a k-d tree search, 193 entries per cloud, about 5x the compiled rule's time).
+The compiled node search is 2-D: 3-D always runs the numpy rule (a k-d tree search whose box
+wraps the periodic axes; one entry per node and neighbour, none merged).
 """
 
 from __future__ import annotations
@@ -87,6 +111,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AUTO_QUADRATURE_CLOUD_SIZE",
+    "AUTO_QUADRATURE_CLOUD_SIZE_3D",
     "CLOUD_MODES",
     "CloudQuadrature",
     "QuadratureClouds",
@@ -108,9 +133,21 @@ CLOUD_MODES = ("auto", "quadrature", "full")
 #: per cloud are about a + b E (full, E points) and c (quadrature), which meet near 300-400
 #: points; above it the quadrature is cheaper and its error within 0.2 points of full clouds.
 AUTO_QUADRATURE_CLOUD_SIZE = 400.0
+#: The 3-D threshold of ``"auto"``: 3-D runs the numpy rule (a k-d tree search per node).
+#: Measured with one thread on the 3-D hills (experiments/quadrature_error3d.py, 2 loaded
+#: cores): the default rule (432 nodes) cost 0.72-0.75 ms per cloud, full clouds 0.2-0.46 us
+#: per entry (129 and 199 points per cloud): they meet at 1,600-3,800 points per cloud.
+AUTO_QUADRATURE_CLOUD_SIZE_3D = 3000.0
 #: Nearest points of the per-point fits (local velocity direction, wall-distance gradient):
 #: the last one sets the smooth weights' width and weighs nothing.
 _FIT_NEIGHBOURS = 9
+#: 3-D: the share of the velocities' tensor in the azimuth reference's tensor (the wall
+#: distance gradients' has share 1): (0.1 u / U)^2, the tenth of the mean speed that the mean
+#: direction gives the wall normal, squared.
+_VELOCITY_AXIS_SHARE = 0.01
+#: 3-D: below this largest eigenvalue across d the azimuth reference is undefined (the
+#: tensor's entries are O(1): unit gradients and velocities over the mean speed).
+_AXIS_FLOOR = 1e-24
 # Queries per block of node searches: bounds the (block, nodes, neighbours) temporaries.
 _BLOCK_QUERIES = 2048
 #: The most nearest points one search of the compiled node search returns (its stack arrays):
@@ -129,10 +166,16 @@ class QuadratureOptions:
     """The quadrature rule.
 
     Attributes:
-        radial: Gauss radii per cloud (>= 1).
-        angular: angles per radius (>= 2, even so that the angle set is symmetric about the
-            flow direction and its normal).
-        neighbours: mesh points that give the integrand at a node (>= 1).
+        radial: 2-D: Gauss radii per cloud (>= 1).
+        angular: 2-D: angles per radius (>= 2, even so that the angle set is symmetric about
+            the flow direction and its normal).
+        neighbours: mesh points that give the integrand at a node (>= 1; 1 makes the node's
+            value jump where its nearest point changes: use >= 2 for a continuous rule).
+        shells: 3-D: Gauss radii per cloud (>= 1).
+        polar: 3-D: Gauss-Legendre points in the cosine of the angle from the mean
+            direction (>= 1).
+        azimuthal: 3-D: equally spaced azimuths about the mean direction (>= 2, even so that
+            the azimuth set is symmetric under psi -> psi + pi and psi -> -psi).
     """
 
     # measured on the alpha = 0.5-4 hills at half the published resolution: 8 x 12 x 2 keeps
@@ -141,28 +184,53 @@ class QuadratureOptions:
     radial: int = 8
     angular: int = 12
     neighbours: int = 2
+    # 3-D only: measured on the 3-D hills (experiments/quadrature_error3d.py) on the two
+    # cases whose meshes resolve the clouds, 6 x 6 x 12 x 2 left the shipped model's tau 7.6-8.2 %
+    # from its full-cloud tau, where 8 x 4 x 8 x 2 left 9.9-11.8 % and 4 x 4 x 8 x 2 up to 16.6 %
+    shells: int = 6
+    polar: int = 6
+    azimuthal: int = 12
 
     def __post_init__(self) -> None:
         for name, value, low in (
-            ("radial", self.radial, 1), ("angular", self.angular, 2), ("neighbours", self.neighbours, 1)
+            ("radial", self.radial, 1), ("angular", self.angular, 2),
+            ("neighbours", self.neighbours, 1), ("shells", self.shells, 1),
+            ("polar", self.polar, 1),
+            ("azimuthal", self.azimuthal, 2),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"quadrature {name} must be an integer >= {low}, got {value!r}")
-        if self.angular % 2:
-            raise ValueError(f"quadrature angular must be even, got {self.angular}")
+        for name, value in (("angular", self.angular), ("azimuthal", self.azimuthal)):
+            if value % 2:
+                raise ValueError(f"quadrature {name} must be even, got {value}")
 
     @property
     def nodes(self) -> int:
-        """Nodes per cloud."""
-        return self.radial * self.angular
+        """Nodes per cloud in 2-D."""
+        return self.nodes_in(2)
 
     @property
     def entries_per_cloud(self) -> int:
-        """Entries per quadrature cloud: the query itself, then neighbours per node."""
-        return 1 + self.nodes * self.neighbours
+        """Entries per 2-D quadrature cloud: the query itself, then neighbours per node."""
+        return self.entries_in(2)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The rule, for metrics and case meta."""
+    def nodes_in(self, dim: int) -> int:
+        """Nodes per cloud in ``dim`` dimensions (2 or 3)."""
+        if dim == 3:
+            return self.shells * self.polar * self.azimuthal
+        return self.radial * self.angular
+
+    def entries_in(self, dim: int) -> int:
+        """Entries per cloud in ``dim`` dimensions: the query, then neighbours per node."""
+        return 1 + self.nodes_in(dim) * self.neighbours
+
+    def to_dict(self, dim: int = 2) -> dict[str, Any]:
+        """The rule of ``dim`` dimensions, for metrics and case meta."""
+        if dim == 3:
+            return {
+                "shells": self.shells, "polar": self.polar, "azimuthal": self.azimuthal,
+                "neighbours": self.neighbours,
+            }
         return {"radial": self.radial, "angular": self.angular, "neighbours": self.neighbours}
 
 
@@ -203,31 +271,37 @@ def quadrature_unavailable(cloud_options: CloudOptions, *, dim: int, pooling: st
         return "the network pools by point count, not by volume: its moments are not an integral"
     if cloud_options.region == "knn":
         return "k-nearest clouds have no region to integrate over"
-    if dim != 2:
-        return f"the quadrature rule is 2-D (this case is {dim}-D)"
+    if dim not in (2, 3):
+        return f"the quadrature rule is 2-D or 3-D (this case is {dim}-D)"
     return None
 
 
 def estimated_full_cloud_size(
-    cloud_options: CloudOptions, speed: np.ndarray, nodal_volume: np.ndarray
+    cloud_options: CloudOptions, speed: np.ndarray, nodal_volume: np.ndarray, *, dim: int = 2
 ) -> float:
     """The mean points of a full cloud, estimated without building the clouds.
 
-    The mean area of the cloud regions times the mean point density (points over the summed
-    nodal volumes); regions cut by walls make it a slight over-estimate (7 % on the hills).
+    The mean area (2-D: pi a b) or volume (3-D: 4/3 pi a b^2) of the cloud regions times the
+    mean point density (points over the summed nodal volumes); regions cut by walls make it a
+    slight over-estimate (7 % on the 2-D hills).
 
     Args:
         cloud_options: the closure's cloud options (an ellipse or ball region).
         speed: (N,) float |u| at the points.
         nodal_volume: (N,) float the points' volumes (areas in 2-D).
+        dim: spatial dimension (2 or 3).
     """
     semi_axes = cloud_options.semi_axes(np.asarray(speed, dtype=np.float64))
     total = float(np.sum(nodal_volume))
     if semi_axes is None or total <= 0:
         return 0.0
     along, across = semi_axes
-    area = math.pi * float(np.mean(np.asarray(along, dtype=np.float64))) * float(across)
-    return area * np.size(nodal_volume) / total
+    mean_along = float(np.mean(np.asarray(along, dtype=np.float64)))
+    if dim == 3:
+        size = 4.0 / 3.0 * math.pi * mean_along * float(across) ** 2
+    else:
+        size = math.pi * mean_along * float(across)
+    return size * np.size(nodal_volume) / total
 
 
 def auto_clouds(
@@ -243,7 +317,8 @@ def auto_clouds(
 
     The quadrature where it applies (:func:`quadrature_unavailable`), on the CPU, and where the
     case's full clouds would hold more than :data:`AUTO_QUADRATURE_CLOUD_SIZE` points on average
-    (:func:`estimated_full_cloud_size`): from about the published resolution of the hills up.
+    (:func:`estimated_full_cloud_size`): from about the published resolution of the hills up;
+    in 3-D more than :data:`AUTO_QUADRATURE_CLOUD_SIZE_3D` (the numpy rule costs more).
     Full clouds elsewhere: coarse meshes (full clouds cost less there) and CUDA devices (full
     clouds are searched and run on the device; the quadrature's are built on the CPU).
 
@@ -257,27 +332,25 @@ def auto_clouds(
     """
     if device_type != "cpu" or quadrature_unavailable(cloud_options, dim=dim, pooling=pooling):
         return "full"
-    size = estimated_full_cloud_size(cloud_options, speed, nodal_volume)
-    return "quadrature" if size > AUTO_QUADRATURE_CLOUD_SIZE else "full"
+    size = estimated_full_cloud_size(cloud_options, speed, nodal_volume, dim=dim)
+    threshold = AUTO_QUADRATURE_CLOUD_SIZE_3D if dim == 3 else AUTO_QUADRATURE_CLOUD_SIZE
+    return "quadrature" if size > threshold else "full"
 
 
-@functools.lru_cache(maxsize=16)
-def _rule(
-    options: QuadratureOptions, cutoff_start: float | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Radii (R,), their weights (R,) and the angles (A,) of the rule.
+def _radial_rule(
+    count: int, cutoff_start: float | None, power: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Radii (count,) and weights (count,): the Gauss rule of ``c(rho) rho^power d rho``.
 
-    The radii and weights are the Gauss rule of the radial measure ``c(rho) rho d rho`` on
-    [0, 1] (``c`` the smooth cutoff, 1 without one): exact for polynomials of degree
-    2 R - 1 times that measure, with every radius where the cutoff leaves weight. Built by the
-    Stieltjes procedure on a 400-point Gauss-Legendre discretisation of the measure, then the
-    eigenvalues of its Jacobi matrix (Golub-Welsch).
+    On [0, 1] (``c`` the smooth cutoff, 1 without one): exact for polynomials of degree
+    2 count - 1 times that measure, with every radius where the cutoff leaves weight. Built
+    by the Stieltjes procedure on a 400-point Gauss-Legendre discretisation of the measure,
+    then the eigenvalues of its Jacobi matrix (Golub-Welsch).
     """
     fine, fine_weights = np.polynomial.legendre.leggauss(400)
     fine = 0.5 * (fine + 1.0)
     cutoff = np.ones_like(fine) if cutoff_start is None else smooth_switch(fine, start=cutoff_start)
-    measure = 0.5 * fine_weights * fine * cutoff
-    count = options.radial
+    measure = 0.5 * fine_weights * fine**power * cutoff
     diagonal, off_diagonal = np.zeros(count), np.zeros(max(count - 1, 0))
     previous, current = np.zeros_like(fine), np.ones_like(fine)
     norm_previous = 1.0
@@ -292,10 +365,59 @@ def _rule(
     jacobi = np.diag(diagonal) + np.diag(off_diagonal, 1) + np.diag(off_diagonal, -1)
     radii, vectors = np.linalg.eigh(jacobi)
     weights = float(measure.sum()) * vectors[0] ** 2
+    return radii, weights
+
+
+@functools.lru_cache(maxsize=16)
+def _rule(
+    options: QuadratureOptions, cutoff_start: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 2-D rule: radii (R,), their weights (R,) and the angles (A,).
+
+    The radii and weights are the Gauss rule of the radial measure ``c(rho) rho d rho`` on
+    [0, 1] (:func:`_radial_rule`), the angles equally spaced.
+    """
+    radii, weights = _radial_rule(options.radial, cutoff_start, 1)
     angles = (np.arange(options.angular) + 0.5) * (2.0 * math.pi / options.angular)
     for array in (radii, weights, angles):
         array.flags.writeable = False  # cached: shared by every call
     return radii, weights, angles
+
+
+@functools.lru_cache(maxsize=16)
+def _ball_rule(
+    options: QuadratureOptions, cutoff_start: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 3-D rule on the unit ball: nodes (M, 3) in the frame (d, m1, m2), weights (M,).
+
+    A product rule ``z = rho (cos(theta) d + sin(theta) (cos(psi) m1 + sin(psi) m2))``: the
+    Gauss radii of ``c(rho) rho^2 d rho`` (:func:`_radial_rule`), Gauss-Legendre points in
+    ``cos(theta)`` and equally spaced azimuths ``psi_k = (k + 1/2) 2 pi / K``. The weights sum
+    to ``4 pi int_0^1 c(rho) rho^2 d rho`` (the cutoff-weighted volume of the ball); the rule
+    integrates ``c(|z|)`` times every polynomial of degree <= min(2 R - 1, 2 P - 1, K - 1)
+    exactly. M = shells * polar * azimuthal, the radius slowest, the azimuth fastest.
+    """
+    radii, radial_weights = _radial_rule(options.shells, cutoff_start, 2)
+    cosines, polar_weights = np.polynomial.legendre.leggauss(options.polar)
+    sines = np.sqrt(np.clip(1.0 - cosines * cosines, 0.0, None))
+    azimuths = (np.arange(options.azimuthal) + 0.5) * (2.0 * math.pi / options.azimuthal)
+    direction = np.stack(
+        [
+            np.broadcast_to(cosines[:, None], (cosines.size, azimuths.size)),
+            sines[:, None] * np.cos(azimuths)[None, :],
+            sines[:, None] * np.sin(azimuths)[None, :],
+        ],
+        axis=-1,
+    )  # (P, K, 3)
+    nodes = (radii[:, None, None, None] * direction[None]).reshape(-1, 3)
+    weights = (
+        radial_weights[:, None, None]
+        * polar_weights[None, :, None]
+        * np.full(azimuths.size, 2.0 * math.pi / options.azimuthal)[None, None, :]
+    ).reshape(-1)
+    for array in (nodes, weights):
+        array.flags.writeable = False  # cached: shared by every call
+    return nodes, weights
 
 
 @dataclass(frozen=True)
@@ -431,9 +553,9 @@ class CloudQuadrature:
     """The quadrature clouds of one case's points (module docstring).
 
     Args:
-        points: (N, 2) float coordinates.
-        velocity: (N, 2) float velocity.
-        period: (2,) periodic lengths (0: not periodic) or None.
+        points: (N, d) float coordinates, d = 2 or 3.
+        velocity: (N, d) float velocity.
+        period: (d,) periodic lengths (0: not periodic) or None.
         wall_distance: (N,) float distance to the nearest wall (cuts the region at walls).
         cloud_options: the closure's cloud options (ellipse or ball, resolved).
         options: the rule.
@@ -443,8 +565,8 @@ class CloudQuadrature:
             points and their halo) and passes the mean over all of it.
 
     Raises:
-        ValueError: for a k-nearest region, a dimension other than 2, or arrays that do not
-            match.
+        ValueError: for a k-nearest region, a dimension other than 2 or 3, or arrays that do
+            not match.
     """
 
     def __init__(
@@ -462,8 +584,8 @@ class CloudQuadrature:
         self._mean_speed = mean_speed
         self._points = np.ascontiguousarray(points, dtype=np.float64)
         num_points, dim = self._points.shape
-        if dim != 2:
-            raise ValueError(f"the cloud quadrature is 2-D, got {dim}-D points")
+        if dim not in (2, 3):
+            raise ValueError(f"the cloud quadrature is 2-D or 3-D, got {dim}-D points")
         if cloud_options.region == "knn":
             raise ValueError("the cloud quadrature needs an ellipse or ball region, not knn")
         self._velocity = np.asarray(velocity, dtype=np.float64).reshape(num_points, dim)
@@ -481,7 +603,8 @@ class CloudQuadrature:
             direction = self._velocity / speed[:, None]
         self._direction = np.where(speed[:, None] > 0, direction, 0.0)
         self._library = None
-        if num_points >= max(_FIT_NEIGHBOURS, self.options.neighbours + 1) and (
+        # the compiled node search is 2-D: 3-D runs the numpy rule (a k-d tree search)
+        if dim == 2 and num_points >= max(_FIT_NEIGHBOURS, self.options.neighbours + 1) and (
             self.options.neighbours + 1 <= _MAX_NEAREST
         ):
             try:
@@ -555,18 +678,24 @@ class CloudQuadrature:
         # A ridge of 1e-6 of the trace: on graded meshes the nearest points of a wall point
         # lie on one line (the wall-normal column), and the fit keeps the slope along it.
         ridge = 1e-6 * np.trace(normal, axis1=1, axis2=2)
-        normal[:, 0, 0] += ridge
-        normal[:, 1, 1] += ridge
-        determinant = normal[:, 0, 0] * normal[:, 1, 1] - normal[:, 0, 1] * normal[:, 1, 0]
-        solvable = determinant > 0
-        safe = np.where(solvable, determinant, 1.0)
-        gradient = np.stack(
-            [
-                (normal[:, 1, 1] * right[:, 0] - normal[:, 0, 1] * right[:, 1]) / safe,
-                (normal[:, 0, 0] * right[:, 1] - normal[:, 1, 0] * right[:, 0]) / safe,
-            ],
-            axis=1,
-        )
+        dim = self._points.shape[1]
+        for axis in range(dim):
+            normal[:, axis, axis] += ridge
+        if dim == 2:
+            determinant = normal[:, 0, 0] * normal[:, 1, 1] - normal[:, 0, 1] * normal[:, 1, 0]
+            solvable = determinant > 0
+            safe = np.where(solvable, determinant, 1.0)
+            gradient = np.stack(
+                [
+                    (normal[:, 1, 1] * right[:, 0] - normal[:, 0, 1] * right[:, 1]) / safe,
+                    (normal[:, 0, 0] * right[:, 1] - normal[:, 1, 0] * right[:, 0]) / safe,
+                ],
+                axis=1,
+            )
+        else:  # the same solve, batched 3 x 3
+            solvable = np.linalg.det(normal) > 0
+            safe = np.where(solvable[:, None, None], normal, np.eye(dim))
+            gradient = np.linalg.solve(safe, right[..., None])[..., 0]
         self._wall_gradient = np.where(solvable[:, None], gradient, 0.0)
         # The nodes' orientation: the local mean velocity, plus a tenth of the mean speed
         # along the wall-distance gradient. Near a wall where the flow stalls (separation,
@@ -580,6 +709,44 @@ class CloudQuadrature:
         norm = np.linalg.norm(orientation, axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             self._mean_direction = np.where(norm > 0, orientation / norm, 0.0)
+        if dim == 3:
+            self._azimuth_axis = self._principal_axes(weight, neighbour, mean_speed)
+
+    def _principal_axes(
+        self, weight: np.ndarray, neighbour: np.ndarray, mean_speed: float
+    ) -> np.ndarray:
+        """3-D: (N, 3) float64 azimuth reference m1 of every point (module docstring).
+
+        The principal axis, across the point's mean direction d, of a smoothly averaged
+        tensor: the wall-distance gradients' ``g g^T`` plus a hundredth of the velocities'
+        ``(u / U)(u / U)^T`` (U the mean speed), over the point's fit neighbours with the
+        fit's weights. A tensor, not a vector: its axis has no sign, so the flip of the
+        gradient across a channel's mid-plane changes nothing (nor does the sign eigh gives
+        it: the azimuths are symmetric under psi -> psi + pi). The velocity part decides
+        only where the gradients lie along d (the wall-normal flow of a stagnation point).
+        Zero (no reference) where the tensor has no part across d.
+
+        Args:
+            weight: (N, k) float64 the fit's partition-of-unity weights.
+            neighbour: (N, k) int64 the fit's nearest points (the point itself first).
+            mean_speed: U, the mean speed the velocities are scaled by.
+        """
+        gradients = self._wall_gradient[neighbour]  # (N, k, 3)
+        tensor = np.einsum("nk,nki,nkj->nij", weight, gradients, gradients)
+        if mean_speed > 0:
+            scaled = self._velocity[neighbour] / mean_speed
+            tensor += _VELOCITY_AXIS_SHARE * np.einsum("nk,nki,nkj->nij", weight, scaled, scaled)
+        across = np.eye(3) - np.einsum("ni,nj->nij", self._mean_direction, self._mean_direction)
+        values, vectors = np.linalg.eigh(across @ tensor @ across)
+        axis = np.einsum("nij,nj->ni", across, vectors[..., -1])  # the largest eigenvalue's
+        # eigh's sign is arbitrary and the node set does not depend on it; pointing the axis
+        # up the point's own wall-distance gradient keeps the nodes' order too (except where
+        # the two are nearly perpendicular): two runs with the same flow list one cloud alike
+        axis *= np.where(np.sum(axis * self._wall_gradient, axis=1, keepdims=True) < 0, -1.0, 1.0)
+        norm = np.linalg.norm(axis, axis=1, keepdims=True)
+        defined = (values[:, -1:] > _AXIS_FLOOR) & (norm > 0.5)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(defined, axis / np.where(defined, norm, 1.0), 0.0)
 
     # ------------------------------------------------------------------ clouds
     def clouds(self, queries: np.ndarray | None = None) -> QuadratureClouds:
@@ -602,7 +769,7 @@ class CloudQuadrature:
             raise ValueError(f"queries must be point indices in [0, {num_points})")
         if self._library is not None:
             return self._compiled(queries)
-        width = self.options.entries_per_cloud
+        width = self.options.entries_in(self._points.shape[1])
         indices = np.empty((queries.size, width), dtype=np.int64)
         weights = np.empty((queries.size, width), dtype=np.float32)
         for start in range(0, queries.size, _BLOCK_QUERIES):
@@ -688,13 +855,64 @@ class CloudQuadrature:
             np.concatenate([weights[piece] for piece in pieces]),
         )
 
-    def _block(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(B, entries) point indices and weights of a block of queries (numpy)."""
-        radii, area, angles = _rule(self.options, self._cutoff_start)
+    def _frames3d(
+        self, queries: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """3-D: the flow direction e and the nodes' frame (d, m1, m2) of queries (B,), each (B, 3).
+
+        ``e`` is the flow direction (the mean direction where u0 = 0, x where both vanish);
+        ``d`` the mean direction (``e`` where there is none); ``m1`` the azimuth reference
+        across ``d`` (:meth:`_principal_axes`; where it is undefined, the projection of the
+        coordinate axis least aligned with ``d``: a choice that only a fluid at rest with no
+        wall nearby, or a reference tensor that lies along ``d``, leaves to the axes);
+        ``m2 = d x m1``.
+        """
+        direction = self._direction[queries].copy()
+        mean = self._mean_direction[queries].copy()
+        still = ~np.any(direction != 0.0, axis=1)
+        direction[still] = mean[still]  # where u0 = 0 the region is a ball
+        unoriented = ~np.any(direction != 0.0, axis=1)
+        direction[unoriented] = (1.0, 0.0, 0.0)  # a fluid at rest nearby: any orientation
+        no_mean = ~np.any(mean != 0.0, axis=1)
+        mean[no_mean] = direction[no_mean]
+        reference = self._azimuth_axis[queries]
+        # across d (the reference is across the point's own mean direction, which d is
+        # except where that one vanished)
+        reference = reference - np.sum(reference * mean, axis=1, keepdims=True) * mean
+        norm = np.linalg.norm(reference, axis=1)
+        undefined = norm <= 0.5
+        if undefined.any():
+            fallback = np.eye(3)[np.argmin(np.abs(mean[undefined]), axis=1)]
+            fallback -= np.sum(fallback * mean[undefined], axis=1, keepdims=True) * mean[undefined]
+            reference[undefined] = fallback
+            norm[undefined] = np.linalg.norm(fallback, axis=1)
+        reference /= norm[:, None]
+        return direction, mean, reference, np.cross(mean, reference)
+
+    def _nodes(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The nodes (B, M, d) float64 and their weights (B, M) of a block of queries (B,)."""
         count = queries.size
-        origin = self._points[queries]  # (B, 2)
+        origin = self._points[queries]  # (B, d)
         along = self._along[queries]
         across = self._across
+        if self._points.shape[1] == 3:
+            ball, ball_weight = _ball_rule(self.options, self._cutoff_start)
+            direction, mean, reference, binormal = self._frames3d(queries)
+            # z in the frame (d, m1, m2), then y = x0 + A z, A = a e e^T + b (I - e e^T)
+            unit = (
+                ball[None, :, 0:1] * mean[:, None, :]
+                + ball[None, :, 1:2] * reference[:, None, :]
+                + ball[None, :, 2:3] * binormal[:, None, :]
+            )  # (B, M, 3)
+            along_flow = np.einsum("bmd,bd->bm", unit, direction)
+            nodes = (
+                origin[:, None, :]
+                + across * unit
+                + ((along - across)[:, None] * along_flow)[..., None] * direction[:, None, :]
+            )
+            node_weight = (along * across * across)[:, None] * ball_weight[None, :]
+            return nodes, node_weight
+        radii, area, angles = _rule(self.options, self._cutoff_start)
         direction, normal, phi = self._frames(queries)
         theta = angles[None, None, :] + phi[:, None, None]  # (B, 1, A)
         rho = radii[None, :, None]  # (1, R, 1)
@@ -712,13 +930,20 @@ class CloudQuadrature:
             * (2.0 * math.pi / self.options.angular)
         )
         node_weight = np.broadcast_to(node_weight, (count, radii.size, angles.size)).reshape(count, -1)
+        return nodes, node_weight
+
+    def _block(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, entries) point indices and weights of a block of queries (numpy)."""
+        count = queries.size
+        dim = self._points.shape[1]
+        nodes, node_weight = self._nodes(queries)
         neighbours = self.options.neighbours
-        distance, neighbour = self._nearest(nodes.reshape(-1, 2), neighbours + 1)
+        distance, neighbour = self._nearest(nodes.reshape(-1, dim), neighbours + 1)
         distance = distance.reshape(count, -1, neighbours + 1)
         neighbour = neighbour.reshape(count, -1, neighbours + 1)[..., :-1]
         share = _partition_weights(distance)  # (B, M, k)
         # signed wall distance at the node, extrapolated from each neighbour
-        offset = self._wrapped(nodes[:, :, None, :] - self._points[neighbour])  # (B, M, k, 2)
+        offset = self._wrapped(nodes[:, :, None, :] - self._points[neighbour])  # (B, M, k, d)
         signed = self._wall_distance[neighbour] + np.einsum(
             "bmkd,bmkd->bmk", offset, self._wall_gradient[neighbour]
         )
@@ -729,8 +954,9 @@ class CloudQuadrature:
         # a C^2 step from 0 (half a spacing outside) to 1 (half a spacing inside)
         inside = 1.0 - smooth_switch(np.clip(depth + 0.5, 0.0, 1.0), start=0.0)
         entry_weight = (node_weight * inside)[..., None] * share  # (B, M, k)
-        indices = np.empty((count, self.options.entries_per_cloud), dtype=np.int64)
-        weights = np.empty((count, self.options.entries_per_cloud), dtype=np.float32)
+        width = self.options.entries_in(dim)
+        indices = np.empty((count, width), dtype=np.int64)
+        weights = np.empty((count, width), dtype=np.float32)
         indices[:, 0] = queries
         weights[:, 0] = 0.0
         indices[:, 1:] = neighbour.reshape(count, -1)
