@@ -154,16 +154,26 @@ def test_mesh_motions_and_renumbering_leave_the_prediction_unchanged(hill_case, 
     assert np.abs(moved - reference[order]).max() <= 1e-5 * np.abs(reference).max()
 
 
-class _QuadratureCloudModel(torch.nn.Module):
+class QuadratureCloudModel(torch.nn.Module):
     """A cloud model for the symmetry checker: quadrature of the cloud's own points, then a net.
 
     The cloud's points (relative to the query, which is the point nearest the origin) are a
     small mesh; the quadrature picks and weighs entries from it by invariant geometry only.
+
+    Args:
+        net: the network run on the quadrature cloud.
+        rule: the quadrature rule.
+        wall_distance_scalar: the first scalar is the wall distance (a wall that cuts the
+            cloud); False: no wall nearby.
     """
 
-    def __init__(self, net: VectorCloudNet) -> None:
+    def __init__(
+        self, net: VectorCloudNet, rule: QuadratureOptions, *, wall_distance_scalar: bool
+    ) -> None:
         super().__init__()
         self.net = net
+        self.rule = rule
+        self.wall_distance_scalar = wall_distance_scalar
         self.pooling = "volume"
         self.output_kind = "scalar"
 
@@ -174,9 +184,13 @@ class _QuadratureCloudModel(torch.nn.Module):
             points = pos[b][real].double().numpy()
             velocity = vec[b][real][:, 0].double().numpy()
             query = int(np.argmin(np.linalg.norm(points, axis=1)))
+            wall_distance = (
+                scal[b][real][:, 0].double().numpy()
+                if self.wall_distance_scalar
+                else np.full(len(points), 10.0)
+            )
             clouds = CloudQuadrature(
-                points, velocity, None, np.full(len(points), 10.0), OPTIONS,
-                options=QuadratureOptions(radial=4, angular=8, neighbours=3),
+                points, velocity, None, wall_distance, OPTIONS, options=self.rule
             ).clouds(np.array([query]))
             rows = torch.as_tensor(clouds.indices)
             relative = pos[b][real][rows] - pos[b][real][query]
@@ -197,7 +211,10 @@ def test_the_library_checker_finds_the_quadrature_frame_independent():
     torch.manual_seed(0)
     net = VectorCloudNet(dim=2, num_scalars=2, num_vectors=1, embedding=(8, 8), axis_neurons=2,
                          fitting=(16,), pooling="volume")
-    model = _QuadratureCloudModel(net.double())
+    model = QuadratureCloudModel(
+        net.double(), QuadratureOptions(radial=4, angular=8, neighbours=3),
+        wall_distance_scalar=False,
+    )
     rng = np.random.default_rng(1)
     batch, count = 3, 500
     angle = rng.uniform(0, 2 * np.pi, (batch, count))

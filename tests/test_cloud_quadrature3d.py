@@ -2,11 +2,7 @@
 
 from mpi4py import MPI
 
-import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +11,8 @@ import pytest
 import torch
 from scipy.sparse import csr_matrix
 
+from tests.test_cloud_quadrature import QuadratureCloudModel
+from tests.test_simulate3d import serial_and_two_rank_reports, tau_by_position
 from vcnn._regions import smooth_switch
 from vcnn.casefile import Case
 from vcnn.closure import load_closure
@@ -33,8 +31,6 @@ from vcnn.symmetry import check_frame_independence
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "experiments" / "hills3d" / "model" / "best.pt"
-SCRIPT = ROOT / "tests" / "mpi_scripts" / "distributed_closure.py"
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
 OPTIONS = CloudOptions(region="ellipse", diffusivity=0.1, zeta=3.0)
 # the shipped 3-D model's clouds (semi-axis across the flow 0.97: the channel's spacing is 0.3)
 CHANNEL_OPTIONS = CloudOptions(region="ellipse", diffusivity=0.1, zeta=3.0, eps=0.005)
@@ -119,48 +115,11 @@ def test_the_quadrature_converges_to_the_ellipsoid_integral():
     assert errors[1] < 0.5 * errors[0] and errors[1] < 0.05, errors
 
 
-class _QuadratureCloudModel(torch.nn.Module):
-    """A cloud model for the symmetry checker: 3-D quadrature of the cloud's own points.
-
-    The query is the point nearest the origin; the first scalar is the wall distance (a wall
-    below the cloud, which cuts it and orients the azimuths).
-    """
-
-    def __init__(self, net: VectorCloudNet) -> None:
-        super().__init__()
-        self.net = net
-        self.pooling = "volume"
-        self.output_kind = "scalar"
-
-    def forward(self, pos, vec, scal, mask=None, weight=None, volume=None):
-        outputs = []
-        for b in range(pos.shape[0]):
-            real = mask[b]
-            points = pos[b][real].double().numpy()
-            query = int(np.argmin(np.linalg.norm(points, axis=1)))
-            clouds = CloudQuadrature(
-                points, vec[b][real][:, 0].double().numpy(), None,
-                scal[b][real][:, 0].double().numpy(), OPTIONS, options=SMALL,
-            ).clouds(np.array([query]))
-            rows = torch.as_tensor(clouds.indices)
-            outputs.append(
-                self.net(
-                    (pos[b][real][rows] - pos[b][real][query])[None],
-                    vec[b][real][rows][None],
-                    scal[b][real][rows][None],
-                    mask=torch.ones(1, rows.numel(), dtype=torch.bool),
-                    weight=torch.as_tensor(clouds.weights, dtype=pos.dtype)[None],
-                    volume=torch.ones(1, rows.numel(), dtype=pos.dtype),
-                )
-            )
-        return torch.cat(outputs)
-
-
 def test_the_library_checker_finds_the_3d_quadrature_frame_independent():
     torch.manual_seed(0)
     net = VectorCloudNet(dim=3, num_scalars=2, num_vectors=1, embedding=(8, 8), axis_neurons=2,
                          fitting=(16,), pooling="volume")
-    model = _QuadratureCloudModel(net.double())
+    model = QuadratureCloudModel(net.double(), SMALL, wall_distance_scalar=True)
     rng = np.random.default_rng(1)
     batch, count = 2, 700
     direction = rng.standard_normal((batch, count, 3))
@@ -318,34 +277,18 @@ def test_3d_refusals_auto_and_sizes(channel):
     assert auto_clouds(CHANNEL_OPTIONS, nodal_volume=dense, device_type="cuda", **common) == "full"
 
 
-def _by_position(report: dict) -> np.ndarray:
-    points = np.round(np.asarray(report["points"]), 9)
-    return np.asarray(report["tau"])[np.lexsort(points.T[::-1])]
-
-
 @pytest.mark.mpi
 def test_two_ranks_predict_the_serial_3d_tau_with_quadrature_clouds(tmp_path):
     if MPI.COMM_WORLD.size > 1:
         pytest.skip("launches its own MPI runs")
     options = ["--model", str(MODEL), "--crest-amplitude", "0.2", "--resolution", "0.05",
                "--span-cells", "2", "--clouds", "quadrature"]
-    reports = []
-    for launcher, name in (([], "serial"), ([str(MPIEXEC), "-n", "2"], "parallel")):
-        out = tmp_path / f"{name}.json"
-        completed = subprocess.run(
-            [*launcher, sys.executable, str(SCRIPT), "--out", str(out), *options],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        assert completed.returncode == 0, completed.stderr[-3000:]
-        reports.append(json.loads(out.read_text()))
-    serial, parallel = reports
-    assert serial["mode"] == "root" and parallel["mode"] == "distributed"
+    serial, parallel = serial_and_two_rank_reports(tmp_path, options)
     # The same tau from each rank's points and halo: the halo holds every point a node reads
     # and every point the fits read. (The script's entry-by-entry comparison is not asserted:
     # where a point's azimuth reference is nearly perpendicular to its wall-distance gradient
     # the round-off of the fits' sums, summed in another order on a rank, may list the same
     # nodes from the opposite azimuth, the same integral in another order of entries.)
     assert sum(parallel["owned_points"]) == serial["num_points"]
-    expected, found = _by_position(serial), _by_position(parallel)
+    expected, found = tau_by_position(serial), tau_by_position(parallel)
     assert np.abs(found - expected).max() <= 1e-6 * np.abs(expected).max()

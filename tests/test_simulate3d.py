@@ -90,17 +90,14 @@ def test_3d_settings_are_checked_before_any_run():
         SimulateConfig.from_dict({"model": "m.pt", "crest_amplitudes": [0.1]})
 
 
-def _by_position(report: dict) -> np.ndarray:
+def tau_by_position(report: dict) -> np.ndarray:
+    """A report's tau in the lexicographic order of its points (ranks list them otherwise)."""
     points = np.round(np.asarray(report["points"]), 9)
     return np.asarray(report["tau"])[np.lexsort(points.T[::-1])]
 
 
-@pytest.mark.mpi
-def test_two_ranks_predict_the_serial_3d_tau(coarse_3d_model, tmp_path):
-    if MPI.COMM_WORLD.size > 1:
-        pytest.skip("launches its own MPI runs")
-    options = ["--model", str(coarse_3d_model.model), "--crest-amplitude", "0.2",
-               "--resolution", str(RESOLUTION), "--span-cells", str(SPAN_CELLS)]
+def serial_and_two_rank_reports(tmp_path: Path, options: list[str]) -> tuple[dict, dict]:
+    """The distributed-closure script's reports of one serial and one 2-rank run."""
     reports = []
     for launcher, name in (([], "serial"), ([str(MPIEXEC), "-n", "2"], "parallel")):
         out = tmp_path / f"{name}.json"
@@ -113,11 +110,21 @@ def test_two_ranks_predict_the_serial_3d_tau(coarse_3d_model, tmp_path):
         reports.append(json.loads(out.read_text()))
     serial, parallel = reports
     assert serial["mode"] == "root" and parallel["mode"] == "distributed"
+    return serial, parallel
+
+
+@pytest.mark.mpi
+def test_two_ranks_predict_the_serial_3d_tau(coarse_3d_model, tmp_path):
+    if MPI.COMM_WORLD.size > 1:
+        pytest.skip("launches its own MPI runs")
+    options = ["--model", str(coarse_3d_model.model), "--crest-amplitude", "0.2",
+               "--resolution", str(RESOLUTION), "--span-cells", str(SPAN_CELLS)]
+    serial, parallel = serial_and_two_rank_reports(tmp_path, options)
     assert parallel["same_cloud_members"], parallel["entries"]
     # each rank holds its owned points and a halo, not the whole field
     assert max(parallel["held_points"]) < serial["num_points"]
     assert sum(parallel["owned_points"]) == serial["num_points"]
-    expected, found = _by_position(serial), _by_position(parallel)
+    expected, found = tau_by_position(serial), tau_by_position(parallel)
     assert np.abs(found - expected).max() <= 1e-6 * np.abs(expected).max()
 
 
