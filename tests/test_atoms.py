@@ -46,10 +46,13 @@ def perturbed_lattice(cells: int, *, sigma: float, seed: int = 0) -> tuple[torch
     return positions + sigma * noise, box
 
 
-def small_model(kind: str = "symmetric") -> AtomicEnergyModel:
+def small_model(kind: str = "symmetric", *, normaliser: str = "cloud") -> AtomicEnergyModel:
     torch.manual_seed(0)
     build = AtomicEnergyModel.vector_cloud if kind == "symmetric" else AtomicEnergyModel.baseline
-    return build(SMALL_CONFIG).double()
+    config = SMALL_CONFIG
+    if normaliser == "fixed":  # twice the largest neighbour weight sum of these lattices
+        config = replace(config, pooling_normaliser="fixed", self_weight=30.0)
+    return build(config).double()
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +121,10 @@ def test_smooth_cutoff_has_zero_slope_at_both_ends():
     assert abs(float(slope[0])) < 1e-12 and abs(float(slope[1])) < 1e-12
 
 
-@pytest.mark.parametrize("kind", ["symmetric", "baseline"])
-def test_model_forces_match_finite_differences(kind):
-    model = small_model(kind)
+@pytest.mark.parametrize(("kind", "normaliser"),
+                         [("symmetric", "cloud"), ("baseline", "cloud"), ("symmetric", "fixed")])
+def test_model_forces_match_finite_differences(kind, normaliser):
+    model = small_model(kind, normaliser=normaliser)
     positions, box = perturbed_lattice(2, sigma=0.08, seed=2)
     positions = positions[None]
     forces = model.energy_and_forces(positions, box=box).forces
@@ -134,8 +138,9 @@ def test_model_forces_match_finite_differences(kind):
         assert numeric == pytest.approx(float(forces[0, atom, axis]), rel=1e-6, abs=1e-9)
 
 
-def test_energy_changes_continuously_when_an_atom_crosses_the_cutoff():
-    model = small_model()
+@pytest.mark.parametrize("normaliser", ["cloud", "fixed"])
+def test_energy_changes_continuously_when_an_atom_crosses_the_cutoff(normaliser):
+    model = small_model(normaliser=normaliser)
     energies = []
     for distance in (1.6 - 1e-9, 1.6 + 1e-9):
         pair = torch.tensor([[[0.0, 0.0, 0.0], [distance, 0.0, 0.0], [0.0, 1.1, 0.0]]],
@@ -145,8 +150,9 @@ def test_energy_changes_continuously_when_an_atom_crosses_the_cutoff():
     assert abs(energies[0] - energies[1]) < 1e-10
 
 
-def test_energy_is_invariant_and_forces_equivariant_in_float64():
-    model = small_model()
+@pytest.mark.parametrize("normaliser", ["cloud", "fixed"])
+def test_energy_is_invariant_and_forces_equivariant_in_float64(normaliser):
+    model = small_model(normaliser=normaliser)
     positions, box = perturbed_lattice(2, sigma=0.08, seed=4)
     cluster = positions[(positions - positions[0]).norm(dim=1) < 1.7]
 
@@ -160,6 +166,28 @@ def test_energy_is_invariant_and_forces_equivariant_in_float64():
     assert free.passed(1e-10), free.to_markdown()
     assert periodic.passed(1e-10), periodic.to_markdown()
     assert free.value.reference_scale > 0 and free.gradient.reference_scale > 0
+
+
+def test_fixed_normaliser_pools_every_cloud_over_the_same_total_weight():
+    positions, box = perturbed_lattice(2, sigma=0.08, seed=3)
+    totals = {}
+    for normaliser in ("cloud", "fixed"):
+        model = small_model(normaliser=normaliser)
+        captured = []
+        hook = model.network.register_forward_pre_hook(
+            lambda module, args, kwargs: captured.append(kwargs["weight"]), with_kwargs=True
+        )
+        with torch.no_grad():
+            model(positions[None], box=box)
+        hook.remove()
+        weight = captured[0]
+        assert float(weight.min()) >= 0.0
+        totals[normaliser] = weight.sum(dim=1)
+    # fixed: neighbour sums over the constant self_weight; cloud: a per-atom density factor
+    assert torch.allclose(totals["fixed"], torch.full_like(totals["fixed"], 30.0), atol=1e-12)
+    assert float(totals["cloud"].std()) > 1e-3
+    neighbours = totals["cloud"] - SMALL_CONFIG.self_weight
+    assert float(neighbours.max()) < 30.0  # the clamp at 0 was not needed
 
 
 def test_point_set_checker_catches_a_model_without_rotation_symmetry():
@@ -241,14 +269,14 @@ def test_short_training_lowers_the_force_error(tiny_data, tmp_path):
     assert torch.equal(loaded(positions, box=data.box), result.model(positions, box=data.box))
 
 
-def _final_loss(model, data, settings) -> torch.Tensor:
-    """The final loss of `train` (p_E, p_F at a vanishing learning rate), with its graph."""
+def _refit_loss(model, data, settings) -> torch.Tensor:
+    """The loss the refit minimises (the refit's p_E, the final p_F), with its graph."""
     prediction = model.energy_and_forces(data.positions.double(), box=data.box, create_graph=True)
     atoms = data.positions.shape[1]
     force_unit = float(data.forces.pow(2).mean().sqrt())
     energy = (((prediction.energy - data.energy) / atoms) ** 2).mean() / settings.energy_unit**2
     forces = ((prediction.forces - data.forces) ** 2).mean() / force_unit**2
-    return settings.final_energy_weight * energy + settings.final_force_weight * forces
+    return settings.refit_energy_weight * energy + settings.final_force_weight * forces
 
 
 def test_output_layer_refit_is_the_least_squares_minimiser(tiny_data):
@@ -265,12 +293,12 @@ def test_output_layer_refit_is_the_least_squares_minimiser(tiny_data):
     prediction = model.energy_and_forces(train_set.positions.double(), box=data.box)
     assert torch.allclose(rows.energy_rows @ theta + rows.energy_rest, prediction.energy)
     assert torch.allclose(rows.force_rows @ theta + rows.force_rest, prediction.forces)
-    loss = _final_loss(model, train_set, settings)
+    loss = _refit_loss(model, train_set, settings)
     before = float(loss.detach())
     gradient_before = torch.autograd.grad(loss, [last.weight, last.bias])
     refit = replace(settings, refit_force_configurations=len(train_set))
     model = refit_output_layer(model, train_set, refit)
-    loss = _final_loss(model, train_set, settings)
+    loss = _refit_loss(model, train_set, settings)
     assert float(loss.detach()) < before
     # at the minimiser the loss is stationary in the last layer's parameters
     gradient = torch.autograd.grad(loss, [last.weight, last.bias])

@@ -18,8 +18,12 @@ Pooling. The network pools a weighted *mean* over its cloud (invariant to duplic
 while an energy must grow with the number of neighbours. The atom itself is therefore a point of
 its own cloud (relative position 0) with a fixed weight ``self_weight`` (about the mean
 neighbour count): the pooled moments become ``sum_j s_j G_j Q_j / (self_weight + sum_j s_j)``,
-DeepPot-SE's sum over neighbours with a fixed normaliser, up to a smooth density factor. The
-self point is the same in every frame, so no symmetry is lost. Being a mean over some 50
+DeepPot-SE's sum over neighbours with a fixed normaliser, up to a smooth density factor. With
+``pooling_normaliser="fixed"`` the atom's own weight is ``self_weight - sum_j s_j`` instead,
+which removes that factor: the pooled moments are exactly neighbour sums over the constant
+``self_weight``, so a pair energy needs no division undone by the fitting net (it halved the
+energy error of a short training on the Lennard-Jones data; ``experiments/atoms/fit.py``).
+The self point sits at the atom in every frame, so no symmetry is lost. Being a mean over some 50
 points, the descriptor hardly varies from atom to atom; a fixed standardisation in front of the
 fitting net (:class:`StandardisedInput`, set from training data by
 :meth:`AtomicEnergyModel.standardise_descriptor`) makes those variations O(1), without which
@@ -194,6 +198,16 @@ class AtomicModelConfig:
             with 16 functions: 0.8 % held-out error, against 5 % for the same number evenly
             spaced in r); ``"distance"``: evenly spaced in r from ``radial_start`` to
             ``cutoff``.
+        pooling_normaliser: ``"cloud"``: the atom itself has the fixed weight
+            ``self_weight``, so the pooled moments are neighbour sums divided by
+            ``self_weight + sum_j s_j``, which varies from atom to atom; ``"fixed"``: the atom's
+            own weight is ``self_weight - sum_j s_j`` (clamped at 0, reached only far above
+            the training densities), so every cloud's weights add up to ``self_weight`` and
+            the pooled moments are neighbour sums over a constant (DeepPot-SE's sum pooling):
+            a pair energy is then exactly representable (a linear fitting net of the scalar
+            channel) instead of the fitting net having to undo a per-atom density factor. Set
+            ``self_weight`` well above the largest neighbour weight sum
+            (``experiments/atoms/fit.py`` takes twice the mean).
     """
 
     cutoff: float = 2.5
@@ -204,6 +218,7 @@ class AtomicModelConfig:
     radial_basis: int = 16
     radial_start: float = 0.75
     radial_variable: str = "inverse"
+    pooling_normaliser: str = "cloud"
 
     def __post_init__(self) -> None:
         if not 0 <= self.inner < self.cutoff:
@@ -216,6 +231,9 @@ class AtomicModelConfig:
         if self.radial_variable not in ("inverse", "distance"):
             raise ValueError(f"radial_variable must be 'inverse' or 'distance', got "
                              f"{self.radial_variable!r}")
+        if self.pooling_normaliser not in ("cloud", "fixed"):
+            raise ValueError(f"pooling_normaliser must be 'cloud' or 'fixed', got "
+                             f"{self.pooling_normaliser!r}")
 
     @property
     def num_scalars(self) -> int:
@@ -383,9 +401,11 @@ class AtomicEnergyModel(nn.Module):
         relative = torch.cat(
             [clouds.relative.new_zeros(batch, count, 1, dim), clouds.relative], dim=2
         ).reshape(rows, width + 1, dim)
-        weight = torch.cat(
-            [clouds.weight.new_full((batch, count, 1), cfg.self_weight), clouds.weight], dim=2
-        ).reshape(rows, width + 1)
+        if cfg.pooling_normaliser == "fixed":  # the cloud's weights add up to self_weight
+            own = (cfg.self_weight - clouds.weight.sum(dim=2, keepdim=True)).clamp(min=0.0)
+        else:
+            own = clouds.weight.new_full((batch, count, 1), cfg.self_weight)
+        weight = torch.cat([own, clouds.weight], dim=2).reshape(rows, width + 1)
         mask = torch.cat(
             [clouds.mask.new_ones(batch, count, 1), clouds.mask], dim=2
         ).reshape(rows, width + 1)

@@ -7,10 +7,13 @@ Usage::
 1. Data: 108 Lennard-Jones atoms (reduced units, shifted-force cutoff 2.5, density 0.8442,
    periodic cubic box) from an fcc start, Langevin dynamics at T = 0.8, 1.1, 1.4; a quarter of
    the samples randomly displaced (sigma 0.03). Energies and forces from the exact potential.
-2. Training on T = 0.8 and 1.4 (energies and forces together), then the last layer of the
-   fitting net set to the exact minimiser of the final loss by linear least squares
-   (:func:`experiments.atoms.fit.refit_output_layer`); held-out configurations of those
-   temperatures and all of T = 1.1 (a temperature not trained on) are the test sets.
+2. Training on T = 0.8 and 1.4 (energies and forces together; the model pools neighbour
+   sums over a fixed normaliser, ``pooling_normaliser="fixed"`` of
+   :class:`vcnn.atoms.AtomicModelConfig`), then the last layer of the fitting net set to the
+   exact minimiser of the final loss with the energy weight ``refit_energy_weight`` by linear
+   least squares (:func:`experiments.atoms.fit.refit_output_layer`); held-out configurations
+   of those temperatures and all of T = 1.1 (a temperature not trained on) are the test
+   sets.
 3. Symmetry in float64 (:func:`vcnn.symmetry.check_point_set_symmetry`): a free cluster under
    random rotations, reflections, translations and permutations; the periodic box under the
    cube's symmetries, translations and permutations.
@@ -88,6 +91,10 @@ class RunSettings:
     efficiency_sizes: tuple[int, ...] = (1, 3, 10, 30, 100)
     efficiency_training: TrainSettings = field(default_factory=TrainSettings)
     symmetry_tolerance: float = 1e-10
+    #: hidden widths of the main model's fitting net (the data-efficiency fits keep (64, 64));
+    #: the full run's (128, 128): held-out energy MAE 1.56e-3 per atom against 1.67e-3 with
+    #: (64, 64), forces 1.67 % both (one run each, 60 held-out configurations)
+    fitting: tuple[int, ...] = (64, 64)
 
 
 def settings_for(*, quick: bool, seed: int) -> RunSettings:
@@ -124,6 +131,7 @@ def settings_for(*, quick: bool, seed: int) -> RunSettings:
         nve_steps=10_000,
         efficiency_sizes=(1, 3, 10, 30, 100, 300),
         efficiency_training=TrainSettings(steps=1000, batch=2, seed=seed),
+        fitting=(128, 128),
     )
 
 
@@ -362,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 len(splits.test), len(splits.unseen), UNSEEN_TEMPERATURE, timings["generate_s"])
 
     torch.manual_seed(settings.seed)
-    model = AtomicEnergyModel.vector_cloud(model_config(splits.train))
+    model = AtomicEnergyModel.vector_cloud(model_config(splits.train), fitting=settings.fitting)
     result = train(model, splits.train, settings.training)
     timings["train_s"] = result.seconds
     model = result.model
@@ -415,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, report in symmetry.items() if key != "cluster_atoms"
         },
         "data_efficiency": efficiency,
+        "model_config": asdict(model.config),
         "training_configurations": len(splits.train),
         "test_configurations": len(splits.test),
         "unseen_configurations": len(splits.unseen),
