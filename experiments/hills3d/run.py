@@ -2,7 +2,11 @@
 
 Usage::
 
-    python experiments/hills3d/run.py [--quick] [--data data/hills3d] [--out results/hills3d]
+    python experiments/hills3d/run.py [--plan full|fine|quick] [--quick] [--data data/hills3d]
+        [--out results/hills3d]
+
+Plans: ``full`` (r = 0.05 with 2 span layers, 110-440 points a case), ``fine`` (r = 0.1 with 2
+span layers, 4x the points; the shipped model) and ``quick`` (= ``--quick``, mechanics only).
 
 Steps (cases already generated are reused; everything runs through the library functions of
 the verbs, ``vcnn generate`` / ``train`` / ``evaluate`` / ``simulate``):
@@ -40,11 +44,11 @@ the verbs, ``vcnn generate`` / ``train`` / ``evaluate`` / ``simulate``):
 
 Goals of the full run (docs/results.md, the 3-D study): a priori tau <= 3 % on every held-out
 case, a posteriori tau <= 1.5x its a priori error (on the same coupled truth), velocity
-<= 1 %, integral of tau <= 2 % (of the coupled runs); exit 1 when one is missed. A full run also
-exports its model to ``experiments/hills3d/model/best.pt`` when it is under 1 MB
-(``vcnn simulate --dim 3 --model experiments/hills3d/model/best.pt --alphas A
---crest-amplitudes C --resolution 0.05 --span-cells 2 --compare`` repeats a row: two-way with
-the model's C_k by default).
+<= 1 %, integral of tau <= 2 % (of the coupled runs); exit 1 when one is missed. A run of
+the ``fine`` plan (:data:`SHIPPED_PLAN`) also exports its model to
+``experiments/hills3d/model/best.pt`` when it is under 1 MB (``vcnn simulate --dim 3 --model
+experiments/hills3d/model/best.pt --alphas A --crest-amplitudes C --resolution 0.1
+--span-cells 2 --compare`` repeats a row: two-way with the model's C_k by default).
 
 ``--quick`` checks the mechanics only, with bounds loose enough for a 2 x 2 grid at r = 0.05
 (264 points a case), one held-out point, a transfer to three span layers (no tetrahedra: the
@@ -58,34 +62,40 @@ Sizing (measured on this 2-core machine, ``OMP_NUM_THREADS=1``, ``nice``, the co
 with other jobs at a load average of 3-8). One-way ``vcnn generate`` of alpha = 1.25: r = 0.05
 with 2 span layers (264 points) 10 s (flow 4.5 s, tau 0.13 s), with 4 layers 51 s; r = 0.1
 with 2 layers 66 s for the extruded hill (a = 0), with 4 layers (2,100 points) 444 s. With a
-crest variation (a = 0.15) the flow's Newton iteration from rest diverges at r = 0.075 and
-r = 0.1 with 2 layers (30 steps, residual up to 1e+9; ``solvers/flow.py``, plain Newton, no
-continuation) and converges with 4 layers, so r = 0.05 with 2 layers is the only structured
-mesh on which the whole family is affordable here. The coupled cases cost 8-25 s at r = 0.05
-x 2 (about 9 outer iterations, 2-3x the one-way case), 23 s at 3 layers, 46 s at r = 0.1 and
-113 s on the tetrahedra (h = 0.75, 3,667 points). The budget goes to a dense grid (7 alphas x
-4 amplitudes), the held-out and validation cases, three coupled --compare runs, the transfer
-cases (3 span layers; r = 0.1 on the extruded hill, where 2 layers converge; tetrahedra at
-h = 0.75, the coarsest the size check allows) and training. The coupled full run took about
+crest variation, plain Newton from rest (its first step is the Stokes flow) diverges with
+2 layers at alpha = 1.25 (r = 0.075 with a = 0.15; r = 0.1 with a = 0.15 and 0.3: residual
+up to 1e+9, 30 steps, 117-177 s at a load average of 6-7); the flow solver
+(``solvers/flow.py``) then falls back to a continuation in the viscosity (4 nu, 2 nu, nu, each
+stage started from the last), which converges on all three in 19-23 Newton steps (plain attempt
+included), 29-49 s at a load of 4-5, the cases' meta listing the stages
+(``solver.flow_continuation``). Every case of alpha in {0.5, 1.25, 2} x a in {0.15, 0.3} at
+r = 0.075 and r = 0.1 with 2 layers (8,337-52,398 flow unknowns) now converges, the other nine
+with plain Newton as before (6-12 steps, 5-68 s), and r = 0.1 with 3 layers at alpha = 1.25
+(46,095 unknowns) with plain Newton (a = 0.15: 10 steps, 97 s; a = 0.3: 7 steps, 79 s).
+The coupled cases cost 8-25 s at r = 0.05 x 2 (about 9 outer iterations, 2-3x the one-way
+case), 23 s at 3 layers, 46 s at r = 0.1 and 113 s on the tetrahedra (h = 0.75, 3,667
+points). The budget goes to a dense grid (7 alphas x 4 amplitudes), the held-out and
+validation cases, three coupled --compare runs, the transfer cases (3 span layers; r = 0.1
+on the extruded hill, where 2 layers converge; tetrahedra at h = 0.75, the coarsest the size
+check allows) and training. The coupled full run took about
 13 minutes from nothing at a load average of 3-4: the first 24 grid cases about 270 s (beside
 the quick tier), then 506 s (the other grid cases 71 s, validation and held-out cases 67 s,
 transfer cases 181 s, training 133 s, evaluate 4 s, coupled runs 49 s); with the cases
 present 164 s (training 113 s: 400 epochs, best 310, validation 1.8 %; coupled runs 46 s).
 
-Results of the full run (two-way coupled data, against the coupled PDE solution): a priori
-1.48 % (alpha = 1.625, a = 0.15), 2.82 % (1.125, 0.25) and 14.5 % (0.625, 0.05); a posteriori
-0.99-1.01x the a priori error; velocity 0.039-0.140 %; integral of tau 0.09-0.69 %; transfer
-a priori 4.04 % (3 span layers), 13.3 % (r = 0.1), 17.2 % (tetrahedra). Training on the
-coupled data removed the physics gap of the one-way version (a priori 16-21 % against the
-coupled truth, 3.7-9.6 % against the one-way case). The a posteriori, velocity and integral
-goals are met; the a priori goal (3 %) on two of the three held-out points, not at
-alpha = 0.625. What limits it is the fit on the steep hills, not the held-out interpolation:
-the model's error on its own training cases is 0.6-1.6 % for alpha >= 1.25, 1.0-4.3 % at
-alpha = 1, 9.8-12.3 % at alpha = 0.75 and 12.5-15.5 % at alpha = 0.5 (larger with the crest
-amplitude), and the held-out point at alpha = 0.625 lies between the last two. These cases
-have the fewest points (110-176), the mesh spacing is 0.8 along x and 2.25 across the span
-(the crest variation is resolved by its two extremes only), and the transfers to r = 0.1 and
-to tetrahedra change the point spacing the clouds see.
+Results (two-way coupled data, against the coupled PDE solution; docs/results.md).
+``full`` plan (r = 0.05 x 2): a priori 1.48 % (alpha = 1.625, a = 0.15), 2.82 % (1.125, 0.25)
+and 14.5 % (0.625, 0.05); a posteriori 0.99-1.01x the a priori error; velocity <= 0.14 %;
+integral of tau <= 0.69 %; transfer a priori 4.04 % (3 span layers), 13.3 % (r = 0.1),
+17.2 % (tetrahedra). ``fine`` plan (r = 0.1 x 2, 1000 epochs of 96-point clouds, 17 min of
+training, about 30 min to generate its cases from nothing at a load average of 2-3): a priori
+0.59 %, 1.75 % and 6.21 %; a posteriori 0.99-1.01x; velocity <= 0.095 %; integral of tau
+<= 0.11 %; transfer 3.88 % (3 span layers), 14.7 % (r = 0.05), 11.5 % (tetrahedra). The
+a priori goal (3 %) is met on two of the three held-out points, not at alpha = 0.625, in both
+plans. What limits it is the fit on the steepest hills: the fine model's error on its own
+training cases is 0.35-0.85 % for alpha in [1, 2], 1.2-2.0 % at alpha = 0.75 and 9.5-12.2 % at
+alpha = 0.5 (growing with the crest amplitude), and the held-out point at alpha = 0.625 lies
+between the two.
 """
 
 from __future__ import annotations
@@ -100,7 +110,7 @@ import shutil
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +198,24 @@ FULL = Plan(
            "time_limit_minutes": 11.0, "cloud": {"eps": 0.005},
            "model": {"embedding": [16, 32, 64], "fitting": [128, 64], "pair_embedding": [8]}},
 )
+#: The full run on the in-plane mesh of twice the resolution (four times the points of a
+#: case): the coarse family (``FULL``) becomes a transfer case.
+FINE = replace(
+    FULL,
+    resolution=0.1,
+    transfer=(
+        ("hex r=0.1x3", {"kind": "structured", "resolution": 0.1, "span_cells": 3},
+         ((1.125, 0.25),)),
+        ("hex r=0.05x2", {"kind": "structured", "resolution": 0.05, "span_cells": 2},
+         ((1.125, 0.25),)),
+        ("tet h=0.75", {"kind": "unstructured", "size": 0.75}, ((1.125, 0.25),)),
+    ),
+    train={**FULL.train, "epochs": 1000, "batch_size": 256, "cloud_size": 96,
+           "time_limit_minutes": 20.0},
+)
+PLANS = {"quick": QUICK, "full": FULL, "fine": FINE}
+#: The plan whose model ships as ``experiments/hills3d/model/best.pt``.
+SHIPPED_PLAN = "fine"
 
 
 def case_name(alpha: float, crest: float) -> str:
@@ -275,7 +303,7 @@ def cloud_report(model: Path, path: Path) -> dict:
     case = read_case(path)
     full = closure.cloud_options.sampler(case.points, case.velocity, case.period).full_clouds()
     sizes = np.diff(np.asarray(full.offsets))
-    prediction = closure.predict_detailed(case)
+    prediction = closure.predict_detailed(case, clouds="full")
     solver = case.meta.get("solver", {})
     coupled_seconds = float(solver.get("stage_seconds", {}).get("coupled flow and tau", math.nan))
     iterations = int(solver.get("coupling_iterations", 0))
@@ -305,7 +333,7 @@ def simulate(model: Path, plan: Plan, alpha: float, crest: float, out: Path) -> 
         "-q", "simulate", "--dim", "3", "--model", str(model), "--alphas", f"{alpha:g}",
         "--crest-amplitudes", f"{crest:g}", "--resolution", f"{plan.resolution:g}",
         "--span-cells", str(plan.span_cells), "--coupling", "two-way", "--compare",
-        "--device", "cpu", "--no-xdmf",
+        "--device", "cpu", "--clouds", "full", "--no-xdmf",
         "--overwrite", "--out", str(out),
     ]
     status = vcnn_main(command)
@@ -410,20 +438,28 @@ def table(rows: list[dict], transfer: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="mechanics only (< 3 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="mechanics only (< 3 min; the same as --plan quick)")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="full",
+                        help="full: r = 0.05 x 2 span layers; fine: r = 0.1 x 2 (four times "
+                             "the points of a case); quick: mechanics only")
     parser.add_argument("--data", type=Path, default=None,
                         help="case folder (default: data/hills3d or data/hills3d_quick)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default: results/hills3d or results/hills3d_quick)")
+                        help="results folder (default: results/hills3d, results/hills3d_fine "
+                             "or results/hills3d_quick)")
     args = parser.parse_args(argv)
-    suffix = "_quick" if args.quick else ""
-    data = args.data or ROOT / "data" / f"hills3d{suffix}"
+    if args.quick:
+        args.plan = "quick"
+    args.quick = args.plan == "quick"
+    suffix = "" if args.plan == "full" else f"_{args.plan}"
+    data = args.data or ROOT / "data" / ("hills3d_quick" if args.quick else "hills3d")
     out = args.out or ROOT / "results" / f"hills3d{suffix}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         force=True)
     for name in ("solvers", "vcnn", "meshes"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    plan = QUICK if args.quick else FULL
+    plan = PLANS[args.plan]
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
@@ -463,10 +499,10 @@ def main(argv: list[str] | None = None) -> int:
 
     begun = time.perf_counter()
     a_priori = {m.case: m for m in evaluate(model, paths["held_out"], out / "a_priori",
-                                            device="cpu", seed=SEED)}
+                                            device="cpu", seed=SEED, clouds="full")}
     transfer_metrics = {
         tag: evaluate(model, case_paths, out / "transfer" / tag.replace(" ", "_").replace("=", ""),
-                      device="cpu", seed=SEED)
+                      device="cpu", seed=SEED, clouds="full")
         for tag, case_paths in transfer_paths.items()
     }
     seconds["evaluate"] = time.perf_counter() - begun
@@ -522,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     figure = draw_errors(out, rows, transfer)
     metrics = {
         "quick": bool(args.quick),
+        "plan": args.plan,
         "held_out": rows,
         "transfer": transfer,
         "transfer_failures": transfer_failures,
@@ -551,9 +588,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{cloud['closure_seconds']:.2f} s against {cloud['pde_iteration_seconds']:.2f} s "
           f"per outer iteration of the coupled PDE solve ({cloud['coupling_iterations']} "
           f"iterations, {cloud['coupled_solve_seconds']:.1f} s)")
-    print(f"{'quick' if args.quick else 'full'} run, {seconds['total']:.0f} s "
+    print(f"{args.plan} run, {seconds['total']:.0f} s "
           f"(train {seconds['train']:.0f} s); {machine_summary()}; outputs in {out}")
-    if not args.quick:
+    if args.plan == SHIPPED_PLAN:
         export(model)
     if failed:
         print(f"FAILED: {'; '.join(failed)}")
