@@ -14,6 +14,10 @@ The tau systems (P1) are ~20x smaller than the flow's at the same mesh: ``--tau-
 serial tau-only runs on larger meshes, with a channel-like analytic velocity in place of the
 flow.
 
+With three sizes or more per rank count it also prints the observed exponents of the flow
+solves' time and peak memory against the flow unknowns (a least-squares fit in log-log) and
+the fits' values at 1,000,000 unknowns.
+
 Usage: python experiments/bench_solvers3d.py [--sizes 0.05:2,0.075:3,0.1:4] [--ranks 1,2]
     [--tau-sizes 0.2:8,0.3:12,0.45:18]
 """
@@ -137,6 +141,54 @@ def _run_worker(
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+#: The size of item 8 of the scale goal: the fits below are extrapolated to it.
+TARGET_FLOW_DOFS = 1_000_000
+
+
+def scaling_table(rows: list[dict]) -> tuple[str, list[dict]]:
+    """Observed exponents of the flow solves' cost against size, per rank count and path.
+
+    A least-squares fit of ``log(cost) = c + k log(flow dofs)`` over the sizes of one rank
+    count (at least three), for the solve seconds and the peak memory, and the time fit's
+    value at :data:`TARGET_FLOW_DOFS` (an extrapolation). The memory includes a fixed
+    per-rank overhead (Python, dolfinx, MUMPS; about 200 MB), so its exponent over small
+    sizes understates the factorisation's growth and is not extrapolated.
+
+    Args:
+        rows: the benchmark's rows (``{"direct": report, "iterative": report}``).
+
+    Returns:
+        The Markdown table and its rows.
+    """
+    import numpy as np
+
+    lines = [
+        "| ranks | path | sizes | dofs | time exponent | memory exponent "
+        f"| time at {TARGET_FLOW_DOFS:,} dofs, extrapolated (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    fits = []
+    for count in sorted({row["direct"]["ranks"] for row in rows}):
+        for path in ("direct", "iterative"):
+            reports = [row[path] for row in rows if row[path]["ranks"] == count]
+            if len(reports) < 3:
+                continue
+            dofs = np.log([r["flow_dofs"] for r in reports])
+            fit = {"ranks": count, "path": path, "sizes": len(reports),
+                   "dofs": [int(r["flow_dofs"]) for r in reports]}
+            for key, name in (("flow_seconds", "time"), ("flow_peak_rss_mb", "memory")):
+                slope, intercept = np.polyfit(dofs, np.log([r[key] for r in reports]), 1)
+                fit[f"{name}_exponent"] = float(slope)
+                fit[f"{name}_at_target"] = float(np.exp(intercept + slope * np.log(TARGET_FLOW_DOFS)))
+            fits.append(fit)
+            lines.append(
+                f"| {count} | {path} | {fit['sizes']} | {fit['dofs'][0]:,}-{fit['dofs'][-1]:,} "
+                f"| {fit['time_exponent']:.2f} | {fit['memory_exponent']:.2f} "
+                f"| {fit['time_at_target']:.0f} |"
+            )
+    return "\n".join(lines), fits
+
+
 def main() -> int:
     """Run the grid of sizes, ranks and paths; print the table; check agreement."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -195,6 +247,11 @@ def main() -> int:
         )
         for key in ("body_force", "tau_integral"):
             worst = max(worst, abs(i[key] / d[key] - 1))
+    scaling, fits = scaling_table(rows)
+    if fits:
+        print(f"\nObserved exponents (cost ~ dofs^k, least squares over the sizes) and the "
+              f"fits at {TARGET_FLOW_DOFS:,} flow dofs:\n")
+        print(scaling)
     print("\nTau only (analytic velocity, serial):\n")
     print("| r | span | tau dofs | direct s | iterative s | direct MB | iterative MB |")
     print("|---|---|---|---|---|---|---|")
@@ -216,6 +273,7 @@ def main() -> int:
             "scalar_options": ITERATIVE_SCALAR_OPTIONS,
         },
         "rows": rows,
+        "scaling": fits,
         "tau_rows": tau_rows,
         "worst_relative_difference": worst,
     }
