@@ -138,9 +138,20 @@ class _NewtonDivergedError(SolverDivergedError):
 
 
 @dataclass
-class _NewtonCounts:
-    """Newton steps and Jacobian factorisations of one solve, over all its attempts."""
+class _NewtonRun:
+    """What every Newton attempt of one solve shares (plain, then continuation stages).
 
+    Attributes:
+        atol: absolute residual tolerance.
+        max_iterations: Newton steps per attempt.
+        timings: seconds per phase, summed over the attempts.
+        steps: Newton steps taken, over all attempts.
+        factorizations: Jacobian factorisations, over all attempts.
+    """
+
+    atol: float
+    max_iterations: int
+    timings: dict[str, float]
     steps: int = 0
     factorizations: int = 0
 
@@ -540,26 +551,17 @@ class FlowSolver:
         self.constraint.make_periodic(x)
         start_state = (self._w.x.array.copy(), self.body_force)
         timings: dict[str, float] = {"setup": 0.0}
-        counts = _NewtonCounts()
+        run = _NewtonRun(atol=atol, max_iterations=max_iterations, timings=timings)
         stages: list[float] = []
         fallback = from_rest and continuation == "auto"
         try:
             if from_rest and continuation == "always":
-                history, stages = self._continuation(
-                    rtol=rtol,
-                    atol=atol,
-                    max_iterations=max_iterations,
-                    timings=timings,
-                    counts=counts,
-                )
+                history, stages = self._continuation(run, rtol=rtol)
             else:
                 try:
                     history = self._newton(
+                        run,
                         rtol=rtol,
-                        atol=atol,
-                        max_iterations=max_iterations,
-                        timings=timings,
-                        counts=counts,
                         # a start from rest is too far from the last factorised state to reuse it
                         stale_start=reuse_factorization and self._ksp is not None and not from_rest,
                         divergence_growth=DIVERGENCE_GROWTH if fallback else None,
@@ -571,19 +573,13 @@ class FlowSolver:
                         logger.info(
                             "flow: plain Newton from rest failed after %d steps (%s); "
                             "continuing in the viscosity from %g x nu",
-                            counts.steps,
+                            run.steps,
                             str(error).split(" (")[0],
                             CONTINUATION_START,
                         )
                     self._w.x.array[:], self.body_force = start_state
                     try:
-                        history, stages = self._continuation(
-                            rtol=rtol,
-                            atol=atol,
-                            max_iterations=max_iterations,
-                            timings=timings,
-                            counts=counts,
-                        )
+                        history, stages = self._continuation(run, rtol=rtol)
                     except SolverDivergedError as continuation_error:
                         # the plain attempt's history is the one a user compares with others
                         raise SolverDivergedError(
@@ -592,7 +588,7 @@ class FlowSolver:
         except BaseException:
             self._w.x.array[:], self.body_force = start_state
             raise
-        iterations, factorizations = counts.steps, counts.factorizations
+        iterations, factorizations = run.steps, run.factorizations
         if from_rest:
             self.continuation = list(stages)
         self._has_solution = True
@@ -629,15 +625,7 @@ class FlowSolver:
             continuation=stages,
         )
 
-    def _continuation(
-        self,
-        *,
-        rtol: float,
-        atol: float,
-        max_iterations: int,
-        timings: dict[str, float],
-        counts: _NewtonCounts,
-    ) -> tuple[list[float], list[float]]:
+    def _continuation(self, run: _NewtonRun, *, rtol: float) -> tuple[list[float], list[float]]:
         """Newton solves from the current state (rest) down a ladder of viscosities.
 
         The stages run at :data:`CONTINUATION_START` times the target viscosity, then divided
@@ -665,14 +653,11 @@ class FlowSolver:
                 if final:
                     viscosity = target
                 self._viscosity.value = viscosity
-                steps_before = counts.steps
+                steps_before = run.steps
                 try:
                     history = self._newton(
+                        run,
                         rtol=rtol if final else CONTINUATION_RTOL,
-                        atol=atol,
-                        max_iterations=max_iterations,
-                        timings=timings,
-                        counts=counts,
                         stale_start=False,
                         divergence_growth=DIVERGENCE_GROWTH,
                     )
@@ -682,7 +667,7 @@ class FlowSolver:
                         logger.info(
                             "flow: continuation stage nu = %.4g failed after %d steps (%s)",
                             viscosity,
-                            counts.steps - steps_before,
+                            run.steps - steps_before,
                             str(error).split(" (")[0],
                         )
                     self._w.x.array[:], self.body_force = good_state
@@ -696,7 +681,7 @@ class FlowSolver:
                     logger.info(
                         "flow: continuation stage nu = %.4g converged in %d steps",
                         viscosity,
-                        counts.steps - steps_before,
+                        run.steps - steps_before,
                     )
                 if final:
                     return history, converged
@@ -714,24 +699,22 @@ class FlowSolver:
 
     def _newton(
         self,
+        run: _NewtonRun,
         *,
         rtol: float,
-        atol: float,
-        max_iterations: int,
-        timings: dict[str, float],
-        counts: _NewtonCounts,
         stale_start: bool,
         divergence_growth: float | None = None,
     ) -> list[float]:
         """Newton steps from the current state; returns the residual history.
 
-        ``counts`` is advanced by the steps and factorisations taken (also when Newton fails).
+        ``run`` is advanced by the steps and factorisations taken (also when Newton fails).
         ``stale_start``: the first step uses the factorisation of the previous solve.
         ``divergence_growth``: fail as soon as the residual exceeds this multiple of the
         initial residual (None: only NaN/inf and ``max_iterations`` end a solve).
         """
         comm = self.comm
         constraint = self.constraint
+        atol, max_iterations, timings = run.atol, run.max_iterations, run.timings
         x = self._w.x.petsc_vec
         residual, residual_reduced = self._residual, self._residual_reduced
         pinned = self._pinned
@@ -792,7 +775,7 @@ class FlowSolver:
                 refresh = contraction > REUSE_CONTRACTION
             if refresh:
                 self._factorize(timings)
-                counts.factorizations += 1
+                run.factorizations += 1
 
             ksp = self._ksp
             residual_reduced.copy(self._rhs)
@@ -820,7 +803,7 @@ class FlowSolver:
             step_is_small = self._increment.norm() <= rtol * x.norm()
             x.ghostUpdate(addv=PETSc.InsertMode.INSERT, mode=PETSc.ScatterMode.FORWARD)
             iterations += 1
-            counts.steps += 1
+            run.steps += 1
 
     def _factorize(self, timings: dict[str, float]) -> None:
         """Assemble the Jacobian at the current state, restrict it and hand it to the solver."""
