@@ -23,9 +23,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from solvers.simulate_metrics import relative_l2_percent
 from vcnn.casefile import case_paths, read_case
 from vcnn.closure import load_closure
 from vcnn.system import machine_summary
@@ -33,8 +33,14 @@ from vcnn.system import machine_summary
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _relative_percent(a: np.ndarray, b: np.ndarray) -> float:
-    return 100.0 * float(np.linalg.norm(a - b) / np.linalg.norm(b))
+def write_report(out: Path, text: str, metrics: dict) -> None:
+    """``metrics.json`` (noted as deterministic: no seed) and ``table.md`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(
+        {**metrics, "seed": None,
+         "note": "deterministic: full clouds and the quadrature use no random numbers"},
+        indent=2) + "\n")
+    (out / "table.md").write_text(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 predictions[mode] = closure.predict(case, clouds=mode)
                 row[f"{mode}_seconds"] = time.perf_counter() - start
-                row[f"{mode}_rel_l2_percent"] = _relative_percent(predictions[mode], case.tau)
+                row[f"{mode}_rel_l2_percent"] = relative_l2_percent(predictions[mode], case.tau)
             row["difference_points"] = row["quadrature_rel_l2_percent"] - row["full_rel_l2_percent"]
-            row["quadrature_vs_full_percent"] = _relative_percent(
+            row["quadrature_vs_full_percent"] = relative_l2_percent(
                 predictions["quadrature"], predictions["full"]
             )
             rows.append(row)
@@ -86,13 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         + f"\n\nlargest |difference|: {worst:.3f} points (tolerance {args.tolerance})"
     )
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps(
-        {"rows": rows, "tolerance": args.tolerance, "worst_difference_points": worst,
-         "data": [str(p) for p in paths], "models": models, "seed": None,
-         "note": "deterministic: full clouds and the quadrature use no random numbers"},
-        indent=2) + "\n")
-    (args.out / "table.md").write_text(text + "\n")
+    write_report(args.out, text, {
+        "rows": rows, "tolerance": args.tolerance, "worst_difference_points": worst,
+        "data": [str(p) for p in paths], "models": models,
+    })
     return 0 if worst <= args.tolerance else 1
 
 

@@ -35,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from quadrature_error import write_report
 
+from solvers.simulate_metrics import relative_l2_percent
 from vcnn.casefile import case_paths, read_case
 from vcnn.closure import load_closure
 from vcnn.cloud_quadrature import CloudQuadrature, QuadratureOptions
@@ -45,10 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "experiments" / "hills3d" / "model" / "best.pt"
 
 
-def _relative_percent(a: np.ndarray, b: np.ndarray) -> float:
-    return 100.0 * float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def _rule(text: str) -> QuadratureOptions:
     shells, polar, azimuthal, neighbours = (int(part) for part in text.split(","))
     return QuadratureOptions(
@@ -56,9 +54,11 @@ def _rule(text: str) -> QuadratureOptions:
     )
 
 
-def _volume_ratio(closure, case, rule: QuadratureOptions) -> float:
-    """Mean over the points of (full cloud's sum of c V) / (quadrature's summed weights)."""
-    full = closure.cloud_options.sampler(case.points, case.velocity, case.period).full_clouds()
+def _volume_ratio(closure, case, full, rule: QuadratureOptions) -> float:
+    """Mean over the points of (full cloud's sum of c V) / (quadrature's summed weights).
+
+    ``full``: the case's full clouds (compressed rows: offsets, indices, cutoff weights).
+    """
     full_mass = np.add.reduceat(full.weights * case.nodal_volume[full.indices], full.offsets[:-1])
     clouds = CloudQuadrature(
         case.points, case.velocity, case.period, case.wall_distance, closure.cloud_options,
@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         full = closure.predict_detailed(case, clouds="full", warn=False)
         full_seconds = time.perf_counter() - start
-        sizes = np.diff(
-            closure.cloud_options.sampler(case.points, case.velocity, case.period)
-            .full_clouds().offsets
-        )
+        full_clouds = closure.cloud_options.sampler(
+            case.points, case.velocity, case.period
+        ).full_clouds()
+        sizes = np.diff(full_clouds.offsets)
         stages = case.meta.get("solver", {}).get("stage_seconds", {})
         solve = sum(v for k, v in stages.items() if "tau" in k or "flow" in k) or None
         for rule in rules:
@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                 "rule": rule.to_dict(3), "full_mean_points": float(sizes.mean()),
                 "full_max_points": int(sizes.max()),
                 "quadrature_entries_per_cloud": quadrature.num_entries / case.num_points,
-                "full_rel_l2_percent": _relative_percent(full.tau, case.tau),
-                "quadrature_rel_l2_percent": _relative_percent(quadrature.tau, case.tau),
-                "quadrature_vs_full_percent": _relative_percent(quadrature.tau, full.tau),
-                "full_over_region_volume": _volume_ratio(closure, case, rule),
+                "full_rel_l2_percent": relative_l2_percent(full.tau, case.tau),
+                "quadrature_rel_l2_percent": relative_l2_percent(quadrature.tau, case.tau),
+                "quadrature_vs_full_percent": relative_l2_percent(quadrature.tau, full.tau),
+                "full_over_region_volume": _volume_ratio(closure, case, full_clouds, rule),
                 "full_seconds": full_seconds, "quadrature_seconds": seconds,
                 "generate_seconds": solve,
             }
@@ -148,14 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         f"case(s) that resolve their clouds: {worst:.3f} points (tolerance {args.tolerance})"
     )
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps(
-        {"rows": rows, "tolerance": args.tolerance, "worst_resolved_difference_points": worst,
-         "data": [str(p) for p in paths], "model": args.model,
-         "rules": [rule.to_dict(3) for rule in rules], "threads": args.threads, "seed": None,
-         "note": "deterministic: full clouds and the quadrature use no random numbers"},
-        indent=2) + "\n")
-    (args.out / "table.md").write_text(text + "\n")
+    write_report(args.out, text, {
+        "rows": rows, "tolerance": args.tolerance, "worst_resolved_difference_points": worst,
+        "data": [str(p) for p in paths], "model": args.model,
+        "rules": [rule.to_dict(3) for rule in rules], "threads": args.threads,
+    })
     return 0 if worst <= args.tolerance else 1
 
 
