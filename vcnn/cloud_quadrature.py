@@ -681,21 +681,9 @@ class CloudQuadrature:
         dim = self._points.shape[1]
         for axis in range(dim):
             normal[:, axis, axis] += ridge
-        if dim == 2:
-            determinant = normal[:, 0, 0] * normal[:, 1, 1] - normal[:, 0, 1] * normal[:, 1, 0]
-            solvable = determinant > 0
-            safe = np.where(solvable, determinant, 1.0)
-            gradient = np.stack(
-                [
-                    (normal[:, 1, 1] * right[:, 0] - normal[:, 0, 1] * right[:, 1]) / safe,
-                    (normal[:, 0, 0] * right[:, 1] - normal[:, 1, 0] * right[:, 0]) / safe,
-                ],
-                axis=1,
-            )
-        else:  # the same solve, batched 3 x 3
-            solvable = np.linalg.det(normal) > 0
-            safe = np.where(solvable[:, None, None], normal, np.eye(dim))
-            gradient = np.linalg.solve(safe, right[..., None])[..., 0]
+        solvable = np.linalg.det(normal) > 0
+        safe = np.where(solvable[:, None, None], normal, np.eye(dim))
+        gradient = np.linalg.solve(safe, right[..., None])[..., 0]
         self._wall_gradient = np.where(solvable[:, None], gradient, 0.0)
         # The nodes' orientation: the local mean velocity, plus a tenth of the mean speed
         # along the wall-distance gradient. Near a wall where the flow stalls (separation,
@@ -778,19 +766,29 @@ class CloudQuadrature:
         offsets = np.arange(queries.size + 1, dtype=np.int64) * width
         return QuadratureClouds(queries, offsets, indices.reshape(-1), weights.reshape(-1))
 
+    def _flow_directions(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The flow direction e (B, d) of queries (B,) and their mean direction (B, d).
+
+        ``e`` is the unit velocity at the query; where u0 = 0 the region is a circle (a ball)
+        and the nodes are oriented by the mean direction alone; where both vanish (a fluid at
+        rest nearby) the first coordinate axis, any orientation. The mean direction is the
+        stored one (zero where there is none).
+        """
+        direction = self._direction[queries]
+        mean = self._mean_direction[queries]
+        still = ~np.any(direction != 0.0, axis=1)
+        direction = np.where(still[:, None], mean, direction)
+        unoriented = ~np.any(direction != 0.0, axis=1)
+        direction[unoriented] = np.eye(direction.shape[1])[0]
+        return direction, mean
+
     def _frames(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The nodes' frame of some queries (B,): direction e (B, 2), its normal (B, 2), phi (B,).
 
         ``e`` is the flow direction (the mean direction where u0 = 0, x where both vanish),
         ``phi`` the angle from ``e`` to the mean direction (0 where there is none).
         """
-        direction = self._direction[queries]
-        mean = self._mean_direction[queries]
-        # where u0 = 0 the region is a circle: orient the nodes by the mean direction alone
-        still = ~np.any(direction != 0.0, axis=1)
-        direction = np.where(still[:, None], mean, direction)
-        unoriented = ~np.any(direction != 0.0, axis=1)
-        direction[unoriented] = (1.0, 0.0)  # a fluid at rest nearby: any orientation
+        direction, mean = self._flow_directions(queries)
         normal = np.stack([-direction[:, 1], direction[:, 0]], axis=1)
         # phi: the angle from the flow direction to the mean direction (0 where there is none)
         phi = np.arctan2(
@@ -867,12 +865,8 @@ class CloudQuadrature:
         wall nearby, or a reference tensor that lies along ``d``, leaves to the axes);
         ``m2 = d x m1``.
         """
-        direction = self._direction[queries].copy()
-        mean = self._mean_direction[queries].copy()
-        still = ~np.any(direction != 0.0, axis=1)
-        direction[still] = mean[still]  # where u0 = 0 the region is a ball
-        unoriented = ~np.any(direction != 0.0, axis=1)
-        direction[unoriented] = (1.0, 0.0, 0.0)  # a fluid at rest nearby: any orientation
+        direction, mean = self._flow_directions(queries)
+        mean = mean.copy()
         no_mean = ~np.any(mean != 0.0, axis=1)
         mean[no_mean] = direction[no_mean]
         reference = self._azimuth_axis[queries]
