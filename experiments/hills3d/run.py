@@ -163,6 +163,14 @@ class Plan:
     train: dict = field(default_factory=dict)
 
 
+def structured(resolution: float, span_cells: int) -> dict:
+    """The ``[generate.mesh]`` table of the structured hexahedra."""
+    return {"kind": "structured", "resolution": resolution, "span_cells": span_cells}
+
+
+#: The transfer to tetrahedra (the coarsest the size check allows) of the full-size plans.
+TETRAHEDRA_TRANSFER = ("tet h=0.75", {"kind": "unstructured", "size": 0.75}, ((1.125, 0.25),))
+
 QUICK = Plan(
     resolution=0.05,
     span_cells=2,
@@ -171,8 +179,7 @@ QUICK = Plan(
     validation=(1.0, 0.1),
     held_out=((1.25, 0.15),),
     transfer=(
-        ("hex r=0.05x3", {"kind": "structured", "resolution": 0.05, "span_cells": 3},
-         ((1.25, 0.15),)),
+        ("hex r=0.05x3", structured(0.05, 3), ((1.25, 0.15),)),
     ),
     train={"epochs": 25, "batch_size": 64, "cloud_size": 32, "queries_per_case": "all",
            "learning_rate": 3e-3, "scheduler": "cosine", "min_learning_rate": 3e-4,
@@ -187,11 +194,9 @@ FULL = Plan(
     validation=(1.375, 0.15),
     held_out=((0.625, 0.05), (1.125, 0.25), (1.625, 0.15)),
     transfer=(
-        ("hex r=0.05x3", {"kind": "structured", "resolution": 0.05, "span_cells": 3},
-         ((1.125, 0.25),)),
-        ("hex r=0.1x2", {"kind": "structured", "resolution": 0.1, "span_cells": 2},
-         ((1.125, 0.0),)),
-        ("tet h=0.75", {"kind": "unstructured", "size": 0.75}, ((1.125, 0.25),)),
+        ("hex r=0.05x3", structured(0.05, 3), ((1.125, 0.25),)),
+        ("hex r=0.1x2", structured(0.1, 2), ((1.125, 0.0),)),
+        TETRAHEDRA_TRANSFER,
     ),
     train={"epochs": 400, "batch_size": 128, "cloud_size": 64, "queries_per_case": "all",
            "learning_rate": 2e-3, "scheduler": "cosine", "min_learning_rate": 2e-5,
@@ -204,11 +209,9 @@ FINE = replace(
     FULL,
     resolution=0.1,
     transfer=(
-        ("hex r=0.1x3", {"kind": "structured", "resolution": 0.1, "span_cells": 3},
-         ((1.125, 0.25),)),
-        ("hex r=0.05x2", {"kind": "structured", "resolution": 0.05, "span_cells": 2},
-         ((1.125, 0.25),)),
-        ("tet h=0.75", {"kind": "unstructured", "size": 0.75}, ((1.125, 0.25),)),
+        ("hex r=0.1x3", structured(0.1, 3), ((1.125, 0.25),)),
+        ("hex r=0.05x2", structured(0.05, 2), ((1.125, 0.25),)),
+        TETRAHEDRA_TRANSFER,
     ),
     train={**FULL.train, "epochs": 1000, "batch_size": 256, "cloud_size": 96,
            "time_limit_minutes": 20.0},
@@ -261,11 +264,6 @@ def generate_points(folder: Path, points, mesh: dict) -> tuple[list[Path], float
         paths += made
         seconds += spent
     return paths, seconds
-
-
-def structured(resolution: float, span_cells: int) -> dict:
-    """The ``[generate.mesh]`` table of the structured hexahedra."""
-    return {"kind": "structured", "resolution": resolution, "span_cells": span_cells}
 
 
 def train_model(plan: Plan, data: Path, out: Path, paths: dict) -> tuple[Path, dict]:
