@@ -433,6 +433,10 @@ class FlowSolver:
         self._ksp: PETSc.KSP | None = None
         self._split_objects: tuple = ()
         self._pcd: _PressureConvectionDiffusion | None = None
+        # The "user" mass-matrix Schur preconditioner -M_p / (nu + nu_t): its form, pressure
+        # split, matrix and assembly matrix, refreshed with the Jacobian (the continuation
+        # changes nu).
+        self._mass_schur: tuple[dolfinx.fem.Form, PETSc.IS, PETSc.Mat, PETSc.Mat] | None = None
         self.body_force = 0.0
         self._has_solution = False
         self.continuation: list[float] = []
@@ -821,6 +825,9 @@ class FlowSolver:
                 self._set_field_splits(self._ksp.getPC())
         elif self._pcd is not None:
             self._pcd.update()
+        elif self._mass_schur is not None:
+            form, pressure_set, matrix, full = self._mass_schur
+            self._pressure_block(form, pressure_set, pin_diagonal=1.0, out=matrix, full=full)
         self._ksp.setOperators(self._jacobian_reduced)
 
     def _assemble_reduced(
@@ -888,10 +895,13 @@ class FlowSolver:
                 self._pcd = _PressureConvectionDiffusion(self, pressure_set, prefix=prefix)
                 schur_preconditioner = self._pcd.operator
             else:
+                form = _inverse_viscosity_mass_form(self)
+                full = dolfinx.fem.petsc.create_matrix(form)
                 schur_preconditioner = self._pressure_block(
-                    _scaled_mass_form(self.W, -1.0 / self._nu), pressure_set, pin_diagonal=1.0
+                    form, pressure_set, pin_diagonal=1.0, full=full
                 )
-                objects.append(schur_preconditioner)
+                self._mass_schur = (form, pressure_set, schur_preconditioner, full)
+                objects.extend((schur_preconditioner, full))
             pc.setFieldSplitSchurPreType(PETSc.PC.FieldSplitSchurPreType.USER, schur_preconditioner)
         self._split_objects = tuple(objects)
 
@@ -938,12 +948,25 @@ class FlowSolver:
         return out
 
 
-def _scaled_mass_form(W: dolfinx.fem.FunctionSpace, scale: float) -> dolfinx.fem.Form:
-    """``scale * integral(p q)`` on the pressure parts of the mixed space ``W``."""
+def _inverse_viscosity_mass_form(solver: FlowSolver) -> dolfinx.fem.Form:
+    """``-integral(p q / (nu + nu_t))``: the Schur complement's Stokes limit, ``-M_p / nu``.
+
+    It reads the solver's viscosity Constant (the continuation's stage, not only the target)
+    and its eddy viscosity, so a reassembly follows both.
+    """
+    _, pressure = ufl.TrialFunctions(solver.W)
+    _, test = ufl.TestFunctions(solver.W)
+    viscosity = ufl.as_ufl(solver._viscosity)
+    if solver._nu_t is not None:
+        viscosity = viscosity + solver._nu_t
+    return dolfinx.fem.form(-pressure * test / viscosity * ufl.dx)
+
+
+def _pressure_mass_form(W: dolfinx.fem.FunctionSpace) -> dolfinx.fem.Form:
+    """``integral(p q)`` on the pressure parts of the mixed space ``W``."""
     _, pressure = ufl.TrialFunctions(W)
     _, test = ufl.TestFunctions(W)
-    coefficient = dolfinx.fem.Constant(W.mesh, PETSc.ScalarType(scale))
-    return dolfinx.fem.form(coefficient * pressure * test * ufl.dx)
+    return dolfinx.fem.form(pressure * test * ufl.dx)
 
 
 class _PressureConvectionDiffusion:
@@ -986,7 +1009,7 @@ class _PressureConvectionDiffusion:
             * ufl.dx
         )
         self.mass = solver._pressure_block(
-            _scaled_mass_form(W, 1.0), pressure_set, pin_diagonal=1.0
+            _pressure_mass_form(W), pressure_set, pin_diagonal=1.0
         )
         self.laplace = solver._pressure_block(self._laplace_form, pressure_set, pin_diagonal=1.0)
         self._convection_full = dolfinx.fem.petsc.create_matrix(self._convection_form)

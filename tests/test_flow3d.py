@@ -107,6 +107,30 @@ def test_fieldsplit_path_matches_the_direct_solver_at_low_reynolds_number(schur)
     assert _relative_velocity_difference(iterative, direct) <= 1e-7
 
 
+def test_the_mass_schur_preconditioner_follows_the_continuation_viscosity():
+    # -M_p / nu approximates the Schur complement at the viscosity being solved for: each
+    # continuation stage (4 nu, 2 nu, nu) gets its own, refreshed with the Jacobian.
+    tagged = _coarse_hill("hexahedron")
+    spec = hill_boundary_spec(tagged.boundaries, tagged.period)
+    nu = 0.1
+    direct = solve_flow(tagged.mesh, tagged.facet_tags, spec, nu=nu, petsc_options={})
+    with FlowSolver(
+        tagged.mesh, tagged.facet_tags, spec, nu=nu, petsc_options=dict(FIELDSPLIT_FLOW_OPTIONS)
+    ) as solver:
+        solution = solver.solve(continuation="always")
+        assert solution.continuation[0] == pytest.approx(CONTINUATION_START * nu)
+        assert _relative_velocity_difference(solution, direct) <= 1e-7
+        schur = solver._mass_schur[2]
+        at_target = schur.copy()
+        solver._viscosity.value = CONTINUATION_START * nu
+        solver._factorize({})
+        # at_target - 4 * at_4nu vanishes but for the pinned pressure dof's unit diagonal
+        at_target.axpy(-CONTINUATION_START, schur)
+        pinned = abs(1.0 - CONTINUATION_START) if solver._pin_pressure else 0.0
+        assert at_target.norm() == pytest.approx(pinned, abs=1e-12 * schur.norm())
+        at_target.destroy()
+
+
 def test_an_unconverged_iterative_solve_is_an_error_naming_the_reason():
     tagged = _coarse_hill("hexahedron")
     spec = hill_boundary_spec(tagged.boundaries, tagged.period)
