@@ -269,6 +269,23 @@ def test_short_training_lowers_the_force_error(tiny_data, tmp_path):
     assert torch.equal(loaded(positions, box=data.box), result.model(positions, box=data.box))
 
 
+def test_training_a_trained_model_further_keeps_its_standardisation(tiny_data):
+    data, _ = tiny_data
+    train_set = data.subset(slice(0, 8))
+    torch.manual_seed(0)
+    model = AtomicEnergyModel.vector_cloud(model_config(train_set)).double()
+    assert not model.standardisation.is_set
+    first = train(model, train_set, TrainSettings(steps=10, batch=2)).model
+    shift = first.standardisation.shift.clone()
+    scale = first.standardisation.scale.clone()
+    assert first.standardisation.is_set
+    # zero steps on other configurations: the model must come back unchanged, its
+    # standardisation not recomputed from the new data
+    again = train(first, data.subset(slice(8, 12)), TrainSettings(steps=0, batch=2)).model
+    assert torch.equal(again.standardisation.shift, shift)
+    assert torch.equal(again.standardisation.scale, scale)
+
+
 def _refit_loss(model, data, settings) -> torch.Tensor:
     """The loss the refit minimises (the refit's p_E, the final p_F), with its graph."""
     prediction = model.energy_and_forces(data.positions.double(), box=data.box, create_graph=True)

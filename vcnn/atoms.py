@@ -293,6 +293,11 @@ class StandardisedInput(nn.Module):
         self.register_buffer("shift", torch.zeros(width))
         self.register_buffer("scale", torch.ones(width))
 
+    @property
+    def is_set(self) -> bool:
+        """Whether the standardisation was set (it is the identity until then)."""
+        return bool(self.shift.any() or (self.scale != 1).any())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., width) float -> the inner net's output."""
         return self.inner((x - self.shift) / self.scale)

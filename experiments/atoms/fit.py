@@ -300,7 +300,9 @@ def train(model: AtomicEnergyModel, data: AtomsData, settings: TrainSettings) ->
     """Fit ``model`` to the energies and forces of ``data``.
 
     Args:
-        model: an untrained model (its config from :func:`model_config`).
+        model: an untrained model (its config from :func:`model_config`), or a trained one
+            to train further: its descriptor standardisation is then kept, since the fitting
+            net's weights were fitted to it (a fresh optimiser state all the same).
         data: the training configurations.
         settings: optimisation settings.
 
@@ -308,8 +310,9 @@ def train(model: AtomicEnergyModel, data: AtomsData, settings: TrainSettings) ->
         A :class:`TrainResult`; the model is converted to float64 at the end.
     """
     dtype = getattr(torch, settings.dtype)
-    # statistics in float64 from (up to) 16 configurations, then the training dtype
-    model.to(torch.float64).standardise_descriptor(data.positions[:16], box=data.box)
+    if not model.standardisation.is_set:
+        # statistics in float64 from (up to) 16 configurations, then the training dtype
+        model.to(torch.float64).standardise_descriptor(data.positions[:16], box=data.box)
     model = model.to(dtype)
     generator = torch.Generator().manual_seed(settings.seed)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
