@@ -72,6 +72,7 @@ from vcnn.config import (
 )
 from vcnn.inputs import check_regular_input
 from vcnn.physics import PRODUCTION_MODES, Physics
+from vcnn.undershoot import tau_undershoot
 
 logger = logging.getLogger(__name__)
 
@@ -556,6 +557,9 @@ def generate_case(
         tau = problem.to_function(result.tau, fem.Function(problem.V, name="tau"))
         tau_integral = problem.integral(tau)
         tau_residuals = closure.last_solution.residual_history
+        undershoot = tau_undershoot(result.tau, comm=comm)
+        if undershoot.significant and comm.rank == 0:
+            logger.warning("%s: %s", log_prefix, undershoot.describe())
 
         reversal = flow_reversal_meta(flow.u, problem, alpha)
         flow_statistics = {}  # an imported flow has no solver statistics; its source is in meta
@@ -578,6 +582,7 @@ def generate_case(
             "body_force": None if imported else flow.body_force,
             "flow_source": flow.to_meta() if imported else None,
             "tau_integral": tau_integral,
+            "tau_undershoot": undershoot.to_meta(),
             **reversal,
             "solver": {
                 **flow_statistics,

@@ -12,6 +12,7 @@ from vcnn.training import TrainConfig, train
 KEYS = {
     "case", "alpha", "rel_l2_percent", "max_abs_error", "integral_rel_error", "num_points",
     "cloud_size", "out_of_range_fraction", "seconds", "engine", "clouds",
+    "rel_l2_percent_nonnegative", "negative_tau_points", "negative_tau_share",
 }
 
 

@@ -9,6 +9,11 @@ fixed-size random subset, and compared with the case's tau:
 * ``max_abs_error`` = max |pred - tau|;
 * ``integral_rel_error`` = |sum_i V_i pred_i - sum_i V_i tau_i| / |sum_i V_i tau_i| (V the
   nodal volumes), the error of the integral of tau;
+* ``rel_l2_percent_nonnegative`` = 100 ||pred - max(tau, 0)||_2 / ||max(tau, 0)||_2, and
+  ``negative_tau_points`` / ``negative_tau_share`` (:mod:`vcnn.undershoot`): where a coarse
+  mesh's tau undershoots below zero (discretisation error of the reference, which the
+  non-negative head does not reproduce), the error against the reference's non-negative part
+  and how much of ``||tau||`` the negative values hold;
 * ``out_of_range_fraction``: the fraction of cloud entries with an input outside the training
   range (the closure extrapolates there);
 * ``engine``: the backend of :mod:`vcnn.engines` that ran the network (``"fused"``,
@@ -38,6 +43,7 @@ from vcnn.config import atomic_write_text
 from vcnn.datasets import CaseSource, as_case_sources, discover_cases
 from vcnn.integral import is_integral_checkpoint
 from vcnn.models import resolve_model
+from vcnn.undershoot import SIGNIFICANT_SHARE, tau_undershoot
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +65,9 @@ class CaseMetrics:
         seconds: wall time of the prediction.
         engine: the backend that ran the network (empty when not known).
         clouds: the clouds the network ran on: ``"full"``, ``"quadrature"`` or ``"sample"``.
+        rel_l2_percent_nonnegative: relative L2 error in percent against ``max(tau, 0)``.
+        negative_tau_points: points where the case's tau is negative (an undershoot).
+        negative_tau_share: ``||min(tau, 0)|| / ||tau||`` of the case.
     """
 
     case: str
@@ -72,6 +81,9 @@ class CaseMetrics:
     seconds: float = math.nan
     engine: str = ""
     clouds: str = "full"
+    rel_l2_percent_nonnegative: float = math.nan
+    negative_tau_points: int = 0
+    negative_tau_share: float = 0.0
 
 
 @dataclass
@@ -116,6 +128,9 @@ def case_metrics(
     prediction = np.asarray(prediction, dtype=np.float64)
     error = prediction - case.tau
     norm = float(np.linalg.norm(case.tau))
+    nonnegative = np.maximum(case.tau, 0.0)
+    nonnegative_norm = float(np.linalg.norm(nonnegative))
+    undershoot = tau_undershoot(case.tau)
     integral = case.tau_integral()
     predicted_integral = float(np.dot(case.nodal_volume, prediction))
     return CaseMetrics(
@@ -132,6 +147,13 @@ def case_metrics(
         seconds=seconds,
         engine=engine,
         clouds=clouds,
+        rel_l2_percent_nonnegative=(
+            100.0 * float(np.linalg.norm(prediction - nonnegative)) / nonnegative_norm
+            if nonnegative_norm > 0
+            else math.nan
+        ),
+        negative_tau_points=undershoot.negative_points,
+        negative_tau_share=undershoot.negative_share,
     )
 
 
@@ -237,6 +259,16 @@ def evaluate(
             100 * metrics.out_of_range_fraction,
             metrics.seconds,
         )
+        if metrics.negative_tau_share > SIGNIFICANT_SHARE:
+            logger.warning(
+                "%s: the reference tau is negative at %d points (%.2f %% of ||tau||), a "
+                "discretisation undershoot the closure does not reproduce; rel L2 against "
+                "max(tau, 0): %.3f %%",
+                metrics.case,
+                metrics.negative_tau_points,
+                100 * metrics.negative_tau_share,
+                metrics.rel_l2_percent_nonnegative,
+            )
         results.append(result)
     # Every case is predicted before anything is written: a case the closure refuses (absurd
     # period, velocity or cloud size, NaN fields) leaves no partial output behind.
