@@ -82,3 +82,27 @@ def test_generate_records_and_reports_a_coarse_mesh_undershoot(tmp_path, caplog)
     assert coarse == tau_undershoot(cases[0.1].tau).to_meta()
     assert "an undershoot of the discretisation" in caplog.text
     assert cases[0.15].meta["tau_undershoot"]["negative_points"] == 0
+
+
+def test_3d_generate_takes_the_flow_length_and_warns_about_the_diameter(tmp_path, capsys):
+    if MPI.COMM_WORLD.size > 1:
+        pytest.skip("serial")
+    from vcnn import cli
+    from vcnn.casefile import read_case
+
+    common = ["generate", "--dim", "3", "--alphas", "0.5", "--resolution", "0.05",
+              "--span-cells", "2", "--no-plots", "--no-xdmf"]
+    lengths = {}
+    for length in ("diameter", "flow"):
+        out = tmp_path / length
+        # the CLI sets up its own logging to stderr
+        assert cli.main([*common, "--out", str(out), "--supg-length", length]) == 0
+        warned = "supg_length = 'diameter'" in capsys.readouterr().err
+        assert warned == (length == "diameter")
+        case = read_case(out / "hill3d_a0.500_crest0.000.npz")
+        assert case.meta["physics"]["supg_length"] == length
+        lengths[length] = case.meta["tau_undershoot"]
+    # on this coarse steep hill the diameter (2.25 across the span) over-stabilises tau below
+    # zero; the flow length keeps it non-negative
+    assert lengths["diameter"]["negative_points"] > 0
+    assert lengths["flow"]["negative_points"] == 0

@@ -26,6 +26,7 @@ from vcnn.errors import (
     reset_interrupts,
     run_verb,
 )
+from vcnn.physics import SUPG_LENGTHS
 
 logger = logging.getLogger("vcnn")
 
@@ -482,7 +483,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args,
         "generate",
         GenerateConfig,
-        lambda: _solver_flags(args),
+        lambda: {**_solver_flags(args), "physics": {"supg_length": args.supg_length}},
     )
     summary = run_generate(config)
     counts = {
@@ -823,12 +824,21 @@ a first run (five minutes on a laptop):
         summary="solve cases and write case files",
         table=False,
         config_class=_generate_config,
-        config_keys={**MESH_KEYS, "span_cells": "mesh.span_cells"},
+        config_keys={
+            **MESH_KEYS, "span_cells": "mesh.span_cells", "supg_length": "physics.supg_length"
+        },
     )
     _add_mesh_options(generate)
     _add_dimension_options(generate)
     generate.add_argument("--production", choices=["frozen", "coupled"], help="tau production")
     generate.add_argument("--c-k", type=_number, help="eddy-viscosity coefficient (0: one-way)")
+    generate.add_argument(
+        "--supg-length",
+        choices=SUPG_LENGTHS,
+        help="element length of tau's SUPG parameter ([generate.physics] supg_length): "
+        "'diameter' (default; the published data) or 'flow' (the cell's extent along u; use "
+        "it in 3-D, where the diameter counts the span)",
+    )
     _unset_means(
         generate.add_argument(
             "--flow-from",

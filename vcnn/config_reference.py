@@ -414,7 +414,12 @@ def reference_tables() -> list[TableDoc]:
     physics_meanings = docstring_section(Physics)
     tables: list[TableDoc] = []
 
-    def physics_rows(keys: Iterable[str], *, default: Callable[[str], str]) -> list[KeyDoc]:
+    def physics_rows(
+        keys: Iterable[str],
+        *,
+        default: Callable[[str], str],
+        flags: Mapping[str, str] | None = None,
+    ) -> list[KeyDoc]:
         types = {item.name: item.type for item in dataclasses.fields(Physics)}
         cloud = docstring_section(CloudOptions)
         return [
@@ -423,7 +428,7 @@ def reference_tables() -> list[TableDoc]:
                 type=_code(_type_text(types.get(key, "float"))),
                 default=default(key),
                 allowed=constants.get(key, ""),
-                flag="",
+                flag=_code((flags or {}).get(key, "")),
                 meaning=physics_meanings.get(key) or cloud.get(key, ""),
             )
             for key in sorted(keys, key=lambda k: list(types).index(k) if k in types else 99)
@@ -461,7 +466,8 @@ def reference_tables() -> list[TableDoc]:
         "The physical constants ([physics](physics.md)); `production` and `c_k` are keys of "
         "`[generate]` itself.",
         tuple(physics_rows(GENERATE_PHYSICS_KEYS,
-                           default=lambda key: _code(toml_value(getattr(defaults, key))))),
+                           default=lambda key: _code(toml_value(getattr(defaults, key))),
+                           flags=_sub(flags, "physics"))),
     ))
     tables.append(boundaries_table("generate"))
     # simulate

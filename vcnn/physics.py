@@ -139,10 +139,12 @@ class Physics:
         c_k: eddy-viscosity coefficient of two-way coupling, nu_t = C_k l_m sqrt(max(tau, 0));
             0 is one-way (the flow does not see tau).
         supg_length: element length h of the tau equation's SUPG parameter: ``"diameter"``
-            (the cell diameter; the published data and the shipped models) or ``"flow"`` (the
-            cell's extent along u, ``|u| / |J^-1 u|``, the diameter where u = 0). ``"flow"``
-            does not depend on the cell size across the flow, so an extruded 3-D case
-            reproduces its 2-D section whatever the spanwise cells.
+            (the cell diameter; the published data and the shipped 2-D models) or ``"flow"``
+            (the cell's extent along u, ``|u| / |J^-1 u|``, the diameter where u = 0; the
+            shipped 3-D model). ``"flow"`` does not depend on the cell size across the flow,
+            so an extruded 3-D case reproduces its 2-D section whatever the spanwise cells;
+            use it in 3-D, where the diameter counts the span and lets tau dip below zero
+            on steep hills.
 
     The allowed values of each constant are in :data:`CONSTANT_RANGES` (all positive and
     finite; C_k may be 0).
