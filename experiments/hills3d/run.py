@@ -11,13 +11,15 @@ span layers, 4x the points; the shipped model) and ``quick`` (= ``--quick``, mec
 Steps (cases already generated are reused; everything runs through the library functions of
 the verbs, ``vcnn generate`` / ``train`` / ``evaluate`` / ``simulate``):
 
-1. ``vcnn generate --dim 3 --c-k 0.14`` (two-way coupled, frozen production, as the 2-D
-   ``coupled`` model's data) on a grid of slope factor alpha in [0.5, 2] x crest amplitude a
+1. ``vcnn generate --dim 3 --c-k 0.14 --supg-length flow`` (two-way coupled, frozen
+   production, as the 2-D ``coupled`` model's data; the SUPG length along the flow, see
+   :data:`SUPG_LENGTH`) on a grid of slope factor alpha in [0.5, 2] x crest amplitude a
    in [0, 0.3] of h(z) = 1 + a cos(2 pi z / L_z), structured hexahedra; one off-grid
    validation case (best epoch); held-out interior points off the grid; transfer cases of
    held-out points on another resolution and on tetrahedra (``--mesh unstructured``). The
-   case folders carry C_k in their names (``s0.05x2_ck0.14``): the one-way cases of the first
-   version of this study (``s0.05x2``) are never picked up (generate would refuse them too);
+   case folders carry the physics in their names (``s0.05x2_ck0.14_flow``): the cases of
+   earlier versions of this study (one-way ``s0.05x2``, the cell-diameter SUPG length
+   ``s0.05x2_ck0.14``) are never picked up (generate would refuse them too);
 2. ``vcnn train`` of the closure's network (the ``default`` preset scaled down, random
    clouds of ``cloud_size`` points as in the 2-D recipes, ``ema_decay = 0`` for a short run)
    with the cloud threshold ``eps = 0.005`` instead of 0.2: on these coarse meshes the
@@ -83,19 +85,17 @@ the quick tier), then 506 s (the other grid cases 71 s, validation and held-out 
 transfer cases 181 s, training 133 s, evaluate 4 s, coupled runs 49 s); with the cases
 present 164 s (training 113 s: 400 epochs, best 310, validation 1.8 %; coupled runs 46 s).
 
-Results (two-way coupled data, against the coupled PDE solution; docs/results.md).
-``full`` plan (r = 0.05 x 2): a priori 1.48 % (alpha = 1.625, a = 0.15), 2.82 % (1.125, 0.25)
-and 14.5 % (0.625, 0.05); a posteriori 0.99-1.01x the a priori error; velocity <= 0.14 %;
-integral of tau <= 0.69 %; transfer a priori 4.04 % (3 span layers), 13.3 % (r = 0.1),
-17.2 % (tetrahedra). ``fine`` plan (r = 0.1 x 2, 1000 epochs of 96-point clouds, 17 min of
-training, about 30 min to generate its cases from nothing at a load average of 2-3): a priori
-0.59 %, 1.75 % and 6.21 %; a posteriori 0.99-1.01x; velocity <= 0.095 %; integral of tau
-<= 0.11 %; transfer 3.88 % (3 span layers), 14.7 % (r = 0.05), 11.5 % (tetrahedra). The
-a priori goal (3 %) is met on two of the three held-out points, not at alpha = 0.625, in both
-plans. What limits it is the fit on the steepest hills: the fine model's error on its own
-training cases is 0.35-0.85 % for alpha in [1, 2], 1.2-2.0 % at alpha = 0.75 and 9.5-12.2 % at
-alpha = 0.5 (growing with the crest amplitude), and the held-out point at alpha = 0.625 lies
-between the two.
+Results (two-way coupled data, against the coupled PDE solution; docs/results.md), every goal
+met in both plans. ``full`` plan (r = 0.05 x 2, 586 s from nothing at a load average of about
+2): a priori 2.85 % (alpha = 0.625, a = 0.05), 1.80 % (1.125, 0.25) and 0.73 % (1.625, 0.15);
+a posteriori 0.97-0.99x the a priori error; velocity <= 0.07 %; integral of tau <= 0.14 %;
+transfer a priori 1.45 % (3 span layers), 13.6 % (r = 0.1), 24.1 % (tetrahedra). ``fine``
+plan (r = 0.1 x 2, 1000 epochs of 96-point clouds; 46 min from nothing: generation 23 min,
+training 19 min): a priori 2.05 %, 0.77 % and 0.46 %; a posteriori 0.98-0.99x; velocity
+<= 0.05 %; integral of tau <= 0.21 %; transfer 0.98 % (3 span layers), 12.7 % (r = 0.05),
+20.0 % (tetrahedra). With the cell-diameter SUPG length (the runs before :data:`SUPG_LENGTH`)
+the a priori error at alpha = 0.625 was 14.5 % (full) and 6.2 % (fine): the steep hills' tau
+dipped below zero at a few points, which the non-negative closure does not reproduce.
 """
 
 from __future__ import annotations
@@ -129,6 +129,14 @@ logger = logging.getLogger("hills3d")
 SEED = 0
 #: C_k of the two-way runs: the coupled 2-D study's (peak nu_t about twice nu).
 C_K = 0.14
+#: The tau equation's SUPG element length (``[generate.physics] supg_length``): the cell's
+#: extent along the flow. The default, the cell diameter, counts the spanwise cell size (2.25
+#: with 2 layers, against 0.1-0.5 in-plane) and over-stabilises: the extruded hill's tau is
+#: then 3-8 % off its 2-D section, and on the steepest hills of the r = 0.1 family tau dipped
+#: to -0.38 to -0.54 at 6-7 points near the foot of the next hill (9.5-12.2 % of ||tau||: the
+#: whole of the model's error on those training cases, vcnn.undershoot). With the flow length
+#: the extruded tau is the 2-D tau to 2e-5 and those cases stay non-negative.
+SUPG_LENGTH = "flow"
 #: Goals of the full run (docs/results.md): percent, or a factor for the ratio.
 GOALS = {"a_priori": 3.0, "ratio": 1.5, "velocity": 1.0, "integral": 2.0}
 #: Mechanics bounds of --quick (a tiny family and model; see the module docstring).
@@ -231,9 +239,10 @@ def case_name(alpha: float, crest: float) -> str:
 def generate(folder: Path, alphas, crests, mesh: dict) -> tuple[list[Path], float]:
     """``vcnn generate --dim 3 --c-k C_K`` of alphas x crests on one mesh, two-way coupled.
 
-    Complete cases are skipped; one of other settings (a one-way case, c_k = 0) is refused by
-    generate, and the folders carry C_K in their names (:func:`data_folder`) so that a coupled
-    run never meets the one-way cases of an earlier run.
+    The SUPG length is :data:`SUPG_LENGTH`. Complete cases are skipped; one of other settings
+    (a one-way case, c_k = 0, another SUPG length) is refused by generate, and the folders
+    carry the physics in their names (:func:`data_folder`) so that a run never meets the cases
+    of an earlier run with other physics.
 
     Returns:
         The case files and the seconds spent.
@@ -243,7 +252,8 @@ def generate(folder: Path, alphas, crests, mesh: dict) -> tuple[list[Path], floa
     start = time.perf_counter()
     summary = run_generate(GenerateConfig.from_dict({
         "alphas": list(alphas), "dim": 3, "crest_amplitudes": list(crests), "out": str(folder),
-        "mesh": mesh, "c_k": C_K, "plots": False, "xdmf": False,
+        "mesh": mesh, "c_k": C_K, "physics": {"supg_length": SUPG_LENGTH}, "plots": False,
+        "xdmf": False,
     }))
     if not summary.all_succeeded:
         raise SystemExit(f"generation failed in {folder}:\n{summary.table()}")
@@ -252,8 +262,12 @@ def generate(folder: Path, alphas, crests, mesh: dict) -> tuple[list[Path], floa
 
 
 def data_folder(data: Path, label: str) -> Path:
-    """The case folder of one mesh: ``label`` with C_K, e.g. ``s0.05x2_ck0.14``."""
-    return data / f"{label.replace(' ', '_').replace('=', '')}_ck{C_K:g}"
+    """The case folder of one mesh: ``label`` with the physics, e.g. ``s0.05x2_ck0.14_flow``.
+
+    The physics in the name keeps the cases of earlier settings (another C_K or SUPG length)
+    apart, which generate would otherwise refuse to overwrite.
+    """
+    return data / f"{label.replace(' ', '_').replace('=', '')}_ck{C_K:g}_{SUPG_LENGTH}"
 
 
 def generate_points(folder: Path, points, mesh: dict) -> tuple[list[Path], float]:
@@ -569,8 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         + sorted(str(p.relative_to(out)) for p in out.glob("**/*.png") if p != figure),
         "machine": machine_summary(),
     }
-    config = {"seed": SEED, "c_k": C_K, "plan": asdict(plan), "data": str(data),
-              "goals": GOALS if not args.quick else QUICK_BOUNDS}
+    config = {"seed": SEED, "c_k": C_K, "supg_length": SUPG_LENGTH, "plan": asdict(plan),
+              "data": str(data), "goals": GOALS if not args.quick else QUICK_BOUNDS}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
