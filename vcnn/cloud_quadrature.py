@@ -185,8 +185,9 @@ class QuadratureOptions:
     angular: int = 12
     neighbours: int = 2
     # 3-D only: measured on the 3-D hills (experiments/quadrature_error3d.py) on the two
-    # cases whose meshes resolve the clouds, 6 x 6 x 12 x 2 left the shipped model's tau 7.6-8.2 %
-    # from its full-cloud tau, where 8 x 4 x 8 x 2 left 9.9-11.8 % and 4 x 4 x 8 x 2 up to 16.6 %
+    # cases whose meshes resolve the clouds, 6 x 6 x 12 x 2 left the r = 0.05 family's model's tau
+    # 7.6-8.2 % from its full-cloud tau, where 8 x 4 x 8 x 2 left 9.9-11.8 % and 4 x 4 x 8 x 2 up
+    # to 16.6 % (the shipped model: 13-17 % and 13-27 %, docs/results.md)
     shells: int = 6
     polar: int = 6
     azimuthal: int = 12
