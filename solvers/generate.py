@@ -334,12 +334,6 @@ def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> 
     output = Path(config.out)
     check_owner = check_run_folder(output, verb="generate", overwrite=config.overwrite, comm=comm)
     jobs = case_jobs(config)
-    if config.dim == 3 and config.physics.supg_length == "diameter" and comm.rank == 0:
-        logger.warning(
-            "3-D with supg_length = 'diameter': the SUPG length then counts the cells' size "
-            "across the flow (the span), which over-stabilises tau and lets it dip below zero "
-            "on steep hills; set [generate.physics] supg_length = 'flow' (docs/physics.md)"
-        )
     memory = machine_memory(comm) if config.mesh.kind != "file" else 0
     processes = comm.size
 
@@ -372,6 +366,13 @@ def run_generate(config: GenerateConfig, *, comm: MPI.Comm = MPI.COMM_WORLD) -> 
     state = on_root(comm, inspect_existing, share_result=True) or {}
     prepared = _prepare_file_meshes(config, jobs, state, comm=comm)
     _check_inputs(config, jobs, state, prepared, comm=comm)
+    # after the checks: a refused run reports its one error line and nothing else
+    if config.dim == 3 and config.physics.supg_length == "diameter" and comm.rank == 0:
+        logger.warning(
+            "3-D with supg_length = 'diameter': the SUPG length then counts the cells' size "
+            "across the flow (the span), which over-stabilises tau and lets it dip below zero "
+            "on steep hills; set [generate.physics] supg_length = 'flow' (docs/physics.md)"
+        )
     stamp = comm.bcast(run_stamp() if comm.rank == 0 else None, root=0)
     # The first write: the folder is locked for the run (and checked again under the lock).
     with locked_run(
