@@ -905,6 +905,15 @@ class FlowSolver:
             pc.setFieldSplitSchurPreType(PETSc.PC.FieldSplitSchurPreType.USER, schur_preconditioner)
         self._split_objects = tuple(objects)
 
+    def _total_viscosity(self) -> ufl.core.expr.Expr:
+        """``nu + nu_t`` (UFL), read by the pressure preconditioners' forms.
+
+        ``nu`` is the viscosity Constant (the continuation's current stage), so a reassembly
+        follows it.
+        """
+        viscosity = ufl.as_ufl(self._viscosity)
+        return viscosity if self._nu_t is None else viscosity + self._nu_t
+
     def _pressure_block(
         self,
         form: dolfinx.fem.Form,
@@ -956,10 +965,7 @@ def _inverse_viscosity_mass_form(solver: FlowSolver) -> dolfinx.fem.Form:
     """
     _, pressure = ufl.TrialFunctions(solver.W)
     _, test = ufl.TestFunctions(solver.W)
-    viscosity = ufl.as_ufl(solver._viscosity)
-    if solver._nu_t is not None:
-        viscosity = viscosity + solver._nu_t
-    return dolfinx.fem.form(-pressure * test / viscosity * ufl.dx)
+    return dolfinx.fem.form(-pressure * test / solver._total_viscosity() * ufl.dx)
 
 
 def _pressure_mass_form(W: dolfinx.fem.FunctionSpace) -> dolfinx.fem.Form:
@@ -996,9 +1002,7 @@ class _PressureConvectionDiffusion:
         _, pressure_trial = ufl.TrialFunctions(W)
         _, pressure_test = ufl.TestFunctions(W)
         current_velocity, _ = ufl.split(solver._w)
-        viscosity = ufl.as_ufl(solver._viscosity)
-        if solver._nu_t is not None:
-            viscosity = viscosity + solver._nu_t
+        viscosity = solver._total_viscosity()
         gradients = ufl.inner(ufl.grad(pressure_trial), ufl.grad(pressure_test))
         self._laplace_form = dolfinx.fem.form(gradients * ufl.dx)
         self._convection_form = dolfinx.fem.form(

@@ -88,8 +88,6 @@ def tau_undershoot(tau: np.ndarray, *, comm: Any = None) -> TauUndershoot:
     negative = values[values < threshold]
     sums = np.array([negative.size, float(negative @ negative), float(values @ values)])
     if comm is not None:
-        from mpi4py import MPI
-
         sums = comm.allreduce(sums, op=MPI.SUM)
     count, negative_square, square = sums
     return TauUndershoot(
