@@ -106,3 +106,32 @@ def test_3d_generate_takes_the_flow_length_and_warns_about_the_diameter(tmp_path
     # zero; the flow length keeps it non-negative
     assert lengths["diameter"]["negative_points"] > 0
     assert lengths["flow"]["negative_points"] == 0
+
+
+@pytest.mark.mpi
+def test_two_ranks_record_the_serial_undershoot(tmp_path):
+    if MPI.COMM_WORLD.size > 1:
+        pytest.skip("launches its own MPI runs")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vcnn.casefile import read_case
+
+    command = ["-m", "vcnn.cli", "-q", "generate", "--alphas", "0.5", "--resolution", "0.1",
+               "--no-plots", "--no-xdmf", "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    mpiexec = str(Path(sys.executable).with_name("mpiexec"))
+    records = []
+    for launcher, out in (([], tmp_path / "serial"), ([mpiexec, "-n", "2"], tmp_path / "mpi")):
+        result = subprocess.run([*launcher, sys.executable, *command, str(out)], env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        records.append(read_case(out / "hill_a0.500.npz").meta["tau_undershoot"])
+    serial, parallel = records
+    # the owned values of two ranks reduce to the whole field's measure
+    assert serial["negative_points"] > 0
+    assert parallel["negative_points"] == serial["negative_points"]
+    assert parallel["min"] == pytest.approx(serial["min"], rel=1e-7)
+    assert parallel["negative_share"] == pytest.approx(serial["negative_share"], rel=1e-7)
