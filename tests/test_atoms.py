@@ -51,8 +51,13 @@ def small_model(kind: str = "symmetric", *, normaliser: str = "cloud") -> Atomic
     build = AtomicEnergyModel.vector_cloud if kind == "symmetric" else AtomicEnergyModel.baseline
     config = SMALL_CONFIG
     if normaliser == "fixed":  # twice the largest neighbour weight sum of these lattices
-        config = replace(config, pooling_normaliser="fixed", self_weight=30.0)
-    return build(config).double()
+        # with the linear term, at nonzero weights so that the tests see it
+        config = replace(config, pooling_normaliser="fixed", self_weight=30.0, linear_term=True)
+    model = build(config).double()
+    if config.linear_term:
+        with torch.no_grad():
+            model.standardisation.linear.weight.normal_(std=0.1)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -296,29 +301,35 @@ def _refit_loss(model, data, settings) -> torch.Tensor:
     return settings.refit_energy_weight * energy + settings.final_force_weight * forces
 
 
-def test_output_layer_refit_is_the_least_squares_minimiser(tiny_data):
+@pytest.mark.parametrize("linear_term", [False, True])
+def test_output_layer_refit_is_the_least_squares_minimiser(tiny_data, linear_term):
     data, _ = tiny_data
     train_set = data.subset(slice(0, 6))
     torch.manual_seed(0)
-    model = AtomicEnergyModel.vector_cloud(model_config(train_set)).double()
+    config = model_config(train_set, linear_term=linear_term)
+    model = AtomicEnergyModel.vector_cloud(config).double()
     settings = TrainSettings(steps=20, batch=2, learning_rate=1e-2, final_learning_rate=1e-2)
     model = train(model, train_set, settings).model
     # the rows are affine: rows @ theta + rest reproduces the model's energies and forces
     rows = output_layer_rows(model, train_set, force_configurations=len(train_set))
     last = model.standardisation.inner.layers[-1]
-    theta = torch.cat([last.weight.detach()[0], last.bias.detach()])
+    parameters = [last.weight, last.bias]
+    if linear_term:
+        parameters.append(model.standardisation.linear.weight)
+    theta = torch.cat([parameter.detach().flatten() for parameter in parameters])
+    assert rows.energy_rows.shape[1] == theta.numel()
     prediction = model.energy_and_forces(train_set.positions.double(), box=data.box)
     assert torch.allclose(rows.energy_rows @ theta + rows.energy_rest, prediction.energy)
     assert torch.allclose(rows.force_rows @ theta + rows.force_rest, prediction.forces)
     loss = _refit_loss(model, train_set, settings)
     before = float(loss.detach())
-    gradient_before = torch.autograd.grad(loss, [last.weight, last.bias])
+    gradient_before = torch.autograd.grad(loss, parameters)
     refit = replace(settings, refit_force_configurations=len(train_set))
     model = refit_output_layer(model, train_set, refit)
     loss = _refit_loss(model, train_set, settings)
     assert float(loss.detach()) < before
-    # at the minimiser the loss is stationary in the last layer's parameters
-    gradient = torch.autograd.grad(loss, [last.weight, last.bias])
+    # at the minimiser the loss is stationary in the output parameters
+    gradient = torch.autograd.grad(loss, parameters)
 
     def largest(values) -> float:
         return float(torch.cat([value.abs().flatten() for value in values]).max())
@@ -379,6 +390,31 @@ def test_data_factors_interpolate_the_baseline_curve():
     assert rows[0]["factor"] == pytest.approx(expected) and not rows[0]["lower_bound"]
     assert rows[2]["factor"] == pytest.approx(3.0)  # 3 % at n = 10: the baseline at n = 30
     assert rows[4] == {"size": 100, "factor": 1.0, "lower_bound": True}  # never reached
+
+
+def test_linear_term_starts_at_zero_and_round_trips_through_a_checkpoint(tmp_path):
+    positions, box = perturbed_lattice(2, sigma=0.08, seed=5)
+    torch.manual_seed(0)
+    plain = AtomicEnergyModel.vector_cloud(SMALL_CONFIG).double()
+    torch.manual_seed(0)
+    with_term = AtomicEnergyModel.vector_cloud(replace(SMALL_CONFIG, linear_term=True)).double()
+    # zero at initialisation: the same energies as the model without it
+    torch.testing.assert_close(with_term(positions[None], box=box),
+                               plain(positions[None], box=box), rtol=0, atol=0)
+    model = small_model(normaliser="fixed")
+    path = save_atomic_model(tmp_path / "linear.pt", model)
+    loaded = load_atomic_model(path)
+    assert loaded.config.linear_term
+    assert torch.equal(loaded(positions[None], box=box), model(positions[None], box=box))
+    # a checkpoint written before the option existed loads without the term
+    payload = torch.load(save_atomic_model(tmp_path / "plain.pt", plain), weights_only=True)
+    del payload["config"]["linear_term"]
+    torch.save(payload, tmp_path / "legacy.pt")
+    legacy = load_atomic_model(tmp_path / "legacy.pt")
+    assert legacy.standardisation.linear is None
+    assert torch.equal(legacy(positions[None], box=box), plain(positions[None], box=box))
+    with pytest.raises(ValueError, match="linear term"):
+        AtomicEnergyModel(model.network, replace(model.config, linear_term=False))
 
 
 def test_an_atoms_checkpoint_is_told_apart(tmp_path):

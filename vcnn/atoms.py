@@ -27,7 +27,11 @@ The self point sits at the atom in every frame, so no symmetry is lost. Being a 
 points, the descriptor hardly varies from atom to atom; a fixed standardisation in front of the
 fitting net (:class:`StandardisedInput`, set from training data by
 :meth:`AtomicEnergyModel.standardise_descriptor`) makes those variations O(1), without which
-training stalls (``experiments/atoms/fit.py`` gives the measurements).
+training stalls (``experiments/atoms/fit.py`` gives the measurements). With
+``linear_term=True`` the per-atom energy also gets a term linear in that standardised
+descriptor, besides the fitting net: with the fixed normaliser a pair energy is linear in the
+descriptor, so this path holds the pair part exactly where a tanh or SiLU fitting net only
+approximates it, and a least-squares refit finds its weights exactly.
 
 Symmetries (checked in float64 by :func:`vcnn.symmetry.check_point_set_symmetry`): the energy
 is invariant and the forces equivariant under translations and permutations of the atoms and,
@@ -208,6 +212,10 @@ class AtomicModelConfig:
             channel) instead of the fitting net having to undo a per-atom density factor. Set
             ``self_weight`` well above the largest neighbour weight sum
             (``experiments/atoms/fit.py`` takes twice the mean).
+        linear_term: add a term linear in the standardised descriptor to the fitting net's
+            output (:class:`StandardisedInput`; zero at initialisation). With the fixed
+            normaliser a pair energy is linear in the descriptor, so this path represents
+            the pair part exactly. Checkpoints without the key load with False.
     """
 
     cutoff: float = 2.5
@@ -219,6 +227,7 @@ class AtomicModelConfig:
     radial_start: float = 0.75
     radial_variable: str = "inverse"
     pooling_normaliser: str = "cloud"
+    linear_term: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.inner < self.cutoff:
@@ -271,7 +280,7 @@ class EnergyForces:
 
 
 class StandardisedInput(nn.Module):
-    """``inner((x - shift) / scale)``: a fixed standardisation in front of the fitting net.
+    """A fixed standardisation z = (x - shift) / scale, then ``inner(z)`` [+ ``linear(z)``].
 
     The fitting net's input (the descriptor, a weighted mean over some 50 neighbours) is
     nearly the same for every atom: one neighbour moves it by about 1/50 of its size, and on
@@ -283,15 +292,22 @@ class StandardisedInput(nn.Module):
     :meth:`AtomicEnergyModel.standardise_descriptor`; identity until then.
 
     Args:
-        inner: the fitting MLP; its first layer's ``in_features`` is the width.
+        inner: the fitting MLP; its first layer's ``in_features`` is the width, its last
+            layer's ``out_features`` the output width.
+        linear_term: add ``linear(z)``, a bias-free linear map initialised at zero (so it
+            changes nothing until trained; the inner net's last bias is the constant).
     """
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(self, inner: nn.Module, *, linear_term: bool = False) -> None:
         super().__init__()
         self.inner = inner
         width = int(inner.layers[0].in_features)
         self.register_buffer("shift", torch.zeros(width))
         self.register_buffer("scale", torch.ones(width))
+        self.linear: nn.Linear | None = None
+        if linear_term:
+            self.linear = nn.Linear(width, int(inner.layers[-1].out_features), bias=False)
+            nn.init.zeros_(self.linear.weight)
 
     @property
     def is_set(self) -> bool:
@@ -299,8 +315,12 @@ class StandardisedInput(nn.Module):
         return bool(self.shift.any() or (self.scale != 1).any())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., width) float -> the inner net's output."""
-        return self.inner((x - self.shift) / self.scale)
+        """(..., width) float -> (..., outputs): the inner net's output [+ the linear term]."""
+        standardised = (x - self.shift) / self.scale
+        output = self.inner(standardised)
+        if self.linear is not None:
+            output = output + self.linear(standardised)
+        return output
 
 
 def _fitting_attribute(network: nn.Module) -> str:
@@ -326,8 +346,13 @@ class AtomicEnergyModel(nn.Module):
             raise ValueError("the per-atom energy network needs a scalar output")
         # the descriptor is standardised before the fitting net (see StandardisedInput)
         name = _fitting_attribute(network)
-        if not isinstance(getattr(network, name), StandardisedInput):
-            setattr(network, name, StandardisedInput(getattr(network, name)))
+        fitting = getattr(network, name)
+        if not isinstance(fitting, StandardisedInput):
+            setattr(network, name, StandardisedInput(fitting, linear_term=config.linear_term))
+        elif (fitting.linear is not None) != config.linear_term:
+            raise ValueError(f"the network's fitting net {'has' if fitting.linear is not None
+                             else 'lacks'} the linear term, the config says "
+                             f"linear_term={config.linear_term}")
         self.network = network
         self.config = config
 

@@ -50,8 +50,13 @@ def model_config(
     cutoff: float = 2.5,
     inner: float = 2.0,
     pooling_normaliser: str = "fixed",
+    linear_term: bool = True,
 ) -> AtomicModelConfig:
     """Model settings from training data: the mean energy per atom and neighbour weight.
+
+    ``linear_term`` (:class:`vcnn.atoms.AtomicModelConfig`): a term linear in the
+    standardised descriptor beside the fitting net, which the refit
+    (:func:`refit_output_layer`) solves for with the last layer.
 
     ``pooling_normaliser`` (:class:`vcnn.atoms.AtomicModelConfig`): ``"fixed"`` (the default)
     pools neighbour sums over a constant, twice the mean neighbour weight sum of the data, so
@@ -67,6 +72,7 @@ def model_config(
         inner=inner,
         self_weight=2.0 * neighbour_weight if pooling_normaliser == "fixed" else neighbour_weight,
         pooling_normaliser=pooling_normaliser,
+        linear_term=linear_term,
         energy_offset=float((data.energy / atoms).mean()),
         # a unit scale: with the descriptor standardised, the fitting net's output varies by
         # O(1) from atom to atom, the size of the per-atom energies' spread; scaling it by
@@ -174,16 +180,19 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class OutputLayerRows:
-    """The final loss as a linear least-squares problem in the last layer's parameters.
+    """The final loss as a linear least-squares problem in the output parameters.
 
-    The energy is affine in the last layer's weights w and bias b (``E_i = offset + scale
-    (w . h_i + b)`` with h_i the last hidden layer of atom i), and so are the forces, so the
-    loss of :func:`train` at its final weights is a quadratic in theta = (w, b).
+    The energy is affine in the last layer's weights w and bias b and in the weights v of the
+    linear term, if the model has one (``E_i = offset + scale (w . h_i + b + v . z_i)`` with
+    h_i the last hidden layer and z_i the standardised descriptor of atom i), and so are the
+    forces, so the loss of :func:`train` at its final weights is a quadratic in
+    theta = (w, b[, v]).
 
     Attributes:
-        energy_rows: (C, K + 1) float64, dE/dtheta of each configuration.
+        energy_rows: (C, P) float64, dE/dtheta of each configuration (P = K + 1, plus the
+            descriptor width with the linear term).
         energy_rest: (C,) float64, the energy that does not depend on theta.
-        force_rows: (C_f, N, d, K + 1) float64, dF/dtheta of the force configurations.
+        force_rows: (C_f, N, d, P) float64, dF/dtheta of the force configurations.
         force_rest: (C_f, N, d) float64.
     """
 
@@ -199,45 +208,52 @@ def output_layer_rows(
     """The rows of :class:`OutputLayerRows` for ``data`` (model in float64).
 
     Force rows come from the first ``force_configurations`` configurations (one batched
-    backward pass per hidden unit); energy rows from every configuration (forward only).
+    backward pass per parameter of theta); energy rows from every configuration (forward only).
     """
-    last = model.standardisation.inner.layers[-1]
+    standardisation = model.standardisation
+    last = standardisation.inner.layers[-1]
     if last.out_features != 1:
         raise ValueError("the fitting net must end in one output")
     scale = model.config.energy_scale
-    theta = torch.cat([last.weight.detach()[0], last.bias.detach()]).double()
+    linear = standardisation.linear
+    parts = [last.weight.detach()[0], last.bias.detach()]
+    if linear is not None:
+        parts.append(linear.weight.detach()[0])
+    theta = torch.cat(parts).double()
     energy_rows, energy_rest, force_rows, force_rest = [], [], [], []
     for start in range(0, len(data), chunk):
         part = data.subset(slice(start, start + chunk))
         with_forces = start < force_configurations
         positions = part.positions.double().detach().requires_grad_(with_forces)
-        captured: list[torch.Tensor] = []
-        hook = last.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [last.register_forward_hook(
+            lambda module, inputs, output: captured.__setitem__("hidden", inputs[0]))]
+        if linear is not None:
+            hooks.append(linear.register_forward_hook(
+                lambda module, inputs, output: captured.__setitem__("descriptor", inputs[0])))
         try:
             with torch.set_grad_enabled(with_forces):
                 energy = model(positions, box=data.box)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         batch, atoms, _ = positions.shape
-        hidden_sum = captured[0].reshape(batch, atoms, -1).sum(dim=1)  # (B, K)
-        rows = torch.cat(
-            [scale * hidden_sum, hidden_sum.new_full((batch, 1), scale * atoms)], dim=1
-        )
+        hidden_sum = captured["hidden"].reshape(batch, atoms, -1).sum(dim=1)  # (B, K)
+        columns = [hidden_sum, hidden_sum.new_full((batch, 1), atoms)]
+        if linear is not None:
+            columns.append(captured["descriptor"].reshape(batch, atoms, -1).sum(dim=1))
+        rows = scale * torch.cat(columns, dim=1)  # (B, P)
         energy_rows.append(rows.detach())
         energy_rest.append(energy.detach() - rows.detach() @ theta)
         if not with_forces:
             continue
-        width = hidden_sum.shape[1]
-        unit = torch.eye(width, dtype=hidden_sum.dtype)[:, None, :].expand(width, batch, width)
-        (hidden_gradient,) = torch.autograd.grad(
-            hidden_sum, positions, grad_outputs=unit, is_grads_batched=True, retain_graph=True
+        width = rows.shape[1]
+        unit = torch.eye(width, dtype=rows.dtype)[:, None, :].expand(width, batch, width)
+        (rows_gradient,) = torch.autograd.grad(
+            rows, positions, grad_outputs=unit, is_grads_batched=True, retain_graph=True
         )
         (energy_gradient,) = torch.autograd.grad(energy.sum(), positions)
-        rows_f = torch.cat(
-            [-scale * hidden_gradient.permute(1, 2, 3, 0),
-             hidden_gradient.new_zeros(batch, atoms, positions.shape[2], 1)],
-            dim=3,
-        )
+        rows_f = -rows_gradient.permute(1, 2, 3, 0)  # (B, N, d, P)
         force_rows.append(rows_f)
         force_rest.append(-energy_gradient - rows_f @ theta)
     return OutputLayerRows(
@@ -251,11 +267,12 @@ def output_layer_rows(
 def refit_output_layer(
     model: AtomicEnergyModel, data: AtomsData, settings: TrainSettings
 ) -> AtomicEnergyModel:
-    """Set the last layer to the minimiser of the final loss of :func:`train` (in place).
+    """Set the output parameters to the minimiser of the final loss of :func:`train` (in place).
 
     The loss at the final weights, ``p_E mean((dE / N / energy_unit)^2) + p_F mean(dF^2) /
     f^2`` (p_E = ``settings.refit_energy_weight``, p_F = ``settings.final_force_weight``), is
-    quadratic in the last layer's (w, b): its normal equations are solved exactly
+    quadratic in the last layer's (w, b) and the linear term's weights, if the model has one
+    (:class:`OutputLayerRows`): its normal equations are solved exactly
     (energies of every configuration, forces of ``settings.refit_force_configurations``; each
     term is a mean over its own rows). Adam leaves that layer where its noise lets it; the
     solve cannot raise the loss of the rows it sees. Measured on the quick data set (100
@@ -268,7 +285,7 @@ def refit_output_layer(
         settings: the weights and units of the final loss.
 
     Returns:
-        The model, its last layer replaced.
+        The model, its last layer (and linear term) replaced.
     """
     model = model.to(torch.float64)
     rows = output_layer_rows(
@@ -290,9 +307,12 @@ def refit_output_layer(
     normal += 1e-12 * normal.diagonal().mean() * torch.eye(normal.shape[0], dtype=normal.dtype)
     theta = torch.linalg.solve(normal, right)
     last = model.standardisation.inner.layers[-1]
+    hidden = last.in_features
     with torch.no_grad():
-        last.weight[0].copy_(theta[:-1])
-        last.bias.copy_(theta[-1:])
+        last.weight[0].copy_(theta[:hidden])
+        last.bias.copy_(theta[hidden : hidden + 1])
+        if model.standardisation.linear is not None:
+            model.standardisation.linear.weight[0].copy_(theta[hidden + 1 :])
     return model
 
 
