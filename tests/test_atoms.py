@@ -22,7 +22,13 @@ from experiments.atoms.fit import (
     refit_output_layer,
     train,
 )
-from experiments.atoms.lj import GenerationSettings, fcc_lattice, generate, lj_energy_forces
+from experiments.atoms.lj import (
+    GenerationSettings,
+    closest_approach,
+    fcc_lattice,
+    generate,
+    lj_energy_forces,
+)
 from experiments.atoms.md import energy_drift, radial_distribution, velocity_verlet
 from vcnn.atoms import (
     AtomicEnergyModel,
@@ -109,6 +115,16 @@ def test_neighbour_clouds_match_a_brute_force_search_over_images():
         assert len(found) == len(expected)
         assert torch.allclose(found.norm(dim=1).sort().values, expected.norm(dim=1).sort().values)
     assert torch.all(clouds.weight[~clouds.mask] == 0)
+
+
+def test_closest_approach_takes_the_minimum_image():
+    positions = torch.tensor([[[0.1, 0.0, 0.0], [4.9, 0.0, 0.0], [2.5, 2.5, 2.5]],
+                              [[1.0, 1.0, 1.0], [1.5, 1.0, 1.0], [3.0, 3.0, 3.0]]])
+    periodic = closest_approach(positions, box=5.0, chunk=1)
+    torch.testing.assert_close(periodic, torch.tensor([0.2, 0.5], dtype=torch.float64))
+    free = closest_approach(positions, box=None)
+    torch.testing.assert_close(free[0], torch.tensor((2.4**2 + 2 * 2.5**2) ** 0.5,
+                                                       dtype=torch.float64))
 
 
 def test_neighbour_clouds_refuse_a_box_smaller_than_twice_the_cutoff():
@@ -442,4 +458,6 @@ def test_quick_run_writes_its_metrics(tmp_path):
     for key in ("energy_mae_per_atom", "nve_drift_per_atom", "nve_drift_per_atom_exact"):
         assert math.isfinite(metrics[key])
     assert len(metrics["data_efficiency"]["sizes"]) >= 5
+    assert metrics["unseen_closest_approach"] > 0.5
+    assert math.isfinite(metrics["force_rel_rmse_percent_unseen_within_training_range"])
     assert (out / "rdf.png").is_file() and (out / "data_efficiency.png").is_file()

@@ -65,6 +65,26 @@ def lj_energy_forces(
     return EnergyForces(energy=energy, forces=forces)
 
 
+def closest_approach(positions: torch.Tensor, *, box: float | None, chunk: int = 64) -> torch.Tensor:
+    """The shortest pair distance of each configuration (minimum image).
+
+    Args:
+        positions: (B, N, d) float.
+        box: edge of the periodic cubic box, or None for a free cluster.
+        chunk: configurations per batch of the all-pairs distances.
+
+    Returns:
+        (B,) float64; ``inf`` for a configuration of fewer than two atoms.
+    """
+    closest = []
+    for part in positions.double().split(chunk):
+        difference = part[:, None, :, :] - part[:, :, None, :]
+        distance = (difference + minimum_image_shift(difference, box)).norm(dim=-1)
+        itself = torch.eye(part.shape[1], dtype=torch.bool)
+        closest.append(distance.masked_fill(itself, float("inf")).flatten(1).amin(dim=1))
+    return torch.cat(closest) if closest else positions.new_zeros(0, dtype=torch.float64)
+
+
 def fcc_lattice(cells: int, *, density: float = DENSITY) -> tuple[torch.Tensor, float]:
     """An fcc crystal of 4 cells^3 atoms filling a cubic box at ``density``.
 
