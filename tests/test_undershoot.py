@@ -5,6 +5,10 @@ from mpi4py import MPI
 import dataclasses
 import logging
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,8 @@ import pytest
 from tests.ddp_scripts.synthetic_cases import channel_case
 from vcnn.evaluation import case_metrics
 from vcnn.undershoot import NEGATIVE_TOLERANCE, TauUndershoot, tau_undershoot
+
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
 
 
 def test_the_negative_part_is_measured_and_round_off_is_not():
@@ -112,19 +118,13 @@ def test_3d_generate_takes_the_flow_length_and_warns_about_the_diameter(tmp_path
 def test_two_ranks_record_the_serial_undershoot(tmp_path):
     if MPI.COMM_WORLD.size > 1:
         pytest.skip("launches its own MPI runs")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from vcnn.casefile import read_case
 
     command = ["-m", "vcnn.cli", "-q", "generate", "--alphas", "0.5", "--resolution", "0.1",
                "--no-plots", "--no-xdmf", "--out"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    mpiexec = str(Path(sys.executable).with_name("mpiexec"))
     records = []
-    for launcher, out in (([], tmp_path / "serial"), ([mpiexec, "-n", "2"], tmp_path / "mpi")):
+    for launcher, out in (([], tmp_path / "serial"), ([str(MPIEXEC), "-n", "2"], tmp_path / "mpi")):
         result = subprocess.run([*launcher, sys.executable, *command, str(out)], env=env,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
